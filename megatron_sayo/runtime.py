@@ -1,0 +1,241 @@
+"""Process start-up: ranks from torchrun or Slurm, torch.distributed, megatron parallel_state, device.
+
+This is the only module that knows whether we run on CPU. megatron-core 0.16 hard-codes CUDA in a few
+places (pipeline p2p, schedules, grad-norm); `_install_cpu_shims` neutralises exactly those, and only
+when CUDA is absent, so the GPU path runs megatron-core untouched.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+import subprocess
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in the job, read from torchrun's or Slurm's environment."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun" | "slurm" | "single"
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm node list such as 'gpu[003-005,9],cpu1' (scontrol when available)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    head = re.split(r",(?![^\[]*\])", nodelist)[0]
+    m = re.match(r"^([^\[]+)\[([^\],-]+)", head)
+    return m.group(1) + m.group(2) if m else head
+
+
+def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
+    """torchrun (RANK/WORLD_SIZE) wins over Slurm (SLURM_PROCID/SLURM_NTASKS); neither means one process."""
+    env = os.environ if environ is None else environ
+    port = int(env.get("MASTER_PORT", "29500"))
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
+                         env.get("MASTER_ADDR", "127.0.0.1"), port, "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
+        if "MASTER_PORT" not in env and "SLURM_JOB_ID" in env:
+            port = 20000 + int(env["SLURM_JOB_ID"]) % 20000
+        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")),
+                         addr or "127.0.0.1", port, "slurm")
+    return LaunchEnv(0, 1, 0, "127.0.0.1", port, "single")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device() -> torch.device:
+    """The device this rank computes on."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(tp: int = 1, pp: int = 1, *, launch: LaunchEnv | None = None, backend: str | None = None,
+                     timeout_minutes: int = 30) -> LaunchEnv:
+    """Initialise torch.distributed and megatron parallel_state (DP = world / (TP*PP)); idempotent."""
+    from megatron.core import parallel_state
+
+    launch = launch or read_launch_env()
+    if launch.world_size % (tp * pp) != 0:
+        raise ValueError(f"parallel: world size {launch.world_size} is not divisible by tp*pp = {tp}*{pp}")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+    else:
+        _install_cpu_shims()
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend=backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+                                rank=launch.rank, world_size=launch.world_size,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    return launch
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (and megatron's TP RNG tracker on GPU) identically on every rank."""
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CPU shims: the one place that adapts megatron-core to a machine without CUDA.
+# --------------------------------------------------------------------------------------------------------------
+
+_CUDA = ("cuda",)
+
+
+class _CpuCuda(types.SimpleNamespace):
+    """Stands in for `torch.cuda` inside megatron modules that call it unconditionally."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device():
+        return torch.device("cpu")
+
+    @staticmethod
+    def synchronize(*_, **__):
+        return None
+
+    @staticmethod
+    def is_available():
+        return False
+
+
+class _CpuTorch(types.ModuleType):
+    """`torch`, except that device='cuda' means CPU and torch.cuda is `_CpuCuda`."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CpuCuda()
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if callable(attr) and name in ("zeros", "empty", "ones", "tensor", "full", "arange", "zeros_like",
+                                       "empty_like", "ones_like"):
+            def on_cpu(*args, __f=attr, **kwargs):
+                dev = kwargs.get("device")
+                if dev is not None and str(dev).startswith(_CUDA):
+                    kwargs["device"] = "cpu"
+                return __f(*args, **kwargs)
+            return on_cpu
+        return attr
+
+
+_shims_installed = False
+
+
+def _install_cpu_shims() -> None:
+    """Point the CUDA-only megatron modules at `_CpuTorch`; a no-op when already done."""
+    global _shims_installed
+    if _shims_installed:
+        return
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.pipeline_parallel.p2p_communication as p2p
+    import megatron.core.pipeline_parallel.schedules as schedules
+
+    cpu_torch = _CpuTorch()
+    for module in (p2p, schedules, clip_grads):
+        module.torch = cpu_torch
+    _shims_installed = True
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Local multi-process launch (tools and tests start their own ranks; no torchrun needed).
+# --------------------------------------------------------------------------------------------------------------
+
+def _spawn_entry(local_rank, fn, world_size, port, args, result_queue):
+    os.environ.update({"RANK": str(local_rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+    try:
+        result = fn(*args)
+        result_queue.put((local_rank, "ok", result))
+    except BaseException as exc:  # report, then re-raise so the exit code is non-zero
+        import traceback
+
+        result_queue.put((local_rank, "error", traceback.format_exc()))
+        raise exc
+    finally:
+        shutdown()
+
+
+def spawn_local(fn, world_size: int, *args, timeout_s: float = 900.0):
+    """Run `fn(*args)` on `world_size` local ranks (torchrun-style env set); returns the per-rank results.
+
+    `fn` must be importable (a module-level function). Raises RuntimeError with the failing rank's traceback,
+    or when a rank dies or the run exceeds `timeout_s`.
+    """
+    import queue as queue_mod
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results_q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_spawn_entry, args=(r, fn, world_size, port, args, results_q))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results, errors, deadline = {}, [], time.monotonic() + timeout_s
+    while len(results) < world_size and not errors:
+        try:
+            rank, status, payload = results_q.get(timeout=1.0)
+        except queue_mod.Empty:
+            dead = [r for r, p in enumerate(procs) if not p.is_alive() and p.exitcode != 0 and r not in results]
+            if dead:
+                errors.append(f"rank {dead[0]} exited with code {procs[dead[0]].exitcode}")
+            elif time.monotonic() > deadline:
+                errors.append(f"timed out after {timeout_s:.0f}s")
+            continue
+        if status == "ok":
+            results[rank] = payload
+        else:
+            errors.append(f"rank {rank}:\n{payload}")
+    for p in procs:
+        p.join(timeout=30 if not errors else 2)
+        if p.is_alive():
+            p.kill()
+    if errors:
+        raise RuntimeError("distributed run failed on " + "\n".join(errors))
+    return [results[r] for r in range(world_size)]
