@@ -1,0 +1,164 @@
+"""The decoder's core attention, plugged into megatron-core's SelfAttention through the layer spec.
+
+megatron computes q/k/v (TP-sharded heads) and applies M-RoPE; this module does softmax(q k^T) v.
+It adds two things megatron's DotProductAttention lacks: a KV cache for rollouts that lives with the
+attention (keys arrive already rotated), and a probe hook that, on the last layer, receives the
+attention's row log-sum-exp so region masses can be recomputed exactly for chosen query rows.
+Backends: 'sdpa' (torch, CPU and GPU) and 'flash' (flash-attn on GPU).
+
+Mask convention (megatron's): a bool tensor [b, 1, sq, sk], True = masked out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+BACKENDS = ("sdpa", "flash")
+
+
+class AttentionProbe(Protocol):
+    """Receives, for one layer, the rotated q/k (b, heads, s, d) and the row log-sum-exp (b, heads, sq)."""
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scale: float) -> None: ...
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys/values of the tokens seen so far, [b, groups, max_len, d], filled left to right."""
+
+    max_len: int
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    lengths: dict[int, int] = field(default_factory=dict)
+
+    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new [b, g, s, d] keys/values for `layer`; return everything cached so far."""
+        b, g, s, d = key.shape
+        if layer not in self.keys:
+            self.keys[layer] = key.new_empty(b, g, self.max_len, d)
+            self.values[layer] = value.new_empty(b, g, self.max_len, d)
+            self.lengths[layer] = 0
+        start = self.lengths[layer]
+        if start + s > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {start}+{s} tokens > max_len {self.max_len}")
+        self.keys[layer][:, :, start:start + s] = key
+        self.values[layer][:, :, start:start + s] = value
+        self.lengths[layer] = start + s
+        return self.keys[layer][:, :, :start + s], self.values[layer][:, :, :start + s]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows `rows` (drop finished sequences)."""
+        for layer in self.keys:
+            self.keys[layer] = self.keys[layer][rows]
+            self.values[layer] = self.values[layer][rows]
+
+
+@dataclass
+class AttentionState:
+    """What one forward call asks of the core attention modules (set by the model before the decoder)."""
+
+    kv_cache: KVCache | None = None
+    probe: AttentionProbe | None = None
+    probe_layer: int | None = None  # global 1-based layer number whose attention the probe sees
+
+
+class CoreAttention(MegatronModule):
+    """softmax(scale * q k^T + mask) v over local (TP-sharded) heads, GQA-aware, with cache and probe."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type: str = "self",
+                 cp_comm_type=None, softmax_scale: float | None = None, pg_collection=None,
+                 backend: str = "sdpa"):
+        super().__init__(config=config)
+        if backend not in BACKENDS:
+            raise ValueError(f"model.attention_backend: {backend!r} is not one of {BACKENDS}")
+        self.layer_number = layer_number
+        self.backend = backend
+        self.scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        self.state = AttentionState()
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        # megatron layout [s, b, heads, d] -> [b, heads, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if self.state.kv_cache is not None:
+            k, v = self.state.kv_cache.append(self.layer_number, k, v)
+        rep = q.shape[1] // k.shape[1]
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        allowed = _allowed(attention_mask, q.shape[2], k.shape[2], q.device)
+        wants_probe = self.state.probe is not None and self.state.probe_layer == self.layer_number
+        if wants_probe:
+            out, lse = attention_with_lse(q, k, v, allowed, self.scale, self.backend)
+            self.state.probe(q.detach(), k.detach(), lse.detach(), self.scale)
+        elif self.backend == "flash" and attention_mask is None and q.is_cuda:
+            out, _ = _flash_with_lse(q, k, v, self.scale)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale,
+                                                                   is_causal=allowed is None)
+        b, h, s, d = out.shape
+        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
+
+
+def build_attention_mask(attention_mask: torch.Tensor | None, sq: int) -> torch.Tensor | None:
+    """Megatron mask [b, 1, sq, sk] (True = masked) from a [b, sk] padding mask (1 = real token).
+
+    Queries are the last sq of sk positions (sq < sk at decode). Causal plus padding; a padded query row
+    keeps its own key so no row is fully masked (its output is unused, but must not be NaN).
+    None when there is no padding and sq == sk: plain causal, the fast path.
+    """
+    if attention_mask is None:
+        return None
+    real = attention_mask.bool()
+    b, sk = real.shape
+    if sq == sk and bool(real.all()):
+        return None
+    causal = torch.ones(sq, sk, dtype=torch.bool, device=real.device).tril(sk - sq)
+    allowed = causal[None] & real[:, None, :]
+    rows = torch.arange(sq, device=real.device)
+    allowed[:, rows, rows + sk - sq] = True
+    return ~allowed[:, None]
+
+
+def _allowed(mask: torch.Tensor | None, sq: int, sk: int, device) -> torch.Tensor | None:
+    """SDPA's boolean mask (True = attend) from megatron's (True = masked); None means plain causal."""
+    if mask is None:
+        if sq != sk:  # queries are the last sq positions of sk keys (decode)
+            return torch.ones(sq, sk, dtype=torch.bool, device=device).tril(sk - sq)
+        return None
+    return ~mask
+
+
+def attention_with_lse(q, k, v, allowed, scale: float, backend: str):
+    """Attention output and the per-row log-sum-exp of the scaled, masked scores ([b, h, sq])."""
+    if backend == "flash" and q.is_cuda and allowed is None and q.shape[2] == k.shape[2]:
+        return _flash_with_lse(q, k, v, scale)
+    if allowed is None:
+        allowed = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
+    if q.device.type == "cpu" and q.dtype == torch.float32 and not q.requires_grad:
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias.expand(
+            q.shape[0], q.shape[1], q.shape[2], k.shape[2]), scale=scale)[:2]
+        return out, lse
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores.float(), dim=-1)
+    out = torch.matmul(torch.exp(scores.float() - lse[..., None]).to(v.dtype), v)
+    return out, lse
+
+
+def _flash_with_lse(q, k, v, scale):
+    """flash-attn (GPU) causal attention without padding; padded batches take the SDPA path."""
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError as exc:  # pragma: no cover - GPU only
+        raise RuntimeError("model.attention_backend 'flash' needs the flash-attn package (pip install "
+                           "megatron_sayo[gpu] --no-build-isolation)") from exc
+    out, lse, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
+                                  causal=True, return_attn_probs=True)
+    return out.transpose(1, 2), lse
+
