@@ -1,0 +1,109 @@
+"""Config: YAML + dotted overrides, errors that name the key, the example files, the CLI."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_sayo.config import ConfigError, RunConfig, config_from_dict, load_config, parse_override
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = {"model": {"hf_path": "ckpt"}, "data": {"train_file": "train.jsonl"}}
+
+
+def write(tmp_path, data) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def test_defaults_are_the_paper_hyperparameters():
+    cfg = config_from_dict(MINIMAL)
+    assert (cfg.rollout.group_size, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens) == \
+        (16, 1.0, 0.9, 110)
+    assert (cfg.loss.clip_eps, cfg.loss.kl_beta, cfg.loss.aggregation, cfg.loss.advantage_eps) == \
+        (0.2, 0.001, "token", 1e-4)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip) == (5e-6, 0.01, 0.8)
+    r = cfg.reward
+    assert (r.weights.attention, r.weights.format, r.weights.accuracy) == (1.0, 1.0, 0.0)
+    assert (r.eps, r.top_entropy_ratio, r.format_long_bound, r.format_short_bound, r.format_factor) == \
+        (1e-8, 0.3, 100, 60, 0.6)
+
+
+def test_overrides_are_yaml_values(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["train.steps=20", "parallel.tp=2", "optim.lr=5e-6",
+                                                  "reward.weights.accuracy=0.5", "data.max_pixels=null",
+                                                  "model.make_tiny_if_missing=true"])
+    assert cfg.train.steps == 20 and cfg.parallel.tp == 2
+    assert cfg.optim.lr == 5e-6 and isinstance(cfg.optim.lr, float)
+    assert cfg.reward.weights.accuracy == 0.5 and cfg.data.max_pixels is None
+    assert cfg.model.make_tiny_if_missing is True
+    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+
+
+def test_round_trip_through_dict(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["rollout.group_size=8"])
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg and isinstance(again, RunConfig)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.step=3", ["train.step", "steps", "global_batch"]),
+    ("trian.steps=3", ["trian", "train", "rollout"]),
+    ("reward.attention_form=foo", ["reward.attention_form", "'paper'", "'code'"]),
+    ("model.attention_backend=cuda", ["model.attention_backend", "'sdpa'", "'flash'", "'te'"]),
+    ("data.on_error=ignore", ["data.on_error", "'raise'", "'skip'"]),
+    ("parallel.tp=two", ["parallel.tp", "expected int"]),
+    ("parallel.tp=2.5", ["parallel.tp", "expected int"]),
+    ("parallel.tp=0", ["parallel.tp", ">= 1"]),
+    ("rollout.top_p=1.5", ["rollout.top_p", "<= 1"]),
+    ("optim.lr=abc", ["optim.lr", "expected float"]),
+    ("log.tensorboard=3", ["log.tensorboard", "expected bool"]),
+    ("model.megatron_path=x", ["exactly one", "model.hf_path"]),
+    ("trainsteps", ["section.key=value"]),
+])
+def test_errors_name_the_key_and_the_choices(tmp_path, override, words):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [override])
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    path = write(tmp_path, {**MINIMAL, "loss": {"kl_beta": -1}})
+    with pytest.raises(ConfigError, match=rf"{path}.*loss.kl_beta.*>= 0"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: [unclosed"))
+
+
+def test_world_size_validation(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["parallel.tp=2", "parallel.pp=2", "train.global_batch=2",
+                                                  "rollout.group_size=4", "train.micro_batch=2"])
+    assert cfg.validate_world(8) == 2
+    with pytest.raises(ConfigError, match="not divisible"):
+        cfg.validate_world(6)
+    with pytest.raises(ConfigError, match="micro_batch"):
+        cfg.validate_world(4 * 3)  # dp=3: 8 completions do not split
+
+
+@pytest.mark.parametrize("name", ["tiny", "qwen25vl_7b", "qwen25vl_72b"])
+def test_examples_load(name):
+    cfg = load_config(ROOT / "examples" / f"{name}.yaml")
+    if name != "tiny":  # the paper's numbers
+        assert (cfg.rollout.group_size, cfg.optim.lr, cfg.loss.kl_beta, cfg.rollout.max_new_tokens) == \
+            (16, 5e-6, 0.001, 110)
+    else:
+        assert cfg.parallel.tp == 2 and cfg.validate_world(2) == 1
+
+
+def test_cli_prints_resolved_config_and_exits_2_on_error():
+    ok = subprocess.run([sys.executable, "-m", "megatron_sayo.config", "examples/tiny.yaml", "train.steps=7"],
+                        cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0 and yaml.safe_load(ok.stdout)["train"]["steps"] == 7
+    bad = subprocess.run([sys.executable, "-m", "megatron_sayo.config", "examples/tiny.yaml", "train.stepz=7"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "train.stepz" in bad.stderr
