@@ -1,0 +1,48 @@
+"""Validate grounded dataset files: `python -m megatron_sayo.data.validate FILE [FILE...]`.
+
+Checks every row with the loader's own row validation and reports ALL bad rows
+with their line (JSONL) or row (parquet) numbers. Exit 1 if any row is bad or a
+file cannot be read, 0 with a count summary otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from megatron_sayo.data.grounded import check_file
+
+
+def validate_files(paths: list[str | Path], out=sys.stdout) -> int:
+    """Print every bad row and a per-file summary; return the number of problems found."""
+    problems = 0
+    for path in map(Path, paths):
+        if not path.is_file():
+            print(f"{path}: no such file", file=out)
+            problems += 1
+            continue
+        try:
+            good, errors = check_file(path)
+        except Exception as exc:  # unreadable container (corrupt parquet, bad encoding)
+            print(f"{path}: cannot read file: {type(exc).__name__}: {exc}", file=out)
+            problems += 1
+            continue
+        for err in errors:
+            print(err, file=out)
+        status = "OK" if not errors else "FAILED"
+        print(f"{path}: {status}: {len(good)} good row(s), {len(errors)} bad row(s)", file=out)
+        problems += len(errors)
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+", help="JSONL or parquet grounded dataset files")
+    args = parser.parse_args(argv)
+    return 1 if validate_files(args.files) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
