@@ -143,6 +143,20 @@ def shard(rule: Rule, full: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor
     raise ValueError(f"unknown split kind {rule.kind!r}")
 
 
+def unshard(rule: Rule, shards: list[torch.Tensor]) -> torch.Tensor:
+    """The TP=1 megatron tensor from every TP rank's slice, in rank order (inverse of shard)."""
+    if len(shards) == 1 or rule.kind == "replicated":
+        return shards[0]
+    if rule.kind in ("column", "vocab", "qkv"):
+        return torch.cat(shards, dim=0)
+    if rule.kind == "row":
+        return torch.cat(shards, dim=1)
+    if rule.kind == "gate_up":
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    raise ValueError(f"unknown split kind {rule.kind!r}")
+
+
 def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int, head_dim: int) -> torch.Tensor:
     """Megatron's fused QKV: for each query group g, [its q heads, k_g, v_g] along dim 0."""
     rest = q.shape[1:]

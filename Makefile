@@ -1,0 +1,31 @@
+# megatron_sayo: every target creates/refreshes the local virtual environment first.
+# torch is installed before the project so pip never resolves a CUDA build on a CPU machine.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+EXTRAS ?= test
+BIN    := $(VENV)/bin
+
+.PHONY: venv demo test test-fast clean
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: venv                      ## the embedded default: tiny Qwen2.5-VL SAYO GRPO run on CPU
+	$(BIN)/python -m megatron_sayo.demo
+
+test: venv                      ## the whole test suite (what CI runs)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra
+
+test-fast: venv
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow and not slurm"
+
+clean:
+	rm -rf $(VENV) .cache runs
+
+include mk/slurm.mk
