@@ -1,0 +1,384 @@
+"""Parallelism planner: exact parameter counts of Qwen2.5-VL and a per-GPU memory model for TP/PP/DP.
+
+Memory terms follow Megatron-LM's published formulas: 6 + 12/DP bytes per parameter with the
+distributed optimizer (18 without), and the activation memory of Korthikanti et al. 2022,
+"Reducing Activation Recomputation in Large Transformer Models".
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 1024**3
+BF16 = 2
+
+
+class ConfigError(ValueError):
+    """A config file that cannot describe a model; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class TextArch:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+
+@dataclass(frozen=True)
+class VisionArch:
+    depth: int
+    hidden: int
+    intermediate: int
+    heads: int
+    out_hidden: int
+    in_channels: int = 3
+    patch: int = 14
+    temporal_patch: int = 2
+    merge: int = 2
+
+
+@dataclass(frozen=True)
+class Arch:
+    text: TextArch
+    vision: VisionArch | None
+
+
+# ---------------------------------------------------------------- reading the HF config
+
+def _field(cfg: dict, name: str, source: str, default=None, kind=int):
+    """cfg[name] checked to be a positive `kind` (or `default` when absent and given)."""
+    if name not in cfg or cfg[name] is None:
+        if default is None:
+            raise ConfigError(f"{source}: field '{name}' is missing")
+        return default
+    value = cfg[name]
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: field '{name}' must be true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{source}: field '{name}' must be a positive integer, got {value!r}")
+    return value
+
+
+def parse_text(cfg: dict, source: str) -> TextArch:
+    """Language-model architecture from the hub's flat layout or a nested text_config."""
+    nested = cfg.get("text_config") or {}
+    if not isinstance(nested, dict):
+        raise ConfigError(f"{source}: field 'text_config' must be an object")
+    flat = {**cfg, **nested}
+    where = f"{source} (text_config)" if nested else source
+    hidden = _field(flat, "hidden_size", where)
+    heads = _field(flat, "num_attention_heads", where)
+    kv_heads = _field(flat, "num_key_value_heads", where, default=heads)
+    if heads % kv_heads:
+        raise ConfigError(f"{where}: field 'num_key_value_heads' ({kv_heads}) must divide "
+                          f"num_attention_heads ({heads})")
+    tied = cfg.get("tie_word_embeddings", nested.get("tie_word_embeddings", False))
+    return TextArch(
+        hidden=hidden,
+        intermediate=_field(flat, "intermediate_size", where),
+        layers=_field(flat, "num_hidden_layers", where),
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=_field(flat, "head_dim", where, default=hidden // heads),
+        vocab=_field(flat, "vocab_size", where),
+        tied=_field({"tie_word_embeddings": tied}, "tie_word_embeddings", source, kind=bool),
+    )
+
+
+def parse_vision(cfg: dict, source: str) -> VisionArch | None:
+    """Vision-tower architecture from vision_config, or None for a text-only config."""
+    vc = cfg.get("vision_config")
+    if vc is None:
+        return None
+    if not isinstance(vc, dict):
+        raise ConfigError(f"{source}: field 'vision_config' must be an object")
+    where = f"{source} (vision_config)"
+    return VisionArch(
+        depth=_field(vc, "depth", where),
+        hidden=_field(vc, "hidden_size", where),
+        intermediate=_field(vc, "intermediate_size", where),
+        heads=_field(vc, "num_heads", where),
+        out_hidden=_field(vc, "out_hidden_size", where),
+        in_channels=_field(vc, "in_channels", where, default=vc.get("in_chans", 3)),
+        patch=_field(vc, "patch_size", where, default=14),
+        temporal_patch=_field(vc, "temporal_patch_size", where, default=2),
+        merge=_field(vc, "spatial_merge_size", where, default=2),
+    )
+
+
+def parse_arch(cfg: dict, source: str = "config") -> Arch:
+    """Arch from a config.json dict; `source` names the file in errors."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{source}: top level must be a JSON object")
+    return Arch(text=parse_text(cfg, source), vision=parse_vision(cfg, source))
+
+
+def load_arch(path: str | Path) -> Arch:
+    """Arch from an HF model directory (its config.json) or a config.json file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    return parse_arch(cfg, str(path))
+
+
+# ---------------------------------------------------------------- parameter counts
+
+def text_layer_params(t: TextArch) -> int:
+    """One decoder layer: q/k/v with bias, o without, gated MLP, two RMSNorms."""
+    q = t.hidden * t.heads * t.head_dim + t.heads * t.head_dim
+    kv = 2 * (t.hidden * t.kv_heads * t.head_dim + t.kv_heads * t.head_dim)
+    o = t.heads * t.head_dim * t.hidden
+    mlp = 3 * t.hidden * t.intermediate
+    return q + kv + o + mlp + 2 * t.hidden
+
+
+def embedding_params(t: TextArch) -> int:
+    """Input embedding table."""
+    return t.vocab * t.hidden
+
+
+def output_params(t: TextArch) -> int:
+    """Final RMSNorm plus lm_head (zero extra when tied to the embedding)."""
+    return t.hidden + (0 if t.tied else t.vocab * t.hidden)
+
+
+def text_params(t: TextArch) -> int:
+    """Whole language model."""
+    return embedding_params(t) + t.layers * text_layer_params(t) + output_params(t)
+
+
+def vision_block_params(v: VisionArch) -> int:
+    """One ViT block: two RMSNorms, fused qkv and proj with bias, SwiGLU MLP with bias."""
+    attn = v.hidden * 3 * v.hidden + 3 * v.hidden + v.hidden * v.hidden + v.hidden
+    mlp = 2 * (v.hidden * v.intermediate + v.intermediate) + v.intermediate * v.hidden + v.hidden
+    return attn + mlp + 2 * v.hidden
+
+
+def vision_params(v: VisionArch | None) -> int:
+    """Patch-embed Conv3d (no bias), blocks, and the patch merger (RMSNorm, Linear, GELU, Linear)."""
+    if v is None:
+        return 0
+    patch = v.in_channels * v.temporal_patch * v.patch * v.patch * v.hidden
+    merged = v.hidden * v.merge**2
+    merger = v.hidden + merged * merged + merged + merged * v.out_hidden + v.out_hidden
+    return patch + v.depth * vision_block_params(v) + merger
+
+
+def total_params(a: Arch) -> int:
+    """Language model plus vision tower."""
+    return text_params(a.text) + vision_params(a.vision)
+
+
+# ---------------------------------------------------------------- memory model
+
+@dataclass(frozen=True)
+class Workload:
+    seq: int = 4096               # prompt tokens (text + image tokens)
+    max_new_tokens: int = 110     # response tokens; training sequence = seq + max_new_tokens
+    micro_batch: int = 1          # sequences per micro-batch (training) / prompts per rollout batch
+    group_size: int = 16          # GRPO completions per prompt (KV cache rows)
+    recompute: str = "selective"  # none | selective | full
+    sequence_parallel: bool = True
+    distributed_optimizer: bool = True
+    freeze_vision: bool = False
+    reference_model: bool = True
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tp * self.pp
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Bytes per GPU on one pipeline stage, term by term."""
+    stage: str
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    logits: float
+    reference: float
+    kv_cache: float
+
+    @property
+    def total(self) -> float:
+        """Static state plus the larger transient: training activations or the rollout KV cache."""
+        static = self.weights + self.grads + self.optimizer + self.reference
+        return static + max(self.activations + self.logits, self.kv_cache)
+
+
+def layers_per_stage(layers: int, pp: int) -> int:
+    """Decoder layers on the fullest stage (uneven splits round up)."""
+    return math.ceil(layers / pp)
+
+
+def state_bytes_per_param(dp: int, distributed_optimizer: bool = True) -> dict[str, float]:
+    """Megatron-LM mixed precision: bf16 weight 2, fp32 grad 4, fp32 master + Adam m, v 12 (over DP)."""
+    return {"weights": 2, "grads": 4, "optimizer": 12 / dp if distributed_optimizer else 12}
+
+
+def activation_bytes_per_layer(s: int, b: int, h: int, a: int, tp: int,
+                               recompute: str, sequence_parallel: bool) -> float:
+    """Korthikanti et al. 2022, bytes of activations one transformer layer keeps for backward."""
+    sp = sequence_parallel and tp > 1
+    if recompute == "full":
+        return 2 * s * b * h / (tp if sp else 1)
+    attention = 0 if recompute == "selective" else 5 * a * s / h
+    if sp:
+        return s * b * h * (34 + attention) / tp
+    return s * b * h * (10 + 24 / tp + attention / tp)
+
+
+def logits_bytes(s: int, b: int, vocab: int, tp: int) -> float:
+    """fp32 logits for the loss, vocab-parallel (Korthikanti et al.: 4*s*b*v/t)."""
+    return 4 * s * b * vocab / tp
+
+
+def kv_cache_bytes(t: TextArch, n_layers: int, tp: int, w: Workload) -> float:
+    """bf16 K and V of `n_layers` layers for G completions of micro_batch prompts, full length."""
+    kv_heads = max(t.kv_heads // tp, 1)
+    per_token = 2 * n_layers * kv_heads * t.head_dim * BF16
+    return per_token * w.group_size * (w.seq + w.max_new_tokens) * w.micro_batch
+
+
+def stage_params(a: Arch, pp: int, first: bool, last: bool) -> int:
+    """Parameters held by a stage before TP sharding (vision and embedding on the first stage)."""
+    t = a.text
+    n = layers_per_stage(t.layers, pp) * text_layer_params(t)
+    if first:
+        n += embedding_params(t) + vision_params(a.vision)
+    if last:
+        n += output_params(t)
+        if t.tied and pp > 1:
+            n += embedding_params(t)  # megatron keeps a copy of the tied embedding on the last stage
+    return n
+
+
+def stage_memory(a: Arch, layout: Layout, w: Workload, first: bool, last: bool) -> StageMemory:
+    """Per-GPU bytes of one stage of `layout` under workload `w`."""
+    t = a.text
+    tp, pp = layout.tp, layout.pp
+    held = stage_params(a, pp, first, last)
+    vision = vision_params(a.vision) if (first and w.freeze_vision) else 0
+    trainable, frozen = (held - vision) / tp, vision / tp
+    per = state_bytes_per_param(layout.dp, w.distributed_optimizer)
+    s, n_layers = w.seq + w.max_new_tokens, layers_per_stage(t.layers, pp)
+    in_flight = pp if first else 1  # 1F1B: stage i holds pp - i micro-batches
+    act = activation_bytes_per_layer(s, w.micro_batch, t.hidden, t.heads, tp,
+                                     w.recompute, w.sequence_parallel)
+    name = "only" if first and last else "first" if first else "last"
+    return StageMemory(
+        stage=name,
+        weights=(trainable + frozen) * per["weights"],
+        grads=trainable * per["grads"],
+        optimizer=trainable * per["optimizer"],
+        activations=act * n_layers * in_flight,
+        logits=logits_bytes(s, w.micro_batch, t.vocab, tp) if last else 0.0,
+        reference=(held / tp) * BF16 if w.reference_model else 0.0,
+        kv_cache=kv_cache_bytes(t, n_layers, tp, w),
+    )
+
+
+def layout_memory(a: Arch, layout: Layout, w: Workload) -> StageMemory:
+    """The fullest stage of the layout (first or last; middle stages hold a subset of either)."""
+    if layout.pp == 1:
+        return stage_memory(a, layout, w, first=True, last=True)
+    stages = [stage_memory(a, layout, w, first=True, last=False),
+              stage_memory(a, layout, w, first=False, last=True)]
+    return max(stages, key=lambda m: m.total)
+
+
+# ---------------------------------------------------------------- candidates and recommendation
+
+def tp_candidates(a: Arch, gpus_per_node: int = 8) -> list[int]:
+    """TP sizes that split whole query groups (and vision heads) and stay inside one node."""
+    vision_heads = a.vision.heads if a.vision else 1
+    return [tp for tp in range(1, gpus_per_node + 1)
+            if a.text.kv_heads % tp == 0 and vision_heads % tp == 0]
+
+
+def layouts(a: Arch, gpus: int, gpus_per_node: int = 8) -> list[Layout]:
+    """Every (TP, PP, DP) with TP*PP*DP = gpus and at least one decoder layer per stage."""
+    out = []
+    for tp in tp_candidates(a, gpus_per_node):
+        if gpus % tp:
+            continue
+        for pp in range(1, min(a.text.layers, gpus // tp) + 1):
+            if (gpus // tp) % pp == 0:
+                out.append(Layout(tp, pp, gpus // (tp * pp)))
+    return out
+
+
+@dataclass(frozen=True)
+class Row:
+    layout: Layout
+    memory: StageMemory
+    fits: bool
+    even: bool
+
+
+def plan(a: Arch, gpus: int, gpu_memory: float, w: Workload = Workload(),
+         reserve: float = 0.10, gpus_per_node: int = 8) -> list[Row]:
+    """One row per candidate layout; `fits` means total <= gpu_memory * (1 - reserve)."""
+    if gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {gpus}")
+    if not 0 <= reserve < 1:
+        raise ValueError(f"reserve must be in [0, 1), got {reserve}")
+    usable = gpu_memory * (1 - reserve)
+    rows = []
+    for lay in layouts(a, gpus, gpus_per_node):
+        mem = layout_memory(a, lay, w)
+        rows.append(Row(lay, mem, mem.total <= usable, a.text.layers % lay.pp == 0))
+    return rows
+
+
+def recommend(rows: list[Row]) -> Row:
+    """Smallest model-parallel size that fits; ties: fewer pipeline stages, even split, less memory."""
+    fitting = [r for r in rows if r.fits]
+    if not fitting:
+        raise NoLayoutFits(rows)
+    return min(fitting, key=lambda r: (r.layout.model_parallel, r.layout.pp, not r.even, r.memory.total))
+
+
+class NoLayoutFits(RuntimeError):
+    """No candidate layout fits the GPU memory."""
+
+    def __init__(self, rows: list[Row]):
+        best = min(rows, key=lambda r: r.memory.total, default=None)
+        hint = (f"; the leanest (TP={best.layout.tp}, PP={best.layout.pp}) needs "
+                f"{best.memory.total / GIB:.1f} GiB per GPU" if best else "; no layout divides the GPU count")
+        super().__init__("no TP/PP/DP layout fits" + hint +
+                         " (more GPUs, --recompute full, a shorter --seq or a smaller --group-size)")
+        self.rows = rows
+
+
+def parse_memory(text: str) -> float:
+    """'80GB', '80GiB', '80' (GiB) or '81920MiB' -> bytes; GB is read as GiB, as GPU vendors mean it."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(gib|gb|g|mib|mb|m|tib|tb|t)?\s*", text.lower())
+    if not m:
+        raise ValueError(f"--gpu-memory: cannot read {text!r} (e.g. 80GB, 141GB, 81920MiB)")
+    scale = {"t": 1024**4, "g": GIB, "m": 1024**2}[(m.group(2) or "g")[0]]
+    return float(m.group(1)) * scale
