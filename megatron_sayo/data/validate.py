@@ -14,8 +14,9 @@ from pathlib import Path
 from megatron_sayo.data.grounded import check_file
 
 
-def validate_files(paths: list[str | Path], out=sys.stdout) -> int:
-    """Print every bad row and a per-file summary; return the number of problems found."""
+def validate_files(paths: list[str | Path], out=None) -> int:
+    """Print every bad row and a per-file summary (to `out`, default stdout); return the number of problems."""
+    out = out or sys.stdout
     problems = 0
     for path in map(Path, paths):
         if not path.is_file():

@@ -1,0 +1,186 @@
+"""Grounded dataset: validation errors with line numbers, loader modes, parquet, validate CLI, synthetic task."""
+
+import json
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from megatron_sayo.data.grounded import (
+    DataError, check_file, is_heldout, load_grounded, save_parquet, split_heldout,
+)
+from megatron_sayo.data.synthetic import COLOURS, make_synthetic
+from megatron_sayo.data.validate import main as validate_main
+
+
+def _row(i, **over):
+    row = {"id": f"r{i}", "image": "img.png", "question": "q?", "answer": "a", "boxes": [[4, 4, 30, 20]]}
+    row.update(over)
+    return json.dumps(row, allow_nan=True)
+
+
+# line -> (raw line, field the error must name); None field = a good row
+BAD_FILE = [
+    (_row(1), None),
+    ('{"id": "r2", "image": "img.png",', "<json>"),
+    (json.dumps({"id": "r3", "image": "img.png", "question": "q", "boxes": [[0, 0, 5, 5]]}), "answer"),
+    (_row(4, question=7), "question"),
+    (_row(5, image="missing.png"), "image"),
+    (_row(6, image="not_an_image.png"), "image"),
+    (_row(7, boxes=[[0, 0, float("nan"), 5]]), "boxes[0]"),
+    (_row(8, boxes=[[0, 0, 5]]), "boxes[0]"),
+    (_row(9, boxes=[[10, 0, 5, 5]]), "boxes[0]"),
+    (_row(10, boxes=[[0, 5, 5, 5]]), "boxes[0]"),
+    (_row(11, boxes=[[0, 0, 5, 5], [70, 0, 80, 5]]), "boxes[1]"),   # outside the 64x48 image
+    (_row(12, boxes=[]), "boxes"),
+    ("", None),                                                       # blank line: ignored
+    (_row(1), "id"),                                                  # duplicate id
+    ("[1, 2]", "<row>"),
+    (_row(16, id=""), "id"),
+    (_row(17, boxes=[[-20, -20, 10, 10]]), None),                    # partly outside: clamped, fine
+]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    Image.fromarray(np.full((48, 64, 3), 128, np.uint8)).save(tmp_path / "img.png")
+    (tmp_path / "not_an_image.png").write_text("hello")
+    (tmp_path / "bad.jsonl").write_text("\n".join(line for line, _ in BAD_FILE) + "\n")
+    (tmp_path / "good.jsonl").write_text(_row(1) + "\n" + _row(2, boxes=[[0, 0, 10, 10], [40, 30, 64, 48]]) + "\n")
+    return tmp_path
+
+
+def test_every_bad_row_reported_with_line_and_field(data_dir):
+    good, errors = check_file(data_dir / "bad.jsonl")
+    expected = [(n, fld) for n, (_, fld) in enumerate(BAD_FILE, start=1) if fld is not None]
+    assert [(e.line, e.row_error.field) for e in errors] == expected
+    assert [s.id for s in good] == ["r1", "r17"]
+    for e in errors:
+        assert str(e).startswith(f"{data_dir / 'bad.jsonl'}: line {e.line}")
+        assert f"field '{e.row_error.field}': expected" in str(e)
+
+
+def test_error_messages_say_what_was_expected(data_dir):
+    msgs = {e.line: str(e) for e in check_file(data_dir / "bad.jsonl")[1]}
+    assert "required field 'answer'" in msgs[3]
+    assert "expected str, got 'int'" in msgs[4]
+    assert "existing image file" in msgs[5]
+    assert "readable PNG/JPEG" in msgs[6]
+    assert "4 finite numbers" in msgs[7]
+    assert "x1 < x2 and y1 < y2" in msgs[9] and "x1 < x2 and y1 < y2" in msgs[10]
+    assert "64x48 image" in msgs[11] and "(id 'r11')" in msgs[11]
+    assert "already used on line 1" in msgs[14]
+
+
+def test_load_raise_names_file_line_field(data_dir):
+    with pytest.raises(DataError, match=r"bad\.jsonl: line 2: field '<json>': expected one valid JSON object"):
+        load_grounded(data_dir / "bad.jsonl")
+
+
+def test_load_skip_counts_and_logs(data_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="megatron_sayo.data.grounded"):
+        samples = load_grounded(data_dir / "bad.jsonl", on_error="skip")
+    assert [s.id for s in samples] == ["r1", "r17"]
+    assert "skipped 14 bad row(s), kept 2" in caplog.text
+    with pytest.raises(ValueError, match="on_error"):
+        load_grounded(data_dir / "bad.jsonl", on_error="ignore")
+
+
+def test_good_sample_fields(data_dir):
+    s = load_grounded(data_dir / "good.jsonl")[1]
+    assert (s.id, s.question, s.answer, s.image_size) == ("r2", "q?", "a", (64, 48))
+    assert s.boxes == [[0.0, 0.0, 10.0, 10.0], [40.0, 30.0, 64.0, 48.0]]
+    assert s.image_path == data_dir / "img.png" and s.open_image().size == (64, 48)
+
+
+def test_parquet_round_trip(data_dir):
+    original = load_grounded(data_dir / "good.jsonl")
+    path = save_parquet(original, data_dir / "good.parquet")
+    back = load_grounded(path)
+    assert [(s.id, s.question, s.answer, s.boxes, s.image_size) for s in back] == \
+           [(s.id, s.question, s.answer, s.boxes, s.image_size) for s in original]
+    assert back[0].image_path is None
+    assert np.array_equal(np.asarray(back[0].open_image()), np.asarray(original[0].open_image()))
+
+
+def test_parquet_bad_rows_are_numbered_and_hf_image_struct_accepted(data_dir):
+    png = (data_dir / "img.png").read_bytes()
+    table = pa.table({
+        "id": ["a", "b", "c"],
+        "image": [{"bytes": png, "path": None}, {"bytes": b"junk", "path": None}, {"bytes": png, "path": None}],
+        "question": ["q", "q", "q"], "answer": ["x", "y", "z"],
+        "boxes": [[[0.0, 0.0, 5.0, 5.0]], [[0.0, 0.0, 5.0, 5.0]], [[5.0, 0.0, 1.0, 5.0]]],
+    })
+    pq.write_table(table, data_dir / "hf.parquet")
+    good, errors = check_file(data_dir / "hf.parquet")
+    assert [s.id for s in good] == ["a"]
+    assert [(e.line, e.row_error.field) for e in errors] == [(2, "image"), (3, "boxes[0]")]
+    assert ": row 2 (id 'b'): field 'image'" in str(errors[0])
+
+
+def test_validate_cli_reports_all_and_exit_codes(data_dir, capsys):
+    assert validate_main([str(data_dir / "good.jsonl")]) == 0
+    assert "OK: 2 good row(s), 0 bad row(s)" in capsys.readouterr().out
+    assert validate_main([str(data_dir / "good.jsonl"), str(data_dir / "bad.jsonl")]) == 1
+    out = capsys.readouterr().out
+    for n, (_, fld) in enumerate(BAD_FILE, start=1):
+        if fld is not None:
+            assert f"bad.jsonl: line {n}" in out
+    assert "FAILED: 2 good row(s), 14 bad row(s)" in out
+    assert validate_main([str(data_dir / "nope.jsonl")]) == 1
+
+
+def test_validate_cli_as_module(data_dir):
+    proc = subprocess.run([sys.executable, "-m", "megatron_sayo.data.validate", str(data_dir / "bad.jsonl")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "line 9" in proc.stdout
+
+
+def test_heldout_split_is_deterministic_and_about_one_percent():
+    ids = [f"id-{i}" for i in range(20000)]
+    held = [i for i in ids if is_heldout(i)]
+    assert 140 <= len(held) <= 260                       # 1 % of 20k = 200
+    assert held == [i for i in ids if is_heldout(i)]
+    assert not any(is_heldout(i, fraction=0.0) for i in ids[:100])
+
+
+def test_split_heldout_independent_of_order(data_dir):
+    samples = make_synthetic(data_dir / "syn", 50, seed=1)
+    rows = load_grounded(samples)
+    _, held_a = split_heldout(rows, fraction=0.2)
+    _, held_b = split_heldout(list(reversed(rows)), fraction=0.2)
+    assert {s.id for s in held_a} == {s.id for s in held_b} and 0 < len(held_a) < 50
+
+
+def test_synthetic_deterministic_and_valid(tmp_path):
+    a = make_synthetic(tmp_path / "a", 16, seed=7)
+    b = make_synthetic(tmp_path / "b", 16, seed=7)
+    c = make_synthetic(tmp_path / "c", 16, seed=8)
+    assert a.read_text() == b.read_text() != c.read_text()
+    rows = [json.loads(line) for line in a.read_text().splitlines()]
+    for row in rows:
+        assert (tmp_path / "a" / row["image"]).read_bytes() == (tmp_path / "b" / row["image"]).read_bytes()
+    good, errors = check_file(a)
+    assert errors == [] and len(good) == 16
+
+
+def test_synthetic_answer_lives_in_the_box(tmp_path):
+    jsonl = make_synthetic(tmp_path, 32, seed=0, size=(140, 112))
+    for s in load_grounded(jsonl):
+        assert s.image_size == (140, 112)
+        x1, y1, x2, y2 = s.boxes[0]
+        centre = np.asarray(s.open_image())[int((y1 + y2) / 2), int((x1 + x2) / 2)]
+        colour = s.answer if s.answer in COLOURS else s.question.split()[-1].rstrip("?")
+        assert tuple(centre) == COLOURS[colour], s
+
+
+def test_synthetic_cli(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "megatron_sayo.data.synthetic", "--out", str(tmp_path),
+                           "--n", "3", "--seed", "2", "--size", "84x56"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert [s.image_size for s in load_grounded(tmp_path / "data.jsonl")] == [(84, 56)] * 3
