@@ -1,0 +1,199 @@
+"""Planner: parameter counts against transformers, memory terms against the published formulas by hand."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from megatron_sayo import plan as P
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 1024**3
+
+# The table of ../shared/notes/qwen25vl-facts.md: (hidden, intermediate, layers, heads, kv heads, vocab, tied, vision I)
+TABLE = {
+    "3b": (2048, 11008, 36, 16, 2, 151936, True, 3420),
+    "7b": (3584, 18944, 28, 28, 4, 152064, False, 3420),
+    "72b": (8192, 29568, 80, 64, 8, 152064, False, 3456),
+}
+PUBLISHED = {"3b": 3.75e9, "7b": 8.29e9, "72b": 73.4e9}
+
+
+def hub_config(size: str) -> dict:
+    """A hub-style (flat) config.json for one row of the facts table."""
+    h, inter, layers, heads, kv, vocab, tied, vis_inter = TABLE[size]
+    return {
+        "model_type": "qwen2_5_vl", "hidden_size": h, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
+        "vocab_size": vocab, "tie_word_embeddings": tied, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": vis_inter, "num_heads": 16,
+                          "in_chans": 3, "out_hidden_size": h, "patch_size": 14, "spatial_merge_size": 2,
+                          "temporal_patch_size": 2, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]},
+    }
+
+
+def real_size(size: str, tmp_path: Path):
+    """(size, path of its config.json fixture, transformers model on the meta device)."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(hub_config(size)))
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_pretrained(path))
+    return size, path, model
+
+
+def numel(module) -> int:
+    """Parameters of a module as transformers counts them (shared tensors once)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------- parameter counts
+
+def tiny_config(tied: bool) -> Qwen2_5_VLConfig:
+    """A tiny random-size Qwen2.5-VL config with GQA and an odd vision MLP width."""
+    return Qwen2_5_VLConfig(
+        text_config={"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+                     "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 300,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 1, 1]}},
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 44, "num_heads": 4,
+                       "out_hidden_size": 64, "fullatt_block_indexes": [1]},
+        tie_word_embeddings=tied,
+    )
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_count_equals_transformers_on_tiny_nested_config(tied):
+    cfg = tiny_config(tied)
+    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    arch = P.parse_arch(json.loads(cfg.to_json_string()), "tiny")
+    assert P.total_params(arch) == numel(model)
+    assert P.vision_params(arch.vision) == numel(model.model.visual)
+
+
+@pytest.mark.parametrize("size", sorted(TABLE))
+def test_count_equals_transformers_at_real_size(size, tmp_path):
+    size, path, model = real_size(size, tmp_path)
+    arch = P.load_arch(path)
+    assert P.total_params(arch) == numel(model)
+    assert P.vision_params(arch.vision) == numel(model.model.visual)
+    assert P.total_params(arch) == pytest.approx(PUBLISHED[size], rel=0.01)
+
+
+def test_example_configs_match_the_facts_table():
+    for size in TABLE:
+        example = P.load_arch(ROOT / f"examples/configs/qwen25vl_{size}.config.json")
+        assert example == P.parse_arch(hub_config(size), size)
+
+
+def test_model_dir_is_accepted(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(hub_config("7b")))
+    assert P.load_arch(tmp_path) == P.parse_arch(hub_config("7b"))
+
+
+# ---------------------------------------------------------------- config errors
+
+def test_missing_field_names_file_and_field(tmp_path):
+    cfg = hub_config("7b")
+    del cfg["num_attention_heads"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(P.ConfigError, match=r"config\.json.*'num_attention_heads' is missing"):
+        P.load_arch(path)
+
+
+def test_bad_vision_field_names_vision_config(tmp_path):
+    cfg = hub_config("7b")
+    cfg["vision_config"]["depth"] = -1
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(P.ConfigError, match=r"c\.json \(vision_config\): field 'depth' must be a positive integer"):
+        P.load_arch(path)
+
+
+def test_invalid_json_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(P.ConfigError, match="bad.json: not valid JSON"):
+        P.load_arch(bad)
+    with pytest.raises(P.ConfigError, match="no such config file"):
+        P.load_arch(tmp_path / "absent.json")
+
+
+# ---------------------------------------------------------------- memory formulas by hand
+
+def test_megatron_bytes_per_param():
+    """Megatron-LM README: 18 bytes/param without the distributed optimizer, 6 + 12/DP with it."""
+    assert sum(P.state_bytes_per_param(8, distributed_optimizer=False).values()) == 18
+    assert sum(P.state_bytes_per_param(8).values()) == 6 + 12 / 8
+
+
+def test_korthikanti_activations_per_layer():
+    s, b, h, a, t = 4096, 2, 8192, 64, 8
+    f = P.activation_bytes_per_layer
+    assert f(s, b, h, a, t, "none", True) == s * b * h * (34 + 5 * a * s / h) / t
+    assert f(s, b, h, a, t, "none", False) == s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
+    assert f(s, b, h, a, t, "selective", True) == 34 * s * b * h / t
+    assert f(s, b, h, a, t, "full", False) == 2 * s * b * h
+    assert f(s, b, h, a, 1, "none", True) == s * b * h * (34 + 5 * a * s / h)  # SP is a no-op at TP=1
+
+
+def test_7b_tp2_pp2_stages_by_hand(tmp_path):
+    _, path, model = real_size("7b", tmp_path)
+    w = P.Workload(seq=4096, max_new_tokens=110, micro_batch=1, group_size=16, recompute="selective")
+    lay = P.Layout(tp=2, pp=2, dp=2)
+    s, h, tp, dp = 4096 + 110, 3584, 2, 2
+    lm = model.model.language_model
+    first = numel(model.model.visual) + numel(lm.embed_tokens) + sum(numel(l) for l in lm.layers[:14])
+    last = sum(numel(l) for l in lm.layers[14:]) + numel(lm.norm) + numel(model.lm_head)
+
+    got = P.stage_memory(P.load_arch(path), lay, w, first=True, last=False)
+    assert got.weights == pytest.approx(2 * first / tp)
+    assert got.grads == pytest.approx(4 * first / tp)
+    assert got.optimizer == pytest.approx(12 * first / tp / dp)
+    assert got.reference == pytest.approx(2 * first / tp)
+    assert got.activations == pytest.approx(34 * s * h / tp * 14 * 2)  # 14 layers, 2 micro-batches in flight
+    assert got.logits == 0
+    assert got.kv_cache == pytest.approx(2 * 14 * (4 // tp) * 128 * 2 * 16 * s)
+    static = (2 + 4 + 12 / dp + 2) * first / tp
+    assert got.total == pytest.approx(static + max(34 * s * h / tp * 28, 2 * 14 * 2 * 128 * 2 * 16 * s))
+
+    got = P.stage_memory(P.load_arch(path), lay, w, first=False, last=True)
+    assert got.weights == pytest.approx(2 * last / tp)
+    assert got.activations == pytest.approx(34 * s * h / tp * 14)
+    assert got.logits == pytest.approx(4 * s * 152064 / tp)
+
+
+# ---------------------------------------------------------------- recommendation
+
+def test_72b_on_64_gpus_fits_with_tp_at_most_8():
+    arch = P.load_arch(ROOT / "examples/configs/qwen25vl_72b.config.json")
+    rows = P.plan(arch, gpus=64, gpu_memory=80 * GIB)
+    best = P.recommend(rows)
+    assert best.fits and best.layout.tp <= 8
+    assert best.layout.tp * best.layout.pp * best.layout.dp == 64
+    assert best.memory.total <= 0.9 * 80 * GIB
+    assert best.layout.model_parallel == min(r.layout.model_parallel for r in rows if r.fits)
+    assert {r.layout.tp for r in rows} <= {1, 2, 4, 8}
+
+
+def test_no_layout_fits_is_a_clear_error():
+    arch = P.load_arch(ROOT / "examples/configs/qwen25vl_72b.config.json")
+    with pytest.raises(P.NoLayoutFits, match="no TP/PP/DP layout fits"):
+        P.recommend(P.plan(arch, gpus=8, gpu_memory=80 * GIB))
+
+
+def test_cli_json_and_errors(tmp_path):
+    tool = [sys.executable, str(ROOT / "tools/plan_parallelism.py")]
+    out = subprocess.run([*tool, "--model", str(ROOT / "examples/configs/qwen25vl_7b.config.json"),
+                          "--gpus", "8", "--gpu-memory", "80GB", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rec = json.loads(out.stdout)["recommended"]
+    assert rec["fits"] and rec["tp"] * rec["pp"] * rec["dp"] == 8 and rec["total"] <= 0.9 * 80 * GIB
+
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps({"hidden_size": 64}))
+    out = subprocess.run([*tool, "--model", str(bad), "--gpus", "8"], capture_output=True, text=True)
+    assert out.returncode != 0 and str(bad) in out.stderr and "num_attention_heads" in out.stderr
