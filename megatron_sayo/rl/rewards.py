@@ -1,0 +1,211 @@
+"""SAYO rewards (SPEC sections 3-4): attention reward from region/image attention mass, format+length, accuracy.
+
+Pure functions. Index conventions, for a completion token t at sequence position p:
+- its attention row is query position p (`region_mass[b, p]`, `image_mass[b, p]`);
+- its entropy is the distribution it was sampled from, i.e. logits position p - 1 (`entropy[b, p - 1]`).
+`align_completion` applies this once; everything after works on per-completion-token arrays [B, T]
+(T = completion width, `mask` marks real completion tokens).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Mapping
+
+import torch
+
+from megatron_sayo.config import RewardConfig, RewardWeights
+
+_R = RewardConfig  # defaults below come from the config dataclass (one source of truth)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention reward
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CompletionTokens:
+    """Per-completion-token views [B, T] of full-sequence arrays; entries where `mask` is False are 0."""
+
+    positions: torch.Tensor     # sequence position p of completion token j (start + j)
+    region_mass: torch.Tensor   # a(t): attention row p, mean over heads and region keys
+    image_mass: torch.Tensor    # v(t): attention row p, mean over heads and image keys
+    entropy: torch.Tensor       # entropy of logits position p - 1 (the distribution t was sampled from)
+    mask: torch.Tensor          # bool, real completion tokens
+
+
+def align_completion(region_mass: torch.Tensor, image_mass: torch.Tensor, entropy: torch.Tensor,
+                     completion_start: torch.Tensor, completion_mask: torch.Tensor) -> CompletionTokens:
+    """Completion token j of sample b sits at p = completion_start[b] + j: masses from row p, entropy from p - 1.
+
+    region_mass, image_mass: [B, S] indexed by query position; entropy: [B, S] indexed by logits position;
+    completion_start: [B] (the prompt length of each sample, padding included); completion_mask: [B, T].
+    """
+    batch, seq = region_mass.shape
+    mask = completion_mask.bool()
+    positions = completion_start.long().view(-1, 1) + torch.arange(mask.shape[1], device=mask.device)
+    real_pos = positions[mask]
+    if real_pos.numel() and (real_pos.min() < 1 or real_pos.max() >= seq):
+        raise ValueError(f"completion positions must lie in [1, {seq - 1}] (a non-empty prompt, inside S={seq})")
+    index = positions.clamp(1, seq - 1)
+
+    def pick(values, idx):
+        return torch.where(mask, values.gather(1, idx), torch.zeros((), dtype=values.dtype))
+
+    return CompletionTokens(positions=positions, region_mass=pick(region_mass, index),
+                            image_mass=pick(image_mass, index), entropy=pick(entropy, index - 1), mask=mask)
+
+
+def top_k_count(n: int, ratio: float) -> int:
+    """k = max(1, floor(ratio * n)) for n > 0 (0 for n = 0); ratio read as the decimal it was written as."""
+    return 0 if n <= 0 else max(1, math.floor(Fraction(str(ratio)) * n))
+
+
+def select_top_entropy(entropy: torch.Tensor, mask: torch.Tensor,
+                       ratio: float = _R.top_entropy_ratio) -> torch.Tensor:
+    """bool [B, T]: per row the k highest-entropy real tokens, k = top_k_count(n real tokens, ratio).
+
+    Padding (mask False) is never selected. Ties go to the earlier position (stable descending sort).
+    """
+    mask = mask.bool()
+    keyed = entropy.double().masked_fill(~mask, float("-inf"))
+    order = torch.sort(keyed, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order).contiguous())
+    k = torch.tensor([top_k_count(int(n), ratio) for n in mask.sum(1)], device=mask.device)
+    return (rank < k.view(-1, 1)) & mask
+
+
+def attention_reward(region_mass: torch.Tensor, image_mass: torch.Tensor, selected: torch.Tensor,
+                     form: str = _R.attention_form, eps: float = _R.eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R_attn [B], TAS [B]): pool a and v over the selected tokens, x = (A + eps)/(V + eps), then the form.
+
+    form 'paper': x^2 / (1 + x^2) = (1 + tanh(log x)) / 2; 'code': tanh(log x). TAS is x.
+    Inputs are SPEC's per-key means a(t), v(t) (not head- or key-summed masses).
+    A row with no selected token pools to A = V = 0, so x = 1.
+    """
+    sel = selected.to(torch.float64)
+    count = sel.sum(1).clamp(min=1.0)
+    pooled_a = (region_mass.double() * sel).sum(1) / count
+    pooled_v = (image_mass.double() * sel).sum(1) / count
+    x = (pooled_a + eps) / (pooled_v + eps)
+    if form == "paper":
+        reward = torch.sigmoid(2.0 * torch.log(x))  # = x^2 / (1 + x^2) without overflow
+    elif form == "code":
+        reward = torch.tanh(torch.log(x))
+    else:
+        raise ValueError(f"attention reward form must be 'paper' or 'code', got {form!r}")
+    out = torch.promote_types(region_mass.dtype, torch.float32)
+    return reward.to(out), x.to(out)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Format, answer extraction, accuracy, total
+# --------------------------------------------------------------------------------------------------------------
+
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def format_reward(text: str, n_tokens: int, long_bound: int = _R.format_long_bound,
+                  short_bound: int = _R.format_short_bound, factor: float = _R.format_factor) -> float:
+    """1 if `text` has <answer>...</answer>, times long * short length factors on n_tokens (SPEC 4)."""
+    if not _ANSWER.search(text):
+        return 0.0
+    long = 1.0 if n_tokens <= long_bound else max(0.0, factor * long_bound / n_tokens)
+    short = 1.0 if n_tokens >= short_bound else max(0.0, factor * n_tokens / short_bound)
+    return long * short
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...}, braces nested; None if absent or unbalanced."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """The last <answer>...</answer> (a \\boxed{} inside it unwrapped), else the last \\boxed{...}; stripped."""
+    tagged = _ANSWER.findall(text)
+    if tagged:
+        inner = tagged[-1]
+        boxed = _last_boxed(inner)
+        return (boxed if boxed is not None else inner).strip()
+    boxed = _last_boxed(text)
+    return None if boxed is None else boxed.strip()
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case; punctuation (except a '.' between digits) and articles a/an/the dropped; spaces collapsed."""
+    text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text.lower())
+    text = "".join(" " if c in string.punctuation and c != "." else c for c in text)
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def parse_number(text: str) -> float | None:
+    """'1,234.5', '$3', '45%', '-2/3' -> float; None if not a number."""
+    s = re.sub(r"[,\s$%]", "", text)
+    try:
+        if re.fullmatch(r"[-+]?\d+/\d+", s):
+            num, den = s.split("/")
+            return int(num) / int(den) if int(den) else None
+        value = float(s)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def accuracy_reward(pred: str | None, ref: str, mode: str = _R.accuracy_match) -> float:
+    """1.0 if `pred` matches `ref`: 'exact' (after strip), 'normalized', or 'numeric' (rel 1e-6, else normalized)."""
+    if pred is None:
+        return 0.0
+    if mode == "exact":
+        return float(pred.strip() == ref.strip())
+    if mode == "numeric":
+        p, r = parse_number(pred), parse_number(ref)
+        if p is not None and r is not None:
+            return float(math.isclose(p, r, rel_tol=1e-6, abs_tol=1e-9))
+        return accuracy_reward(pred, ref, "normalized")
+    if mode == "normalized":
+        return float(normalize_answer(pred) == normalize_answer(ref))
+    raise ValueError(f"accuracy match must be 'exact', 'normalized' or 'numeric', got {mode!r}")
+
+
+def total_reward(components: Mapping[str, torch.Tensor], weights: RewardWeights | Mapping[str, float]
+                 ) -> torch.Tensor:
+    """sum_k weight_k * components[k]; a term with weight 0 may be absent, one with a weight must be present."""
+    weights = weights if isinstance(weights, Mapping) else vars(weights)
+    unknown = set(components) - set(weights)
+    if unknown:
+        raise KeyError(f"reward terms without a weight: {sorted(unknown)}; weighted terms: {sorted(weights)}")
+    total = None
+    for name, weight in weights.items():
+        if weight == 0:
+            continue
+        if name not in components:
+            raise KeyError(f"reward term {name!r} has weight {weight} but was not computed")
+        term = weight * torch.as_tensor(components[name], dtype=torch.float64)
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("all reward weights are 0")
+    return total
+
+
+def sequence_attention_reward(region_mass: torch.Tensor, image_mass: torch.Tensor, entropy: torch.Tensor,
+                              completion_start: torch.Tensor, completion_mask: torch.Tensor,
+                              ratio: float = _R.top_entropy_ratio, form: str = _R.attention_form,
+                              eps: float = _R.eps):
+    """align -> select -> reward in one call: (reward [B], tas [B], selected [B, T], CompletionTokens)."""
+    tokens = align_completion(region_mass, image_mass, entropy, completion_start, completion_mask)
+    selected = select_top_entropy(tokens.entropy, tokens.mask, ratio)
+    reward, tas = attention_reward(tokens.region_mass, tokens.image_mass, selected, form, eps)
+    return reward, tas, selected, tokens
