@@ -239,6 +239,27 @@ def save_parquet(samples: Sequence[GroundedSample], path: str | Path) -> Path:
     return Path(path)
 
 
+def write_jsonl(rows: Sequence[dict], path: str | Path) -> list[DataError]:
+    """Write rows (image paths relative to `path`'s folder) as JSONL, keeping only rows that validate.
+
+    Returns one DataError per dropped row; its line number is the row's index from 1 in `rows`.
+    """
+    path = Path(path)
+    errors, seen = [], set()
+    with open(path, "w", encoding="utf-8") as f:
+        for i, row in enumerate(rows, start=1):
+            try:
+                validate_row(row, path.parent)
+                if row["id"] in seen:
+                    raise RowError("id", "a unique id", row["id"])
+            except RowError as exc:
+                errors.append(DataError(path, i, exc, row.get("id") if isinstance(row, dict) else None))
+                continue
+            seen.add(row["id"])
+            f.write(json.dumps({k: row[k] for k in FIELDS}, ensure_ascii=False) + "\n")
+    return errors
+
+
 # ---------------------------------------------------------------- held-out split
 
 
