@@ -113,7 +113,7 @@ def _read_image_size(src: Path | bytes) -> tuple[int, int]:
         raise RowError("image", "a readable PNG/JPEG image", f"{type(exc).__name__}: {exc}") from None
 
 
-def _check_boxes(boxes: list, image_size: tuple[int, int], sample_id: str) -> list[list[float]]:
+def _check_boxes(boxes: list, image_size: tuple[int, int]) -> list[list[float]]:
     """Every box is 4 finite numbers with x1 < x2, y1 < y2, and keeps area inside the image after clamping."""
     if not boxes:
         raise RowError("boxes", "at least one box [x1, y1, x2, y2]", boxes)
@@ -150,7 +150,7 @@ def validate_row(row: Any, base_dir: Path) -> GroundedSample:
     _check_fields(row)
     src = _image_source(row["image"], base_dir)
     size = _read_image_size(src)
-    boxes = _check_boxes(row["boxes"], size, row["id"])
+    boxes = _check_boxes(row["boxes"], size)
     _check_region(boxes, size, row["id"])
     return GroundedSample(id=row["id"], question=row["question"], answer=row["answer"], boxes=boxes,
                           image_size=size, image_path=src if isinstance(src, Path) else None,

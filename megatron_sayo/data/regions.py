@@ -87,12 +87,14 @@ def _clamped_box_in_cells(box: Box, orig_size: tuple[int, int], resized_size: tu
                           merge_grid: tuple[int, int]) -> tuple[Fraction, Fraction, Fraction, Fraction]:
     """Box scaled to the resized image, clamped to it, and expressed in cell units (x1, y1, x2, y2)."""
     (width, height), (w_res, h_res), (rows, cols) = orig_size, resized_size, merge_grid
-    cell_w, cell_h = Fraction(w_res, cols), Fraction(h_res, rows)
-    sx, sy = Fraction(w_res, width), Fraction(h_res, height)
-    x1, y1, x2, y2 = (Fraction(v) for v in box)
-    clamp_x = lambda v: min(max(v * sx, Fraction(0)), Fraction(w_res)) / cell_w  # noqa: E731
-    clamp_y = lambda v: min(max(v * sy, Fraction(0)), Fraction(h_res)) / cell_h  # noqa: E731
-    return clamp_x(x1), clamp_y(y1), clamp_x(x2), clamp_y(y2)
+
+    def to_cells(v: float, orig: int, resized: int, n_cells: int) -> Fraction:
+        scaled = Fraction(v) * Fraction(resized, orig)
+        return min(max(scaled, Fraction(0)), Fraction(resized)) / Fraction(resized, n_cells)
+
+    x1, y1, x2, y2 = box
+    return (to_cells(x1, width, w_res, cols), to_cells(y1, height, h_res, rows),
+            to_cells(x2, width, w_res, cols), to_cells(y2, height, h_res, rows))
 
 
 def box_to_cells(box: Box, orig_size: tuple[int, int], resized_size: tuple[int, int],
