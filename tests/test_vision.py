@@ -94,3 +94,16 @@ def test_flash_without_package_is_a_clear_error():
     ours = Qwen25VisionModel(VisionConfig.from_hf_dict(TINY), attn_impl="flash")
     with pytest.raises(RuntimeError, match="attn_impl='flash'"):
         ours(torch.zeros(16, 1176), torch.tensor([[1, 4, 4]]))
+
+
+def test_bfloat16_tower_tracks_float32(towers):
+    """Casting the tower to bf16 keeps the RoPE angles in float32; the output stays near the fp32 one."""
+    _, ours = towers
+    grid_thw = torch.tensor([[1, 10, 14]])
+    pixels = torch.randn(140, 1176, generator=torch.Generator().manual_seed(2))
+    low = Qwen25VisionModel(ours.config).to(torch.bfloat16)
+    low.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        ref, out = ours(pixels, grid_thw), low(pixels.bfloat16(), grid_thw)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).norm() / ref.norm() < 3e-2

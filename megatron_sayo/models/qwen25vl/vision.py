@@ -298,14 +298,17 @@ class Qwen25VisionModel(nn.Module):
         self.patch_embed = PatchEmbed(config)
         self.blocks = nn.ModuleList(Block(config, attn_impl) for _ in range(config.depth))
         self.merger = PatchMerger(config)
-        quarter = torch.arange(0, config.head_dim // 2, 2, dtype=torch.float32) / (config.head_dim // 2)
-        self.register_buffer("rope_inv_freq", 1.0 / config.rope_theta ** quarter, persistent=False)
 
     def rope_angles(self, grid_thw: Tensor) -> Tensor:
-        """[N, head_dim] angles: (row * inv_freq, col * inv_freq), repeated for the second half of the head."""
-        coords = patch_coordinates(grid_thw, self.config.spatial_merge_size).to(self.rope_inv_freq.device)
-        angles = (coords[..., None].float() * self.rope_inv_freq.float()).flatten(1)   # [N, head_dim / 2]
-        return torch.cat([angles, angles], dim=-1)
+        """[N, head_dim] float32 angles: (row * inv_freq, col * inv_freq), repeated for the second half.
+
+        inv_freq is computed here in float32 (not a buffer) so casting the module to bf16 cannot round it.
+        """
+        half = self.config.head_dim // 2
+        inv_freq = 1.0 / self.config.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float32) / half)
+        coords = patch_coordinates(grid_thw, self.config.spatial_merge_size)
+        angles = (coords[..., None].float() * inv_freq).flatten(1)   # [N, head_dim / 2]
+        return torch.cat([angles, angles], dim=-1).to(self.patch_embed.proj.weight.device)
 
     def forward(self, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
         c = self.config
