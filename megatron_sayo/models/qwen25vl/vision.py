@@ -125,8 +125,9 @@ def patch_coordinates(grid_thw: Tensor, merge: int) -> Tensor:
     coords = []
     for t, h, w in _grids(grid_thw):
         rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-        blocks = lambda x: x.reshape(h // merge, merge, w // merge, merge).transpose(1, 2).reshape(-1)  # noqa: E731
-        coords.append(torch.stack([blocks(rows), blocks(cols)], dim=-1).repeat(t, 1))
+        rc = torch.stack([rows, cols], dim=-1)                                      # [h, w, 2]
+        rc = rc.reshape(h // merge, merge, w // merge, merge, 2).transpose(1, 2)    # block row, block col, i, j
+        coords.append(rc.reshape(-1, 2).repeat(t, 1))
     return torch.cat(coords)
 
 
@@ -184,8 +185,8 @@ def varlen_sdpa(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
         if length == 0:
             continue
         idx = (starts[lengths == length, None] + torch.arange(length)).to(q.device)   # [n, L]
-        seg = lambda t: t[idx].transpose(1, 2)                                       # noqa: E731 [n, H, L, D]
-        out[idx] = F.scaled_dot_product_attention(seg(q), seg(k), seg(v)).transpose(1, 2)
+        qs, ks, vs = (t[idx].transpose(1, 2) for t in (q, k, v))                     # [n, H, L, D]
+        out[idx] = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)
     return out
 
 
