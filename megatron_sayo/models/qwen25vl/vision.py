@@ -277,7 +277,8 @@ class PatchMerger(nn.Module):
         super().__init__()
         self.merged = c.hidden_size * c.spatial_merge_size ** 2
         self.ln_q = RMSNorm(c.hidden_size, 1e-6)
-        self.mlp = nn.Sequential(nn.Linear(self.merged, self.merged), nn.GELU(), nn.Linear(self.merged, c.out_hidden_size))
+        self.mlp = nn.Sequential(nn.Linear(self.merged, self.merged), nn.GELU(),
+                                 nn.Linear(self.merged, c.out_hidden_size))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mlp(self.ln_q(x).view(-1, self.merged))
