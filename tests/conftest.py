@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny random Qwen2.5-VL checkpoints (made in-process) and random images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """HF checkpoint dir of preset 'tiny' (GQA 4/2 heads, untied, vocab 512), seed 0, float32."""
+    from megatron_sayo.models.qwen25vl.tiny import make_tiny_checkpoint
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_ckpt(tmp_path_factory) -> Path:
+    """HF checkpoint dir of preset 'tiny-tied' (MHA, tied embeddings, vocab 400), seed 0, float32."""
+    from megatron_sayo.models.qwen25vl.tiny import make_tiny_checkpoint
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-tied", preset="tiny-tied", seed=0)
+
+
+@pytest.fixture(scope="session")
+def make_image():
+    """make_image(w, h, seed=0) -> random RGB PIL image of width w and height h."""
+    def make(w: int, h: int, seed: int = 0) -> Image.Image:
+        rng = np.random.default_rng(seed)
+        return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+    return make
