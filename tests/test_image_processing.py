@@ -1,0 +1,155 @@
+"""Image preprocessing vs transformers' Qwen2VLImageProcessorPil (the reference); equality is exact (tol 0)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as ref_mod
+
+from megatron_sayo.data.image_processing import ImageProcessorConfig, process_images, smart_resize
+
+SMALL = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 80}
+
+
+def reference(images, **kwargs):
+    """transformers' pixel_values and image_grid_thw for these images."""
+    out = ref_mod.Qwen2VLImageProcessorPil(**kwargs)(images=images, return_tensors="pt")
+    return out["pixel_values"], out["image_grid_thw"]
+
+
+def assert_same(images, cfg, **ref_kwargs):
+    """Our (pixel_values, image_grid_thw) equal the reference's bit for bit."""
+    pv, grid = process_images(images, cfg)
+    ref_pv, ref_grid = reference(images, **ref_kwargs)
+    assert pv.dtype == torch.float32 and grid.dtype == torch.int64
+    assert torch.equal(grid, ref_grid)
+    assert pv.shape == ref_pv.shape
+    assert torch.equal(pv, ref_pv), f"max abs diff {(pv - ref_pv).abs().max()}"
+
+
+@pytest.mark.parametrize("w,h", [
+    (97, 61),     # odd sizes, rounded to multiples of 28
+    (33, 517),    # tall, odd
+    (1000, 700),  # hits max_pixels: scaled down
+    (10, 13),     # below min_pixels: scaled up
+    (5, 300),     # a side below factor/2 rounds to 0 first, then is scaled up
+    (56, 84),     # already multiples of 28
+])
+def test_single_image_matches_transformers(make_image, w, h):
+    cfg = ImageProcessorConfig.from_dict(SMALL)
+    assert_same([make_image(w, h, seed=w + h)], cfg, **SMALL)
+
+
+def test_max_and_min_pixel_bounds_are_hit(make_image):
+    cfg = ImageProcessorConfig.from_dict(SMALL)
+    _, grid = process_images([make_image(1000, 700), make_image(10, 13)], cfg)
+    pixels = (grid[:, 1] * grid[:, 2] * 14 * 14).tolist()
+    assert pixels[0] <= SMALL["max_pixels"] < 1000 * 700
+    assert pixels[1] >= SMALL["min_pixels"] > 10 * 13
+
+
+def test_several_images_and_modes(make_image):
+    rng = np.random.default_rng(1)
+    rgba = Image.fromarray(rng.integers(0, 256, (40, 50, 4), dtype=np.uint8), "RGBA")
+    gray = Image.fromarray(rng.integers(0, 256, (45, 71), dtype=np.uint8), "L")
+    pal = make_image(60, 30, seed=2).convert("P")
+    pal.info["transparency"] = 0
+    images = [make_image(97, 61), rgba, gray, pal, make_image(300, 30, seed=3)]
+    assert_same(images, ImageProcessorConfig.from_dict(SMALL), **SMALL)
+
+
+def test_default_config_matches_transformers_defaults(make_image):
+    assert_same([make_image(300, 211, seed=5)], ImageProcessorConfig())
+
+
+def test_non_default_normalisation_and_rescale(make_image):
+    raw = {**SMALL, "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.3, 0.4], "rescale_factor": 1 / 127.0}
+    cfg = ImageProcessorConfig.from_dict(raw)
+    assert_same([make_image(83, 47, seed=7)], cfg, **raw)
+
+
+def test_checkpoint_preprocessor_config_matches_reference_loader(tiny_ckpt, make_image):
+    cfg = ImageProcessorConfig.from_json(tiny_ckpt)
+    ref = ref_mod.Qwen2VLImageProcessorPil.from_pretrained(tiny_ckpt)
+    images = [make_image(123, 45, seed=1), make_image(64, 64, seed=2)]
+    out = ref(images=images, return_tensors="pt")
+    pv, grid = process_images(images, cfg)
+    assert torch.equal(grid, out["image_grid_thw"]) and torch.equal(pv, out["pixel_values"])
+
+
+def test_smart_resize_equals_transformers():
+    for h in (1, 13, 14, 15, 27, 28, 29, 100, 333, 1000, 4000):
+        for w in (1, 14, 15, 57, 200, 999, 3000):
+            if max(h, w) / min(h, w) > 200:
+                continue
+            for lo, hi in ((56 * 56, 28 * 28 * 1280), (28 * 28 * 4, 28 * 28 * 80)):
+                assert smart_resize(h, w, 28, lo, hi) == ref_mod.smart_resize(h, w, 28, lo, hi), (h, w, lo, hi)
+
+
+def test_empty_image_list(make_image):
+    pv, grid = process_images([], ImageProcessorConfig())
+    assert pv.shape == (0, 3 * 2 * 14 * 14) and grid.shape == (0, 3)
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+@pytest.mark.parametrize("field,value,expect", [
+    ("min_pixels", -1, "positive integer"),
+    ("max_pixels", "big", "positive integer"),
+    ("patch_size", 0, "positive integer"),
+    ("image_mean", [0.5, 0.5], "list of 3"),
+    ("image_std", [0.5, 0.0, 0.5], "list of 3 positive"),
+    ("rescale_factor", 0, "positive number"),
+    ("do_normalize", "yes", "true or false"),
+    ("resample", 99, "resampling"),
+])
+def test_bad_config_field_names_file_and_field(tmp_path, field, value, expect):
+    path = tmp_path / "preprocessor_config.json"
+    path.write_text(json.dumps({**SMALL, field: value}))
+    with pytest.raises(ValueError) as exc:
+        ImageProcessorConfig.from_json(tmp_path)
+    assert str(path) in str(exc.value) and field in str(exc.value) and expect in str(exc.value)
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
+        ImageProcessorConfig.from_json(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ImageProcessorConfig.from_json(tmp_path)
+    with pytest.raises(ValueError, match="min_pixels .* <= max_pixels"):
+        ImageProcessorConfig.from_dict({"min_pixels": 100, "max_pixels": 10}, "x.json")
+
+
+def test_size_dict_and_override():
+    cfg = ImageProcessorConfig.from_dict({"size": {"shortest_edge": 100, "longest_edge": 1000}})
+    assert (cfg.min_pixels, cfg.max_pixels) == (100, 1000)
+    cfg = ImageProcessorConfig.from_dict({"size": {"shortest_edge": 100, "longest_edge": 1000}, "max_pixels": 500})
+    assert cfg.max_pixels == 500
+
+
+def test_bad_images_name_the_image(tmp_path, make_image):
+    cfg = ImageProcessorConfig.from_dict(SMALL)
+    with pytest.raises(ValueError, match=r"image 1: image has zero size \(0x5"):
+        process_images([make_image(30, 30), Image.new("RGB", (0, 5))], cfg)
+    with pytest.raises(ValueError, match=r"image 0: image aspect ratio must be <= 200"):
+        process_images([make_image(402, 2)], cfg)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match=r"image 0: cannot read image file .*broken.png"):
+        process_images([bad], cfg)
+    with pytest.raises(TypeError, match="image 0: expected a PIL.Image.Image"):
+        process_images([np.zeros((4, 4, 3))], cfg)
+
+
+def test_image_paths_are_accepted(tmp_path, make_image):
+    img = make_image(77, 41, seed=9)
+    img.save(tmp_path / "a.png")
+    cfg = ImageProcessorConfig.from_dict(SMALL)
+    pv, grid = process_images([tmp_path / "a.png"], cfg)
+    ref_pv, ref_grid = reference([img], **SMALL)
+    assert torch.equal(pv, ref_pv) and torch.equal(grid, ref_grid)
