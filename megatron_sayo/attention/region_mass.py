@@ -1,0 +1,219 @@
+"""Region and image attention mass per query row (SPEC section 3), exact, without the full attention matrix.
+
+The core attention of the probed layer (the last decoder layer) hands `RegionMassProbe` its rotated q/k
+[b, heads_local, sq, d] and the row log-sum-exp of the scaled, masked scores [b, heads_local, sq]. For the
+chosen query rows only and over image keys only, the probe recomputes the exact softmax weights
+alpha = exp(scale * q.k - lse), sums them over the region keys and over all image keys, sums the local
+heads, all-reduces once over the tensor-parallel group and divides by the total head count:
+
+    region_sum(t) = mean_h sum_{i in region} alpha_h(t, i)     a(t) = region_sum(t) / |region|
+    image_sum(t)  = mean_h sum_{i in image}  alpha_h(t, i)     v(t) = image_sum(t)  / |image|
+
+Index conventions: query rows index the queries of this forward call (0..sq-1); key masks index keys
+(0..sk-1). Query row j sits at key position j + sk - sq (sk > sq only when decoding with a KV cache);
+keys after it get weight 0 (causal), exactly as in the attention itself. Image keys are real tokens, so
+padding never changes them. Memory is O(rows x image keys x local heads), bounded by row chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_sayo.models.qwen25vl.attention import AttentionState
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 22  # float32 weights held at once per chunk (16 MiB)
+
+
+@dataclass(frozen=True)
+class RegionMass:
+    """Per chosen query row (n rows): its batch index, query index, head-mean summed masses and key counts."""
+
+    batch: torch.Tensor         # long [n]
+    query: torch.Tensor         # long [n], query index in the forward call (= sequence position at prefill)
+    region_sum: torch.Tensor    # float [n], mean_h sum_{i in region} alpha
+    image_sum: torch.Tensor     # float [n], mean_h sum_{i in image} alpha
+    region_count: torch.Tensor  # long [n], |region| of the row's sample
+    image_count: torch.Tensor   # long [n], |image| of the row's sample
+
+    @property
+    def region_mean(self) -> torch.Tensor:
+        """a(t) = mean_h mean_{i in region} alpha; 0 for a sample without region keys."""
+        return _safe_div(self.region_sum, self.region_count)
+
+    @property
+    def image_mean(self) -> torch.Tensor:
+        """v(t) = mean_h mean_{i in image} alpha; 0 for a sample without image keys."""
+        return _safe_div(self.image_sum, self.image_count)
+
+    def dense(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, v) as [batch, seq] arrays indexed by query position; rows not measured are 0."""
+        a = self.region_sum.new_zeros(batch, seq)
+        v = self.region_sum.new_zeros(batch, seq)
+        a[self.batch, self.query] = self.region_mean
+        v[self.batch, self.query] = self.image_mean
+        return a, v
+
+
+def _safe_div(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """total / count, 0 where count is 0."""
+    return torch.where(count > 0, total / count.clamp(min=1).to(total.dtype), torch.zeros_like(total))
+
+
+def query_row_pairs(rows: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    """(batch, query) pairs [n, 2] from a bool [b, sq] row mask or a long [n, 2] pair tensor, sorted."""
+    rows = torch.as_tensor(rows)
+    if rows.dtype == torch.bool:
+        if rows.dim() != 2:
+            raise ValueError(f"a boolean query-row mask must be [b, sq], got shape {tuple(rows.shape)}")
+        return rows.nonzero()
+    if rows.dim() != 2 or rows.shape[1] != 2 or rows.is_floating_point():
+        raise ValueError(f"query rows must be bool [b, sq] or integer (batch, query) pairs [n, 2], "
+                         f"got {rows.dtype} {tuple(rows.shape)}")
+    pairs = rows.long()
+    if pairs.numel() and (pairs.min() < 0 or (batch is not None and pairs[:, 0].max() >= batch)):
+        raise ValueError(f"query row pairs out of range (batch size {batch}): {pairs.tolist()[:4]}...")
+    order = torch.argsort(pairs[:, 0] * (int(pairs[:, 1].max()) + 1 if pairs.numel() else 1) + pairs[:, 1])
+    return pairs[order]
+
+
+def image_key_mask(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """bool [b, s]: positions holding an image token (the image key set)."""
+    return input_ids == image_token_id
+
+
+def _check_masks(region_mask: torch.Tensor, image_mask: torch.Tensor) -> None:
+    """Both bool [b, sk] of one shape, region keys a subset of image keys."""
+    if region_mask.shape != image_mask.shape or region_mask.dim() != 2:
+        raise ValueError(f"region mask {tuple(region_mask.shape)} and image mask {tuple(image_mask.shape)} "
+                         f"must both be [b, sk]")
+    stray = region_mask & ~image_mask
+    if bool(stray.any()):
+        b, i = stray.nonzero()[0].tolist()
+        raise ValueError(f"region key {i} of sample {b} is not an image key (region must lie inside the image)")
+
+
+def local_head_mass_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float,
+                         pairs: torch.Tensor, region_mask: torch.Tensor, image_mask: torch.Tensor,
+                         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+    """[2, n] float32: softmax weights of the chosen rows summed over local heads and region / image keys.
+
+    q [b, h, sq, d], k [b, h, sk, d] (GQA-expanded), lse [b, h, sq]; pairs [n, 2] (batch, query) sorted.
+    """
+    sq, sk = q.shape[2], k.shape[2]
+    offset = sk - sq
+    out = torch.zeros(2, pairs.shape[0], dtype=torch.float32, device=q.device)
+    for b in pairs[:, 0].unique().tolist():
+        idx = (pairs[:, 0] == b).nonzero().squeeze(1)
+        keys = image_mask[b].nonzero().squeeze(1).to(q.device)
+        if keys.numel() == 0:
+            continue
+        k_img = k[b][:, keys]                                           # [h, m, d]
+        in_region = region_mask[b, keys.cpu()].to(device=q.device, dtype=torch.float32)  # [m]
+        step = max(1, chunk_elements // (k_img.shape[0] * keys.numel()))
+        for start in range(0, idx.numel(), step):
+            sel = idx[start:start + step]
+            rows = pairs[sel, 1].to(q.device)
+            weights = _row_weights(q[b][:, rows], k_img, lse[b][:, rows], scale, rows + offset, keys)
+            out[0, sel.to(q.device)] = weights.sum(0) @ in_region
+            out[1, sel.to(q.device)] = weights.sum(dim=(0, 2))
+    return out
+
+
+def _row_weights(q_rows: torch.Tensor, k_img: torch.Tensor, lse_rows: torch.Tensor, scale: float,
+                 row_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+    """Exact softmax weights [h, r, m] = exp(scale q.k - lse), 0 for keys after the query (causal)."""
+    scores = torch.matmul(q_rows.float(), k_img.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(key_pos[None, None, :] > row_pos[None, :, None], float("-inf"))
+    return torch.exp(scores - lse_rows.float()[..., None])
+
+
+class RegionMassProbe:
+    """AttentionProbe measuring region/image mass for chosen query rows; the result lands in `.result`.
+
+    rows: bool [b, sq] or (batch, query) pairs [n, 2]; region_mask, image_mask: bool [b, sk];
+    group: the TP process group ('default' = megatron's, None = single rank).
+    """
+
+    def __init__(self, rows: torch.Tensor, region_mask: torch.Tensor, image_mask: torch.Tensor,
+                 group="default", chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+        region_mask, image_mask = torch.as_tensor(region_mask).bool(), torch.as_tensor(image_mask).bool()
+        _check_masks(region_mask, image_mask)
+        self.pairs = query_row_pairs(rows, region_mask.shape[0])
+        self.region_mask, self.image_mask = region_mask.cpu(), image_mask.cpu()
+        self.group = group
+        self.chunk_elements = chunk_elements
+        self.result: RegionMass | None = None
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
+        """Measure the chosen rows (no autograd); one all-reduce over the TP group."""
+        if key.shape[0] != self.image_mask.shape[0] or key.shape[2] != self.image_mask.shape[1]:
+            raise ValueError(f"key masks are {tuple(self.image_mask.shape)} but the attention has batch "
+                             f"{key.shape[0]} and {key.shape[2]} keys")
+        if self.pairs.numel() and int(self.pairs[:, 1].max()) >= query.shape[2]:
+            raise ValueError(f"query row {int(self.pairs[:, 1].max())} outside the {query.shape[2]} queries")
+        with torch.no_grad():
+            sums = local_head_mass_sums(query, key, lse, scale, self.pairs, self.region_mask, self.image_mask,
+                                        self.chunk_elements)
+            group = _resolve_group(self.group)
+            tp = 1
+            if group is not None and dist.get_world_size(group) > 1:
+                dist.all_reduce(sums, group=group)
+                tp = dist.get_world_size(group)
+            sums /= query.shape[1] * tp
+        b = self.pairs[:, 0]
+        self.result = RegionMass(batch=b, query=self.pairs[:, 1], region_sum=sums[0].cpu(), image_sum=sums[1].cpu(),
+                                 region_count=self.region_mask.sum(1)[b], image_count=self.image_mask.sum(1)[b])
+
+
+def _resolve_group(group):
+    """'default' -> megatron's TP group (None when parallel_state is not initialised)."""
+    if isinstance(group, str) and group == "default":
+        from megatron_sayo.rl.logprobs import tp_group_default
+
+        return tp_group_default()
+    return group
+
+
+def probe_state(probe: RegionMassProbe, num_layers: int, kv_cache=None) -> AttentionState:
+    """The AttentionState that asks the last decoder layer (global number num_layers) to run `probe`."""
+    return AttentionState(kv_cache=kv_cache, probe=probe, probe_layer=num_layers)
+
+
+@dataclass
+class ScoredMicrobatch:
+    """One microbatch's scoring-pass output on the last stage: collect(...) and the region masses."""
+
+    output: object
+    mass: RegionMass
+    region_mass: torch.Tensor   # a [b, s], indexed by query position (0 where not measured)
+    image_mass: torch.Tensor    # v [b, s], likewise
+
+
+def score_region_mass(model, microbatches: list[dict], collect=None) -> list[ScoredMicrobatch]:
+    """Scoring forward with region masses on the last layer; one ScoredMicrobatch per mb on the last stage.
+
+    Each microbatch: `inputs` (forward kwargs, e.g. from model_inputs), `query_rows`, `region_mask`,
+    `image_mask` (see RegionMassProbe), plus anything `collect(logits, mb)` reads. Runs megatron's
+    forward-only schedule (any PP); other stages return [].
+    """
+    from megatron_sayo.schedule import run_forward
+
+    num_layers = model.config.num_layers
+    prepared = []
+    for mb in microbatches:
+        probe = RegionMassProbe(mb["query_rows"], mb["region_mask"], mb["image_mask"])
+        prepared.append({**mb, "probe": probe, "inputs": {**mb["inputs"], "state": probe_state(probe, num_layers)}})
+
+    def finish(logits, mb):
+        mass = mb["probe"].result
+        if mass is None:
+            raise RuntimeError(f"the region-mass probe did not run on layer {num_layers} of the last stage")
+        b, s = mb["inputs"]["input_ids"].shape
+        a, v = mass.dense(b, s)
+        return ScoredMicrobatch(output=collect(logits, mb) if collect else None, mass=mass, region_mass=a,
+                                image_mass=v)
+
+    return run_forward(model, prepared, finish)
