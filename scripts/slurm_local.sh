@@ -21,7 +21,10 @@ say() { echo "slurm_local: $*"; }
 
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-node_state() { sinfo -h -n "$HOST" -o '%t' 2>/dev/null | head -n1; }
+# sinfo retries for ~10 s when no controller runs, so ask it only when a slurmctld process exists
+ctld_running() { command -v sinfo >/dev/null && pgrep -x slurmctld >/dev/null; }
+
+node_state() { ctld_running && sinfo -h -n "$HOST" -o '%t' 2>/dev/null | head -n1; }
 
 install_packages() {
     if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null; then
@@ -93,7 +96,7 @@ wait_idle() {
 }
 
 cmd_start() {
-    if command -v sinfo >/dev/null && [[ "$(node_state)" =~ ^(idle|mix|alloc)$ ]]; then
+    if [[ "$(node_state)" =~ ^(idle|mix|alloc)$ ]]; then
         say "already running: node $HOST is $(node_state)"; return 0
     fi
     [ "$(id -u)" = 0 ] || die "starting the daemons needs root"
@@ -105,11 +108,19 @@ cmd_start() {
     wait_idle
 }
 
+wait_exit() {  # pid name: give a stopped daemon 15 s to exit, so a following start does not race it
+    local i
+    for i in $(seq 1 30); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.5; done
+    echo "slurm_local: WARNING: $2 (pid $1) still running after 15 s" >&2
+}
+
 cmd_stop() {
-    local name stopped=0
+    local name pid stopped=0
     for name in slurmd slurmctld munged; do
         if pid_alive "$STATE_DIR/$name.pid"; then
-            kill "$(cat "$STATE_DIR/$name.pid")" && stopped=$((stopped + 1))
+            pid=$(cat "$STATE_DIR/$name.pid")
+            kill "$pid" && stopped=$((stopped + 1))
+            wait_exit "$pid" "$name"
         fi
         rm -f "$STATE_DIR/$name.pid"
     done
@@ -122,7 +133,7 @@ cmd_status() {
         if pid_alive "$STATE_DIR/$name.pid"; then say "$name running (pid $(cat "$STATE_DIR/$name.pid"))"
         else say "$name not started by this script"; fi
     done
-    if command -v sinfo >/dev/null && sinfo >/dev/null 2>&1; then sinfo; return 0; fi
+    if ctld_running && sinfo >/dev/null 2>&1; then sinfo; return 0; fi
     say "no Slurm controller answers"; return 1
 }
 

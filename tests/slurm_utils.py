@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import time
+from functools import lru_cache
 from pathlib import Path
 
 HOW_TO_GET = "start a one-node Slurm with `make slurm-local` (scripts/slurm_local.sh start, needs root + apt)"
@@ -18,6 +19,7 @@ def _run(cmd: list[str], env: dict | None = None, timeout: float = 30) -> subpro
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
+@lru_cache(maxsize=1)
 def slurm_available() -> tuple[bool, str]:
     """(True, "") when sbatch exists and a controller reports a usable node, else (False, why)."""
     missing = [c for c in ("sbatch", "sinfo", "scontrol") if shutil.which(c) is None]
@@ -33,6 +35,15 @@ def slurm_available() -> tuple[bool, str]:
     if not states & USABLE_NODE_STATES:
         return False, f"no usable Slurm node (states: {sorted(states)}); {HOW_TO_GET}"
     return True, ""
+
+
+def require_slurm() -> None:
+    """Skip the calling test, with the reason, unless a Slurm controller can run jobs (checked once)."""
+    import pytest
+
+    ok, why = slurm_available()
+    if not ok:
+        pytest.skip(why)
 
 
 def submit(script: str | os.PathLike, args: list[str] | tuple = (), env: dict | None = None) -> str:

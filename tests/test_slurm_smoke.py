@@ -3,9 +3,7 @@ import re
 
 import pytest
 
-from slurm_utils import job_output, slurm_available, submit, wait_for
-
-AVAILABLE, WHY_NOT = slurm_available()
+from slurm_utils import job_output, require_slurm, submit, wait_for
 
 SCRIPT = """#!/bin/bash
 #SBATCH --job-name=smoke
@@ -14,8 +12,8 @@ srun bash -c 'echo "rank PROCID=$SLURM_PROCID NTASKS=$SLURM_NTASKS SMOKE=$SMOKE_
 
 
 @pytest.mark.slurm
-@pytest.mark.skipif(not AVAILABLE, reason=WHY_NOT)
 def test_two_task_job_sees_both_ranks(tmp_path):
+    require_slurm()
     script = tmp_path / "smoke.sbatch"
     script.write_text(SCRIPT)
     out = tmp_path / "smoke-%j.out"
