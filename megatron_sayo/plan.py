@@ -189,6 +189,7 @@ def total_params(a: Arch) -> int:
 
 @dataclass(frozen=True)
 class Workload:
+    """What one GPU runs: GRPO rollout of G completions, then a training step on prompt + response."""
     seq: int = 4096               # prompt tokens (text + image tokens)
     max_new_tokens: int = 110     # response tokens; training sequence = seq + max_new_tokens
     micro_batch: int = 1          # sequences per micro-batch (training) / prompts per rollout batch
@@ -202,6 +203,7 @@ class Workload:
 
 @dataclass(frozen=True)
 class Layout:
+    """Tensor x pipeline x data parallel sizes."""
     tp: int
     pp: int
     dp: int
@@ -243,6 +245,8 @@ def state_bytes_per_param(dp: int, distributed_optimizer: bool = True) -> dict[s
 def activation_bytes_per_layer(s: int, b: int, h: int, a: int, tp: int,
                                recompute: str, sequence_parallel: bool) -> float:
     """Korthikanti et al. 2022, bytes of activations one transformer layer keeps for backward."""
+    if recompute not in ("none", "selective", "full"):
+        raise ValueError(f"recompute must be none, selective or full, got {recompute!r}")
     sp = sequence_parallel and tp > 1
     if recompute == "full":
         return 2 * s * b * h / (tp if sp else 1)

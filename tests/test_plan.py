@@ -166,6 +166,16 @@ def test_7b_tp2_pp2_stages_by_hand(tmp_path):
     assert got.logits == pytest.approx(4 * s * 152064 / tp)
 
 
+def test_frozen_vision_keeps_weights_drops_grads_and_optimizer():
+    arch = P.load_arch(ROOT / "examples/configs/qwen25vl_7b.config.json")
+    lay, vision = P.Layout(tp=4, pp=1, dp=2), 676_550_144  # vision tower of 7B, counted by transformers above
+    trained = P.stage_memory(arch, lay, P.Workload(), first=True, last=True)
+    frozen = P.stage_memory(arch, lay, P.Workload(freeze_vision=True), first=True, last=True)
+    assert frozen.weights == trained.weights
+    assert trained.grads - frozen.grads == pytest.approx(4 * vision / 4)
+    assert trained.optimizer - frozen.optimizer == pytest.approx(12 * vision / 4 / 2)
+
+
 # ---------------------------------------------------------------- recommendation
 
 def test_72b_on_64_gpus_fits_with_tp_at_most_8():
