@@ -323,7 +323,7 @@ def build_hf_model(cfg: dict, seed: int = 0):
     """transformers' Qwen2_5_VLForConditionalGeneration for a hub config, float32, seeded, all params random."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg)).float().eval()
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**copy.deepcopy(cfg))).float().eval()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
