@@ -1,7 +1,7 @@
 """Process start-up: ranks from torchrun or Slurm, torch.distributed, megatron parallel_state, device.
 
 This is the only module that knows whether we run on CPU. megatron-core 0.16 hard-codes CUDA in a few
-places (pipeline p2p, schedules, grad-norm); `_install_cpu_shims` neutralises exactly those, and only
+places (pipeline p2p, schedules, grad-norm, TP gathers); `_install_cpu_shims` neutralises exactly those, and only
 when CUDA is absent, so the GPU path runs megatron-core untouched.
 """
 
@@ -172,9 +172,10 @@ def _install_cpu_shims() -> None:
     import megatron.core.optimizer.clip_grads as clip_grads
     import megatron.core.pipeline_parallel.p2p_communication as p2p
     import megatron.core.pipeline_parallel.schedules as schedules
+    import megatron.core.tensor_parallel.mappings as mappings
 
     cpu_torch = _CpuTorch()
-    for module in (p2p, schedules, clip_grads):
+    for module in (p2p, schedules, clip_grads, mappings):
         module.torch = cpu_torch
     _shims_installed = True
 

@@ -235,7 +235,6 @@ def to_transformer_config(cfg: Qwen25VLConfig, layout: ParallelLayout, *, params
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        variable_seq_lengths=True,
         share_embeddings_and_output_weights=t.tie_word_embeddings,
     )
     if recompute in ("selective", "full"):

@@ -12,6 +12,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megatron_sayo.models.qwen25vl.attention import AttentionState, CoreAttention
@@ -28,6 +29,7 @@ class Qwen25VLModel(LanguageModule):
                  post_process: bool | None = None, layer_backend: str = "local", attention_backend: str = "sdpa",
                  vision_attention_backend: str = "sdpa"):
         super().__init__(config)
+        self.model_type = ModelType.encoder_or_decoder
         self.hf = hf
         self.pre_process = parallel_state.is_pipeline_first_stage() if pre_process is None else pre_process
         self.post_process = parallel_state.is_pipeline_last_stage() if post_process is None else post_process

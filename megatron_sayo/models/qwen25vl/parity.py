@@ -51,6 +51,10 @@ def hf_logits(hf_dir: str, batch: dict) -> np.ndarray:
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32,
                                                                attn_implementation="eager").eval()
     kwargs = {k: torch.as_tensor(v) for k, v in batch.items() if k in INPUT_KEYS and v is not None}
+    ids = kwargs["input_ids"]
+    # transformers >= 5 builds 3-D M-RoPE positions only when told which tokens are image/video slots
+    kwargs["mm_token_type_ids"] = ((ids == model.config.image_token_id).int()
+                                   + 2 * (ids == model.config.video_token_id).int())
     with torch.no_grad():
         return model(**kwargs).logits.float().numpy()
 
