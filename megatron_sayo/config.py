@@ -41,8 +41,11 @@ class ModelConfig:
     hf_path: str | None = None          # HF Qwen2.5-VL directory (config.json + safetensors)
     megatron_path: str | None = None    # our megatron dist_checkpointing directory
     make_tiny_if_missing: bool = False  # create a tiny random checkpoint at the path on first use (demo)
-    attention_backend: Literal["sdpa", "flash", "te"] = "sdpa"
+    attention_backend: Literal["sdpa", "flash"] = "sdpa"   # core attention kernel ('flash': GPU only)
+    layer_backend: Literal["local", "te"] = "local"        # megatron local layers, or Transformer Engine (GPU)
     params_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    recompute: Literal["none", "selective", "full"] = "none"
+    sequence_parallel: bool = False
 
 
 @dataclass
@@ -55,6 +58,7 @@ class DataConfig:
     max_pixels: int | None = _f(None, gt=0)   # None: the processor's own bounds
     min_pixels: int | None = _f(None, gt=0)
     synthetic_n: int = _f(0, ge=0)            # > 0: write that many synthetic samples to train_file if missing
+    instruction: str = "Look at the image, think briefly, then give the final answer as <answer>...</answer>."
 
 
 @dataclass
@@ -123,6 +127,7 @@ class OptimConfig:
     adam_beta1: float = _f(0.9, ge=0.0, lt=1.0)
     adam_beta2: float = _f(0.999, ge=0.0, lt=1.0)
     adam_eps: float = _f(1e-8, gt=0.0)
+    distributed_optimizer: bool = True        # megatron's ZeRO-1 optimizer on GPU (CPU always uses the plain one)
 
 
 @dataclass

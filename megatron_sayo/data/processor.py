@@ -12,6 +12,8 @@ all conversations in batch order (both None when the batch holds no image).
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import torch
@@ -90,10 +92,16 @@ class Processor:
         self.image_config = image_config
 
     @classmethod
-    def from_pretrained(cls, hf_dir: str | Path) -> "Processor":
-        """Load tokenizer.json, tokenizer_config.json and preprocessor_config.json from a checkpoint dir."""
+    def from_pretrained(cls, hf_dir: str | Path, min_pixels: int | None = None,
+                        max_pixels: int | None = None) -> "Processor":
+        """Load tokenizer.json, tokenizer_config.json and preprocessor_config.json from a checkpoint dir;
+        min/max_pixels (when given) override the file's image size bounds."""
         hf_dir = Path(hf_dir)
-        return cls(Tokenizer.from_pretrained(hf_dir), ImageProcessorConfig.from_json(hf_dir))
+        image_config = ImageProcessorConfig.from_json(hf_dir)
+        bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        if bounds:
+            image_config = dataclasses.replace(image_config, **bounds)
+        return cls(Tokenizer.from_pretrained(hf_dir), image_config)
 
     def image_token_count(self, grid_thw) -> int:
         """LLM tokens of one image: grid_t * grid_h * grid_w / merge_size**2."""

@@ -1,0 +1,72 @@
+"""Grounded samples -> prompt batches (chat template, pixels) with each row's region token mask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megatron_sayo.data.grounded import GroundedSample
+from megatron_sayo.data.regions import RegionSpec, batch_region_mask
+
+
+
+class PromptStream:
+    """Endless, seeded, epoch-shuffled order over n samples; `position` counts prompts handed out."""
+
+    def __init__(self, n: int, seed: int, position: int = 0):
+        if n <= 0:
+            raise ValueError("the training set is empty")
+        self.n, self.seed, self.position = n, seed, position
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def take(self, k: int) -> list[int]:
+        """The next k sample indices (crossing epochs as needed)."""
+        out = [int(self._order((self.position + i) // self.n)[(self.position + i) % self.n]) for i in range(k)]
+        self.position += k
+        return out
+
+
+def conversation(sample: GroundedSample, instruction: str) -> list[dict]:
+    """One user turn: the image, then the question and the answer-format instruction."""
+    text = f"{sample.question}\n{instruction}" if instruction else sample.question
+    return [{"role": "user", "content": [{"type": "image", "image": sample.open_image()},
+                                         {"type": "text", "text": text}]}]
+
+
+@dataclass
+class PromptBatch:
+    """A left-padded prompt batch and, per row, the region's token positions as a bool mask [B, P]."""
+
+    samples: list[GroundedSample]
+    inputs: dict                 # input_ids, attention_mask, pixel_values, image_grid_thw
+    region_mask: torch.Tensor
+
+
+def build_prompt_batch(processor, samples: list[GroundedSample], image_token_id: int, merge_size: int,
+                       patch_size: int, instruction: str) -> PromptBatch:
+    """Tokenise the samples' conversations and locate each box's tokens from image_grid_thw."""
+    inputs = processor([conversation(s, instruction) for s in samples], padding_side="left")
+    specs = [RegionSpec(boxes=s.boxes, orig_size=tuple(s.image_size), sample_id=s.id) for s in samples]
+    region = batch_region_mask(inputs["input_ids"], inputs["image_grid_thw"], image_token_id, specs,
+                               merge_size=merge_size, patch_size=patch_size)
+    return PromptBatch(samples, inputs, region)
+
+
+def image_rows(image_grid_thw: torch.Tensor) -> list[slice]:
+    """pixel_values rows of each image (t*h*w patches each), in order."""
+    counts = image_grid_thw.prod(-1).tolist()
+    starts = np.cumsum([0] + counts)
+    return [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def repeat_images(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, rows: list[int]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels and grids for a batch whose row i is prompt rows[i] (one image per prompt)."""
+    slices = image_rows(image_grid_thw)
+    if len(slices) <= int(max(rows)):
+        raise ValueError(f"{len(slices)} images for prompts up to index {max(rows)}: one image per prompt expected")
+    return (torch.cat([pixel_values[slices[r]] for r in rows]), image_grid_thw[torch.as_tensor(rows)])

@@ -1,0 +1,350 @@
+"""SAYO GRPO on megatron-core: rollout -> scoring (entropy, log-probs, region masses) -> rewards ->
+group advantages across DP -> reference log-probs -> one clipped + KL policy update -> metrics, checkpoint.
+
+Gradients: each rank's loss is the SUM over its valid completion tokens; megatron's
+`calculate_per_token_loss` makes DDP sum gradients over data-parallel ranks and `finalize_model_grads`
+divide them by the token count of the whole global batch, i.e. a token-level mean over the global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_sayo import runtime
+from megatron_sayo.config import RunConfig
+from megatron_sayo.rl import rewards as R
+from megatron_sayo.rl.advantages import distributed_group_advantages
+from megatron_sayo.rl.loss import grpo_loss
+from megatron_sayo.rl.prompts import PromptStream, build_prompt_batch, repeat_images
+from megatron_sayo.rl.rollout import SamplingParams, generate
+from megatron_sayo.rl.scoring import RolloutBatch, reference_logprobs, score_policy
+
+log = logging.getLogger("megatron_sayo.train")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building the pieces
+# ----------------------------------------------------------------------------------------------------------
+
+def build_policy(cfg: RunConfig, hf_dir: str):
+    """This rank's policy stage, filled from the HF or megatron checkpoint the config names."""
+    from megatron_sayo.models.qwen25vl.model import load_from_hf
+
+    dtype = DTYPES[cfg.model.params_dtype]
+    kwargs = dict(attention_backend=cfg.model.attention_backend, layer_backend=cfg.model.layer_backend,
+                  recompute=cfg.model.recompute, sequence_parallel=cfg.model.sequence_parallel)
+    overrides = dict(calculate_per_token_loss=True)
+    if cfg.model.megatron_path:
+        from megatron_sayo.checkpoint import load_model_for_inference
+
+        return load_model_for_inference(cfg.model.megatron_path, cfg.parallel.tp, cfg.parallel.pp,
+                                        params_dtype=dtype, config_overrides=overrides, **kwargs)
+    return load_from_hf(hf_dir, tp=cfg.parallel.tp, pp=cfg.parallel.pp, params_dtype=dtype,
+                        config_overrides=overrides, **kwargs)
+
+
+def wrap_for_training(cfg: RunConfig, model):
+    """megatron DDP + optimizer (distributed on GPU when asked) + LR scheduler with linear warmup."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    config = model.config
+    distributed_opt = cfg.optim.distributed_optimizer and torch.cuda.is_available()
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_opt), model)
+    o = cfg.optim
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.grad_clip, bf16=config.bf16, fp16=config.fp16,
+        params_dtype=config.params_dtype, use_distributed_optimizer=distributed_opt), [ddp])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.lr,
+        lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(cfg.train.steps, o.warmup_steps + 1),
+        lr_decay_style="constant", start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=1,
+        wd_incr_style="constant")
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    return ddp, optimizer, scheduler
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One step
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class StepResult:
+    metrics: dict = field(default_factory=dict)
+    skipped: bool = False
+
+
+class Preempted(Exception):
+    """Raised between steps after SIGTERM/SIGUSR1, once the checkpoint is written."""
+
+
+class GRPOTrainer:
+    """Owns the model, optimizer, data stream and run directory of one training run."""
+
+    def __init__(self, cfg: RunConfig, hf_dir: str, samples: list):
+        from megatron_sayo.data.processor import Processor
+
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.hf_dir = hf_dir
+        self.samples = samples
+        self.dp = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.policy = build_policy(cfg, hf_dir)
+        self.hf = self.policy.hf
+        self.ddp, self.optimizer, self.scheduler = wrap_for_training(cfg, self.policy)
+        self.reference = build_policy(cfg, hf_dir).eval() if cfg.loss.kl_beta > 0 else None
+        if self.reference is not None:
+            for p in self.reference.parameters():
+                p.requires_grad_(False)
+        self.processor = Processor.from_pretrained(hf_dir, min_pixels=cfg.data.min_pixels,
+                                                   max_pixels=cfg.data.max_pixels)
+        self.stream = PromptStream(len(samples), cfg.train.seed)
+        self.step = 0
+        self.nan_in_row = 0
+        self._stop_signal: int | None = None
+        self.is_logger = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank()
+                          == 0 and self.dp_rank == 0)
+
+    # -- one GRPO step ------------------------------------------------------------------------------------
+    def train_step(self) -> StepResult:
+        cfg, hf = self.cfg, self.hf
+        t0 = time.perf_counter()
+        per_rank = cfg.train.global_batch // self.dp
+        indices = self.stream.take(cfg.train.global_batch)
+        first = self.step * cfg.train.global_batch + self.dp_rank * per_rank
+        local = [self.samples[i] for i in indices[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]]
+        prompts = build_prompt_batch(self.processor, local, hf.tokens.image, hf.vision.spatial_merge_size,
+                                     hf.vision.patch_size, cfg.data.instruction)
+        g = cfg.rollout.group_size
+        params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                max_new_tokens=cfg.rollout.max_new_tokens,
+                                seed=cfg.train.seed * 1_000_003 + self.step * 1009 + self.dp_rank)
+        self.policy.eval()
+        rollout = generate(self.policy, prompts.inputs, params, num_return_sequences=g)
+        t1 = time.perf_counter()
+
+        rows = rollout.group_ids.tolist()
+        pix, grids = repeat_images(prompts.inputs["pixel_values"], prompts.inputs["image_grid_thw"], rows)
+        per_row_pix = list(torch.split(pix, grids.prod(-1).tolist()))
+        s = rollout.sequences.shape[1]
+        region = torch.zeros(len(rows), s, dtype=torch.bool)
+        region[:, :rollout.prompt_length] = prompts.region_mask[torch.as_tensor(rows)]
+        batch = RolloutBatch(rollout.sequences, rollout.attention_mask, rollout.prompt_length,
+                             rollout.completion_mask, per_row_pix, [grid[None] for grid in grids], region)
+        mb = cfg.train.micro_batch
+        scores = score_policy(self.policy, batch, mb, cfg.rollout.temperature)
+        t2 = time.perf_counter()
+        ref_logp = (reference_logprobs(self.reference, batch, mb, cfg.rollout.temperature)
+                    if self.reference is not None else None)
+        t3 = time.perf_counter()
+
+        last = parallel_state.is_pipeline_last_stage()
+        metrics: dict = {}
+        advantages = None
+        if last:
+            terms, tas, texts = self._rewards(rollout, scores, [local[r] for r in rows])
+            total = R.total_reward(terms, cfg.reward.weights)
+            group_ids = torch.as_tensor(rows) + first
+            advantages = distributed_group_advantages(total, group_ids, eps=cfg.loss.advantage_eps)
+            metrics = self._rollout_metrics(terms, total, tas, rollout, scores)
+        loss_metrics, grad_norm, skipped = self._update(batch, scores, ref_logp, advantages)
+        t4 = time.perf_counter()
+        self.step += 1
+        if last:
+            metrics.update(loss_metrics)
+            n_tokens = float(rollout.completion_mask.sum()) * self.dp
+            metrics.update(step=self.step, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
+                           tokens_per_s=n_tokens / (t4 - t0), skipped=skipped,
+                           time_rollout=t1 - t0, time_score=t2 - t1, time_reference=t3 - t2, time_update=t4 - t3,
+                           time_step=t4 - t0, sample_completion=texts[0][:200])
+        return StepResult(metrics, skipped)
+
+    def _rewards(self, rollout, scores, samples):
+        """Per-completion reward terms (attention, format, accuracy) and TAS, on the last stage."""
+        cfg = self.cfg.reward
+        start = torch.full((rollout.sequences.shape[0],), rollout.prompt_length)
+        attn, tas, _, _ = R.sequence_attention_reward(scores.region_mass, scores.image_mass, scores.entropy, start,
+                                                      rollout.completion_mask, cfg.top_entropy_ratio,
+                                                      cfg.attention_form, cfg.eps)
+        texts, fmt, acc = [], [], []
+        tok = self.processor.tokenizer
+        for row, n in enumerate(rollout.completion_lengths.tolist()):
+            text = tok.decode(rollout.completion_ids[row, :n].tolist(), skip_special_tokens=True)
+            texts.append(text)
+            fmt.append(R.format_reward(text, n, cfg.format_long_bound, cfg.format_short_bound, cfg.format_factor))
+            acc.append(R.accuracy_reward(R.extract_answer(text), samples[row].answer, cfg.accuracy_match))
+        terms = {"attention": attn.float(), "format": torch.tensor(fmt), "accuracy": torch.tensor(acc)}
+        return terms, tas, texts
+
+    def _rollout_metrics(self, terms, total, tas, rollout, scores) -> dict:
+        """Means over the global batch (all-reduced over DP) of rewards, TAS, entropy, lengths."""
+        mask = rollout.completion_mask.float()
+        start = rollout.prompt_length
+        entropy = scores.entropy[:, start - 1:start - 1 + mask.shape[1]]
+        local = torch.stack([total.mean(), terms["attention"].mean(), terms["format"].mean(),
+                             terms["accuracy"].mean(), tas.float().mean(),
+                             (entropy * mask).sum() / mask.sum().clamp(min=1), mask.sum(1).mean()])
+        group = parallel_state.get_data_parallel_group()
+        if self.dp > 1:
+            dist.all_reduce(local, group=group)
+            local /= self.dp
+        keys = ("reward_total", "reward_attention", "reward_format", "reward_accuracy", "tas", "entropy",
+                "completion_tokens")
+        return {k: float(v) for k, v in zip(keys, local)}
+
+    def _update(self, batch: RolloutBatch, scores, ref_logp, advantages):
+        """One optimizer step on the clipped + KL loss; (metrics, grad norm, skipped)."""
+        from megatron_sayo.rl.logprobs import vocab_parallel_logprobs
+        from megatron_sayo.schedule import run_forward_backward
+
+        cfg = self.cfg
+        self.ddp.train()
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        mbs = batch.microbatches(self.hf, cfg.train.micro_batch, with_probe=False)
+        P = batch.prompt_length
+        reported: list[dict] = []
+
+        def loss_fn(logits, mb):
+            rows = mb["rows"]
+            ids = mb["inputs"]["input_ids"]
+            z = logits.transpose(0, 1)[:, P - 1:-1].float()
+            logp = vocab_parallel_logprobs(z, ids[:, P:], temperature=cfg.rollout.temperature,
+                                           vocab_size=self.policy.vocab_size)
+            mask = batch.completion_mask[rows]
+            loss, m = grpo_loss(logp, scores.logp[rows], None if ref_logp is None else ref_logp[rows],
+                                advantages[rows], mask, cfg.loss.clip_eps, cfg.loss.kl_beta, 1.0)
+            n = mask.sum().to(torch.int)
+            reported.append({k: (v.detach() if torch.is_tensor(v) else v) for k, v in m.items()})
+            return loss, n, {"loss": torch.stack([loss.detach(), n.float()])}
+
+        for mb in mbs:
+            mb["inputs"]["state"] = None
+        run_forward_backward(self.ddp, mbs, loss_fn)
+        metrics = self._loss_metrics(reported)
+        finite = torch.tensor([1.0 if all(math.isfinite(v) for v in metrics.values()) else 0.0])
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            self.nan_in_row += 1
+            log.warning("step %d: non-finite loss, skipping the update (%d in a row)", self.step + 1,
+                        self.nan_in_row)
+            if self.nan_in_row >= cfg.train.max_nan_steps_in_row:
+                raise FloatingPointError(f"{self.nan_in_row} non-finite losses in a row "
+                                         f"(train.max_nan_steps_in_row = {cfg.train.max_nan_steps_in_row})")
+            return metrics, float("nan"), True
+        self.nan_in_row = 0
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        return metrics, float(grad_norm) if grad_norm is not None else 0.0, not ok
+
+    def _loss_metrics(self, reported: list[dict]) -> dict:
+        """Global loss and KL per token; reported dicts hold this rank's sums (last stage only)."""
+        if not reported:
+            return {}
+        tokens = sum(float(r["tokens"]) for r in reported)
+        sums = torch.tensor([sum(float(r["pg_loss"]) for r in reported), sum(float(r["kl"]) for r in reported),
+                             sum(float(r["clip_fraction"]) for r in reported), tokens])
+        if self.dp > 1:
+            dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        total = max(float(sums[3]), 1.0)
+        pg, kl, clip = (float(x) / total for x in sums[:3])
+        return {"loss": pg + self.cfg.loss.kl_beta * kl, "pg_loss": pg, "kl": kl, "clip_fraction": clip}
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        """SIGTERM / SIGUSR1 (Slurm preemption): finish the current step, checkpoint, exit."""
+        def handler(signum, _frame):
+            self._stop_signal = signum
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def state_extra(self) -> dict:
+        return {"step": self.step, "data_position": self.stream.position, "nan_in_row": self.nan_in_row}
+
+    def save(self) -> None:
+        from megatron_sayo.checkpoint import save_training_state
+
+        save_training_state(self.run_dir, self.step, self.ddp, self.optimizer, self.scheduler,
+                            extra=self.state_extra(), keep=self.cfg.checkpoint.keep, hf_dir=self.hf_dir)
+
+    def maybe_resume(self) -> bool:
+        """Resume from the newest complete checkpoint in run_dir, if any."""
+        from megatron_sayo.checkpoint import find_resumable, load_training_state
+
+        ckpt = find_resumable(self.run_dir)
+        if ckpt is None:
+            return False
+        extra = load_training_state(ckpt, self.ddp, self.optimizer, self.scheduler)
+        self.step, self.stream.position = int(extra["step"]), int(extra["data_position"])
+        self.nan_in_row = int(extra.get("nan_in_row", 0))
+        if self.is_logger:
+            log.info("resumed from %s at step %d", ckpt, self.step)
+        return True
+
+    def fit(self, logger: "MetricsLogger") -> None:
+        cfg = self.cfg
+        interval = cfg.checkpoint.interval
+        while self.step < cfg.train.steps:
+            result = self.train_step()
+            logger.log(result.metrics)
+            done = self.step >= cfg.train.steps
+            if self._stop_requested():
+                self.save()
+                raise Preempted(f"stopped by signal at step {self.step}; checkpoint written")
+            if done or (interval and self.step % interval == 0):
+                self.save()
+
+
+class MetricsLogger:
+    """One line per step on the logging rank, metrics.jsonl (appended atomically per line), TensorBoard."""
+
+    def __init__(self, run_dir: Path, active: bool, total_steps: int, tensorboard: bool):
+        self.active, self.total = active, total_steps
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if active and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                log.info("tensorboard is not installed: metrics go to metrics.jsonl only")
+
+    def log(self, metrics: dict) -> None:
+        if not self.active or not metrics:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        step = metrics["step"]
+        print(f"step {step:>5}/{self.total}  reward {metrics['reward_total']:+.4f}  attn {metrics['reward_attention']:+.4f}"
+              f"  fmt {metrics['reward_format']:.3f}  tas {metrics['tas']:.3f}  loss {metrics.get('loss', 0):+.4f}"
+              f"  kl {metrics.get('kl', 0):.2e}  len {metrics['completion_tokens']:.1f}"
+              f"  {metrics['tokens_per_s']:.0f} tok/s  {metrics['time_step']:.1f}s", flush=True)
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
