@@ -163,20 +163,44 @@ class _CpuTorch(types.ModuleType):
 
 _shims_installed = False
 
+# megatron-core modules that allocate on "cuda" / call torch.cuda unconditionally (0.16.1).
+_CUDA_BOUND_MODULES = (
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.finalize_model_grads",
+)
+
+
+def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's clip_grad_by_total_norm_fp32 without its `torch.cuda.FloatTensor` type assertion."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        torch._foreach_mul_(grads, clip_coeff)
+
 
 def _install_cpu_shims() -> None:
-    """Point the CUDA-only megatron modules at `_CpuTorch`; a no-op when already done."""
+    """Point the CUDA-bound megatron modules at `_CpuTorch`; a no-op when already done."""
     global _shims_installed
     if _shims_installed:
         return
-    import megatron.core.optimizer.clip_grads as clip_grads
-    import megatron.core.pipeline_parallel.p2p_communication as p2p
-    import megatron.core.pipeline_parallel.schedules as schedules
-    import megatron.core.tensor_parallel.mappings as mappings
+    import importlib
 
     cpu_torch = _CpuTorch()
-    for module in (p2p, schedules, clip_grads, mappings):
-        module.torch = cpu_torch
+    for name in _CUDA_BOUND_MODULES:
+        importlib.import_module(name).torch = cpu_torch
+    clip_grads = importlib.import_module("megatron.core.optimizer.clip_grads")
+    optimizer = importlib.import_module("megatron.core.optimizer.optimizer")
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
     _shims_installed = True
 
 
