@@ -1,0 +1,217 @@
+"""Batched KV-cached generation for GRPO rollouts on Qwen25VLModel, under TP and PP.
+
+One prefill over the left-padded prompts (images through the vision tower once) fills a per-layer KV
+cache; for G completions per prompt the cache rows are then repeated. Each decode step feeds one token per
+row with its 3-D M-RoPE position (index among the row's real tokens + rope_delta, the same on all three
+channels). The last pipeline stage gathers the last position's vocab-parallel logits, TP rank 0 samples
+(temperature, then top-p), and the new ids travel to every rank of the model-parallel group (TP broadcast on
+the last stage, then PP broadcast from it), so every stage feeds the same ids at the next step.
+
+`Rollout.logprobs` are log softmax(logits / temperature) of the chosen ids over the whole vocabulary (before
+top-p truncation; temperature 1 when greedy): what a scoring pass at the same temperature recomputes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_sayo.models.qwen25vl.attention import AttentionState, KVCache, build_attention_mask
+from megatron_sayo.models.qwen25vl.rope import get_rope_index
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How completions are drawn; stop_token_ids None means the checkpoint's eos ids."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    greedy: bool = False
+    stop_token_ids: tuple[int, ...] | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.greedy and self.temperature <= 0:
+            raise ValueError(f"rollout.temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Rollout:
+    """Prompts (left-padded) + completions (right-padded with pad_id); N = prompts x G rows."""
+
+    sequences: torch.Tensor         # [N, P + T] prompt then completion
+    attention_mask: torch.Tensor    # [N, P + T] prompt mask then completion_mask
+    prompt_length: int              # P
+    completion_ids: torch.Tensor    # [N, T]
+    completion_mask: torch.Tensor   # [N, T] 1 up to and including the stop token
+    completion_lengths: torch.Tensor  # [N]
+    group_ids: torch.Tensor         # [N] prompt index of each row
+    logprobs: torch.Tensor          # [N, T] log p(token) under softmax(logits / T); 0 where masked
+    finished: torch.Tensor          # [N] True where a stop token ended the row (False: length stop)
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Logits with everything outside the smallest top set of cumulative prob >= top_p set to -inf."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs          # mass of the strictly more likely tokens
+    drop_sorted = before >= top_p
+    drop_sorted[..., 0] = False                    # always keep the most likely token
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_tokens(logits: torch.Tensor, params: SamplingParams,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [n], log-probs [n]) from full-vocab logits [n, V]: argmax or temperature + top-p sampling."""
+    scaled = logits.float() if params.greedy else logits.float() / params.temperature
+    if params.greedy:
+        ids = scaled.argmax(dim=-1)
+    else:
+        probs = top_p_filter(scaled, params.top_p).softmax(dim=-1)
+        ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    logp = scaled.log_softmax(dim=-1).gather(-1, ids[:, None]).squeeze(-1)
+    return ids, logp
+
+
+# ------------------------------------------------------------------------------------------ parallel plumbing
+
+def _world(group) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() and group is not None else 1
+
+
+def _is_sampler() -> bool:
+    """Last pipeline stage, TP rank 0: the rank that draws the tokens."""
+    return parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+
+
+def share_tokens(ids: torch.Tensor | None, logp: torch.Tensor | None, n: int, device) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    """The sampler's (ids, logp) on every rank of its model-parallel group (TP, then PP broadcast)."""
+    packed = torch.empty(2, n, dtype=torch.float64, device=device)
+    if ids is not None:
+        packed[0], packed[1] = ids.double(), logp.double()
+    if parallel_state.is_pipeline_last_stage():
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        if _world(tp_group) > 1:
+            dist.broadcast(packed, parallel_state.get_tensor_model_parallel_src_rank(), group=tp_group)
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    if _world(pp_group) > 1:
+        dist.broadcast(packed, parallel_state.get_pipeline_model_parallel_last_rank(), group=pp_group)
+    return packed[0].long(), packed[1].float()
+
+
+def _last_logits(model, parallel_logits: torch.Tensor) -> torch.Tensor:
+    """[s, b, V/tp] vocab-parallel logits -> [b, vocab] of the last position, gathered over TP."""
+    last = parallel_logits[-1]
+    if _world(parallel_state.get_tensor_model_parallel_group()) > 1:
+        last = tensor_parallel.gather_from_tensor_model_parallel_region(last)
+    return last[:, :model.vocab_size]
+
+
+def forward_last(model, inputs: dict) -> torch.Tensor | None:
+    """Last-position full-vocab logits [b, V] on the last stage (None elsewhere); PP runs megatron's schedule."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        with torch.no_grad():
+            return _last_logits(model, model(**inputs))
+    from megatron_sayo.schedule import run_forward
+
+    out = run_forward(model, [dict(inputs=inputs)], collect=lambda logits, mb: _last_logits(model, logits))
+    return out[0] if out else None
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+def decode_mask(real: torch.Tensor) -> torch.Tensor | None:
+    """Megatron mask [n, 1, 1, sk] (True = masked) for one new query per row; None when nothing is padded."""
+    if bool(real.all()):
+        return None
+    return ~real[:, None, None, :]
+
+
+def stop_ids_tensor(model, params: SamplingParams, device) -> torch.Tensor:
+    """The stop ids as a tensor: params.stop_token_ids, else the checkpoint's eos ids."""
+    ids = params.stop_token_ids if params.stop_token_ids is not None else model.hf.tokens.eos
+    return torch.tensor(list(ids), dtype=torch.long, device=device)
+
+
+def generate(model, batch: dict, params: SamplingParams, *, num_return_sequences: int = 1,
+             compact: bool = True) -> Rollout:
+    """G = num_return_sequences completions per prompt of a left-padded processor batch (every rank calls it).
+
+    `compact` drops finished rows from the KV cache as they stop (cheaper steps, same result).
+    """
+    input_ids = batch["input_ids"]
+    device = input_ids.device
+    prompt_mask = batch.get("attention_mask")
+    prompt_mask = torch.ones_like(input_ids) if prompt_mask is None else prompt_mask.to(device)
+    if bool((prompt_mask[:, -1] == 0).any()):
+        raise ValueError("generate: prompts must be left-padded (the last column has padding)")
+    hf, g, steps = model.hf, num_return_sequences, params.max_new_tokens
+    b, p = input_ids.shape
+    pad_id = hf.tokens.pad if hf.tokens.pad is not None else hf.tokens.eos[0]
+    position_ids, deltas = get_rope_index(input_ids, batch.get("image_grid_thw"), prompt_mask,
+                                          image_token_id=hf.tokens.image, vision_start_token_id=hf.tokens.vision_start,
+                                          spatial_merge_size=hf.vision.spatial_merge_size)
+    cache = KVCache(max_len=p + steps)
+    state = AttentionState(kv_cache=cache)
+    logits = forward_last(model, dict(input_ids=input_ids, position_ids=position_ids,
+                                      attention_mask=build_attention_mask(prompt_mask, p),
+                                      pixel_values=batch.get("pixel_values"),
+                                      image_grid_thw=batch.get("image_grid_thw"), state=state))
+
+    rows = torch.arange(b, device=device).repeat_interleave(g)
+    if g > 1:
+        cache.select(rows)
+        logits = logits[rows] if logits is not None else None
+    n = b * g
+    real = torch.cat([prompt_mask[rows].bool(), torch.ones(n, steps, dtype=torch.bool, device=device)], dim=1)
+    next_pos = (prompt_mask[rows].sum(-1) + deltas.to(device).reshape(-1)[rows])   # position of the first new token
+    stop_ids = stop_ids_tensor(model, params, device)
+    generator = torch.Generator(device=device).manual_seed(params.seed)
+
+    tokens = torch.full((n, steps), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(n, steps, dtype=torch.float32, device=device)
+    lengths = torch.zeros(n, dtype=torch.long, device=device)
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    active = torch.arange(n, device=device)          # rows still in the cache, in cache order
+    for step in range(steps):
+        ids, logp = sample_tokens(logits, params, generator) if _is_sampler() else (None, None)
+        ids, logp = share_tokens(ids, logp, active.numel(), device)
+        live = ~finished[active]
+        ids = torch.where(live, ids, torch.full_like(ids, pad_id))
+        tokens[active, step] = ids
+        logprobs[active, step] = torch.where(live, logp, torch.zeros_like(logp))
+        lengths[active] += live.long()
+        finished[active] |= live & torch.isin(ids, stop_ids)
+        if step == steps - 1 or bool(finished.all()):
+            break
+        if compact and bool(finished[active].any()):
+            keep = ~finished[active]
+            cache.select(keep.nonzero().squeeze(-1))
+            active, ids = active[keep], ids[keep]
+        width = p + step + 1
+        logits = forward_last(model, dict(
+            input_ids=ids[:, None], position_ids=(next_pos[active] + step).view(1, -1, 1).expand(3, -1, -1),
+            attention_mask=decode_mask(real[active, :width]), state=state))
+
+    t = int(lengths.max()) if n else 0
+    completion_ids = tokens[:, :t]
+    completion_mask = (torch.arange(t, device=device)[None] < lengths[:, None]).long()
+    return Rollout(sequences=torch.cat([input_ids[rows], completion_ids], dim=1),
+                   attention_mask=torch.cat([prompt_mask[rows].long(), completion_mask], dim=1),
+                   prompt_length=p, completion_ids=completion_ids, completion_mask=completion_mask,
+                   completion_lengths=lengths, group_ids=rows.clone(), logprobs=logprobs[:, :t],
+                   finished=finished)
