@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import re
 import socket
 import subprocess
@@ -214,7 +215,9 @@ def _spawn_entry(local_rank, fn, world_size, port, args, result_queue):
     torch.set_num_threads(1)
     try:
         result = fn(*args)
-        result_queue.put((local_rank, "ok", result))
+        # plain pickle bytes: torch's queue reducers would pass tensors through shared memory that
+        # disappears when this process exits
+        result_queue.put((local_rank, "ok", pickle.dumps(result)))
     except BaseException as exc:  # report, then re-raise so the exit code is non-zero
         import traceback
 
@@ -254,7 +257,7 @@ def spawn_local(fn, world_size: int, *args, timeout_s: float = 900.0):
                 errors.append(f"timed out after {timeout_s:.0f}s")
             continue
         if status == "ok":
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
         else:
             errors.append(f"rank {rank}:\n{payload}")
     for p in procs:

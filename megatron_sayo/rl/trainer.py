@@ -211,33 +211,10 @@ class GRPOTrainer:
 
     def _update(self, batch: RolloutBatch, scores, ref_logp, advantages):
         """One optimizer step on the clipped + KL loss; (metrics, grad norm, skipped)."""
-        from megatron_sayo.rl.logprobs import vocab_parallel_logprobs
-        from megatron_sayo.schedule import run_forward_backward
-
         cfg = self.cfg
-        self.ddp.train()
-        self.ddp.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        mbs = batch.microbatches(self.hf, cfg.train.micro_batch, with_probe=False)
-        P = batch.prompt_length
-        reported: list[dict] = []
-
-        def loss_fn(logits, mb):
-            rows = mb["rows"]
-            ids = mb["inputs"]["input_ids"]
-            z = logits.transpose(0, 1)[:, P - 1:-1].float()
-            logp = vocab_parallel_logprobs(z, ids[:, P:], temperature=cfg.rollout.temperature,
-                                           vocab_size=self.policy.vocab_size)
-            mask = batch.completion_mask[rows]
-            loss, m = grpo_loss(logp, scores.logp[rows], None if ref_logp is None else ref_logp[rows],
-                                advantages[rows], mask, cfg.loss.clip_eps, cfg.loss.kl_beta, 1.0)
-            n = mask.sum().to(torch.int)
-            reported.append({k: (v.detach() if torch.is_tensor(v) else v) for k, v in m.items()})
-            return loss, n, {"loss": torch.stack([loss.detach(), n.float()])}
-
-        for mb in mbs:
-            mb["inputs"]["state"] = None
-        run_forward_backward(self.ddp, mbs, loss_fn)
+        old_logp = scores.logp if scores is not None else None
+        reported = accumulate_policy_gradients(self.ddp, self.optimizer, batch, old_logp, ref_logp, advantages,
+                                               cfg, self.policy.vocab_size)
         metrics = self._loss_metrics(reported)
         finite = torch.tensor([1.0 if all(math.isfinite(v) for v in metrics.values()) else 0.0])
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -316,6 +293,38 @@ class GRPOTrainer:
                 raise Preempted(f"stopped by signal at step {self.step}; checkpoint written")
             if done or (interval and self.step % interval == 0):
                 self.save()
+
+
+def accumulate_policy_gradients(ddp, optimizer, batch: RolloutBatch, old_logp, ref_logp, advantages,
+                                cfg: RunConfig, vocab_size: int) -> list[dict]:
+    """Zero, then accumulate d(loss)/d(params) of the GRPO loss over the rollout batch into the DDP grads.
+
+    Every argument indexed by row is this rank's (old/ref log-probs and advantages exist on the last stage
+    only). Returns the per-microbatch loss metrics (sums) on the last stage.
+    """
+    from megatron_sayo.rl.logprobs import vocab_parallel_logprobs
+    from megatron_sayo.schedule import run_forward_backward
+
+    ddp.train()
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    P = batch.prompt_length
+    reported: list[dict] = []
+
+    def loss_fn(logits, mb):
+        rows = mb["rows"]
+        ids = mb["inputs"]["input_ids"]
+        z = logits.transpose(0, 1)[:, P - 1:-1].float()
+        logp = vocab_parallel_logprobs(z, ids[:, P:], temperature=cfg.rollout.temperature, vocab_size=vocab_size)
+        mask = batch.completion_mask[rows]
+        loss, m = grpo_loss(logp, old_logp[rows], None if ref_logp is None else ref_logp[rows], advantages[rows],
+                            mask, cfg.loss.clip_eps, cfg.loss.kl_beta, 1.0)
+        n = mask.sum().to(torch.int)
+        reported.append({k: (v.detach() if torch.is_tensor(v) else v) for k, v in m.items()})
+        return loss, n, {"loss": torch.stack([loss.detach(), n.float()])}
+
+    run_forward_backward(ddp, batch.microbatches(ddp.module.hf, cfg.train.micro_batch, with_probe=False), loss_fn)
+    return reported
 
 
 class MetricsLogger:
