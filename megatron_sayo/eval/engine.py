@@ -1,0 +1,172 @@
+"""The model side of the server: batched chat generation and teacher-forced TAS scoring, on every TP/PP rank.
+
+Rank 0 owns the HTTP front end and a queue of jobs; `Engine.run_batch` is called on every rank with the same
+list of jobs (rank 0 broadcasts it), so all ranks run `generate` / `score_policy` in lockstep.
+
+A job is a plain dict (picklable, broadcast as an object):
+  chat: {"kind": "chat", "ids": [int], "pixel_values": Tensor|None, "image_grid_thw": Tensor|None,
+         "params": (temperature, top_p, greedy, max_tokens, n, seed), "stop": [str]}
+  tas:  {"kind": "tas", "ids": [int], "completion_ids": [int], "pixel_values", "image_grid_thw",
+         "region_mask": bool Tensor [P], "temperature": float}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_sayo.config import RewardConfig
+
+
+def load_model(hf_dir: str | None, megatron_dir: str | None, tp: int = 1, pp: int = 1):
+    """This rank's model stage from an HF or a megatron checkpoint (parallel_state initialised)."""
+    if (hf_dir is None) == (megatron_dir is None):
+        raise ValueError("give exactly one of --hf DIR or --megatron DIR")
+    if megatron_dir is not None:
+        from megatron_sayo.checkpoint import load_model_for_inference
+
+        return load_model_for_inference(megatron_dir, tp, pp)
+    from megatron_sayo.models.qwen25vl.model import load_from_hf
+
+    return load_from_hf(hf_dir, tp=tp, pp=pp)
+
+
+def processor_dir(hf_dir: str | None, megatron_dir: str | None) -> Path:
+    """Where the tokenizer / preprocessor files live (megatron checkpoints carry copies of them)."""
+    if hf_dir is not None:
+        return Path(hf_dir)
+    from megatron_sayo.checkpoint import resolve_checkpoint_dir
+
+    return resolve_checkpoint_dir(megatron_dir)
+
+
+def chat_key(job: dict) -> tuple:
+    """Jobs with equal keys share one `generate` call (same sampling settings and n)."""
+    temperature, top_p, greedy, _max_tokens, n, seed = job["params"]
+    return (temperature, top_p, greedy, n, seed)
+
+
+def truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """`text` cut before the earliest stop string; (text, whether a stop string was found)."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+@dataclass
+class EngineStats:
+    """What the server has done: generate calls, requests, and the largest batch (in requests)."""
+
+    batches: int = 0
+    requests: int = 0
+    max_batch_requests: int = 0
+    tas_requests: int = 0
+    generated_tokens: int = 0
+
+
+class Engine:
+    """Holds the model and processor of one rank; turns job lists into results (results used on rank 0)."""
+
+    def __init__(self, model, processor, reward: RewardConfig | None = None):
+        self.model = model
+        self.processor = processor
+        self.hf = model.hf
+        self.reward = reward or RewardConfig()
+        self.stats = EngineStats()
+
+    @property
+    def max_len(self) -> int:
+        """Longest prompt + completion the model accepts (its max_position_embeddings)."""
+        return int(self.hf.text.max_position_embeddings)
+
+    def run_batch(self, jobs: list[dict]) -> list[dict]:
+        """Results for `jobs` in order: chat jobs grouped by sampling key, TAS jobs one by one."""
+        results: list[dict | None] = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            if job["kind"] == "chat":
+                groups.setdefault(chat_key(job), []).append(i)
+            else:
+                results[i] = self.score_tas(job)
+        for idx in groups.values():
+            for i, res in zip(idx, self.generate_chat([jobs[i] for i in idx])):
+                results[i] = res
+        return results
+
+    # ------------------------------------------------------------------------------------------------ chat
+    def batch_inputs(self, jobs: list[dict]) -> dict:
+        """Left-padded processor batch of the jobs' prompts (images concatenated in job order)."""
+        ids, mask = self.processor.pad([j["ids"] for j in jobs], "left")
+        pix = [j["pixel_values"] for j in jobs if j["pixel_values"] is not None]
+        grids = [j["image_grid_thw"] for j in jobs if j["image_grid_thw"] is not None]
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat(pix) if pix else None,
+                "image_grid_thw": torch.cat(grids) if grids else None}
+
+    def generate_chat(self, jobs: list[dict]) -> list[dict]:
+        """One `generate` call for jobs sharing a sampling key; each gets n choices cut at its own limits."""
+        from megatron_sayo.rl.rollout import SamplingParams, generate
+        from megatron_sayo.runtime import device
+
+        temperature, top_p, greedy, _, n, seed = jobs[0]["params"]
+        max_new = max(j["params"][3] for j in jobs)
+        params = SamplingParams(temperature=temperature if not greedy else 1.0, top_p=top_p,
+                                max_new_tokens=max_new, greedy=greedy, seed=seed)
+        batch = {k: (v.to(device()) if torch.is_tensor(v) else v) for k, v in self.batch_inputs(jobs).items()}
+        rollout = generate(self.model, batch, params, num_return_sequences=n)
+        self.stats.batches += 1
+        self.stats.requests += len(jobs)
+        self.stats.max_batch_requests = max(self.stats.max_batch_requests, len(jobs))
+        out = []
+        for j, job in enumerate(jobs):
+            choices = [self._choice(rollout, j * n + k, k, job) for k in range(n)]
+            out.append({"choices": choices, "prompt_tokens": len(job["ids"]),
+                        "completion_tokens": sum(c["tokens"] for c in choices)})
+        self.stats.generated_tokens += sum(r["completion_tokens"] for r in out)
+        return out
+
+    def _choice(self, rollout, row: int, index: int, job: dict) -> dict:
+        """One OpenAI choice from rollout row `row`, limited to the job's max_tokens and stop strings."""
+        limit = job["params"][3]
+        length = int(rollout.completion_lengths[row])
+        ids = rollout.completion_ids[row, :min(length, limit)].tolist()
+        stopped = bool(rollout.finished[row]) and length <= limit
+        text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+        text, hit = truncate_at_stop(text, job.get("stop") or [])
+        return {"index": index, "text": text, "finish_reason": "stop" if stopped or hit else "length",
+                "tokens": len(ids)}
+
+    # ------------------------------------------------------------------------------------------------ TAS
+    def score_tas(self, job: dict) -> dict:
+        """Teacher-force a completion after its prompt: TAS and attention reward (SPEC 3) of that sample."""
+        from megatron_sayo.rl.rewards import sequence_attention_reward
+        from megatron_sayo.rl.scoring import RolloutBatch, score_policy
+        from megatron_sayo.runtime import device
+
+        batch = tas_batch(job, device())
+        scores = score_policy(self.model, batch, micro_batch=1, temperature=job["temperature"])
+        self.stats.tas_requests += 1
+        if scores is None:
+            return {}
+        cfg = self.reward
+        start = torch.tensor([batch.prompt_length])
+        reward, tas, selected, tokens = sequence_attention_reward(
+            scores.region_mass, scores.image_mass, scores.entropy, start, batch.completion_mask,
+            cfg.top_entropy_ratio, cfg.attention_form, cfg.eps)
+        return {"tas": float(tas[0]), "reward_attention": float(reward[0]),
+                "completion_tokens": int(batch.completion_mask.sum()), "selected_tokens": int(selected.sum()),
+                "region_tokens": int(batch.region_mask.sum())}
+
+
+def tas_batch(job: dict, dev) -> "RolloutBatch":
+    """A one-row RolloutBatch: prompt ids + completion ids, the prompt's region mask, its pixels."""
+    from megatron_sayo.rl.scoring import RolloutBatch
+
+    prompt, completion = list(job["ids"]), list(job["completion_ids"])
+    seq = torch.tensor([prompt + completion], dtype=torch.long, device=dev)
+    region = torch.zeros_like(seq, dtype=torch.bool)
+    region[0, :len(prompt)] = job["region_mask"].to(dev)
+    return RolloutBatch(sequences=seq, attention_mask=torch.ones_like(seq), prompt_length=len(prompt),
+                        completion_mask=torch.ones(1, len(completion), dtype=torch.long, device=dev),
+                        pixel_values=[job["pixel_values"].to(dev)], image_grid_thw=[job["image_grid_thw"].to(dev)],
+                        region_mask=region)
