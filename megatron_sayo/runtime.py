@@ -174,6 +174,7 @@ _CUDA_BOUND_MODULES = (
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.distributed.distributed_data_parallel",
     "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.utils",
 )
 
 

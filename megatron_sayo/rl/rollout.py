@@ -33,6 +33,7 @@ class SamplingParams:
     greedy: bool = False
     stop_token_ids: tuple[int, ...] | None = None
     seed: int = 0
+    suppress_token_ids: tuple[int, ...] = ()   # never sampled (e.g. vision placeholders a policy must not emit)
 
     def __post_init__(self):
         if not self.greedy and self.temperature <= 0:
@@ -77,6 +78,8 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [n], log-probs [n]) from full-vocab logits [n, V]: argmax or temperature + top-p sampling."""
     scaled = logits.float() if params.greedy else logits.float() / params.temperature
+    if params.suppress_token_ids:
+        scaled[:, list(params.suppress_token_ids)] = float("-inf")
     if params.greedy:
         ids = scaled.argmax(dim=-1)
     else:

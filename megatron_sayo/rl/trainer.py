@@ -135,6 +135,8 @@ class GRPOTrainer:
         g = cfg.rollout.group_size
         params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                 max_new_tokens=cfg.rollout.max_new_tokens,
+                                suppress_token_ids=(hf.tokens.image, hf.tokens.video, hf.tokens.vision_start,
+                                                    hf.tokens.vision_end),
                                 seed=cfg.train.seed * 1_000_003 + self.step * 1009 + self.dp_rank)
         self.policy.eval()
         rollout = generate(self.policy, prompts.inputs, params, num_return_sequences=g)
@@ -264,21 +266,21 @@ class GRPOTrainer:
     def save(self) -> None:
         from megatron_sayo.checkpoint import save_training_state
 
-        save_training_state(self.run_dir, self.step, self.ddp, self.optimizer, self.scheduler,
-                            extra=self.state_extra(), keep=self.cfg.checkpoint.keep, hf_dir=self.hf_dir)
+        save_training_state(self.run_dir, self.step, self.policy, self.optimizer, self.scheduler,
+                            extra=self.state_extra(), keep=self.cfg.checkpoint.keep, config_dir=self.hf_dir)
 
     def maybe_resume(self) -> bool:
         """Resume from the newest complete checkpoint in run_dir, if any."""
-        from megatron_sayo.checkpoint import find_resumable, load_training_state
+        from megatron_sayo.checkpoint import load_training_state
 
-        ckpt = find_resumable(self.run_dir)
-        if ckpt is None:
+        state = load_training_state(self.run_dir, self.policy, self.optimizer, self.scheduler)
+        if state is None:
             return False
-        extra = load_training_state(ckpt, self.ddp, self.optimizer, self.scheduler)
-        self.step, self.stream.position = int(extra["step"]), int(extra["data_position"])
+        extra = state["extra"]
+        self.step, self.stream.position = int(state["step"]), int(extra["data_position"])
         self.nan_in_row = int(extra.get("nan_in_row", 0))
         if self.is_logger:
-            log.info("resumed from %s at step %d", ckpt, self.step)
+            print(f"resumed from {state['path']} at step {self.step}", flush=True)
         return True
 
     def fit(self, logger: "MetricsLogger") -> None:
