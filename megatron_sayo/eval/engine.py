@@ -12,12 +12,16 @@ A job is a plain dict (picklable, broadcast as an object):
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from megatron_sayo.config import RewardConfig
+
+
+GENERATED_CACHE = 20_000
 
 
 def load_model(hf_dir: str | None, megatron_dir: str | None, tp: int = 1, pp: int = 1):
@@ -74,6 +78,17 @@ class Engine:
         self.hf = model.hf
         self.reward = reward or RewardConfig()
         self.stats = EngineStats()
+        self.generated: OrderedDict = OrderedDict()   # (prompt ids, text) -> completion ids, for exact TAS
+
+    def remember(self, prompt_ids: list[int], text: str, ids: list[int]) -> None:
+        """Keep a generated completion's ids so /v1/tas can teacher-force exactly those (bounded LRU)."""
+        self.generated[(hash(tuple(prompt_ids)), text)] = ids
+        while len(self.generated) > GENERATED_CACHE:
+            self.generated.popitem(last=False)
+
+    def generated_ids(self, prompt_ids: list[int], text: str) -> list[int] | None:
+        """The ids this server generated for (prompt, text), if it still remembers them."""
+        return self.generated.get((hash(tuple(prompt_ids)), text))
 
     @property
     def max_len(self) -> int:
@@ -133,6 +148,8 @@ class Engine:
         stopped = bool(rollout.finished[row]) and length <= limit
         text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
         text, hit = truncate_at_stop(text, job.get("stop") or [])
+        if not hit:
+            self.remember(job["ids"], text, rollout.completion_ids[row, :min(length, limit)].tolist())
         return {"index": index, "text": text, "finish_reason": "stop" if stopped or hit else "length",
                 "tokens": len(ids)}
 
@@ -155,7 +172,7 @@ class Engine:
             cfg.top_entropy_ratio, cfg.attention_form, cfg.eps)
         return {"tas": float(tas[0]), "reward_attention": float(reward[0]),
                 "completion_tokens": int(batch.completion_mask.sum()), "selected_tokens": int(selected.sum()),
-                "region_tokens": int(batch.region_mask.sum())}
+                "region_tokens": int(batch.region_mask.sum()), "completion_source": job.get("source", "tokenized")}
 
 
 def tas_batch(job: dict, dev) -> "RolloutBatch":

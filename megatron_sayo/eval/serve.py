@@ -213,6 +213,9 @@ class Handler(BaseHTTPRequestHandler):
                 hf = self.state.scheduler.engine.hf
                 job = parse_tas_request(body, self.state.processor, self.state.limits, hf.tokens.image,
                                         hf.vision.spatial_merge_size, hf.vision.patch_size)
+                generated = self.state.scheduler.engine.generated_ids(job["ids"], body["completion"])
+                if generated is not None:
+                    job.update(completion_ids=generated, source="generated")
                 return self.send_json(200, self.state.scheduler.submit(job))
             raise ApiError(f"no route POST {path}", None, "not_found", 404)
         except ApiError as err:

@@ -1,0 +1,81 @@
+"""python -m megatron_sayo.eval --hf DIR | --megatron DIR --benchmark NAME [--data FILE.jsonl] --out OUTDIR
+       [--limit N] [--tp N] [--compare OTHER_DIR]
+
+Starts our OpenAI-compatible server, runs nemo-evaluator against it and writes OUTDIR/results.json,
+OUTDIR/samples.jsonl and OUTDIR/summary.md. `--benchmark grounded` is our BYOB benchmark (accuracy + TAS);
+any other name is a task of an installed nemo-evaluator harness, run with the paper's decoding settings.
+With --compare, both checkpoints are evaluated (OUTDIR/a, OUTDIR/b) and OUTDIR/compare.{md,json} written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from megatron_sayo.eval import driver as D
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m megatron_sayo.eval", description=__doc__.split("\n\n")[1])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf", help="HF checkpoint dir")
+    src.add_argument("--megatron", help="megatron checkpoint dir (converted, step dir or run dir)")
+    p.add_argument("--benchmark", required=True, help="'grounded' or a nemo-evaluator task (e.g. vlmeval.chartqa)")
+    p.add_argument("--data", help="grounded JSONL (for --benchmark grounded)")
+    p.add_argument("--out", required=True, help="output dir")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N samples")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the server")
+    p.add_argument("--compare", metavar="OTHER_DIR", help="second checkpoint (HF or megatron) to compare with")
+    p.add_argument("--temperature", type=float, default=D.PAPER_DECODING["temperature"])
+    p.add_argument("--top-p", type=float, default=D.PAPER_DECODING["top_p"])
+    p.add_argument("--max-tokens", type=int, default=D.PAPER_DECODING["max_new_tokens"])
+    p.add_argument("--parallelism", type=int, default=8, help="concurrent requests nemo-evaluator sends")
+    p.add_argument("--instruction", default=None, help="answer-format instruction (default: the training one)")
+    args = p.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be >= 1")
+    if args.tp < 1 or args.parallelism < 1 or args.max_tokens < 1:
+        p.error("--tp, --parallelism and --max-tokens must be >= 1")
+    if args.benchmark == "grounded" and not args.data:
+        p.error("--benchmark grounded needs --data FILE.jsonl")
+    return args
+
+
+def evaluate_one(args, model: dict, out: Path) -> dict:
+    """One checkpoint on the chosen benchmark, written to out/."""
+    out.mkdir(parents=True, exist_ok=True)
+    if args.benchmark == "grounded":
+        return D.run_grounded(args, model, out)
+    return D.run_harness(args, model, out)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    try:
+        if args.benchmark != "grounded":
+            D.check_harness_task(args.benchmark)   # fail before starting any server
+        model = D.model_spec(args.hf, args.megatron)
+        if not args.compare:
+            results = evaluate_one(args, model, out)
+        else:
+            other = D.detect_checkpoint(args.compare)
+            a, b = evaluate_one(args, model, out / "a"), evaluate_one(args, other, out / "b")
+            table = D.compare_table(a, b)
+            (out / "compare.json").write_text(json.dumps(table, indent=2))
+            (out / "compare.md").write_text(D.compare_markdown(table))
+            print(D.compare_markdown(table))
+            return 0
+    except D.EvalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print((out / "summary.md").read_text())
+    print(f"accuracy {D.fmt(results.get('accuracy'))}  tas {D.fmt(results.get('tas'))}  "
+          f"n {results.get('num_samples')}  -> {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
