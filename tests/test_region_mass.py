@@ -155,3 +155,84 @@ def test_probe_tp2_matches_naive_all_heads():
     for a, v_, rows in results:
         assert torch.allclose(a.double(), a_ref[rows], atol=TOL, rtol=0)
         assert torch.allclose(v_.double(), v_ref[rows], atol=TOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ model vs eager
+
+def _grounded_batch(ckpt, make_image):
+    """Two left-padded samples, the second with two images; region = a box on one image of each."""
+    from megatron_sayo.data.processor import Processor
+    from megatron_sayo.data.regions import RegionSpec, batch_region_mask
+    from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
+
+    proc = Processor.from_pretrained(ckpt)
+    convs = [[{"role": "user", "content": [{"type": "image", "image": make_image(112, 84, 0)},
+                                           {"type": "text", "text": "what is in the box?"}]}],
+             [{"role": "user", "content": [{"type": "image", "image": make_image(56, 56, 1)},
+                                           {"type": "image", "image": make_image(84, 112, 2)},
+                                           {"type": "text", "text": "compare the two pictures, at some length"}]}]]
+    batch = proc(convs, padding_side="left")
+    hf = load_hf_config(ckpt)
+    specs = [RegionSpec(boxes=[[10, 5, 60, 50]], orig_size=(112, 84)),
+             RegionSpec(boxes=[[0, 60, 40, 112], [70, 0, 84, 10]], orig_size=(84, 112), image_index=1)]
+    region = batch_region_mask(batch["input_ids"], batch["image_grid_thw"], hf.tokens.image, specs)
+    image = batch["input_ids"] == hf.tokens.image
+    return batch, region, image
+
+
+def _rank_masses(ckpt, tp, pp, batch, region, image):
+    from megatron.core import parallel_state
+
+    from megatron_sayo import runtime
+    from megatron_sayo.attention.region_mass import score_region_mass
+    from megatron_sayo.models.qwen25vl.model import load_from_hf, model_inputs
+
+    runtime.init_distributed(tp, pp)
+    model = load_from_hf(ckpt, tp=tp, pp=pp)
+    batch = {k: (torch.as_tensor(v) if v is not None else None) for k, v in batch.items()}
+    rows = batch["attention_mask"].bool()
+    mb = dict(inputs=model_inputs(model.hf, **batch), query_rows=rows, region_mask=torch.as_tensor(region),
+              image_mask=torch.as_tensor(image))
+    out = score_region_mass(model, [mb])
+    if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
+        return out[0].region_mass.numpy(), out[0].image_mass.numpy()
+    return None
+
+
+def _eager_masses(ckpt, batch, region, image):
+    """a, v [b, s] from transformers' eager last-layer attentions (the independent reference)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+    kwargs = {k: v for k, v in batch.items() if v is not None}
+    ids = kwargs["input_ids"]
+    # transformers >= 5 builds 3-D M-RoPE positions only when told which tokens are image/video slots
+    kwargs["mm_token_type_ids"] = ((ids == model.config.image_token_id).int()
+                                   + 2 * (ids == model.config.video_token_id).int())
+    with torch.no_grad():
+        out = model(**kwargs, output_attentions=True)
+    a, v = naive_av(out.attentions[-1].double(), region, image)
+    real = batch["attention_mask"].bool()
+    return torch.where(real, a, 0), torch.where(real, v, 0)
+
+
+@pytest.fixture(scope="module")
+def grounded(tiny_ckpt, make_image):
+    batch, region, image = _grounded_batch(tiny_ckpt, make_image)
+    a_ref, v_ref = _eager_masses(tiny_ckpt, batch, region, image)
+    assert float(v_ref.max()) > 1e-3 and float(a_ref.max()) > 1e-3  # the reference is not trivially zero
+    return batch, region, image, a_ref, v_ref
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_masses_equal_eager_attention(tiny_ckpt, grounded, tp, pp):
+    from megatron_sayo.runtime import spawn_local
+
+    batch, region, image, a_ref, v_ref = grounded
+    np_batch = {k: (v.numpy() if v is not None else None) for k, v in batch.items()}
+    results = spawn_local(_rank_masses, tp * pp, str(tiny_ckpt), tp, pp, np_batch, region.numpy(), image.numpy())
+    a, v = next(r for r in results if r is not None)
+    assert torch.allclose(torch.from_numpy(a).double(), a_ref, atol=TOL, rtol=0)
+    assert torch.allclose(torch.from_numpy(v).double(), v_ref, atol=TOL, rtol=0)
