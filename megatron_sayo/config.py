@@ -150,6 +150,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class WarmupConfig:
+    """Supervised warm-up on the task's answers before GRPO (for a random tiny model whose rewards give no
+    signal); the result is cached in cache_dir and reused by later runs."""
+
+    steps: int = _f(0, ge=0)
+    lr: float = _f(1e-3, gt=0.0)
+    cache_dir: str | None = None
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = True
     interval: int = _f(1, ge=1)
@@ -168,6 +178,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
     log: LogConfig = field(default_factory=LogConfig)
     run_dir: str = "runs/default"
 
@@ -191,6 +202,8 @@ def _cross_checks(cfg: RunConfig, where: str) -> None:
     """Relations between keys that a single field's type cannot express."""
     if (cfg.model.hf_path is None) == (cfg.model.megatron_path is None):
         raise ConfigError(f"{where}: set exactly one of model.hf_path and model.megatron_path")
+    if cfg.warmup.steps and not cfg.warmup.cache_dir:
+        raise ConfigError(f"{where}: warmup.steps > 0 needs warmup.cache_dir")
     if cfg.data.train_file is None:
         raise ConfigError(f"{where}: data.train_file is required")
     lo, hi = cfg.data.min_pixels, cfg.data.max_pixels

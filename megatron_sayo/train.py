@@ -91,6 +91,7 @@ def main(argv=None) -> int:
 
     from megatron_sayo.data.grounded import load_grounded
     from megatron_sayo.rl.trainer import GRPOTrainer, MetricsLogger, Preempted
+    from megatron_sayo.rl.warmup import warmed_up
 
     runtime.init_distributed(cfg.parallel.tp, cfg.parallel.pp, launch=launch)
     runtime.seed_everything(cfg.train.seed)
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
             (Path(cfg.run_dir) / "config.yaml").write_text(_yaml(cfg))
         dist.barrier()
         samples = load_grounded(cfg.data.train_file, on_error=cfg.data.on_error)
-        trainer = GRPOTrainer(cfg, hf_dir, samples)
+        trainer = GRPOTrainer(cfg, hf_dir, samples, init_from=warmed_up(cfg, hf_dir, samples))
         trainer.install_signal_handlers()
         trainer.maybe_resume()
         logger = MetricsLogger(Path(cfg.run_dir), trainer.is_logger, cfg.train.steps, cfg.log.tensorboard)

@@ -97,7 +97,7 @@ class Preempted(Exception):
 class GRPOTrainer:
     """Owns the model, optimizer, data stream and run directory of one training run."""
 
-    def __init__(self, cfg: RunConfig, hf_dir: str, samples: list):
+    def __init__(self, cfg: RunConfig, hf_dir: str, samples: list, init_from: Path | None = None):
         from megatron_sayo.data.processor import Processor
 
         self.cfg = cfg
@@ -106,10 +106,10 @@ class GRPOTrainer:
         self.samples = samples
         self.dp = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.policy = build_policy(cfg, hf_dir)
+        self.policy = self._load(init_from)
         self.hf = self.policy.hf
         self.ddp, self.optimizer, self.scheduler = wrap_for_training(cfg, self.policy)
-        self.reference = build_policy(cfg, hf_dir).eval() if cfg.loss.kl_beta > 0 else None
+        self.reference = self._load(init_from).eval() if cfg.loss.kl_beta > 0 else None
         if self.reference is not None:
             for p in self.reference.parameters():
                 p.requires_grad_(False)
@@ -121,6 +121,15 @@ class GRPOTrainer:
         self._stop_signal: int | None = None
         self.is_logger = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank()
                           == 0 and self.dp_rank == 0)
+
+    def _load(self, init_from: Path | None):
+        """The configured checkpoint, or the warm-up checkpoint when one is given."""
+        model = build_policy(self.cfg, self.hf_dir)
+        if init_from is not None:
+            from megatron_sayo.checkpoint import load_model
+
+            load_model(model, init_from)
+        return model
 
     # -- one GRPO step ------------------------------------------------------------------------------------
     def train_step(self) -> StepResult:

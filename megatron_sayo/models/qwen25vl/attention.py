@@ -88,18 +88,18 @@ class CoreAttention(MegatronModule):
         if self.state.kv_cache is not None:
             k, v = self.state.kv_cache.append(self.layer_number, k, v)
         rep = q.shape[1] // k.shape[1]
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         allowed = _allowed(attention_mask, q.shape[2], k.shape[2], q.device)
         wants_probe = self.state.probe is not None and self.state.probe_layer == self.layer_number
-        if wants_probe:
-            out, lse = attention_with_lse(q, k, v, allowed, self.scale, self.backend)
-            self.state.probe(q.detach(), k.detach(), lse.detach(), self.scale)
-        elif self.backend == "flash" and attention_mask is None and q.is_cuda:
-            out, _ = _flash_with_lse(q, k, v, self.scale)
-        else:
+        if wants_probe or (self.backend == "flash" and attention_mask is None and q.is_cuda):
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            out, lse = (attention_with_lse(q, k, v, allowed, self.scale, self.backend) if wants_probe
+                        else _flash_with_lse(q, k, v, self.scale))
+            if wants_probe:
+                self.state.probe(q.detach(), k.detach(), lse.detach(), self.scale)
+        else:  # GQA inside SDPA: no copy of the (cached) keys/values per query head
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale,
-                                                                   is_causal=allowed is None)
+                                                                   is_causal=allowed is None, enable_gqa=rep > 1)
         b, h, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
 
@@ -137,9 +137,12 @@ def attention_with_lse(q, k, v, allowed, scale: float, backend: str):
     """Attention output and the per-row log-sum-exp of the scaled, masked scores ([b, h, sq])."""
     if backend == "flash" and q.is_cuda and allowed is None and q.shape[2] == k.shape[2]:
         return _flash_with_lse(q, k, v, scale)
+    cpu_flash = q.device.type == "cpu" and q.dtype == torch.float32 and not q.requires_grad
+    if cpu_flash and allowed is None and q.shape[2] == k.shape[2]:  # plain causal: the kernel skips masked blocks
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=True, scale=scale)[:2]
     if allowed is None:
         allowed = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
-    if q.device.type == "cpu" and q.dtype == torch.float32 and not q.requires_grad:
+    if cpu_flash:
         bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias.expand(
             q.shape[0], q.shape[1], q.shape[2], k.shape[2]), scale=scale)[:2]

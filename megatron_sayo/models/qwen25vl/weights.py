@@ -216,6 +216,16 @@ class HFCheckpointReader:
         file, key = self.locations[name]
         return self._handle(file).get_tensor(key)
 
+    def get_slice(self, name: str):
+        """safetensors' lazy slice of a tensor (`.get_shape()`, `[a:b]`, `[:, a:b]` read only those bytes)."""
+        if name not in self.locations:
+            raise KeyError(f"{self.dir}: tensor '{name}' not found in the checkpoint")
+        file, key = self.locations[name]
+        return self._handle(file).get_slice(key)
+
+    def file_of(self, name: str) -> Path:
+        return self.dir / self.locations[name][0]
+
     def close(self) -> None:
         self._files.clear()
 

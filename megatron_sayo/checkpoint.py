@@ -1,0 +1,1081 @@
+"""Checkpoints: megatron-core dist_checkpointing of the model (any TP/PP on load), training state with atomic
+save and resume, and the streaming HF <-> Megatron converters behind tools/convert_*.py.
+
+On disk a model checkpoint is a torch_dist directory written from `model.sharded_state_dict()`: every global
+tensor is the TP=1 megatron tensor (decoder layers stacked on a leading axis, SwiGLU fc1 = [gate; up], QKV packed
+by query group, vocabulary padded for the TP it was written at), so megatron reshards it on load. Next to it:
+`checkpoint_metadata.json` (what it is) and, when known, the HF config.json / tokenizer / processor files.
+
+Training checkpoints live in `run_dir/checkpoints/step_XXXXXXX/` (model + optimizer + per-rank RNG + step +
+scheduler + extra), are written under `.tmp` and renamed, and `run_dir/checkpoints/latest` names the newest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import struct
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "checkpoint_metadata.json"
+FORMAT_VERSION = 1
+# Files of an HF checkpoint other than weights that travel with every conversion (copied when present).
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+              "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.json",
+              "chat_template.jinja", "preprocessor_config.json", "video_preprocessor_config.json")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+STEP_PREFIX = "step_"
+LATEST_FILE = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, written or converted; the message names the file/tensor/field."""
+
+
+# ==============================================================================================================
+# Small helpers
+# ==============================================================================================================
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _cpu_save_support() -> None:
+    """dist_checkpointing's saver calls torch.cuda.synchronize/current_device; on a CPU-only machine point those
+    two megatron modules at runtime's CPU stand-in (same mechanism as runtime._install_cpu_shims; a no-op on GPU).
+    """
+    if torch.cuda.is_available():
+        return
+    import megatron.core.dist_checkpointing.strategies.filesystem_async as filesystem_async
+    import megatron.core.dist_checkpointing.strategies.state_dict_saver as state_dict_saver
+
+    from megatron_sayo.runtime import _CpuTorch
+
+    for module in (filesystem_async, state_dict_saver):
+        if not isinstance(module.torch, _CpuTorch):
+            module.torch = _CpuTorch()
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON to `path` via a temp file + fsync + rename (readers never see half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that wrote a checkpoint."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"torch": torch.__version__}
+    for pkg in ("megatron-core", "megatron_sayo"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def make_metadata(kind: str, *, source: str, dtype: torch.dtype | str, tp: int, pp: int, **extra) -> dict:
+    """The `checkpoint_metadata.json` content: kind (converted | trained policy), source, dtype, layout, versions."""
+    if kind not in ("converted", "trained policy"):
+        raise ValueError(f"checkpoint kind {kind!r} is not 'converted' or 'trained policy'")
+    dtype = str(dtype).replace("torch.", "")
+    return {"format_version": FORMAT_VERSION, "kind": kind, "source": str(source), "dtype": dtype,
+            "layout": {"tp": tp, "pp": pp}, "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **extra}
+
+
+def read_metadata(ckpt_dir: str | Path) -> dict:
+    """Parsed checkpoint_metadata.json of a checkpoint directory; CheckpointError when absent or corrupt."""
+    path = Path(ckpt_dir) / METADATA_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (not a megatron_sayo checkpoint, or an incomplete one)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+
+
+def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy config/tokenizer/processor files present in `src` to `dst`; returns the names copied."""
+    copied = []
+    for name in SIDE_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def prepare_output(out: str | Path, overwrite: bool) -> Path:
+    """A fresh temp dir `<out>.tmp-<pid>` next to `out`; refuses an existing `out` without overwrite."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp: Path, out: str | Path) -> Path:
+    """Move a finished temp dir onto `out` (replacing an old one only now, when the new one is complete)."""
+    out = Path(out)
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+# ==============================================================================================================
+# Model checkpoints (dist_checkpointing, resharding on load)
+# ==============================================================================================================
+
+def save_model(model, ckpt_dir: str | Path, metadata: dict | None = None) -> None:
+    """Collective: write this model (every rank's stage) to `ckpt_dir` in torch_dist format (+ metadata)."""
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir)
+    if _rank() == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    _cpu_save_support()
+    dist_checkpointing.save(model.sharded_state_dict(), str(ckpt_dir))
+    if _rank() == 0 and metadata is not None:
+        write_json_atomic(ckpt_dir / METADATA_FILE, metadata)
+    _barrier()
+
+
+def load_model(model, ckpt_dir: str | Path) -> None:
+    """Collective: fill `model` from a model or training checkpoint written at any TP/PP."""
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "metadata.json").is_file():
+        raise CheckpointError(f"{ckpt_dir}: no metadata.json (not a dist_checkpointing checkpoint)")
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
+    model.load_state_dict(state)
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A model/step checkpoint dir as given, or the newest complete one of a run dir (or its checkpoints/)."""
+    path = Path(path)
+    if (path / "metadata.json").is_file():
+        return path
+    for run_dir in (path, path.parent):
+        if (run_dir / "checkpoints").is_dir() and path in (run_dir, run_dir / "checkpoints"):
+            found = find_resumable(run_dir)
+            if found is None:
+                raise CheckpointError(f"{path}: no complete checkpoint under {run_dir / 'checkpoints'}")
+            return found
+    raise CheckpointError(f"{path}: not a megatron checkpoint (no metadata.json) nor a run dir with checkpoints/")
+
+
+def load_model_for_inference(megatron_dir: str | Path, tp: int = 1, pp: int = 1, *,
+                             params_dtype: torch.dtype | None = None, **model_kwargs):
+    """Build this rank's stage from the config.json stored in the checkpoint and load its weights (eval mode).
+
+    parallel_state must be initialised by the caller. `megatron_dir` may be a converted checkpoint, a training
+    step dir, or a run dir (newest complete step). dtype defaults to the one the checkpoint was written in.
+    """
+    from megatron_sayo.models.qwen25vl.hf_config import ParallelLayout, load_hf_config, to_transformer_config
+    from megatron_sayo.models.qwen25vl.model import build_model
+
+    ckpt = resolve_checkpoint_dir(megatron_dir)
+    hf = load_hf_config(ckpt)
+    if params_dtype is None:
+        params_dtype = DTYPES.get(read_metadata(ckpt).get("dtype", "float32"), torch.float32)
+    config = to_transformer_config(hf, ParallelLayout(tp, pp), params_dtype=params_dtype,
+                                   perform_initialization=False)
+    model = build_model(hf, config, **model_kwargs)
+    load_model(model, ckpt)
+    return model.eval()
+
+
+# ==============================================================================================================
+# HF -> Megatron (ranks started here; each fills its own stage from lazily read safetensors slices)
+# ==============================================================================================================
+
+def _full_shape(rule, local_shape: torch.Size, tp: int, padded_vocab: int) -> tuple[int, ...]:
+    """The TP=1 megatron shape of a parameter whose TP-local shape is `local_shape`."""
+    shape = list(local_shape)
+    if rule.kind == "vocab":
+        shape[0] = padded_vocab
+    elif rule.kind in ("column", "qkv", "gate_up"):
+        shape[0] *= tp
+    elif rule.kind == "row":
+        shape[1] *= tp
+    return tuple(shape)
+
+
+def expected_hf_shapes(rule, full_shape: tuple[int, ...], text) -> list[tuple[int, ...]]:
+    """Shapes of the HF tensors behind a TP=1 megatron tensor of `full_shape` (computed on meta tensors)."""
+    from megatron_sayo.models.qwen25vl.weights import full_to_hf
+
+    return [tuple(t.shape) for t in full_to_hf(rule, torch.empty(full_shape, device="meta"), text)]
+
+
+def _rows(sl, start: int, stop: int) -> torch.Tensor:
+    return sl[start:stop]
+
+
+def read_hf_shard(rule, names: list[str], reader, text, padded_vocab: int, tp_rank: int, tp: int) -> torch.Tensor:
+    """This TP rank's slice of a megatron tensor, reading only the bytes it needs from the HF slices."""
+    from megatron_sayo.models.qwen25vl.weights import hf_to_full, pack_qkv, shard
+
+    slices = [reader.get_slice(n) for n in names]
+    if tp == 1 or rule.kind == "replicated":
+        return shard(rule, hf_to_full(rule, [s[:] for s in slices], text, padded_vocab), tp_rank, tp)
+    if rule.kind == "vocab":
+        (sl,) = slices
+        per = padded_vocab // tp
+        start, stop = tp_rank * per, min((tp_rank + 1) * per, text.vocab_size)
+        w = _rows(sl, start, stop) if stop > start else torch.empty(0, *sl.get_shape()[1:])
+        return torch.cat([w, w.new_zeros(per - w.shape[0], *w.shape[1:])]) if w.shape[0] < per else w
+    if rule.kind == "column":
+        (sl,) = slices
+        per = sl.get_shape()[0] // tp
+        return _rows(sl, tp_rank * per, (tp_rank + 1) * per)
+    if rule.kind == "row":
+        (sl,) = slices
+        per = sl.get_shape()[1] // tp
+        return sl[:, tp_rank * per:(tp_rank + 1) * per]
+    if rule.kind == "gate_up":
+        parts = []
+        for sl in slices:
+            per = sl.get_shape()[0] // tp
+            parts.append(_rows(sl, tp_rank * per, (tp_rank + 1) * per))
+        return torch.cat(parts, dim=0)
+    if rule.kind == "qkv":
+        q, k, v = slices
+        groups, hd = text.num_kv_heads // tp, text.head_dim
+        qrows, kvrows = groups * (text.num_heads // text.num_kv_heads) * hd, groups * hd
+        return pack_qkv(_rows(q, tp_rank * qrows, (tp_rank + 1) * qrows),
+                        _rows(k, tp_rank * kvrows, (tp_rank + 1) * kvrows),
+                        _rows(v, tp_rank * kvrows, (tp_rank + 1) * kvrows),
+                        text.num_heads // tp, groups, hd)
+    raise ValueError(f"unknown split kind {rule.kind!r}")
+
+
+def _hf_shape(reader, name: str) -> tuple[int, ...]:
+    return tuple(reader.get_slice(name).get_shape())
+
+
+def fill_from_hf(model, reader, text, tp_rank: int, tp: int, progress=None) -> dict:
+    """Fill every parameter of this rank's stage from the HF reader, slice by slice.
+
+    Returns {hf_name: {target megatron name: elements read}} (TP-replicated reads counted on tp rank 0 only),
+    the raw material of the converter's consumed/produced assertions.
+    """
+    from megatron_sayo.models.qwen25vl.weights import hf_names, match_megatron
+
+    read: dict[str, dict[str, int]] = {}
+    for name, param in model.state_dict(keep_vars=True).items():
+        if name.endswith("._extra_state") or not isinstance(param, torch.Tensor):
+            continue
+        target = model.global_param_name(name)
+        rule, fields = match_megatron(target)
+        names = hf_names(rule, fields, text.tie_word_embeddings)
+        full = _full_shape(rule, param.shape, tp, model.padded_vocab_size)
+        for hf_name, want in zip(names, expected_hf_shapes(rule, full, text)):
+            if hf_name not in reader.locations:
+                raise CheckpointError(f"{reader.dir}: missing tensor '{hf_name}' (needed for megatron '{target}')")
+            got = _hf_shape(reader, hf_name)
+            if got != want:
+                raise CheckpointError(f"{reader.file_of(hf_name)}: tensor '{hf_name}' has shape {list(got)}, "
+                                      f"config.json implies {list(want)} (for megatron '{target}')")
+        value = read_hf_shard(rule, names, reader, text, model.padded_vocab_size, tp_rank, tp)
+        if tuple(value.shape) != tuple(param.shape):
+            raise CheckpointError(f"{target}: HF tensors {names} give shape {list(value.shape)}, the model expects "
+                                  f"{list(param.shape)}")
+        with torch.no_grad():
+            param.copy_(value)
+        counted = rule.kind != "replicated" or tp_rank == 0
+        for hf_name in names:
+            n = value.numel() if len(names) == 1 else value.numel() // len(names)
+            if rule.kind == "vocab":
+                n = min(max(text.vocab_size - tp_rank * value.shape[0], 0), value.shape[0]) * value[0].numel()
+            if rule.kind == "qkv":
+                n = _qkv_part_elements(hf_name, value.numel(), text)
+            read.setdefault(hf_name, {}).setdefault(target, 0)
+            read[hf_name][target] += n if counted else 0
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix_str(f"{_bytes_fmt(progress.bytes_done + value.numel() * value.element_size())}")
+            progress.bytes_done += value.numel() * value.element_size()
+        del value
+    return read
+
+
+def _qkv_part_elements(hf_name: str, packed_numel: int, text) -> int:
+    """Elements of the q, k or v part inside a packed QKV slice of `packed_numel` elements."""
+    per_group = text.num_heads // text.num_kv_heads + 2
+    share = (per_group - 2) if ".q_proj." in hf_name else 1
+    return packed_numel * share // per_group
+
+
+def _bytes_fmt(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}TB"
+
+
+class _Progress:
+    """tqdm when available and wanted, else silent; counts tensors and carries a bytes total."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bytes_done = 0
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, unit="tensor", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def set_postfix_str(self, s: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(s, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _convert_rank(hf_dir: str, tmp_dir: str, tp: int, pp: int, dtype_name: str, progress: bool,
+                  fail_after: int | None):
+    """One rank of convert_hf_to_megatron: build the stage uninitialised, fill it, save collectively."""
+    import resource
+
+    from megatron.core import parallel_state
+
+    from megatron_sayo import runtime
+    from megatron_sayo.models.qwen25vl.hf_config import ParallelLayout, load_hf_config, to_transformer_config
+    from megatron_sayo.models.qwen25vl.model import build_model
+    from megatron_sayo.models.qwen25vl.weights import HFCheckpointReader
+
+    runtime.init_distributed(tp, pp)
+    hf = load_hf_config(hf_dir)
+    config = to_transformer_config(hf, ParallelLayout(tp, pp), params_dtype=DTYPES[dtype_name],
+                                   perform_initialization=False)
+    model = build_model(hf, config)
+    reader = HFCheckpointReader(hf_dir)
+    n_params = sum(1 for k, v in model.state_dict(keep_vars=True).items()
+                   if not k.endswith("._extra_state") and isinstance(v, torch.Tensor))
+    bar = _Progress(n_params, f"hf->megatron rank {_rank()}", progress and _rank() == 0)
+    if fail_after is not None:
+        bar = _FailAfter(bar, fail_after)
+    read = fill_from_hf(model, reader, hf.text, parallel_state.get_tensor_model_parallel_rank(), tp, bar)
+    bar.close()
+    reader.close()
+    save_model(model, tmp_dir)
+    return {"read": read, "params": n_params, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+class _FailAfter:
+    """Progress wrapper that raises after n tensors: simulates a conversion killed mid-way (tests)."""
+
+    def __init__(self, bar, n: int):
+        self.bar, self.n, self.bytes_done = bar, n, 0
+
+    def update(self, k: int) -> None:
+        self.n -= k
+        if self.n < 0:
+            raise RuntimeError("simulated interruption")
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def check_hf_checkpoint(hf_dir: str | Path, reader, hf) -> dict[str, int]:
+    """Validate headers and names before any rank starts; returns {hf_name: numel}.
+
+    Raises CheckpointError for a corrupt/truncated safetensors file, a tensor no rule maps, or a layer index
+    outside the config.
+    """
+    from safetensors import safe_open
+
+    from megatron_sayo.models.qwen25vl.weights import match_hf
+
+    files = sorted({f for f, _ in reader.locations.values()})
+    sizes = {}
+    for file in files:
+        path = Path(hf_dir) / file
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed in the index but missing")
+        try:
+            with safe_open(path, "pt") as f:
+                for key in f.keys():
+                    shape = f.get_slice(key).get_shape()
+                    sizes[key] = int(np.prod(shape)) if shape else 1
+        except Exception as exc:  # safetensors raises its own SafetensorError for bad headers/lengths
+            raise CheckpointError(f"{path}: corrupt safetensors file ({exc})") from None
+    numel = {}
+    for name, (file, key) in reader.locations.items():
+        if key not in sizes:
+            raise CheckpointError(f"{Path(hf_dir) / file}: index lists tensor '{key}' but the file lacks it")
+        try:
+            rule, fields = match_hf(name)
+        except KeyError:
+            raise CheckpointError(f"{reader.file_of(name)}: extra tensor '{name}' has no megatron counterpart "
+                                  f"(not a Qwen2.5-VL weight)") from None
+        if "i" in fields and int(fields["i"]) >= hf.text.num_layers:
+            raise CheckpointError(f"{reader.file_of(name)}: extra tensor '{name}': layer {fields['i']} but "
+                                  f"config.json has num_hidden_layers={hf.text.num_layers}")
+        if rule.megatron == "output_layer.weight" and hf.text.tie_word_embeddings:
+            raise CheckpointError(f"{reader.file_of(name)}: extra tensor '{name}': config.json ties the word "
+                                  f"embeddings (tie_word_embeddings=true), so lm_head.weight must be absent")
+        numel[name] = sizes[key]
+    return numel
+
+
+def verify_consumed(numel: dict[str, int], rank_reads: list[dict]) -> int:
+    """Assert every HF tensor was read, fully, by every target that needs it; returns elements consumed."""
+    merged: dict[str, dict[str, int]] = {}
+    for read in rank_reads:
+        for name, targets in read.items():
+            for target, n in targets.items():
+                merged.setdefault(name, {}).setdefault(target, 0)
+                merged[name][target] += n
+    unused = sorted(set(numel) - set(merged))
+    if unused:
+        raise CheckpointError(f"{len(unused)} source tensor(s) not consumed by the model: {unused[:5]}")
+    for name, targets in merged.items():
+        for target, n in targets.items():
+            if n != numel[name]:
+                raise CheckpointError(f"'{name}' -> '{target}': {n} elements written, source has {numel[name]}")
+    return sum(numel.values())
+
+
+def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1,
+                           dtype: str = "keep", overwrite: bool = False, progress: bool = True,
+                           _fail_after: int | None = None) -> dict:
+    """HF checkpoint dir -> megatron dist checkpoint at TP x PP (ranks started here). Returns a summary dict."""
+    from megatron_sayo.models.qwen25vl.hf_config import ParallelLayout, load_hf_config, validate_layout
+    from megatron_sayo.models.qwen25vl.weights import HFCheckpointReader
+    from megatron_sayo.runtime import spawn_local
+
+    hf_dir = Path(hf_dir)
+    hf = load_hf_config(hf_dir)
+    validate_layout(hf, ParallelLayout(tp, pp))
+    dtype_name = hf.torch_dtype if dtype == "keep" else dtype
+    if dtype_name not in DTYPES:
+        raise CheckpointError(f"dtype {dtype_name!r} (from {'config.json torch_dtype' if dtype == 'keep' else '--dtype'})"
+                              f" is not one of {sorted(DTYPES)}")
+    try:
+        reader = HFCheckpointReader(hf_dir)
+    except (FileNotFoundError, json.JSONDecodeError, KeyError) as exc:
+        raise CheckpointError(f"{hf_dir}: cannot read the weights ({exc})") from None
+    numel = check_hf_checkpoint(hf_dir, reader, hf)
+    reader.close()
+    tmp = prepare_output(out_dir, overwrite)
+    start = time.perf_counter()
+    try:
+        results = spawn_local(_convert_rank, tp * pp, str(hf_dir), str(tmp), tp, pp, dtype_name, progress,
+                              _fail_after)
+        elements = verify_consumed(numel, [r["read"] for r in results])
+        copy_side_files(hf_dir, tmp)
+        write_json_atomic(tmp / METADATA_FILE, make_metadata(
+            "converted", source=str(hf_dir.resolve()), dtype=dtype_name, tp=tp, pp=pp,
+            source_dtype=hf.torch_dtype, hf_tensors=len(numel), hf_elements=elements))
+        publish(tmp, out_dir)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, RuntimeError) and "distributed run failed" in str(exc):
+            raise CheckpointError(_rank_error(str(exc))) from None
+        raise
+    return {"tensors": len(numel), "elements": elements, "seconds": time.perf_counter() - start,
+            "peak_rss_mb": [r["peak_rss_mb"] for r in results]}
+
+
+def _rank_error(message: str) -> str:
+    """The most telling line of a failed rank's traceback (our CheckpointError's text when there is one)."""
+    lines = [ln for ln in message.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "CheckpointError:" in ln:
+            return ln.split("CheckpointError:", 1)[1].strip()
+    return message
+
+
+# ==============================================================================================================
+# Megatron -> HF (model-free: one global tensor slice at a time, streamed into safetensors files)
+# ==============================================================================================================
+
+@dataclass(frozen=True)
+class ExportItem:
+    """One HF output tensor: where it comes from in the dist checkpoint and how it is cut out."""
+
+    hf_name: str
+    shape: tuple[int, ...]
+    key: str                 # dist checkpoint key
+    layer: int | None        # index on the stacked leading axis, None when not stacked
+    part: int                # which of full_to_hf's outputs
+    megatron_name: str
+
+
+def plan_export(tensors_meta: dict, text, kind: str) -> tuple[list[ExportItem], dict[str, int]]:
+    """HF tensors to write, in source order, from the checkpoint's tensor metadata; + source elements per key.
+
+    Keys that map to no rule are an error for converted checkpoints and skipped (optimizer state etc.) for
+    trained ones.
+    """
+    from megatron_sayo.models.qwen25vl.weights import full_to_hf, hf_names, match_megatron
+
+    items, used = [], {}
+    for key in sorted(tensors_meta):
+        shape = tuple(tensors_meta[key].global_shape)
+        stacked = key.startswith("decoder.layers.")
+        layers = range(shape[0]) if stacked else [None]
+        if stacked and shape[0] != text.num_layers:
+            raise CheckpointError(f"checkpoint tensor '{key}' stacks {shape[0]} layers; config.json has "
+                                  f"num_hidden_layers={text.num_layers}")
+        try:
+            match_megatron(key.replace("decoder.layers.", "decoder.layers.0.", 1) if stacked else key)
+        except KeyError:
+            if key.startswith("optimizer") or kind != "converted":
+                continue
+            raise CheckpointError(f"checkpoint tensor '{key}' has no HF counterpart") from None
+        for layer in layers:
+            name = key.replace("decoder.layers.", f"decoder.layers.{layer}.", 1) if stacked else key
+            rule, fields = match_megatron(name)
+            if rule.megatron == "output_layer.weight" and text.tie_word_embeddings:
+                continue  # the hub omits lm_head when embeddings are tied; save_pretrained does too
+            full_shape = shape[1:] if stacked else shape
+            outs = full_to_hf(rule, torch.empty(full_shape, device="meta"), text)
+            for part, (hf_name, t) in enumerate(zip(hf_names(rule, fields), outs)):
+                items.append(ExportItem(hf_name, tuple(t.shape), key, layer, part, name))
+        used[key] = int(np.prod(shape))
+    return items, used
+
+
+def shard_plan(items: list[ExportItem], dtype: torch.dtype, max_shard_bytes: int) -> list[list[ExportItem]]:
+    """Group items (in order) into files of at most max_shard_bytes (a bigger single tensor gets its own)."""
+    shards, cur, size = [], [], 0
+    esize = torch.empty(0, dtype=dtype).element_size()
+    for it in items:
+        n = int(np.prod(it.shape)) * esize
+        if cur and size + n > max_shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(it)
+        size += n
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def safetensors_header(items: list[ExportItem], dtype: torch.dtype) -> tuple[bytes, list[int]]:
+    """The 8-byte length + JSON header of a safetensors file holding `items`, and each item's byte size."""
+    esize = torch.empty(0, dtype=dtype).element_size()
+    header, offset, sizes = {"__metadata__": {"format": "pt"}}, 0, []
+    for it in items:
+        n = int(np.prod(it.shape)) * esize
+        header[it.hf_name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(it.shape),
+                              "data_offsets": [offset, offset + n]}
+        offset += n
+        sizes.append(n)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, sizes
+
+
+class DistCheckpointReader:
+    """Reads slices of global tensors from a torch_dist checkpoint in one process (no model, no parallel_state)."""
+
+    def __init__(self, ckpt_dir: str | Path):
+        from megatron.core import dist_checkpointing
+
+        self.dir = Path(ckpt_dir)
+        _ensure_single_process_group()
+        try:
+            self.meta = dist_checkpointing.load_tensors_metadata(str(self.dir))
+        except Exception as exc:
+            raise CheckpointError(f"{self.dir}: cannot read the dist checkpoint metadata ({exc})") from None
+
+    def load(self, requests: list[tuple[str, int | None]]) -> dict[tuple[str, int | None], torch.Tensor]:
+        """{(key, layer): tensor} for each requested global tensor (or one layer of a stacked one)."""
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        sharded = {}
+        for i, (key, layer) in enumerate(requests):
+            m = self.meta[key]
+            if layer is None:
+                data = torch.empty(m.global_shape, dtype=m.dtype)
+                sharded[str(i)] = ShardedTensor.from_rank_offsets(key, data, replica_id=0)
+            else:
+                data = torch.empty(m.global_shape[1:], dtype=m.dtype)
+                sharded[str(i)] = ShardedTensor.from_rank_offsets(key, data, (0, layer, m.global_shape[0]),
+                                                                  replica_id=0, prepend_axis_num=1)
+        try:
+            out = dist_checkpointing.load(sharded, str(self.dir), validate_access_integrity=False)
+        except Exception as exc:
+            raise CheckpointError(f"{self.dir}: reading {[k for k, _ in requests]} failed ({exc})") from None
+        return {req: out[str(i)] for i, req in enumerate(requests)}
+
+
+def _ensure_single_process_group() -> None:
+    """dist_checkpointing needs torch.distributed; start a 1-rank gloo group when none exists."""
+    if not torch.distributed.is_initialized():
+        from megatron_sayo.runtime import free_port
+
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                             world_size=1)
+
+
+def parse_size(text: str) -> int:
+    """'5GB' / '500MB' / '1024' -> bytes (decimal units as transformers uses)."""
+    text = str(text).strip().upper()
+    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
+                       ("KB", 10**3), ("B", 1)):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * mult)
+    return int(text)
+
+
+def _group_loads(items: list[ExportItem], per_load: int) -> list[list[tuple[str, int | None]]]:
+    """Distinct (key, layer) sources in item order, `per_load` of them per dist_checkpointing.load call."""
+    seen, batches, cur = set(), [], []
+    for it in items:
+        src = (it.key, it.layer)
+        if src in seen:
+            continue
+        seen.add(src)
+        cur.append(src)
+        if len(cur) >= per_load:
+            batches.append(cur)
+            cur = []
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def convert_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, max_shard_size: str | int = "5GB",
+                           dtype: str | None = None, overwrite: bool = False, progress: bool = True,
+                           _fail_after: int | None = None) -> dict:
+    """Megatron dist checkpoint (converted, or a trainer's step/run dir: policy weights only) -> HF directory.
+
+    Streams: one global tensor (one layer of a stacked one) in memory at a time, written straight into
+    pre-planned safetensors files. Output dtype: `dtype`, else config.json's torch_dtype (the original one).
+    """
+    from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
+    from megatron_sayo.models.qwen25vl.weights import full_to_hf, match_megatron
+
+    start = time.perf_counter()
+    ckpt = resolve_checkpoint_dir(megatron_dir)
+    meta = read_metadata(ckpt)
+    if not (ckpt / "config.json").is_file():
+        raise CheckpointError(f"{ckpt}: no config.json (needed to name and shape the HF tensors)")
+    hf = load_hf_config(ckpt)
+    out_dtype = DTYPES.get(dtype or meta.get("source_dtype") or hf.torch_dtype)
+    if out_dtype is None:
+        raise CheckpointError(f"output dtype {dtype or hf.torch_dtype!r} is not one of {sorted(DTYPES)}")
+    reader = DistCheckpointReader(ckpt)
+    items, used = plan_export(reader.meta, hf.text, meta.get("kind", "converted"))
+    missing = _missing_hf_tensors(items, hf)
+    if missing:
+        raise CheckpointError(f"{ckpt}: checkpoint lacks tensors for {missing[:5]} ({len(missing)} in all)")
+    shards = shard_plan(items, out_dtype, parse_size(max_shard_size))
+    tmp = prepare_output(out_dir, overwrite)
+    try:
+        written = _write_shards(reader, shards, out_dtype, hf.text, tmp, progress, _fail_after)
+        if written != len(items) or len({it.hf_name for it in items}) != len(items):
+            raise CheckpointError(f"wrote {written} tensors, planned {len(items)} (duplicate names?)")
+        _check_elements(items, used, hf.text, reader.meta)
+        copy_side_files(ckpt, tmp)
+        publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    import resource
+
+    return {"tensors": len(items), "files": len(shards), "seconds": time.perf_counter() - start,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "dtype": str(out_dtype)}
+
+
+def _missing_hf_tensors(items: list[ExportItem], hf) -> list[str]:
+    """Expected HF names (from the config) that the plan does not produce."""
+    have = {it.hf_name for it in items}
+    t = hf.text
+    want = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if t.tie_word_embeddings else ["lm_head.weight"])
+    for i in range(t.num_layers):
+        want += [f"model.layers.{i}.{n}" for n in (
+            "input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.bias",
+            "self_attn.v_proj.bias", "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+            "mlp.down_proj.weight")]
+    missing = [n for n in want if n not in have]
+    if not any(n.startswith("visual.") for n in have):
+        missing.append("visual.*")
+    return missing
+
+
+def _check_elements(items: list[ExportItem], used: dict[str, int], text, meta) -> None:
+    """Every consumed source element accounted for in the output (minus vocab padding and tied copies)."""
+    out = sum(int(np.prod(it.shape)) for it in items)
+    src = 0
+    for key, n in used.items():
+        if key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            if key == "output_layer.weight" and text.tie_word_embeddings:
+                continue
+            n = text.vocab_size * int(np.prod(meta[key].global_shape[1:]))
+        src += n
+    if out != src:
+        raise CheckpointError(f"element totals differ: output {out}, checkpoint {src}")
+
+
+def _write_shards(reader, shards, dtype, text, out: Path, progress: bool, fail_after: int | None) -> int:
+    """Write every planned shard file (+ index when more than one); returns the tensor count written."""
+    from megatron_sayo.models.qwen25vl.weights import full_to_hf, match_megatron
+
+    total = sum(len(s) for s in shards)
+    bar = _Progress(total, "megatron->hf", progress)
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map, total_bytes, written = {}, 0, 0
+    for fname, shard_items in zip(names, shards):
+        header, sizes = safetensors_header(shard_items, dtype)
+        offsets = dict(zip((it.hf_name for it in shard_items), np.cumsum([0] + sizes[:-1]).tolist()))
+        with open(out / fname, "wb") as f:
+            f.write(header)
+            for batch in _group_loads(shard_items, 8):
+                loaded = reader.load(batch)
+                for (key, layer), full in loaded.items():
+                    name = key.replace("decoder.layers.", f"decoder.layers.{layer}.", 1) if layer is not None else key
+                    rule, _ = match_megatron(name)
+                    parts = full_to_hf(rule, full, text)
+                    for it in (i for i in shard_items if (i.key, i.layer) == (key, layer)):
+                        t = parts[it.part].to(dtype).contiguous()
+                        if tuple(t.shape) != it.shape:
+                            raise CheckpointError(f"'{it.hf_name}': got shape {list(t.shape)}, planned {list(it.shape)}")
+                        f.seek(len(header) + offsets[it.hf_name])
+                        f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                        weight_map[it.hf_name] = fname
+                        written += 1
+                        total_bytes += t.numel() * t.element_size()
+                        bar.bytes_done = total_bytes
+                        bar.update(1)
+                        bar.set_postfix_str(_bytes_fmt(total_bytes))
+                        if fail_after is not None and written > fail_after:
+                            raise RuntimeError("simulated interruption")
+                del loaded
+            f.flush()
+            os.fsync(f.fileno())
+    bar.close()
+    if len(shards) > 1:
+        write_json_atomic(out / "model.safetensors.index.json",
+                          {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))})
+    return written
+
+
+# ==============================================================================================================
+# Training checkpoints: atomic, resumable, RNG restored
+# ==============================================================================================================
+
+def rng_state() -> dict:
+    """This process's RNG states: torch CPU, CUDA (when present), numpy, python."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+        try:
+            from megatron.core import tensor_parallel
+
+            state["cuda_tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+        except Exception:  # tracker not initialised
+            pass
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() returned."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+        if "cuda_tracker" in state:
+            from megatron.core import tensor_parallel
+
+            tensor_parallel.get_cuda_rng_tracker().set_states(state["cuda_tracker"])
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:07d}"
+
+
+def _is_megatron_optimizer(optimizer) -> bool:
+    return hasattr(optimizer, "sharded_state_dict") and not isinstance(optimizer, torch.optim.Optimizer)
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _training_sharded_state(model, optimizer, scheduler, step: int, extra: dict, *, loading: bool,
+                            world_size_saved: int | None = None) -> dict:
+    """The dict handed to dist_checkpointing for a training checkpoint (save, or load template)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    rank, world = _world()
+    model_sd = model.sharded_state_dict()
+    state = {"model": model_sd, "step": step, "extra": extra,
+             "scheduler": scheduler.state_dict() if scheduler is not None else None}
+    same_world = world_size_saved in (None, world)
+    per_rank = {"rng": rng_state()}
+    if optimizer is not None:
+        if _is_megatron_optimizer(optimizer):
+            if loading:
+                state["optimizer"] = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True)
+            else:
+                state["optimizer"] = optimizer.sharded_state_dict(model_sd)
+        else:
+            per_rank["optimizer"] = optimizer.state_dict()
+    if same_world:
+        state["rank_state"] = ShardedObject("rank_state", per_rank, (world,), (rank,), replica_id=0)
+    return state
+
+
+def save_training_state(run_dir: str | Path, step: int, model, optimizer=None, scheduler=None,
+                        extra: dict | None = None, *, keep: int = 2, config_dir: str | Path | None = None,
+                        metadata: dict | None = None) -> Path:
+    """Collective: write step `step` atomically into run_dir/checkpoints/step_XXXXXXX, update `latest`, prune.
+
+    Model + optimizer (megatron's sharded form for a megatron optimizer; per-rank otherwise) + scheduler + RNG of
+    every rank + step + `extra` (must be identical on all ranks: data position, counters). `config_dir`: HF
+    files (config.json, tokenizer...) copied in so the step can be exported or served. Returns the final dir.
+    """
+    from megatron.core import dist_checkpointing
+
+    root = Path(run_dir) / "checkpoints"
+    final = root / step_dir_name(step)
+    tmp = root / (step_dir_name(step) + ".tmp")
+    rank, world = _world()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    state = _training_sharded_state(model, optimizer, scheduler, step, dict(extra or {}), loading=False)
+    _cpu_save_support()
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if rank == 0:
+        if config_dir is not None:
+            copy_side_files(config_dir, tmp)
+        tp, pp = _layout()
+        write_json_atomic(tmp / METADATA_FILE, make_metadata(
+            "trained policy", source=str(Path(run_dir).resolve()), dtype=_model_dtype(model), tp=tp, pp=pp,
+            step=step, world_size=world,
+            optimizer="megatron" if _is_megatron_optimizer(optimizer) else ("torch" if optimizer else None),
+            **(metadata or {})))
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        (root / f".{LATEST_FILE}.tmp").write_text(final.name + "\n")
+        os.replace(root / f".{LATEST_FILE}.tmp", root / LATEST_FILE)
+        prune_checkpoints(root, keep)
+    _barrier()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _layout() -> tuple[int, int]:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        return (parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_pipeline_model_parallel_world_size())
+    return 1, 1
+
+
+def _model_dtype(model) -> str:
+    p = next(iter(model.parameters()), None)
+    return str(p.dtype).replace("torch.", "") if p is not None else "float32"
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete-looking step dirs (no .tmp), newest first."""
+    if not root.is_dir():
+        return []
+    steps = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+             and p.name[len(STEP_PREFIX):].isdigit()]
+    return sorted(steps, key=lambda p: int(p.name[len(STEP_PREFIX):]), reverse=True)
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the `keep` newest step dirs, and stale .tmp dirs."""
+    for old in list_checkpoints(root)[max(keep, 1):]:
+        shutil.rmtree(old, ignore_errors=True)
+    for p in root.glob(f"{STEP_PREFIX}*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a step dir cannot be resumed (missing files, unreadable metadata), or None when it looks complete."""
+    for name in ("metadata.json", "common.pt", ".metadata", METADATA_FILE):
+        if not (ckpt / name).is_file():
+            return f"{ckpt / name} is missing"
+    try:
+        json.loads((ckpt / "metadata.json").read_text())
+        read_metadata(ckpt)
+        from torch.distributed.checkpoint import FileSystemReader
+
+        meta = FileSystemReader(str(ckpt)).read_metadata()
+    except Exception as exc:
+        return f"{ckpt}: metadata unreadable ({exc})"
+    files = {getattr(v, "relative_path", None) for v in (meta.storage_data or {}).values()}
+    for rel in sorted(f for f in files if f):
+        if not (ckpt / rel).is_file():
+            return f"{ckpt / rel} is missing"
+    return None
+
+
+def find_resumable(run_dir: str | Path) -> Path | None:
+    """Newest complete checkpoint of a run (the `latest` one first); warns and falls back past corrupt ones."""
+    root = Path(run_dir) / "checkpoints"
+    candidates = list_checkpoints(root)
+    latest = root / LATEST_FILE
+    if latest.is_file():
+        named = root / latest.read_text().strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    for ckpt in candidates:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        warnings.warn(f"checkpoint {ckpt.name} is not usable ({problem}); falling back to an older one",
+                      stacklevel=2)
+    return None
+
+
+def _broadcast_choice(path: Path | None) -> Path | None:
+    """Rank 0's choice on every rank (all ranks must load the same step)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return path
+    obj = [str(path) if path is not None else None]
+    torch.distributed.broadcast_object_list(obj, src=0)
+    return Path(obj[0]) if obj[0] is not None else None
+
+
+def load_training_state(run_dir: str | Path, model, optimizer=None, scheduler=None, *,
+                        restore_rng: bool = True) -> dict | None:
+    """Collective: resume from the newest usable checkpoint of `run_dir` (None when there is none).
+
+    Restores model, optimizer, scheduler and (same world size) each rank's RNG; returns
+    {"step", "extra", "path"}. A checkpoint that fails to load is skipped with a warning for the previous one.
+    """
+    root = Path(run_dir) / "checkpoints"
+    tried: set[Path] = set()
+    while True:
+        choice = None
+        if _rank() == 0:
+            choice = _next_usable(root, tried)
+        choice = _broadcast_choice(choice)
+        if choice is None:
+            return None
+        tried.add(choice)
+        try:
+            return _load_step(choice, model, optimizer, scheduler, restore_rng)
+        except Exception as exc:
+            warnings.warn(f"checkpoint {choice.name} failed to load ({type(exc).__name__}: {exc}); "
+                          f"falling back to an older one", stacklevel=2)
+            _barrier()
+
+
+def _next_usable(root: Path, tried: set[Path]) -> Path | None:
+    """find_resumable, skipping checkpoints already tried."""
+    for ckpt in [c for c in _ordered(root) if c not in tried]:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        warnings.warn(f"checkpoint {ckpt.name} is not usable ({problem}); falling back to an older one",
+                      stacklevel=3)
+        tried.add(ckpt)
+    return None
+
+
+def _ordered(root: Path) -> list[Path]:
+    candidates = list_checkpoints(root)
+    latest = root / LATEST_FILE
+    if latest.is_file():
+        named = root / latest.read_text().strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    return candidates
+
+
+def _load_step(ckpt: Path, model, optimizer, scheduler, restore_rng: bool) -> dict:
+    """Load one step dir into model/optimizer/scheduler (+ RNG); returns its step and extra."""
+    from megatron.core import dist_checkpointing
+
+    meta = read_metadata(ckpt)
+    _, world = _world()
+    saved_world = meta.get("world_size")
+    if saved_world != world:
+        warnings.warn(f"{ckpt.name}: saved with {saved_world} ranks, resuming with {world}: RNG states "
+                      f"and per-rank optimizer state are not restored", stacklevel=3)
+    template = _training_sharded_state(model, optimizer, scheduler, 0, {}, loading=True,
+                                       world_size_saved=saved_world)
+    state = dist_checkpointing.load(template, str(ckpt))
+    model.load_state_dict(state["model"], strict=False)
+    rank_state = state.get("rank_state")
+    if optimizer is not None:
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        elif rank_state is not None and "optimizer" in rank_state:
+            optimizer.load_state_dict(rank_state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng and rank_state is not None:
+        set_rng_state(rank_state["rng"])
+    _barrier()
+    return {"step": int(state["step"]), "extra": state.get("extra") or {}, "path": ckpt}

@@ -1,0 +1,83 @@
+"""Supervised warm-up before GRPO: teach the policy the answer format on the task's reference answers.
+
+A random tiny model never writes <answer>...</answer>, so its rewards carry no signal. A few steps of
+next-token training on "<answer>{answer}</answer><|im_end|>" fix that. The step is the GRPO update with
+advantage 1 and on-policy old log-probs (ratio 1, no KL): its gradient is exactly the NLL gradient, so
+one code path serves both. The result is saved as a megatron checkpoint in `warmup.cache_dir`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_sayo.config import RunConfig
+from megatron_sayo.rl.prompts import PromptStream, build_prompt_batch
+from megatron_sayo.rl.scoring import RolloutBatch, reference_logprobs
+
+
+def answer_batch(processor, hf, samples, instruction: str) -> RolloutBatch:
+    """Prompts followed by their reference answers in the SAYO format, right-padded."""
+    prompts = build_prompt_batch(processor, samples, hf.tokens.image, hf.vision.spatial_merge_size,
+                                 hf.vision.patch_size, instruction)
+    tok = processor.tokenizer
+    targets = [tok.encode(f"<answer>{s.answer}</answer>") + [hf.tokens.eos[0]] for s in samples]
+    T = max(map(len, targets))
+    pad = tok.pad_id
+    completion = torch.tensor([t + [pad] * (T - len(t)) for t in targets])
+    cmask = torch.tensor([[1] * len(t) + [0] * (T - len(t)) for t in targets])
+    ids, mask = prompts.inputs["input_ids"], prompts.inputs["attention_mask"]
+    thw = prompts.inputs["image_grid_thw"]
+    pix = list(torch.split(prompts.inputs["pixel_values"], thw.prod(-1).tolist()))
+    return RolloutBatch(torch.cat([ids, completion], 1), torch.cat([mask, cmask], 1), ids.shape[1], cmask,
+                        pix, [g[None] for g in thw], torch.zeros(ids.shape[0], ids.shape[1] + T, dtype=torch.bool))
+
+
+def run_warmup(cfg: RunConfig, hf_dir: str, samples: list) -> Path:
+    """Train `warmup.steps` supervised steps from the config's checkpoint and save to warmup.cache_dir."""
+    from megatron_sayo.checkpoint import make_metadata, save_model
+    from megatron_sayo.data.processor import Processor
+    from megatron_sayo.rl.trainer import accumulate_policy_gradients, build_policy, wrap_for_training
+
+    w = cfg.warmup
+    sft = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=w.lr, warmup_steps=0),
+                              loss=dataclasses.replace(cfg.loss, kl_beta=0.0),
+                              rollout=dataclasses.replace(cfg.rollout, temperature=1.0))
+    policy = build_policy(sft, hf_dir)
+    ddp, optimizer, _ = wrap_for_training(sft, policy)
+    processor = Processor.from_pretrained(hf_dir, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    stream = PromptStream(len(samples), cfg.train.seed + 1)
+    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    rows = cfg.train.global_batch * cfg.rollout.group_size // dp
+    for step in range(1, w.steps + 1):
+        picked = stream.take(rows * dp)[rank * rows:(rank + 1) * rows]
+        batch = answer_batch(processor, policy.hf, [samples[i] for i in picked], cfg.data.instruction)
+        old = reference_logprobs(policy, batch, cfg.train.micro_batch, 1.0)
+        ones = torch.ones(batch.sequences.shape[0])
+        accumulate_policy_gradients(ddp, optimizer, batch, old, None, ones, sft, policy.vocab_size)
+        optimizer.step()
+        if old is not None and parallel_state.get_tensor_model_parallel_rank() == 0 and rank == 0 and (
+                step == 1 or step % 10 == 0 or step == w.steps):
+            nll = -(old * batch.completion_mask).sum() / batch.completion_mask.sum()
+            print(f"warm-up {step:>4}/{w.steps}  answer NLL {float(nll):.3f}", flush=True)
+    out = Path(w.cache_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    save_model(policy, tmp, make_metadata("trained policy", source=str(hf_dir), dtype=cfg.model.params_dtype,
+                                          tp=cfg.parallel.tp, pp=cfg.parallel.pp, warmup_steps=w.steps))
+    if torch.distributed.get_rank() == 0:
+        tmp.replace(out)  # complete caches only: a killed warm-up leaves just the .tmp directory
+    torch.distributed.barrier()
+    return out
+
+
+def warmed_up(cfg: RunConfig, hf_dir: str, samples: list) -> Path | None:
+    """The cached warm-up checkpoint, trained now when missing; None when no warm-up is configured."""
+    if not cfg.warmup.steps:
+        return None
+    out = Path(cfg.warmup.cache_dir)
+    if (out / "metadata.json").is_file():
+        return out
+    return run_warmup(cfg, hf_dir, samples)
