@@ -580,6 +580,7 @@ def plan_export(tensors_meta: dict, text, kind: str) -> tuple[list[ExportItem], 
             for part, (hf_name, t) in enumerate(zip(hf_names(rule, fields), outs)):
                 items.append(ExportItem(hf_name, tuple(t.shape), key, layer, part, name))
         used[key] = int(np.prod(shape))
+    items.sort(key=lambda it: (it.layer is not None, it.layer or 0))  # layer-major, like the hub's files
     return items, used
 
 
@@ -614,48 +615,75 @@ def safetensors_header(items: list[ExportItem], dtype: torch.dtype) -> tuple[byt
     return struct.pack("<Q", len(raw)) + raw, sizes
 
 
+class _SlicePlanner:
+    """dcp load planner that reads each requested tensor at a given global offset (a slice of a global tensor)."""
+
+    @staticmethod
+    def make(offsets: dict[str, tuple[int, ...]]):
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        class Planner(DefaultLoadPlanner):
+            def create_local_plan(self):
+                reads = []
+                for fqn, t in self.state_dict.items():
+                    chunk = ChunkStorageMetadata(offsets=torch.Size(offsets[fqn]), sizes=t.size())
+                    reads += create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [chunk])
+                return LoadPlan(reads)
+
+            def lookup_tensor(self, index):
+                return self.state_dict[index.fqn]
+
+        return Planner(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+
 class DistCheckpointReader:
-    """Reads slices of global tensors from a torch_dist checkpoint in one process (no model, no parallel_state)."""
+    """Reads global tensors, or one layer of a stacked one, from a torch_dist checkpoint in one process
+    (torch.distributed.checkpoint's reader; no model, no process group)."""
 
     def __init__(self, ckpt_dir: str | Path):
-        from megatron.core import dist_checkpointing
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.dir = Path(ckpt_dir)
-        _ensure_single_process_group()
         try:
-            self.meta = dist_checkpointing.load_tensors_metadata(str(self.dir))
+            md = FileSystemReader(str(self.dir)).read_metadata()
         except Exception as exc:
-            raise CheckpointError(f"{self.dir}: cannot read the dist checkpoint metadata ({exc})") from None
+            raise CheckpointError(f"{self.dir / '.metadata'}: cannot read the dist checkpoint metadata "
+                                  f"({type(exc).__name__}: {exc})") from None
+        self.meta = {k: _TensorMeta(tuple(v.size), v.properties.dtype)
+                     for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
 
     def load(self, requests: list[tuple[str, int | None]]) -> dict[tuple[str, int | None], torch.Tensor]:
-        """{(key, layer): tensor} for each requested global tensor (or one layer of a stacked one)."""
-        from megatron.core import dist_checkpointing
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+        """{(key, layer): tensor} for each requested global tensor (layer=None) or layer of a stacked one."""
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint import load as dcp_load
 
-        sharded = {}
-        for i, (key, layer) in enumerate(requests):
+        state, offsets = {}, {}
+        for key, layer in requests:
             m = self.meta[key]
             if layer is None:
-                data = torch.empty(m.global_shape, dtype=m.dtype)
-                sharded[str(i)] = ShardedTensor.from_rank_offsets(key, data, replica_id=0)
+                state[key], offsets[key] = torch.empty(m.global_shape, dtype=m.dtype), (0,) * len(m.global_shape)
             else:
-                data = torch.empty(m.global_shape[1:], dtype=m.dtype)
-                sharded[str(i)] = ShardedTensor.from_rank_offsets(key, data, (0, layer, m.global_shape[0]),
-                                                                  replica_id=0, prepend_axis_num=1)
+                state[key] = torch.empty((1, *m.global_shape[1:]), dtype=m.dtype)
+                offsets[key] = (layer,) + (0,) * (len(m.global_shape) - 1)
         try:
-            out = dist_checkpointing.load(sharded, str(self.dir), validate_access_integrity=False)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp_load(state, storage_reader=FileSystemReader(str(self.dir)), planner=_SlicePlanner.make(offsets),
+                         no_dist=True)
         except Exception as exc:
-            raise CheckpointError(f"{self.dir}: reading {[k for k, _ in requests]} failed ({exc})") from None
-        return {req: out[str(i)] for i, req in enumerate(requests)}
+            raise CheckpointError(f"{self.dir}: reading {[k for k, _ in requests]} failed "
+                                  f"({type(exc).__name__}: {exc})") from None
+        return {(key, layer): state[key] if layer is None else state[key][0] for key, layer in requests}
 
 
-def _ensure_single_process_group() -> None:
-    """dist_checkpointing needs torch.distributed; start a 1-rank gloo group when none exists."""
-    if not torch.distributed.is_initialized():
-        from megatron_sayo.runtime import free_port
-
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                                             world_size=1)
+@dataclass(frozen=True)
+class _TensorMeta:
+    global_shape: tuple[int, ...]
+    dtype: torch.dtype
 
 
 def parse_size(text: str) -> int:
@@ -676,10 +704,10 @@ def _group_loads(items: list[ExportItem], per_load: int) -> list[list[tuple[str,
         if src in seen:
             continue
         seen.add(src)
-        cur.append(src)
-        if len(cur) >= per_load:
+        if len(cur) >= per_load or any(k == src[0] for k, _ in cur):  # one slice per key per load call
             batches.append(cur)
             cur = []
+        cur.append(src)
     if cur:
         batches.append(cur)
     return batches

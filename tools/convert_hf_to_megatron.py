@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Convert a Hugging Face Qwen2.5-VL checkpoint to a megatron-core dist checkpoint (loads at any TP/PP).
+
+    python tools/convert_hf_to_megatron.py --hf HF_DIR --out MEGATRON_DIR --tp N --pp M
+        [--dtype keep|bfloat16|float32] [--overwrite] [--no-progress]
+
+Starts TP*PP local ranks; each builds one uninitialised model stage, fills it from lazily read safetensors
+slices and saves it. Writes `<out>.tmp-<pid>` and renames it at the end. Logic: megatron_sayo.checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_sayo.checkpoint import CheckpointError, convert_hf_to_megatron  # noqa: E402
+from megatron_sayo.models.qwen25vl.hf_config import ConfigError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, convert, print a one-line summary; exit 2 with the error on bad input."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--hf", required=True, help="HF checkpoint dir (config.json + safetensors)")
+    ap.add_argument("--out", required=True, help="megatron checkpoint dir to create")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--dtype", choices=("keep", "bfloat16", "float32"), default="keep",
+                    help="parameter dtype in the output (keep = config.json's torch_dtype)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        summary = convert_hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                                         overwrite=args.overwrite, progress=not args.no_progress)
+    except (CheckpointError, ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {summary['tensors']} HF tensors, {summary['elements']} elements, "
+          f"{summary['seconds']:.1f}s, peak RSS per rank (MB) {[round(x) for x in summary['peak_rss_mb']]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

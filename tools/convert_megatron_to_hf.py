@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Convert a megatron dist checkpoint (converted, or a GRPO trainer's step / run dir) to Hugging Face format.
+
+    python tools/convert_megatron_to_hf.py --megatron DIR --out HF_DIR [--max-shard-size 5GB]
+        [--dtype bfloat16|float32] [--overwrite] [--no-progress]
+
+One process, no model: reads one global tensor (one layer of a stacked one) at a time and streams it into
+pre-planned safetensors files with hub names; policy weights only (optimizer state is skipped). Output dtype
+defaults to the original HF dtype. Logic: megatron_sayo.checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_sayo.checkpoint import CheckpointError, convert_megatron_to_hf  # noqa: E402
+from megatron_sayo.models.qwen25vl.hf_config import ConfigError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, convert, print a one-line summary; exit 2 with the error on bad input."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--megatron", required=True, help="megatron checkpoint dir, trainer step dir or run dir")
+    ap.add_argument("--out", required=True, help="HF checkpoint dir to create")
+    ap.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default=None,
+                    help="output dtype (default: the original HF dtype)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        summary = convert_megatron_to_hf(args.megatron, args.out, max_shard_size=args.max_shard_size,
+                                         dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
+    except (CheckpointError, ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {summary['tensors']} tensors in {summary['files']} file(s), {summary['dtype']}, "
+          f"{summary['seconds']:.1f}s, peak RSS {summary['peak_rss_mb']:.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
