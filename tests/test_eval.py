@@ -1,0 +1,112 @@
+"""Evaluation end to end: a tiny checkpoint (and a second one with --compare) on a synthetic grounded set through
+nemo-evaluator's BYOB runner against our server; nemo-evaluator's own output files, ours, and accuracy/TAS
+recomputed independently from them. Plus the scorer and the harness error."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+
+pytest.importorskip("nemo_evaluator")
+
+
+def own_extract(text: str | None) -> str | None:
+    """Independent answer extraction: last <answer>..</answer>, else last \\boxed{..} (no nesting needed here)."""
+    if not text:
+        return None
+    tags = re.findall(r"<answer>(.*?)</answer>", text, re.S)
+    if tags:
+        return tags[-1].strip()
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    return boxed[-1].strip() if boxed else None
+
+
+def test_grounded_scorer_counts_answers():
+    from nemo_evaluator.contrib.byob import ScorerInput
+
+    from megatron_sayo.eval.byob_grounded import grounded_score
+
+    def score(response, target):
+        return grounded_score(ScorerInput(response=response, target=target, metadata={"match": "normalized"}))
+
+    assert score("I think <answer>Red.</answer>", "red") == {"correct": True, "answered": True}
+    assert score("so \\boxed{circle}", "circle")["correct"]
+    assert score("<answer>blue</answer>", "red") == {"correct": False, "answered": True}
+    assert score("no idea", "red") == {"correct": False, "answered": False}
+
+
+def test_missing_harness_names_the_package(capsys, tiny_ckpt, tmp_path):
+    from megatron_sayo.eval.__main__ import main
+
+    rc = main(["--hf", str(tiny_ckpt), "--benchmark", "chartqa", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pip install nvidia-vlmeval" in err and "chartqa" in err
+    assert not (tmp_path / "o" / "server.log").exists()      # failed before starting a server
+
+
+def test_grounded_end_to_end(tiny_ckpt, tmp_path):
+    from megatron_sayo.data.synthetic import make_synthetic
+    from megatron_sayo.eval.__main__ import main
+
+    data = make_synthetic(tmp_path / "syn", 4)
+    out = tmp_path / "eval"
+    rc = main(["--hf", str(tiny_ckpt), "--benchmark", "grounded", "--data", str(data), "--out", str(out),
+               "--limit", "3", "--max-tokens", "8"])
+    assert rc == 0
+    answers = [json.loads(line)["answer"] for line in data.read_text().splitlines()][:3]
+    for d in (out,):
+        nemo = d / "nemo_evaluator"
+        # nemo-evaluator's own outputs: the runner's files, its parsed results and its request log/cache
+        preds = [json.loads(line) for line in (nemo / "sayo_grounded" / "byob_predictions.jsonl").open()]
+        raw = json.loads((nemo / "sayo_grounded" / "byob_results.json").read_text())
+        assert (nemo / "results.yml").exists() and (nemo / "run_config.yml").exists()
+        assert len(preds) == 3 and all(p["status"] == "scored" for p in preds)
+        assert [p["target"] for p in sorted(preds, key=lambda p: p["sample_id"])] == answers
+        assert all("<image_url>" in p["prompt"] for p in preds)
+        # ours
+        results = json.loads((d / "results.json").read_text())
+        samples = [json.loads(line) for line in (d / "samples.jsonl").open()]
+        assert results["num_samples"] == len(samples) == 3
+        assert results["decoding"] == {"temperature": 0.1, "top_p": 0.1, "max_new_tokens": 8}
+        correct = [own_extract(p["response"]) is not None and own_extract(p["response"]).lower().strip(" .")
+                   == p["target"] for p in preds]
+        assert results["accuracy"] == pytest.approx(sum(correct) / 3)
+        assert raw["tasks"]["sayo_grounded"]["metrics"]["pass@1"]["scores"]["correct"]["value"] == \
+            pytest.approx(sum(correct) / 3, abs=1e-4)
+        tas = [s["tas"] for s in samples]
+        assert all(t is not None and math.isfinite(t) and t > 0 for t in tas)
+        assert results["tas"] == pytest.approx(sum(tas) / 3)
+        assert all(1 <= s["completion_tokens"] <= 8 for s in samples)     # the generated ids, not re-tokenised
+        assert results["server"]["requests"] == 3 and results["server"]["tas_requests"] == 3
+        assert "| accuracy |" in (d / "summary.md").read_text()
+
+
+def test_compare_wiring(tiny_ckpt, tiny_tied_ckpt, tmp_path, monkeypatch):
+    """--compare evaluates both checkpoints (OUTDIR/a, OUTDIR/b) and writes the side-by-side table."""
+    from megatron_sayo.eval import driver as D
+    from megatron_sayo.eval.__main__ import main
+
+    seen = []
+
+    def fake_run(args, model, out):
+        seen.append((model, out.name))
+        tas = 1.0 if model["name"] == tiny_ckpt.name else 1.25
+        res = {"benchmark": "grounded", "model": model, "accuracy": 0.5, "tas": tas, "num_samples": 2}
+        (out / "results.json").write_text(json.dumps(res))
+        (out / "summary.md").write_text("x")
+        return res
+
+    monkeypatch.setattr(D, "run_grounded", fake_run)
+    out = tmp_path / "cmp"
+    assert main(["--hf", str(tiny_ckpt), "--benchmark", "grounded", "--data", "x.jsonl", "--out", str(out),
+                 "--compare", str(tiny_tied_ckpt)]) == 0
+    assert [(m["hf"], side) for m, side in seen] == [(str(tiny_ckpt), "a"), (str(tiny_tied_ckpt), "b")]
+    table = json.loads((out / "compare.json").read_text())
+    assert table["metrics"]["tas"] == {"a": 1.0, "b": 1.25, "delta": 0.25}
+    assert table["metrics"]["accuracy"]["delta"] == 0.0
+    assert "| tas | 1.0000 | 1.2500 | 0.2500 |" in (out / "compare.md").read_text()
+    with pytest.raises(D.EvalError, match="neither an HF checkpoint"):
+        D.detect_checkpoint(str(tmp_path))
