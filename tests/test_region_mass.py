@@ -237,3 +237,17 @@ def test_masses_equal_eager_attention(tiny_ckpt, grounded, tp, pp):
     a, v = next(r for r in results if r is not None)
     assert torch.allclose(torch.from_numpy(a).double(), a_ref, atol=TOL, rtol=0)
     assert torch.allclose(torch.from_numpy(v).double(), v_ref, atol=TOL, rtol=0)
+
+
+def test_probe_key_weights_match_naive_head_mean():
+    """key_weights=True: per row, mean_h alpha on every image key (0 on other keys), chunked rows."""
+    q, k, v, allowed, region, image = random_case(4)
+    scale = 0.2
+    _, lse = attention_with_lse(q, k, v, allowed, scale, "sdpa")
+    rows = torch.zeros(q.shape[0], q.shape[2], dtype=torch.bool)
+    rows[:, 12:] = True
+    probe = RegionMassProbe(rows, region, image, group=None, chunk_elements=50, key_weights=True)
+    probe(q, k, lse, scale)
+    ref = naive_alpha(q, k, scale, allowed).mean(1) * image[:, None, :]    # [b, sq, sk]
+    assert torch.allclose(probe.result.key_weights.double(), ref[rows], atol=TOL, rtol=0)
+    assert RegionMassProbe(rows, region, image, group=None).key_weights is False

@@ -37,6 +37,7 @@ class RegionMass:
     image_sum: torch.Tensor     # float [n], mean_h sum_{i in image} alpha
     region_count: torch.Tensor  # long [n], |region| of the row's sample
     image_count: torch.Tensor   # long [n], |image| of the row's sample
+    key_weights: torch.Tensor | None = None  # float [n, sk], mean_h alpha on image keys (0 elsewhere), if asked
 
     @property
     def region_mean(self) -> torch.Tensor:
@@ -97,14 +98,15 @@ def _check_masks(region_mask: torch.Tensor, image_mask: torch.Tensor) -> None:
 
 def local_head_mass_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float,
                          pairs: torch.Tensor, region_mask: torch.Tensor, image_mask: torch.Tensor,
-                         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+                         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, key_weights: bool = False) -> torch.Tensor:
     """[2, n] float32: softmax weights of the chosen rows summed over local heads and region / image keys.
 
     q [b, h, sq, d], k [b, h, sk, d] (GQA-expanded), lse [b, h, sq]; pairs [n, 2] (batch, query) sorted.
+    key_weights=True: [2 + sk, n], rows 2.. hold the head-summed weight of every image key (0 elsewhere).
     """
     sq, sk = q.shape[2], k.shape[2]
     offset = sk - sq
-    out = torch.zeros(2, pairs.shape[0], dtype=torch.float32, device=q.device)
+    out = torch.zeros(2 + (sk if key_weights else 0), pairs.shape[0], dtype=torch.float32, device=q.device)
     for b in pairs[:, 0].unique().tolist():
         idx = (pairs[:, 0] == b).nonzero().squeeze(1)
         keys = image_mask[b].nonzero().squeeze(1).to(q.device)
@@ -117,8 +119,12 @@ def local_head_mass_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, sc
             sel = idx[start:start + step]
             rows = pairs[sel, 1].to(q.device)
             weights = _row_weights(q[b][:, rows], k_img, lse[b][:, rows], scale, rows + offset, keys)
-            out[0, sel.to(q.device)] = weights.sum(0) @ in_region
-            out[1, sel.to(q.device)] = weights.sum(dim=(0, 2))
+            per_key = weights.sum(0)                                    # [r, m]
+            cols = sel.to(q.device)
+            out[0, cols] = per_key @ in_region
+            out[1, cols] = per_key.sum(1)
+            if key_weights:
+                out[2 + keys[:, None], cols[None, :]] = per_key.T
     return out
 
 
@@ -134,17 +140,19 @@ class RegionMassProbe:
     """AttentionProbe measuring region/image mass for chosen query rows; the result lands in `.result`.
 
     rows: bool [b, sq] or (batch, query) pairs [n, 2]; region_mask, image_mask: bool [b, sk];
-    group: the TP process group ('default' = megatron's, None = single rank).
+    group: the TP process group ('default' = megatron's, None = single rank); key_weights: also keep the
+    head-mean weight of every image key per row (for heatmaps; memory rows x keys).
     """
 
     def __init__(self, rows: torch.Tensor, region_mask: torch.Tensor, image_mask: torch.Tensor,
-                 group="default", chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+                 group="default", chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, key_weights: bool = False):
         region_mask, image_mask = torch.as_tensor(region_mask).bool(), torch.as_tensor(image_mask).bool()
         _check_masks(region_mask, image_mask)
         self.pairs = query_row_pairs(rows, region_mask.shape[0])
         self.region_mask, self.image_mask = region_mask.cpu(), image_mask.cpu()
         self.group = group
         self.chunk_elements = chunk_elements
+        self.key_weights = key_weights
         self.result: RegionMass | None = None
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
@@ -156,7 +164,7 @@ class RegionMassProbe:
             raise ValueError(f"query row {int(self.pairs[:, 1].max())} outside the {query.shape[2]} queries")
         with torch.no_grad():
             sums = local_head_mass_sums(query, key, lse, scale, self.pairs, self.region_mask, self.image_mask,
-                                        self.chunk_elements)
+                                        self.chunk_elements, self.key_weights)
             group = _resolve_group(self.group)
             tp = 1
             if group is not None and dist.get_world_size(group) > 1:
@@ -165,7 +173,8 @@ class RegionMassProbe:
             sums /= query.shape[1] * tp
         b = self.pairs[:, 0]
         self.result = RegionMass(batch=b, query=self.pairs[:, 1], region_sum=sums[0].cpu(), image_sum=sums[1].cpu(),
-                                 region_count=self.region_mask.sum(1)[b], image_count=self.image_mask.sum(1)[b])
+                                 region_count=self.region_mask.sum(1)[b], image_count=self.image_mask.sum(1)[b],
+                                 key_weights=sums[2:].T.cpu() if self.key_weights else None)
 
 
 def _resolve_group(group):
@@ -192,19 +201,20 @@ class ScoredMicrobatch:
     image_mass: torch.Tensor    # v [b, s], likewise
 
 
-def score_region_mass(model, microbatches: list[dict], collect=None) -> list[ScoredMicrobatch]:
+def score_region_mass(model, microbatches: list[dict], collect=None, key_weights: bool = False
+                      ) -> list[ScoredMicrobatch]:
     """Scoring forward with region masses on the last layer; one ScoredMicrobatch per mb on the last stage.
 
     Each microbatch: `inputs` (forward kwargs, e.g. from model_inputs), `query_rows`, `region_mask`,
     `image_mask` (see RegionMassProbe), plus anything `collect(logits, mb)` reads. Runs megatron's
-    forward-only schedule (any PP); other stages return [].
+    forward-only schedule (any PP); other stages return []. key_weights: see RegionMassProbe.
     """
     from megatron_sayo.schedule import run_forward
 
     num_layers = model.config.num_layers
     prepared = []
     for mb in microbatches:
-        probe = RegionMassProbe(mb["query_rows"], mb["region_mask"], mb["image_mask"])
+        probe = RegionMassProbe(mb["query_rows"], mb["region_mask"], mb["image_mask"], key_weights=key_weights)
         prepared.append({**mb, "probe": probe, "inputs": {**mb["inputs"], "state": probe_state(probe, num_layers)}})
 
     def finish(logits, mb):
