@@ -158,7 +158,7 @@ def test_tiny_cpu_job_trains_and_checkpoints(tmp_path):
 @pytest.mark.slurm
 def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
     require_slurm()
-    steps = 16
+    steps = 6      # stopped after step 1 or 2, resumed for the rest
     job = submit_tiny(tmp_path, "preempt", tiny_overrides(tmp_path, steps))
     run = tmp_path / "run"
 
