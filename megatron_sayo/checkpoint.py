@@ -501,6 +501,8 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int =
         reader = HFCheckpointReader(hf_dir)
     except (FileNotFoundError, json.JSONDecodeError, KeyError) as exc:
         raise CheckpointError(f"{hf_dir}: cannot read the weights ({exc})") from None
+    except Exception as exc:  # safetensors' SafetensorError: bad header or truncated data
+        raise CheckpointError(f"{hf_dir / 'model.safetensors'}: corrupt safetensors file ({exc})") from None
     numel = check_hf_checkpoint(hf_dir, reader, hf)
     reader.close()
     tmp = prepare_output(out_dir, overwrite)
