@@ -117,7 +117,7 @@ run_one() {
 # the trainer finishes its step, checkpoints and exits 0. A shell runs traps only between commands, hence
 # `srun ... &` + `wait`. A signal that arrives before the ranks start is remembered (see mode_train).
 STEP_PID=
-GOT_SIGNAL=
+GOT_SIGNAL=${_SAYO_EARLY_SIGNAL:-}    # caught by the sbatch script before it exec'd this launcher
 on_signal() {
     GOT_SIGNAL=$1
     if [[ -n $STEP_PID ]]; then

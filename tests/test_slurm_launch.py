@@ -155,20 +155,23 @@ def test_tiny_cpu_job_trains_and_checkpoints(tmp_path):
     assert latest_checkpoint(run).name == "step_0000003"
 
 
+# USR1 to the batch shell is what `#SBATCH --signal=B:USR1@T` sends (the launcher forwards it to the ranks);
+# USR1 to the job's steps is what `--signal=USR1@T` or `scancel --signal=USR1 JOB` send.
 @pytest.mark.slurm
-def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
+@pytest.mark.parametrize("target", ["--batch", "--steps"])
+def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, target):
     require_slurm()
     steps = 6      # stopped after step 1 or 2, resumed for the rest
     job = submit_tiny(tmp_path, "preempt", tiny_overrides(tmp_path, steps))
     run = tmp_path / "run"
 
-    # wait until the trainer is in its loop, then send what `--signal=B:USR1@T` sends: USR1 to the batch shell
+    # wait until the trainer is in its loop, then preempt
     deadline = time.monotonic() + 400
     while not metric_steps(run):
         assert time.monotonic() < deadline, f"no step after 400s (state {job_state(job)})"
         assert job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), log_of(tmp_path, "preempt", job)
         time.sleep(0.2)
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    subprocess.run(["scancel", "--signal=USR1", *([target] if target == "--batch" else []), job], check=True)
 
     # the script requeues itself: Restarts=1 and pending again (Slurm holds a requeued job ~2 min; skip that)
     deadline = time.monotonic() + 120
