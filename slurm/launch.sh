@@ -204,6 +204,7 @@ mode_train() {
         say "$RUN_DIR already holds the final checkpoint (step $DONE of $TOTAL): nothing to do"
         exit 0
     fi
+    START_STEP=$DONE
     if [[ $DONE -gt 0 ]]; then say "resuming $RUN_DIR from its checkpoint at step $DONE of $TOTAL"
     else say "starting $RUN_DIR from step 0 of $TOTAL"; fi
 
@@ -221,6 +222,10 @@ mode_train() {
     read_progress
     say "ranks exited with $rc; newest checkpoint: step $DONE of $TOTAL${GOT_SIGNAL:+ (after SIG$GOT_SIGNAL)}"
     if [[ $rc != 0 ]]; then
+        if [[ -n $GOT_SIGNAL && $DONE -eq $START_STEP ]]; then
+            say "the ranks died on SIG$GOT_SIGNAL before their first checkpoint (during start-up the trainer" \
+                "cannot catch it yet); if it came from --signal=B:USR1@SECONDS, --time is shorter than SECONDS"
+        fi
         exit "$rc"    # a crash is not a preemption: no requeue, the job ends FAILED
     fi
 
