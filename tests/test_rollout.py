@@ -223,6 +223,26 @@ def test_sample_tokens_distribution_and_logprob():
     torch.testing.assert_close(logp, logits.log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1))
 
 
+def test_sequence_parallel_off_switches_and_restores():
+    """Megatron layers cache config.sequence_parallel at init (the local CPU spec cannot build SP at all):
+    every cached copy and config is off inside, restored after, even on error."""
+    from types import SimpleNamespace
+
+    from megatron_sayo.rl.rollout import sequence_parallel_off
+
+    config = SimpleNamespace(sequence_parallel=True)
+    inner = torch.nn.Linear(2, 2)
+    inner.sequence_parallel, inner.config = True, config
+    plain = torch.nn.Linear(2, 2)
+    plain.sequence_parallel = False
+    model = torch.nn.Sequential(inner, plain)
+    model.config = config
+    with pytest.raises(RuntimeError), sequence_parallel_off(model):
+        assert not inner.sequence_parallel and not config.sequence_parallel and not plain.sequence_parallel
+        raise RuntimeError
+    assert inner.sequence_parallel and config.sequence_parallel and not plain.sequence_parallel
+
+
 def test_sampling_params_errors():
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)

@@ -13,6 +13,7 @@ top-p truncation; temperature 1 when greedy): what a scoring pass at the same te
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -135,6 +136,26 @@ def forward_last(model, inputs: dict) -> torch.Tensor | None:
     return out[0] if out else None
 
 
+@contextmanager
+def sequence_parallel_off(model):
+    """Run with megatron sequence parallelism disabled (a 1-token decode step cannot be split over TP ranks).
+
+    Plain TP computes the same values; layers cache the flag at init, so each module's copy and every
+    config object are switched and restored.
+    """
+    saved = []
+    for module in model.modules():
+        for owner in (module, getattr(module, "config", None)):
+            if owner is not None and getattr(owner, "sequence_parallel", False) is True:
+                saved.append(owner)
+                owner.sequence_parallel = False
+    try:
+        yield
+    finally:
+        for owner in saved:
+            owner.sequence_parallel = True
+
+
 # ------------------------------------------------------------------------------------------ generation
 
 def decode_mask(real: torch.Tensor) -> torch.Tensor | None:
@@ -156,6 +177,12 @@ def generate(model, batch: dict, params: SamplingParams, *, num_return_sequences
 
     `compact` drops finished rows from the KV cache as they stop (cheaper steps, same result).
     """
+    with sequence_parallel_off(model):
+        return _generate(model, batch, params, num_return_sequences, compact)
+
+
+def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: int, compact: bool) -> Rollout:
+    """generate's body (sequence parallelism already off)."""
     input_ids = batch["input_ids"]
     device = input_ids.device
     prompt_mask = batch.get("attention_mask")
