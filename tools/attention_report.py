@@ -144,9 +144,8 @@ def build_report(scores: dict, sample: Sample, temperature: float, ratio: float,
 
     p = sample.input_ids.shape[1]
     n = len(scores["sequence"]) - p
-    tokens = align_completion(torch.from_numpy(scores["region_mass"])[None], torch.from_numpy(scores["image_mass"])[None],
-                              torch.from_numpy(scores["entropy"])[None], torch.tensor([p]),
-                              torch.ones(1, n, dtype=torch.bool))
+    arrays = [torch.from_numpy(scores[k])[None] for k in ("region_mass", "image_mass", "entropy")]
+    tokens = align_completion(*arrays, torch.tensor([p]), torch.ones(1, n, dtype=torch.bool))
     selected = select_top_entropy(tokens.entropy, tokens.mask, ratio)
     paper, tas = attention_reward(tokens.region_mass, tokens.image_mass, selected, "paper", eps)
     code, _ = attention_reward(tokens.region_mass, tokens.image_mass, selected, "code", eps)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from megatron_sayo.models.qwen25vl.attention import AttentionState
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 22  # float32 weights held at once per chunk (16 MiB)
+DEFAULT_CHUNK_ELEMENTS = 1 << 20  # float32 weights held at once per chunk (4 MiB)
 
 
 @dataclass(frozen=True)
@@ -131,9 +131,9 @@ def local_head_mass_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, sc
 def _row_weights(q_rows: torch.Tensor, k_img: torch.Tensor, lse_rows: torch.Tensor, scale: float,
                  row_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
     """Exact softmax weights [h, r, m] = exp(scale q.k - lse), 0 for keys after the query (causal)."""
-    scores = torch.matmul(q_rows.float(), k_img.float().transpose(-1, -2)) * scale
-    scores = scores.masked_fill(key_pos[None, None, :] > row_pos[None, :, None], float("-inf"))
-    return torch.exp(scores - lse_rows.float()[..., None])
+    weights = torch.matmul(q_rows.float(), k_img.float().transpose(-1, -2))   # one buffer, updated in place
+    weights.mul_(scale).sub_(lse_rows.float()[..., None])
+    return weights.masked_fill_(key_pos[None, None, :] > row_pos[None, :, None], float("-inf")).exp_()
 
 
 class RegionMassProbe:
