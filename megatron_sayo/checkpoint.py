@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +51,6 @@ class CheckpointError(RuntimeError):
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _cpu_save_support() -> None:
-    """dist_checkpointing's saver calls torch.cuda.synchronize/current_device; on a CPU-only machine point those
-    two megatron modules at runtime's CPU stand-in (same mechanism as runtime._install_cpu_shims; a no-op on GPU).
-    """
-    if torch.cuda.is_available():
-        return
-    import megatron.core.dist_checkpointing.strategies.filesystem_async as filesystem_async
-    import megatron.core.dist_checkpointing.strategies.state_dict_saver as state_dict_saver
-
-    from megatron_sayo.runtime import _CpuTorch
-
-    for module in (filesystem_async, state_dict_saver):
-        if not isinstance(module.torch, _CpuTorch):
-            module.torch = _CpuTorch()
 
 
 def _barrier() -> None:
@@ -164,7 +149,6 @@ def save_model(model, ckpt_dir: str | Path, metadata: dict | None = None) -> Non
     if _rank() == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     _barrier()
-    _cpu_save_support()
     dist_checkpointing.save(model.sharded_state_dict(), str(ckpt_dir))
     if _rank() == 0 and metadata is not None:
         write_json_atomic(ckpt_dir / METADATA_FILE, metadata)
@@ -923,7 +907,6 @@ def save_training_state(run_dir: str | Path, step: int, model, optimizer=None, s
         tmp.mkdir()
     _barrier()
     state = _training_sharded_state(model, optimizer, scheduler, step, dict(extra or {}), loading=False)
-    _cpu_save_support()
     dist_checkpointing.save(state, str(tmp))
     _barrier()
     if rank == 0:
@@ -1054,7 +1037,7 @@ def load_training_state(run_dir: str | Path, model, optimizer=None, scheduler=No
         tried.add(choice)
         try:
             return _load_step(choice, model, optimizer, scheduler, restore_rng)
-        except Exception as exc:
+        except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
             warnings.warn(f"checkpoint {choice.name} failed to load ({type(exc).__name__}: {exc}); "
                           f"falling back to an older one", stacklevel=2)
             _barrier()
