@@ -40,7 +40,7 @@ def summary(run_dir: Path) -> str:
     lines += ["", f"training wall time {wall:.0f} s ({wall / len(rows):.1f} s/step)",
               f"metrics      {run_dir / 'metrics.jsonl'}",
               f"checkpoints  {run_dir / 'checkpoints'}",
-              f"plots        python tools/plot_metrics.py {run_dir}  (PNG curves in {run_dir / 'plots'})"]
+              f"plots        {run_dir / 'plots'}/overview.png  (python tools/plot_metrics.py {run_dir})"]
     return "\n".join(lines)
 
 
@@ -52,6 +52,9 @@ def main(argv=None) -> int:
     print("$", " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, env=env)
     run_dir = Path(next((o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")), "runs/demo"))
+    plot_tool = Path(__file__).resolve().parents[1] / "tools" / "plot_metrics.py"
+    if rc == 0 and plot_tool.is_file():
+        subprocess.call([sys.executable, str(plot_tool), str(run_dir)], env=env)
     print()
     print(summary(run_dir))
     return rc
