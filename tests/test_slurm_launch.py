@@ -155,40 +155,65 @@ def test_tiny_cpu_job_trains_and_checkpoints(tmp_path):
     assert latest_checkpoint(run).name == "step_0000003"
 
 
-# USR1 to the batch shell is what `#SBATCH --signal=B:USR1@T` sends (the launcher forwards it to the ranks);
-# USR1 to the job's steps is what `--signal=USR1@T` or `scancel --signal=USR1 JOB` send.
-@pytest.mark.slurm
-@pytest.mark.parametrize("target", ["--batch", "--steps"])
-def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, target):
-    require_slurm()
-    steps = 6      # stopped after step 1 or 2, resumed for the rest
-    job = submit_tiny(tmp_path, "preempt", tiny_overrides(tmp_path, steps))
-    run = tmp_path / "run"
-
-    # wait until the trainer is in its loop, then preempt
+def preempt_after_next_step(job: str, run: Path, log: Path, scancel_args: list[str], restarts: int) -> int:
+    """Wait for a new metrics line, send USR1 with `scancel_args`, wait until the job requeued itself
+    (Restarts=`restarts`, pending); release it at once (Slurm holds a requeued job ~2 min). Returns the
+    step the run stopped at."""
+    seen = len(metric_steps(run))
     deadline = time.monotonic() + 400
-    while not metric_steps(run):
-        assert time.monotonic() < deadline, f"no step after 400s (state {job_state(job)})"
-        assert job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), log_of(tmp_path, "preempt", job)
+    while len(metric_steps(run)) <= seen:
+        assert time.monotonic() < deadline, f"no new step after 400s (state {job_state(job)})"
+        assert job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), job_output(log)
         time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=USR1", *([target] if target == "--batch" else []), job], check=True)
-
-    # the script requeues itself: Restarts=1 and pending again (Slurm holds a requeued job ~2 min; skip that)
-    deadline = time.monotonic() + 120
-    while not (job_field(job, "Restarts") == "1" and job_state(job) == "PENDING"):
-        assert time.monotonic() < deadline, f"job not requeued (state {job_state(job)}):\n" \
-                                            + log_of(tmp_path, "preempt", job)
-        assert job_state(job) not in ("COMPLETED", "FAILED", "CANCELLED"), log_of(tmp_path, "preempt", job)
+    subprocess.run(["scancel", "--signal=USR1", *scancel_args, job], check=True)
+    deadline = time.monotonic() + 300
+    while not (job_field(job, "Restarts") == str(restarts) and job_state(job) == "PENDING"):
+        assert time.monotonic() < deadline, f"job not requeued (state {job_state(job)}):\n{job_output(log)}"
+        assert job_state(job) not in ("COMPLETED", "FAILED", "CANCELLED"), job_output(log)
         time.sleep(0.2)
-    stopped_at = metric_steps(run)
-    assert stopped_at and stopped_at[-1] < steps, f"the run was not stopped early: {stopped_at}"
-    assert latest_checkpoint(run).name == f"step_{stopped_at[-1]:07d}"
+    stopped_at = metric_steps(run)[-1]
+    assert latest_checkpoint(run).name == f"step_{stopped_at:07d}", "stopped without its checkpoint"
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    return stopped_at
+
+
+@pytest.mark.slurm
+def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
+    """Preempted twice: USR1 to the batch shell (what `#SBATCH --signal=B:USR1@T` sends; the launcher forwards
+    it), then USR1 to the job's steps (what `--signal=USR1@T` or `scancel --signal=USR1 JOB` send). Each time
+    the trainer checkpoints, the job requeues itself and the next run resumes from that step."""
+    require_slurm()
+    steps = 8
+    job = submit_tiny(tmp_path, "preempt", tiny_overrides(tmp_path, steps))
+    run, log = tmp_path / "run", tmp_path / f"preempt-{job}.out"
+
+    first = preempt_after_next_step(job, run, log, ["--batch"], restarts=1)
+    second = preempt_after_next_step(job, run, log, [], restarts=2)
+    assert first < second < steps, (first, second)
 
     state = wait_for(job, timeout=400)
-    text = log_of(tmp_path, "preempt", job)
+    text = job_output(log)
     assert state == "COMPLETED", text
-    assert job_field(job, "Restarts") == "1", text
-    # the second run resumed at the checkpointed step: every step once, in order
+    assert job_field(job, "Restarts") == "2", text
+    # each run resumed at the checkpointed step: every step once, in order
     assert metric_steps(run) == list(range(1, steps + 1)), text
     assert latest_checkpoint(run).name == f"step_{steps:07d}"
+
+
+@pytest.mark.slurm
+def test_convert_job_writes_megatron_checkpoint(tmp_path, tiny_ckpt):
+    require_slurm()
+    out_dir = tmp_path / "megatron"
+    out = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", "--mem=0", "--time=10",
+                          f"--output={tmp_path}/%x-%j.out", f"--chdir={ROOT}", str(SLURM_DIR / "convert.sbatch"),
+                          "--hf", str(tiny_ckpt), "--out", str(out_dir), "--tp", "2", "--no-progress"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    job = out.stdout.strip().split(";")[0]
+    state = wait_for(job, timeout=300)
+    text = job_output(tmp_path / f"sayo-convert-{job}.out")
+    assert state == "COMPLETED", text
+    meta = json.loads((out_dir / "checkpoint_metadata.json").read_text())
+    assert meta["kind"] == "converted" and meta["layout"] == {"tp": 2, "pp": 1}, meta
+    assert meta["source"] == str(tiny_ckpt)
+    assert (out_dir / "metadata.json").is_file() and (out_dir / "config.json").is_file()
