@@ -708,7 +708,7 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, max
     pre-planned safetensors files. Output dtype: `dtype`, else config.json's torch_dtype (the original one).
     """
     from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
-    from megatron_sayo.models.qwen25vl.weights import full_to_hf, match_megatron
+
 
     start = time.perf_counter()
     ckpt = resolve_checkpoint_dir(megatron_dir)

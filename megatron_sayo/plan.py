@@ -6,11 +6,12 @@ distributed optimizer (18 without), and the activation memory of Korthikanti et 
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from megatron_sayo.jsonfiles import read_json
 
 GIB = 1024**3
 BF16 = 2
@@ -128,12 +129,10 @@ def load_arch(path: str | Path) -> Arch:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
     try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        cfg = read_json(path, "a Hugging Face config.json", ConfigError)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
     return parse_arch(cfg, str(path))
 
 

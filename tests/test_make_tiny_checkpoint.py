@@ -183,4 +183,4 @@ def test_cli_and_atomic_replace(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]                 # no temp dirs left behind
     assert cli.main(["--out", str(tmp_path / "x"), "--config-json", str(tmp_path / "missing.json")]) == 2
-    assert "missing.json: config file not found" in capsys.readouterr().err
+    assert "missing.json: no such file" in capsys.readouterr().err

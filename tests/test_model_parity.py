@@ -5,7 +5,6 @@ Relative error = max |ours - ref| / max |ref| over real (unpadded) positions; to
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

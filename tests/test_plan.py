@@ -118,7 +118,7 @@ def test_invalid_json_and_missing_file(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(P.ConfigError, match="bad.json: not valid JSON"):
         P.load_arch(bad)
-    with pytest.raises(P.ConfigError, match="no such config file"):
+    with pytest.raises(P.ConfigError, match="no such file"):
         P.load_arch(tmp_path / "absent.json")
 
 

@@ -8,7 +8,6 @@ one LLM token when merge_size = 2). A still image is repeated over `temporal_pat
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from megatron_sayo.jsonfiles import read_json
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -117,13 +118,7 @@ class ImageProcessorConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "preprocessor_config.json"
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: preprocessor config not found") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_json(path, "a preprocessor_config.json"), source=str(path))
 
     def to_dict(self) -> dict:
         """The preprocessor_config.json content for this config (hub field names)."""

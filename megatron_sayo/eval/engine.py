@@ -157,7 +157,7 @@ class Engine:
     def score_tas(self, job: dict) -> dict:
         """Teacher-force a completion after its prompt: TAS and attention reward (SPEC 3) of that sample."""
         from megatron_sayo.rl.rewards import sequence_attention_reward
-        from megatron_sayo.rl.scoring import RolloutBatch, score_policy
+        from megatron_sayo.rl.scoring import score_policy
         from megatron_sayo.runtime import device
 
         batch = tas_batch(job, device())

@@ -7,13 +7,13 @@ before any weights are touched, with errors that name the file and the field.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from megatron_sayo.jsonfiles import read_json
 from megatron_sayo.models.qwen25vl.vision import VisionConfig
 
 KNOWN_MODEL_TYPES = ("qwen2_5_vl",)
@@ -143,12 +143,10 @@ def load_hf_config(path: str | Path) -> Qwen25VLConfig:
     """Parse `path` (a checkpoint directory or its config.json)."""
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
-        raise ConfigError(f"{file}: no such file (expected a Hugging Face config.json)")
     try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{file}: not valid JSON ({exc})") from None
+        raw = read_json(file, "a Hugging Face config.json", ConfigError)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
     return parse_hf_config(raw, str(file))
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 from megatron_sayo.data.image_processing import ImageProcessorConfig
+from megatron_sayo.jsonfiles import read_json
+from megatron_sayo.models.qwen25vl.weights import normalize_hf_name
 
 # Qwen2 special tokens in their hub order (151643 + k); the first 14 are special, the rest plain added tokens.
 QWEN_SPECIAL_TOKENS = (
@@ -334,22 +336,13 @@ def build_hf_model(cfg: dict, seed: int = 0):
     return model
 
 
-def hub_name(name: str) -> str:
-    """Hub tensor name for a module name of recent transformers (model.language_model.* -> model.*)."""
-    if name.startswith("model.language_model."):
-        return "model." + name[len("model.language_model."):]
-    if name.startswith("model.visual."):
-        return name[len("model."):]
-    return name
-
-
 def hub_state_dict(model, tied: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """State dict under hub names, cast to dtype; lm_head dropped when tied (as transformers saves it)."""
     out = {}
     for name, t in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue
-        out[hub_name(name)] = t.detach().to(dtype).contiguous().clone()
+        out[normalize_hf_name(name)] = t.detach().to(dtype).contiguous().clone()
     return out
 
 
@@ -360,14 +353,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def load_config_json(path: str | Path) -> dict:
     """A config file (hub flat or nested layout) normalised to the hub flat layout."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: config file not found") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    return hub_config(raw, source=str(path))
+    return hub_config(read_json(path, "a config.json"), source=str(path))
 
 
 def make_tiny_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0,
