@@ -190,10 +190,12 @@ mode_train() {
     fi
     local cmd=("$PY" -m megatron_sayo.train --config "$CONFIG" "${OVERRIDES[@]}")
 
-    # 1. validate once, with the job's world size, before any rank starts (a typo fails in seconds)
+    # 1. validate once, with the job's world size, before any rank starts (a typo fails in seconds). The
+    #    world size goes in torchrun's RANK/WORLD_SIZE, which the trainer reads first: in a container the
+    #    check runs as a 1-task srun step, which sets SLURM_NTASKS=1 itself.
     say "checking $CONFIG ${OVERRIDES[*]} for world size $WORLD"
     local rc=0
-    SLURM_PROCID=0 SLURM_NTASKS=$WORLD run_one "${cmd[@]}" --check || rc=$?
+    RANK=0 WORLD_SIZE=$WORLD LOCAL_RANK=0 run_one "${cmd[@]}" --check || rc=$?
     if [[ $rc != 0 ]]; then
         say "config check failed (exit $rc); no rank was started"
         exit "$rc"
