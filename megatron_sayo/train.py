@@ -89,6 +89,9 @@ def main(argv=None) -> int:
         print(f"config OK: {args.config} (world size {launch.world_size})")
         return 0
 
+    from megatron_sayo.rl.trainer import install_signal_handlers
+
+    install_signal_handlers()  # before the slow start-up, so an early preemption signal is not fatal
     from megatron_sayo.data.grounded import load_grounded
     from megatron_sayo.rl.trainer import GRPOTrainer, MetricsLogger, Preempted
     from megatron_sayo.rl.warmup import warmed_up
@@ -103,7 +106,6 @@ def main(argv=None) -> int:
         dist.barrier()
         samples = load_grounded(cfg.data.train_file, on_error=cfg.data.on_error)
         trainer = GRPOTrainer(cfg, hf_dir, samples, init_from=warmed_up(cfg, hf_dir, samples))
-        trainer.install_signal_handlers()
         trainer.maybe_resume()
         logger = MetricsLogger(Path(cfg.run_dir), trainer.is_logger, cfg.train.steps, cfg.log.tensorboard)
         try:

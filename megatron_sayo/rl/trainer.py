@@ -80,6 +80,22 @@ def wrap_for_training(cfg: RunConfig, model):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Preemption
+# ----------------------------------------------------------------------------------------------------------
+
+_STOP_SIGNAL: list[int] = []   # signals received; checked between steps
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM / SIGUSR1 (Slurm preemption) from process start on: the trainer finishes its current (or first)
+    step, checkpoints and exits 0."""
+    def handler(signum, _frame):
+        _STOP_SIGNAL.append(signum)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # One step
 # ----------------------------------------------------------------------------------------------------------
 
@@ -117,7 +133,6 @@ class GRPOTrainer:
         self.stream = PromptStream(len(samples), cfg.train.seed)
         self.step = 0
         self.nan_in_row = 0
-        self._stop_signal: int | None = None
         self.is_logger = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank()
                           == 0 and self.dp_rank == 0)
 
@@ -256,15 +271,8 @@ class GRPOTrainer:
         return {"loss": pg + self.cfg.loss.kl_beta * kl, "pg_loss": pg, "kl": kl, "clip_fraction": clip}
 
     # -- the loop ----------------------------------------------------------------------------------------
-    def install_signal_handlers(self) -> None:
-        """SIGTERM / SIGUSR1 (Slurm preemption): finish the current step, checkpoint, exit."""
-        def handler(signum, _frame):
-            self._stop_signal = signum
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
-
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
+        flag = torch.tensor([1.0 if _STOP_SIGNAL else 0.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
