@@ -158,12 +158,17 @@ def test_tiny_top_p_is_greedy(ckpt, batch, hf_greedy):
     assert torch.equal(_run(ckpt, batch, params)[0]["sequences"], hf_greedy)
 
 
-def test_sampling_same_under_tp2(ckpt, batch):
-    params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=6, seed=5, stop_token_ids=())
-    one = _run(ckpt, batch, params, g=2)[0]
-    two = _run(ckpt, batch, params, tp=2, g=2)
-    for r in two:
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_sampling_same_under_tp_and_pp(ckpt, batch, tp, pp):
+    """Same seed, same tokens and log-probs at TP=2 / PP=2 as on one rank, with rows stopping at different
+    steps (a fifth of the vocabulary are stop ids), so the compacted batch shrinks between pipeline stages."""
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=8, seed=5,
+                            stop_token_ids=tuple(range(0, 512, 5)))
+    one = _run(ckpt, batch, params, g=3)[0]
+    assert len(set(one["completion_lengths"].tolist())) > 1 and one["finished"].any()
+    for r in _run(ckpt, batch, params, tp=tp, pp=pp, g=3):
         assert torch.equal(r["sequences"], one["sequences"])
+        assert torch.equal(r["completion_mask"], one["completion_mask"])
         torch.testing.assert_close(r["logprobs"], one["logprobs"], rtol=1e-4, atol=1e-5)
 
 
@@ -241,6 +246,14 @@ def test_sequence_parallel_off_switches_and_restores():
         assert not inner.sequence_parallel and not config.sequence_parallel and not plain.sequence_parallel
         raise RuntimeError
     assert inner.sequence_parallel and config.sequence_parallel and not plain.sequence_parallel
+
+
+def test_right_padded_prompts_rejected():
+    from megatron_sayo.rl.rollout import generate
+
+    batch = {"input_ids": torch.tensor([[5, 6, 0]]), "attention_mask": torch.tensor([[1, 1, 0]])}
+    with pytest.raises(ValueError, match="left-padded"):
+        generate(torch.nn.Linear(1, 1), batch, GREEDY)
 
 
 def test_sampling_params_errors():

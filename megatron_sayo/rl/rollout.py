@@ -26,7 +26,9 @@ from megatron_sayo.models.qwen25vl.rope import get_rope_index
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How completions are drawn; stop_token_ids None means the checkpoint's eos ids."""
+    """How completions are drawn; stop_token_ids None means the checkpoint's eos ids.
+
+    The same seed gives the same tokens on every data-parallel rank: vary it per step and DP rank."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -181,6 +183,20 @@ def generate(model, batch: dict, params: SamplingParams, *, num_return_sequences
         return _generate(model, batch, params, num_return_sequences, compact)
 
 
+def prefill(model, batch: dict, prompt_mask: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor | None,
+                                                                                  torch.Tensor]:
+    """Run the prompts once, filling `cache`: (last-position logits [b, V] on the sampler stage, rope_deltas [b])."""
+    hf = model.hf
+    position_ids, deltas = get_rope_index(batch["input_ids"], batch.get("image_grid_thw"), prompt_mask,
+                                          image_token_id=hf.tokens.image, vision_start_token_id=hf.tokens.vision_start,
+                                          spatial_merge_size=hf.vision.spatial_merge_size)
+    logits = forward_last(model, dict(input_ids=batch["input_ids"], position_ids=position_ids,
+                                      attention_mask=build_attention_mask(prompt_mask, prompt_mask.shape[1]),
+                                      pixel_values=batch.get("pixel_values"),
+                                      image_grid_thw=batch.get("image_grid_thw"), state=AttentionState(kv_cache=cache)))
+    return logits, deltas.reshape(-1).to(prompt_mask.device)
+
+
 def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: int, compact: bool) -> Rollout:
     """generate's body (sequence parallelism already off)."""
     input_ids = batch["input_ids"]
@@ -189,18 +205,12 @@ def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: 
     prompt_mask = torch.ones_like(input_ids) if prompt_mask is None else prompt_mask.to(device)
     if bool((prompt_mask[:, -1] == 0).any()):
         raise ValueError("generate: prompts must be left-padded (the last column has padding)")
-    hf, g, steps = model.hf, num_return_sequences, params.max_new_tokens
+    g, steps = num_return_sequences, params.max_new_tokens
     b, p = input_ids.shape
-    pad_id = hf.tokens.pad if hf.tokens.pad is not None else hf.tokens.eos[0]
-    position_ids, deltas = get_rope_index(input_ids, batch.get("image_grid_thw"), prompt_mask,
-                                          image_token_id=hf.tokens.image, vision_start_token_id=hf.tokens.vision_start,
-                                          spatial_merge_size=hf.vision.spatial_merge_size)
+    pad_id = model.hf.tokens.pad if model.hf.tokens.pad is not None else model.hf.tokens.eos[0]
     cache = KVCache(max_len=p + steps)
     state = AttentionState(kv_cache=cache)
-    logits = forward_last(model, dict(input_ids=input_ids, position_ids=position_ids,
-                                      attention_mask=build_attention_mask(prompt_mask, p),
-                                      pixel_values=batch.get("pixel_values"),
-                                      image_grid_thw=batch.get("image_grid_thw"), state=state))
+    logits, deltas = prefill(model, batch, prompt_mask, cache)
 
     rows = torch.arange(b, device=device).repeat_interleave(g)
     if g > 1:
@@ -208,7 +218,7 @@ def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: 
         logits = logits[rows] if logits is not None else None
     n = b * g
     real = torch.cat([prompt_mask[rows].bool(), torch.ones(n, steps, dtype=torch.bool, device=device)], dim=1)
-    next_pos = (prompt_mask[rows].sum(-1) + deltas.to(device).reshape(-1)[rows])   # position of the first new token
+    next_pos = prompt_mask[rows].sum(-1) + deltas[rows]       # M-RoPE position of the first new token
     stop_ids = stop_ids_tensor(model, params, device)
     generator = torch.Generator(device=device).manual_seed(params.seed)
 
