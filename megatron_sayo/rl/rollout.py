@@ -193,7 +193,8 @@ def prefill(model, batch: dict, prompt_mask: torch.Tensor, cache: KVCache) -> tu
     logits = forward_last(model, dict(input_ids=batch["input_ids"], position_ids=position_ids,
                                       attention_mask=build_attention_mask(prompt_mask, prompt_mask.shape[1]),
                                       pixel_values=batch.get("pixel_values"),
-                                      image_grid_thw=batch.get("image_grid_thw"), state=AttentionState(kv_cache=cache)))
+                                      image_grid_thw=batch.get("image_grid_thw"), state=AttentionState(kv_cache=cache),
+                                      logits_from=-1))
     return logits, deltas.reshape(-1).to(prompt_mask.device)
 
 

@@ -39,6 +39,7 @@ class RolloutBatch:
             ids, mask = self.sequences[rows], self.attention_mask[rows]
             mb = dict(rows=rows, inputs=model_inputs(hf, ids, mask, torch.cat(self.pixel_values[rows]),
                                                      torch.cat(self.image_grid_thw[rows])))
+            mb["inputs"]["logits_from"] = self.prompt_length - 1  # only completion tokens are scored
             if with_probe:
                 query = torch.zeros_like(mask, dtype=torch.bool)
                 query[:, self.prompt_length:] = self.completion_mask[rows].bool()
@@ -57,14 +58,22 @@ class Scores:
     image_mass: torch.Tensor     # [N, S] v(t)
 
 
+def completion_logits(logits: torch.Tensor, seq_len: int, prompt_length: int) -> torch.Tensor:
+    """[b, T, V/tp] logits that predict the completion tokens, from the model's [s', b, V/tp] output, which
+    covers the last s' <= seq_len positions (see Qwen25VLModel.forward's logits_from)."""
+    first = seq_len - logits.shape[0]
+    return logits.transpose(0, 1)[:, prompt_length - 1 - first:-1]
+
+
 def _token_stats(model, logits: torch.Tensor, mb: dict, prompt_length: int, temperature: float):
-    """(completion log-probs [b, T], entropy [b, S]) from vocab-parallel logits [S, b, V/tp]."""
+    """(completion log-probs [b, T], entropy [b, S] indexed by logits column, 0 before P - 1)."""
     ids = mb["inputs"]["input_ids"]
-    z = logits.transpose(0, 1)[:, :-1].float()
-    logp, ent = vocab_parallel_logprobs_and_entropy(z, ids[:, 1:], temperature=temperature,
+    z = completion_logits(logits, ids.shape[1], prompt_length).float()
+    logp, ent = vocab_parallel_logprobs_and_entropy(z, ids[:, prompt_length:], temperature=temperature,
                                                     vocab_size=model.vocab_size)
-    entropy = torch.cat([ent, ent.new_zeros(ent.shape[0], 1)], dim=1)
-    return logp[:, prompt_length - 1:], entropy
+    entropy = ent.new_zeros(ids.shape)
+    entropy[:, prompt_length - 1:-1] = ent
+    return logp, entropy
 
 
 def score_policy(model, batch: RolloutBatch, micro_batch: int, temperature: float) -> Scores | None:

@@ -26,7 +26,7 @@ from megatron_sayo.rl.advantages import distributed_group_advantages
 from megatron_sayo.rl.loss import grpo_loss
 from megatron_sayo.rl.prompts import PromptStream, build_prompt_batch, repeat_images
 from megatron_sayo.rl.rollout import SamplingParams, generate
-from megatron_sayo.rl.scoring import RolloutBatch, reference_logprobs, score_policy
+from megatron_sayo.rl.scoring import RolloutBatch, completion_logits, reference_logprobs, score_policy
 
 log = logging.getLogger("megatron_sayo.train")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -332,7 +332,7 @@ def accumulate_policy_gradients(ddp, optimizer, batch: RolloutBatch, old_logp, r
     def loss_fn(logits, mb):
         rows = mb["rows"]
         ids = mb["inputs"]["input_ids"]
-        z = logits.transpose(0, 1)[:, P - 1:-1].float()
+        z = completion_logits(logits, ids.shape[1], P).float()
         logp = vocab_parallel_logprobs(z, ids[:, P:], temperature=cfg.rollout.temperature, vocab_size=vocab_size)
         mask = batch.completion_mask[rows]
         loss, m = grpo_loss(logp, old_logp[rows], None if ref_logp is None else ref_logp[rows], advantages[rows],

@@ -83,9 +83,10 @@ class Qwen25VLModel(LanguageModule):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                state: AttentionState | None = None) -> torch.Tensor:
+                state: AttentionState | None = None, logits_from: int | None = None) -> torch.Tensor:
         """input_ids [b, s], position_ids [3, b, s], attention_mask bool [b, 1, s, sk] (True = masked) or None
-        for plain causal. Returns vocab-parallel logits [s, b, V/tp] on the last stage, hidden [s, b, h] before."""
+        for plain causal. Returns vocab-parallel logits [s, b, V/tp] on the last stage, hidden [s, b, h] before.
+        `logits_from`: compute logits only for positions [logits_from:] (prefill and scoring need no more)."""
         state = state or AttentionState()
         for core in self.core_attentions():
             core.state = state
@@ -94,6 +95,8 @@ class Qwen25VLModel(LanguageModule):
         hidden = self.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
         if not self.post_process:
             return hidden
+        if logits_from is not None and not self.config.sequence_parallel:
+            hidden = hidden[logits_from:]
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden, weight=weight)
         return logits
