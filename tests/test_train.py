@@ -105,6 +105,18 @@ def test_corrupt_latest_checkpoint_falls_back(assets, tmp_path, uninterrupted):
     assert stable(redone[0]) == stable(uninterrupted[3]), "the step redone from step 3 equals the original"
 
 
+def test_non_finite_losses_skip_then_stop(assets, tmp_path):
+    """An absurd learning rate makes the weights inf: those steps are skipped, then the run stops."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = overrides(assets, tmp_path, 8, interval=0) + ["optim.lr=1e30", "optim.grad_clip=0",
+                                                         "train.max_nan_steps_in_row=2"]
+    done = subprocess.run(train_cmd(args), capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert done.returncode != 0
+    assert "2 non-finite losses in a row (train.max_nan_steps_in_row = 2)" in done.stdout + done.stderr
+    rows = metrics(tmp_path)
+    assert rows[0]["skipped"] is False and rows[-1]["skipped"] is True
+
+
 @pytest.mark.parametrize("args,needle", [
     (["train.stepz=3"], "train.stepz"),
     (["rollout.top_p=1.5"], "rollout.top_p"),
