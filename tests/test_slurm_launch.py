@@ -173,6 +173,13 @@ def preempt_after_next_step(job: str, run: Path, log: Path, scancel_args: list[s
         time.sleep(0.2)
     stopped_at = metric_steps(run)[-1]
     assert latest_checkpoint(run).name == f"step_{stopped_at:07d}", "stopped without its checkpoint"
+    # Releasing the requeued job while the node still completes its previous run makes slurmctld kill it
+    # ("Job credential revoked"): wait for the node to be idle first.
+    deadline = time.monotonic() + 120
+    while subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True).stdout.strip() != "idle":
+        assert time.monotonic() < deadline, "node did not return to idle after the requeue"
+        time.sleep(0.5)
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     return stopped_at
 
