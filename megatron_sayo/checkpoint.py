@@ -992,15 +992,7 @@ def checkpoint_problem(ckpt: Path) -> str | None:
 
 def find_resumable(run_dir: str | Path) -> Path | None:
     """Newest complete checkpoint of a run (the `latest` one first); warns and falls back past corrupt ones."""
-    root = Path(run_dir) / "checkpoints"
-    candidates = list_checkpoints(root)
-    latest = root / LATEST_FILE
-    if latest.is_file():
-        named = root / latest.read_text().strip()
-        if named in candidates:
-            candidates.remove(named)
-            candidates.insert(0, named)
-    for ckpt in candidates:
+    for ckpt in _ordered(Path(run_dir) / "checkpoints"):
         problem = checkpoint_problem(ckpt)
         if problem is None:
             return ckpt
