@@ -191,6 +191,9 @@ class RunConfig:
         if world_size % (tp * pp):
             raise ConfigError(f"parallel: world size {world_size} is not divisible by tp*pp = {tp}*{pp}")
         dp = self.parallel.dp(world_size)
+        if self.train.global_batch % dp:
+            raise ConfigError(f"train: global_batch = {self.train.global_batch} prompts must split evenly over "
+                              f"dp={dp} data-parallel ranks")
         completions = self.train.global_batch * self.rollout.group_size
         if completions % (dp * self.train.micro_batch):
             raise ConfigError(f"train: global_batch*group_size = {completions} completions must split evenly "

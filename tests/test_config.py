@@ -87,8 +87,12 @@ def test_world_size_validation(tmp_path):
     assert cfg.validate_world(8) == 2
     with pytest.raises(ConfigError, match="not divisible"):
         cfg.validate_world(6)
+    with pytest.raises(ConfigError, match="global_batch = 2 prompts must split evenly over dp=3"):
+        cfg.validate_world(4 * 3)  # dp=3: 2 prompts do not split
+    odd = load_config(write(tmp_path, MINIMAL), ["train.global_batch=2", "rollout.group_size=3",
+                                                 "train.micro_batch=4"])
     with pytest.raises(ConfigError, match="micro_batch"):
-        cfg.validate_world(4 * 3)  # dp=3: 8 completions do not split
+        odd.validate_world(2)  # dp=2: 6 completions do not split into 2 x 4
 
 
 @pytest.mark.parametrize("name", ["tiny", "qwen25vl_7b", "qwen25vl_72b"])
