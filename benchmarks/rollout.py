@@ -85,16 +85,9 @@ def ours_cached(model, batch: dict, new_tokens: int) -> torch.Tensor:
 
 def ours_no_cache(model, batch: dict, new_tokens: int) -> torch.Tensor:
     """Re-run the full prefix (vision included) for each new token; greedy."""
-    from megatron_sayo.models.qwen25vl.model import model_inputs
+    from megatron_sayo.rl.rollout import greedy_without_cache
 
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    for _ in range(new_tokens):
-        inputs = model_inputs(model.hf, ids, mask, batch["pixel_values"], batch["image_grid_thw"])
-        with torch.no_grad():
-            nxt = model.full_logits(model(**inputs))[:, -1].argmax(-1)
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return ids
+    return greedy_without_cache(model, batch, new_tokens)
 
 
 def hf_generate(model, batch: dict, new_tokens: int) -> torch.Tensor:

@@ -67,18 +67,11 @@ def _rank_generate(ckpt, tp, pp, batch, params, g, compact):
 def _no_cache_greedy(ckpt, batch: dict, new_tokens: int) -> torch.Tensor:
     """Our model, one process, re-running the whole prefix for every new token (no KV cache)."""
     from megatron_sayo import runtime
-    from megatron_sayo.models.qwen25vl.model import load_from_hf, model_inputs
+    from megatron_sayo.models.qwen25vl.model import load_from_hf
+    from megatron_sayo.rl.rollout import greedy_without_cache
 
     runtime.init_distributed(1, 1)
-    model = load_from_hf(ckpt)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    for _ in range(new_tokens):
-        inputs = model_inputs(model.hf, ids, mask, batch["pixel_values"], batch["image_grid_thw"])
-        with torch.no_grad():
-            nxt = model.full_logits(model(**inputs))[:, -1].argmax(-1)
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return ids
+    return greedy_without_cache(load_from_hf(ckpt), batch, new_tokens)
 
 
 def _run(ckpt, batch, params, *, tp=1, pp=1, g=1, compact=True) -> dict:
