@@ -81,7 +81,7 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [n], log-probs [n]) from full-vocab logits [n, V]: argmax or temperature + top-p sampling."""
     scaled = logits.float() if params.greedy else logits.float() / params.temperature
-    if not bool(torch.isfinite(scaled).any(-1).all()) or bool(scaled.isnan().any()):
+    if not bool(torch.isfinite(scaled.amax(dim=-1)).all()):  # a NaN or inf somewhere, or a row of -inf
         # a diverged policy: keep the rollout going (every rank waits for these ids); the trainer then sees
         # the non-finite loss and skips the step
         scaled = torch.nan_to_num(scaled, nan=float("-inf"))

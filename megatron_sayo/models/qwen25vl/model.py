@@ -15,6 +15,7 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.transformer_block import TransformerBlock
 
+from megatron_sayo.models.qwen25vl import cached_decoder
 from megatron_sayo.models.qwen25vl.attention import AttentionState, CoreAttention
 from megatron_sayo.models.qwen25vl.hf_config import Qwen25VLConfig, padded_vocab_size
 from megatron_sayo.models.qwen25vl.rope import mrope_freqs, mrope_inv_freq
@@ -36,6 +37,7 @@ class Qwen25VLModel(LanguageModule):
         self.vocab_size = hf.text.vocab_size
         self.padded_vocab_size = padded_vocab_size(self.vocab_size, config.tensor_model_parallel_size)
         self.share_embeddings_and_output_weights = hf.text.tie_word_embeddings
+        self.layer_backend = layer_backend
         self.register_buffer("inv_freq", mrope_inv_freq(hf.text.head_dim, hf.text.rope_theta), persistent=False)
 
         if self.pre_process:
@@ -47,7 +49,7 @@ class Qwen25VLModel(LanguageModule):
         if self.post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.hidden_size, self.padded_vocab_size, config=config, init_method=config.init_method,
-                bias=False, gather_output=False,
+                bias=False, gather_output=False, tp_group=parallel_state.get_tensor_model_parallel_group(),
                 skip_weight_param_allocation=self.pre_process and self.share_embeddings_and_output_weights)
         if self.pre_process or self.post_process:
             self._tie_embeddings()
@@ -92,7 +94,10 @@ class Qwen25VLModel(LanguageModule):
             core.state = state
         hidden = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
         rotary = mrope_freqs(position_ids, self.inv_freq, self.hf.text.mrope_section)
-        hidden = self.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
+        if state.kv_cache is not None and cached_decoder.supports(self):
+            hidden = cached_decoder.run(self, hidden, rotary, attention_mask)
+        else:
+            hidden = self.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
         if not self.post_process:
             return hidden
         if logits_from is not None and not self.config.sequence_parallel:
