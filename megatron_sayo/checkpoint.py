@@ -1,7 +1,8 @@
 """Checkpoints: megatron-core dist_checkpointing of the model (any TP/PP on load), training state with atomic
 save and resume, and the streaming HF <-> Megatron converters behind tools/convert_*.py.
 
-On disk a model checkpoint is a torch_dist directory written from `model.sharded_state_dict()`: every global
+On disk a model checkpoint is a torch_dist directory as `model.sharded_state_dict()` saves it (the HF converter
+writes the same files itself, see models/qwen25vl/dist_layout.py): every global
 tensor is the TP=1 megatron tensor (decoder layers stacked on a leading axis, SwiGLU fc1 = [gate; up], QKV packed
 by query group, vocabulary padded for the TP it was written at), so megatron reshards it on load. Next to it:
 `checkpoint_metadata.json` (what it is) and, when known, the HF config.json / tokenizer / processor files.
@@ -202,20 +203,9 @@ def load_model_for_inference(megatron_dir: str | Path, tp: int = 1, pp: int = 1,
 
 
 # ==============================================================================================================
-# HF -> Megatron (ranks started here; each fills its own stage from lazily read safetensors slices)
+# HF -> Megatron (one process, no model: each chunk read from the safetensors slices it needs and written where
+# the TP x PP ranks of a megatron save would have written it)
 # ==============================================================================================================
-
-def _full_shape(rule, local_shape: torch.Size, tp: int, padded_vocab: int) -> tuple[int, ...]:
-    """The TP=1 megatron shape of a parameter whose TP-local shape is `local_shape`."""
-    shape = list(local_shape)
-    if rule.kind == "vocab":
-        shape[0] = padded_vocab
-    elif rule.kind in ("column", "qkv", "gate_up"):
-        shape[0] *= tp
-    elif rule.kind == "row":
-        shape[1] *= tp
-    return tuple(shape)
-
 
 def expected_hf_shapes(rule, full_shape: tuple[int, ...], text) -> list[tuple[int, ...]]:
     """Shapes of the HF tensors behind a TP=1 megatron tensor of `full_shape` (computed on meta tensors)."""
@@ -266,61 +256,35 @@ def read_hf_shard(rule, names: list[str], reader, text, padded_vocab: int, tp_ra
     raise ValueError(f"unknown split kind {rule.kind!r}")
 
 
-def _hf_shape(reader, name: str) -> tuple[int, ...]:
-    return tuple(reader.get_slice(name).get_shape())
-
-
-def fill_from_hf(model, reader, text, tp_rank: int, tp: int, progress=None) -> dict:
-    """Fill every parameter of this rank's stage from the HF reader, slice by slice.
-
-    Returns {hf_name: {target megatron name: elements read}} (TP-replicated reads counted on tp rank 0 only),
-    the raw material of the converter's consumed/produced assertions.
-    """
-    from megatron_sayo.models.qwen25vl.weights import hf_names, match_megatron
-
-    read: dict[str, dict[str, int]] = {}
-    for name, param in model.state_dict(keep_vars=True).items():
-        if name.endswith("._extra_state") or not isinstance(param, torch.Tensor):
-            continue
-        target = model.global_param_name(name)
-        rule, fields = match_megatron(target)
-        names = hf_names(rule, fields, text.tie_word_embeddings)
-        full = _full_shape(rule, param.shape, tp, model.padded_vocab_size)
-        for hf_name, want in zip(names, expected_hf_shapes(rule, full, text)):
-            if hf_name not in reader.locations:
-                raise CheckpointError(f"{reader.dir}: missing tensor '{hf_name}' (needed for megatron '{target}')")
-            got = _hf_shape(reader, hf_name)
-            if got != want:
-                raise CheckpointError(f"{reader.file_of(hf_name)}: tensor '{hf_name}' has shape {list(got)}, "
-                                      f"config.json implies {list(want)} (for megatron '{target}')")
-        value = read_hf_shard(rule, names, reader, text, model.padded_vocab_size, tp_rank, tp)
-        if tuple(value.shape) != tuple(param.shape):
-            raise CheckpointError(f"{target}: HF tensors {names} give shape {list(value.shape)}, the model expects "
-                                  f"{list(param.shape)}")
-        with torch.no_grad():
-            param.copy_(value)
-        counted = rule.kind != "replicated" or tp_rank == 0
-        for hf_name in names:
-            n = value.numel() if len(names) == 1 else value.numel() // len(names)
-            if rule.kind == "vocab":
-                n = min(max(text.vocab_size - tp_rank * value.shape[0], 0), value.shape[0]) * value[0].numel()
-            if rule.kind == "qkv":
-                n = _qkv_part_elements(hf_name, value.numel(), text)
-            read.setdefault(hf_name, {}).setdefault(target, 0)
-            read[hf_name][target] += n if counted else 0
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix_str(f"{_bytes_fmt(progress.bytes_done + value.numel() * value.element_size())}")
-            progress.bytes_done += value.numel() * value.element_size()
-        del value
-    return read
-
-
 def _qkv_part_elements(hf_name: str, packed_numel: int, text) -> int:
     """Elements of the q, k or v part inside a packed QKV slice of `packed_numel` elements."""
     per_group = text.num_heads // text.num_kv_heads + 2
     share = (per_group - 2) if ".q_proj." in hf_name else 1
     return packed_numel * share // per_group
+
+
+def _source_elements(rule, names: list[str], value: torch.Tensor, row_start: int, text) -> dict[str, int]:
+    """{hf_name: elements of it inside one TP slice `value`} (vocab padding rows excluded)."""
+    if rule.kind == "vocab":
+        real = min(max(text.vocab_size - row_start, 0), value.shape[0])
+        return {names[0]: real * value[0].numel()}
+    if rule.kind == "qkv":
+        return {n: _qkv_part_elements(n, value.numel(), text) for n in names}
+    return {n: value.numel() // len(names) for n in names}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: Linux VmHWM (ru_maxrss would include the RSS of the parent
+    that forked it, which Linux carries across exec), else ru_maxrss."""
+    import resource
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _bytes_fmt(n: float) -> str:
@@ -358,36 +322,6 @@ class _Progress:
             self.bar.close()
 
 
-def _convert_rank(hf_dir: str, tmp_dir: str, tp: int, pp: int, dtype_name: str, progress: bool,
-                  fail_after: int | None):
-    """One rank of convert_hf_to_megatron: build the stage uninitialised, fill it, save collectively."""
-    import resource
-
-    from megatron.core import parallel_state
-
-    from megatron_sayo import runtime
-    from megatron_sayo.models.qwen25vl.hf_config import ParallelLayout, load_hf_config, to_transformer_config
-    from megatron_sayo.models.qwen25vl.model import build_model
-    from megatron_sayo.models.qwen25vl.weights import HFCheckpointReader
-
-    runtime.init_distributed(tp, pp)
-    hf = load_hf_config(hf_dir)
-    config = to_transformer_config(hf, ParallelLayout(tp, pp), params_dtype=DTYPES[dtype_name],
-                                   perform_initialization=False)
-    model = build_model(hf, config)
-    reader = HFCheckpointReader(hf_dir)
-    n_params = sum(1 for k, v in model.state_dict(keep_vars=True).items()
-                   if not k.endswith("._extra_state") and isinstance(v, torch.Tensor))
-    bar = _Progress(n_params, f"hf->megatron rank {_rank()}", progress and _rank() == 0)
-    if fail_after is not None:
-        bar = _FailAfter(bar, fail_after)
-    read = fill_from_hf(model, reader, hf.text, parallel_state.get_tensor_model_parallel_rank(), tp, bar)
-    bar.close()
-    reader.close()
-    save_model(model, tmp_dir)
-    return {"read": read, "params": n_params, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-
 class _FailAfter:
     """Progress wrapper that raises after n tensors: simulates a conversion killed mid-way (tests)."""
 
@@ -407,7 +341,7 @@ class _FailAfter:
 
 
 def check_hf_checkpoint(hf_dir: str | Path, reader, hf) -> dict[str, int]:
-    """Validate headers and names before any rank starts; returns {hf_name: numel}.
+    """Validate headers and names before anything is written; returns {hf_name: numel}.
 
     Raises CheckpointError for a corrupt/truncated safetensors file, a tensor no rule maps, or a layer index
     outside the config.
@@ -448,35 +382,102 @@ def check_hf_checkpoint(hf_dir: str | Path, reader, hf) -> dict[str, int]:
     return numel
 
 
-def verify_consumed(numel: dict[str, int], rank_reads: list[dict]) -> int:
+def check_hf_shapes(targets, reader, hf) -> None:
+    """Every HF tensor the checkpoint needs is present with the shape config.json implies."""
+    from megatron_sayo.models.qwen25vl.weights import hf_names
+
+    text = hf.text
+    for target in targets:
+        for layer in (range(text.num_layers) if target.stacked else [None]):
+            names = hf_names(target.rule, target.fields(layer), text.tie_word_embeddings)
+            full = target.shape[1:] if target.stacked else target.shape
+            if target.rule.kind == "vocab":
+                full = (text.vocab_size, *full[1:])
+            for hf_name, want in zip(names, expected_hf_shapes(target.rule, full, text)):
+                where = f"(needed for megatron '{target.megatron_name(layer)}')"
+                if hf_name not in reader.locations:
+                    raise CheckpointError(f"{reader.dir}: missing tensor '{hf_name}' {where}")
+                got = tuple(reader.get_slice(hf_name).get_shape())
+                if got != want:
+                    raise CheckpointError(f"{reader.file_of(hf_name)}: tensor '{hf_name}' has shape {list(got)}, "
+                                          f"config.json implies {list(want)} {where}")
+    reader.close()
+
+
+def verify_consumed(numel: dict[str, int], reads: dict[str, dict[str, int]]) -> int:
     """Assert every HF tensor was read, fully, by every target that needs it; returns elements consumed."""
-    merged: dict[str, dict[str, int]] = {}
-    for read in rank_reads:
-        for name, targets in read.items():
-            for target, n in targets.items():
-                merged.setdefault(name, {}).setdefault(target, 0)
-                merged[name][target] += n
-    unused = sorted(set(numel) - set(merged))
+    unused = sorted(set(numel) - set(reads))
     if unused:
         raise CheckpointError(f"{len(unused)} source tensor(s) not consumed by the model: {unused[:5]}")
-    for name, targets in merged.items():
+    for name, targets in reads.items():
         for target, n in targets.items():
             if n != numel[name]:
                 raise CheckpointError(f"'{name}' -> '{target}': {n} elements written, source has {numel[name]}")
     return sum(numel.values())
 
 
+def stream_hf_to_dist(reader, hf, layout, dtype: torch.dtype, writer, progress) -> dict[str, dict[str, int]]:
+    """Write every chunk of the checkpoint from the HF reader; returns {hf_name: {target: elements read}}.
+
+    One layer of one tensor is in memory at a time; the reader's file mappings are dropped after each, so
+    resident memory stays at that size whatever the checkpoint's.
+    """
+    from megatron_sayo.models.qwen25vl import dist_layout
+    from megatron_sayo.models.qwen25vl.weights import hf_names
+
+    from megatron_sayo.models.qwen25vl.hf_config import padded_vocab_size
+
+    text = hf.text
+    padded = padded_vocab_size(text.vocab_size, layout.tp)
+    reads: dict[str, dict[str, int]] = {}
+    for target in dist_layout.targets(hf, layout.tp):
+        by_layer: dict[int | None, list] = {}
+        for chunk in dist_layout.chunks(target, layout, text.num_layers):
+            by_layer.setdefault(chunk.layer, []).append(chunk)
+        for layer, layer_chunks in by_layer.items():
+            names = hf_names(target.rule, target.fields(layer), text.tie_word_embeddings)
+            tp = 1 if target.rule.kind == "replicated" else layout.tp
+            for r in range(tp):
+                value = read_hf_shard(target.rule, names, reader, text, padded, r, tp).to(
+                    target.stored_dtype(dtype))
+                for n, count in _source_elements(target.rule, names, value, r * value.shape[0], text).items():
+                    per_target = reads.setdefault(n, {})
+                    per_target[target.megatron_name(layer)] = per_target.get(target.megatron_name(layer), 0) + count
+                mine = [c for c in layer_chunks if c.tp_rank == r]
+                pieces = value.chunk(2, dim=0) if target.rule.kind == "gate_up" else (value,)
+                for chunk, piece in zip(mine, pieces):
+                    writer.add_chunk(target.key, target.shape, chunk.offsets,
+                                     piece.unsqueeze(0) if layer is not None else piece, rank=chunk.file_rank)
+                progress.bytes_done += value.numel() * value.element_size()
+                del value, pieces
+            reader.close()
+            progress.update(1)
+            progress.set_postfix_str(_bytes_fmt(progress.bytes_done))
+    per_stage = text.num_layers // layout.pp
+    for key in dist_layout.extra_state_keys(hf):
+        layer = int(key.rsplit("/shard_", 1)[1].split("_")[0]) if key.startswith("decoder.") else text.num_layers - 1
+        writer.add_object(key, [None], rank=layer // per_stage * layout.tp)
+    return reads
+
+
 def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1,
                            dtype: str = "keep", overwrite: bool = False, progress: bool = True,
                            _fail_after: int | None = None) -> dict:
-    """HF checkpoint dir -> megatron dist checkpoint at TP x PP (ranks started here). Returns a summary dict."""
+    """HF checkpoint dir -> megatron dist checkpoint laid out for TP x PP (loadable at any). Returns a summary.
+
+    One process streams the tensors (no model, no process group): memory is bounded by one layer of the
+    largest tensor, not by the model.
+    """
+    from megatron_sayo.dist_writer import TorchDistWriter
+    from megatron_sayo.models.qwen25vl import dist_layout
     from megatron_sayo.models.qwen25vl.hf_config import ParallelLayout, load_hf_config, validate_layout
     from megatron_sayo.models.qwen25vl.weights import HFCheckpointReader
-    from megatron_sayo.runtime import spawn_local
 
+    start = time.perf_counter()
     hf_dir = Path(hf_dir)
     hf = load_hf_config(hf_dir)
-    validate_layout(hf, ParallelLayout(tp, pp))
+    layout = ParallelLayout(tp, pp)
+    validate_layout(hf, layout)
     dtype_name = hf.torch_dtype if dtype == "keep" else dtype
     if dtype_name not in DTYPES:
         raise CheckpointError(f"dtype {dtype_name!r} (from {'config.json torch_dtype' if dtype == 'keep' else '--dtype'})"
@@ -488,34 +489,32 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int =
     except Exception as exc:  # safetensors' SafetensorError: bad header or truncated data
         raise CheckpointError(f"{hf_dir / 'model.safetensors'}: corrupt safetensors file ({exc})") from None
     numel = check_hf_checkpoint(hf_dir, reader, hf)
-    reader.close()
+    targets = dist_layout.targets(hf, tp)
+    check_hf_shapes(targets, reader, hf)
     tmp = prepare_output(out_dir, overwrite)
-    start = time.perf_counter()
+    writer = TorchDistWriter(tmp)
+    total = sum(hf.text.num_layers if t.stacked else 1 for t in targets)
+    bar = _Progress(total, "hf->megatron", progress)
+    if _fail_after is not None:
+        bar = _FailAfter(bar, _fail_after)
     try:
-        results = spawn_local(_convert_rank, tp * pp, str(hf_dir), str(tmp), tp, pp, dtype_name, progress,
-                              _fail_after)
-        elements = verify_consumed(numel, [r["read"] for r in results])
+        reads = stream_hf_to_dist(reader, hf, layout, DTYPES[dtype_name], writer, bar)
+        elements = verify_consumed(numel, reads)
+        writer.finish()
         copy_side_files(hf_dir, tmp)
         write_json_atomic(tmp / METADATA_FILE, make_metadata(
             "converted", source=str(hf_dir.resolve()), dtype=dtype_name, tp=tp, pp=pp,
             source_dtype=hf.torch_dtype, hf_tensors=len(numel), hf_elements=elements))
         publish(tmp, out_dir)
-    except BaseException as exc:
+    except BaseException:
+        writer.close()
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, RuntimeError) and "distributed run failed" in str(exc):
-            raise CheckpointError(_rank_error(str(exc))) from None
         raise
+    finally:
+        bar.close()
+        reader.close()
     return {"tensors": len(numel), "elements": elements, "seconds": time.perf_counter() - start,
-            "peak_rss_mb": [r["peak_rss_mb"] for r in results]}
-
-
-def _rank_error(message: str) -> str:
-    """The most telling line of a failed rank's traceback (our CheckpointError's text when there is one)."""
-    lines = [ln for ln in message.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if "CheckpointError:" in ln:
-            return ln.split("CheckpointError:", 1)[1].strip()
-    return message
+            "bytes": writer.bytes_written, "peak_rss_mb": peak_rss_mb()}
 
 
 # ==============================================================================================================
@@ -736,10 +735,8 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, max
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    import resource
-
     return {"tensors": len(items), "files": len(shards), "seconds": time.perf_counter() - start,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "dtype": str(out_dtype)}
+            "peak_rss_mb": peak_rss_mb(), "dtype": str(out_dtype)}
 
 
 def _missing_hf_tensors(items: list[ExportItem], hf) -> list[str]:
@@ -798,7 +795,7 @@ def _write_shards(reader, shards, dtype, text, out: Path, progress: bool, fail_a
                         if tuple(t.shape) != it.shape:
                             raise CheckpointError(f"'{it.hf_name}': got shape {list(t.shape)}, planned {list(it.shape)}")
                         f.seek(len(header) + offsets[it.hf_name])
-                        f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                        f.write(t.reshape(-1).view(torch.uint8).numpy())
                         weight_map[it.hf_name] = fname
                         written += 1
                         total_bytes += t.numel() * t.element_size()

@@ -202,7 +202,7 @@ def test_bad_megatron_inputs(tiny_ckpt, converted_tp2pp2, tmp_path):
 
 
 def test_interrupted_conversions_leave_no_final_dir(tiny_ckpt, converted_tp2pp2, tmp_path):
-    with pytest.raises(CheckpointError, match="simulated interruption"):
+    with pytest.raises(RuntimeError, match="simulated interruption"):
         convert_hf_to_megatron(tiny_ckpt, tmp_path / "meg", tp=1, pp=1, progress=False, _fail_after=10)
     with pytest.raises(RuntimeError, match="simulated interruption"):
         convert_megatron_to_hf(converted_tp2pp2, tmp_path / "hf", progress=False, _fail_after=10)
@@ -240,3 +240,53 @@ def test_cli_roundtrip_and_error_exit(tiny_tied_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     a, b = read_safetensors(tiny_tied_ckpt), read_safetensors(tmp_path / "h")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _megatron_save(ckpt: str, out: str, tp: int, pp: int) -> None:
+    """One rank: our model (in the checkpoint's dtype) filled by the in-process HF loader, saved by megatron."""
+    from megatron_sayo import runtime
+    from megatron_sayo.checkpoint import save_model
+    from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
+    from megatron_sayo.models.qwen25vl.model import load_from_hf
+
+    runtime.init_distributed(tp, pp)
+    dtype = getattr(torch, load_hf_config(ckpt).torch_dtype)
+    save_model(load_from_hf(ckpt, tp=tp, pp=pp, params_dtype=dtype), out)
+
+
+@pytest.mark.parametrize("which", ["tiny_ckpt", "tiny_bf16_tied"])
+def test_streamed_checkpoint_equals_megatron_save(which, request, tmp_path):
+    """The single-process converter writes what megatron's own TP=2 x PP=2 save of the model writes: the same
+    global tensors (shape, dtype, chunks, values) and the same sharded objects."""
+    import io
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from megatron_sayo.checkpoint import DistCheckpointReader
+    from megatron_sayo.runtime import spawn_local
+
+    src = request.getfixturevalue(which)
+    spawn_local(_megatron_save, 4, str(src), str(tmp_path / "ref"), 2, 2)
+    convert_hf_to_megatron(src, tmp_path / "ours", tp=2, pp=2, progress=False)
+
+    def layout(d):
+        md = FileSystemReader(str(d)).read_metadata()
+        out = {}
+        for key, m in md.state_dict_metadata.items():
+            if isinstance(m, BytesStorageMetadata):
+                (idx, info), = [(i, s) for i, s in md.storage_data.items() if i.fqn == key]
+                raw = (d / info.relative_path).read_bytes()[info.offset:info.offset + info.length]
+                out[key] = ("object", repr(torch.load(io.BytesIO(raw), weights_only=False)))
+            else:
+                out[key] = (tuple(m.size), m.properties.dtype,
+                            sorted((tuple(c.offsets), tuple(c.sizes)) for c in m.chunks))
+        return out
+
+    ref, ours = layout(tmp_path / "ref"), layout(tmp_path / "ours")
+    assert sorted(ref) == sorted(ours)
+    assert {k: v for k, v in ref.items() if ref[k] != ours[k]} == {}
+    ref_reader, our_reader = DistCheckpointReader(tmp_path / "ref"), DistCheckpointReader(tmp_path / "ours")
+    for key in ref_reader.meta:
+        a, b = ref_reader.load([(key, None)])[(key, None)], our_reader.load([(key, None)])[(key, None)]
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), key

@@ -4,8 +4,8 @@
     python tools/convert_hf_to_megatron.py --hf HF_DIR --out MEGATRON_DIR --tp N --pp M
         [--dtype keep|bfloat16|float32] [--overwrite] [--no-progress]
 
-Starts TP*PP local ranks; each builds one uninitialised model stage, fills it from lazily read safetensors
-slices and saves it. Writes `<out>.tmp-<pid>` and renames it at the end. Logic: megatron_sayo.checkpoint.
+One process streams the tensors from lazily read safetensors slices into the files megatron's TP x PP save
+would write (no model, no process group; memory: one layer of one tensor). Writes `<out>.tmp-<pid>` and renames it at the end. Logic: megatron_sayo.checkpoint.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: {summary['tensors']} HF tensors, {summary['elements']} elements, "
-          f"{summary['seconds']:.1f}s, peak RSS per rank (MB) {[round(x) for x in summary['peak_rss_mb']]}")
+          f"{summary['seconds']:.1f}s, peak RSS {summary['peak_rss_mb']:.0f} MB")
     return 0
 
 

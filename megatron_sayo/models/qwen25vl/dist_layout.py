@@ -1,0 +1,151 @@
+"""The torch_dist checkpoint layout of Qwen25VLModel, derived from the config alone (no model, no megatron).
+
+What megatron's `dist_checkpointing.save(model.sharded_state_dict())` writes for our model at TP x PP: every
+global tensor is the TP=1 megatron tensor, decoder tensors stacked over layers on a leading axis under
+`decoder.layers.<name>` (the local spec's norms under TE's `layer_norm_weight` names), SwiGLU fc1 stored as
+separate gate and up chunks, and one `_extra_state` object per linear. The streaming HF -> Megatron
+converter writes exactly this, chunk by chunk as the TP x PP ranks would; a test holds it to megatron's save.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_sayo.models.qwen25vl.hf_config import ParallelLayout, Qwen25VLConfig, padded_vocab_size
+from megatron_sayo.models.qwen25vl.weights import RULES, TE_ALIASES, Rule
+
+STACKED = "decoder.layers."
+# Linears whose (empty) extra state megatron saves per layer as a sharded object.
+LAYER_LINEARS = ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One global tensor of the checkpoint and the rule that fills it (per layer when stacked)."""
+
+    key: str
+    shape: tuple[int, ...]          # global shape (leading layer axis when stacked)
+    rule: Rule
+    vision_name: str | None = None  # the {v} field of a vision tensor
+
+    @property
+    def stacked(self) -> bool:
+        return self.key.startswith(STACKED)
+
+    def stored_dtype(self, params_dtype: torch.dtype) -> torch.dtype:
+        """Megatron's local-spec RMSNorm keeps float32 weights whatever params_dtype is; so does its save."""
+        return torch.float32 if self.key.endswith("layer_norm_weight") or self.key.startswith(
+            "decoder.final_layernorm") else params_dtype
+
+    def megatron_name(self, layer: int | None) -> str:
+        """The state_dict name of one layer's (or the only) tensor, as the weight rules spell it."""
+        return self.rule.megatron.format(i=layer, v=self.vision_name)
+
+    def fields(self, layer: int | None) -> dict[str, str]:
+        return {"i": str(layer)} if self.stacked else ({"v": self.vision_name} if self.vision_name else {})
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One stored piece of a target: a layer (when stacked) x one TP rank's slice (x gate or up for fc1)."""
+
+    layer: int | None
+    tp_rank: int
+    part: int | None                 # 0 gate / 1 up of a fused fc1 slice, else None
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file_rank: int                   # which rank's file it goes to: stage * tp + tp_rank, as megatron writes
+
+
+def dist_key(megatron_template: str) -> str:
+    """Checkpoint key of a rule's megatron name: layer index dropped, local norms under TE's names."""
+    name = megatron_template.replace("decoder.layers.{i}.", STACKED)
+    for te_name, local_name in TE_ALIASES.items():
+        name = name.replace(local_name, te_name)
+    return name
+
+
+def full_shape(rule: Rule, hf: Qwen25VLConfig, padded_vocab: int) -> tuple[int, ...]:
+    """The TP=1 megatron shape of one layer's text tensor, from the config."""
+    t = hf.text
+    qkv_rows = (t.num_heads + 2 * t.num_kv_heads) * t.head_dim
+    name = rule.megatron
+    if rule.kind == "vocab":
+        return (padded_vocab, t.hidden_size)
+    if rule.kind == "qkv":
+        return (qkv_rows, t.hidden_size) if name.endswith("weight") else (qkv_rows,)
+    if rule.kind == "gate_up":
+        return (2 * t.intermediate_size, t.hidden_size)
+    if name.endswith("linear_proj.weight"):
+        return (t.hidden_size, t.num_heads * t.head_dim)
+    if name.endswith("linear_fc2.weight"):
+        return (t.hidden_size, t.intermediate_size)
+    return (t.hidden_size,)         # the RMSNorm weights
+
+
+def vision_shapes(hf: Qwen25VLConfig) -> dict[str, tuple[int, ...]]:
+    """{vision parameter name: shape} of our vision tower, built on the meta device."""
+    from megatron_sayo.models.qwen25vl.vision import Qwen25VisionModel
+
+    with torch.device("meta"):
+        vision = Qwen25VisionModel(hf.vision)
+    return {name: tuple(p.shape) for name, p in vision.state_dict().items()}
+
+
+def targets(hf: Qwen25VLConfig, tp: int) -> list[Target]:
+    """Every global tensor of the checkpoint, in the order the converter writes them."""
+    padded = padded_vocab_size(hf.text.vocab_size, tp)
+    layers = hf.text.num_layers
+    out = []
+    for rule in RULES:
+        if rule.megatron == "vision.{v}":
+            out += [Target(f"vision.{v}", shape, rule, v) for v, shape in vision_shapes(hf).items()]
+        elif rule.megatron == "output_layer.weight" and hf.text.tie_word_embeddings:
+            continue
+        elif "{i}" in rule.megatron:
+            out.append(Target(dist_key(rule.megatron), (layers, *full_shape(rule, hf, padded)), rule))
+        else:
+            out.append(Target(rule.megatron, full_shape(rule, hf, padded), rule))
+    return out
+
+
+def extra_state_keys(hf: Qwen25VLConfig) -> list[str]:
+    """Keys of the sharded `_extra_state` objects megatron writes (one per layer linear, and the output layer)."""
+    layers = hf.text.num_layers
+    return [f"{STACKED}{linear}._extra_state/shard_{i}_{layers}" for i in range(layers) for linear in LAYER_LINEARS
+            ] + ["output_layer._extra_state/shard_0_1"]
+
+
+def _stage(layer: int | None, target: Target, layers: int, pp: int) -> int:
+    if layer is not None:
+        return layer // (layers // pp)
+    return pp - 1 if target.key.startswith(("decoder.final_layernorm", "output_layer")) else 0
+
+
+def chunks(target: Target, layout: ParallelLayout, layers: int) -> list[Chunk]:
+    """How TP x PP ranks would store `target`: per layer, per TP rank (gate and up apart for fc1)."""
+    tp = 1 if target.rule.kind == "replicated" else layout.tp
+    out = []
+    for layer in (range(layers) if target.stacked else [None]):
+        lead = (layer,) if layer is not None else ()
+        one = target.shape[1:] if layer is not None else target.shape
+        for r in range(tp):
+            file_rank = _stage(layer, target, layers, layout.pp) * layout.tp + r
+            if target.rule.kind == "row":
+                per = one[1] // tp
+                offs, sizes = [(0, r * per)], (one[0], per)
+                parts = [None]
+            elif target.rule.kind == "gate_up":
+                per = one[0] // 2 // tp
+                offs, sizes = [(r * per, 0), (one[0] // 2 + r * per, 0)], (per, *one[1:])
+                parts = [0, 1]
+            else:                     # split on dim 0 (column, vocab, qkv) or replicated (tp = 1)
+                per = one[0] // tp
+                offs, sizes = [(r * per,) + (0,) * (len(one) - 1)], (per, *one[1:])
+                parts = [None]
+            for part, off in zip(parts, offs):
+                size = (1, *sizes) if layer is not None else tuple(sizes)
+                out.append(Chunk(layer, r, part, lead + tuple(off), size, file_rank))
+    return out
