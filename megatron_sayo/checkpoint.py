@@ -182,7 +182,8 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
 
 
 def load_model_for_inference(megatron_dir: str | Path, tp: int = 1, pp: int = 1, *,
-                             params_dtype: torch.dtype | None = None, **model_kwargs):
+                             params_dtype: torch.dtype | None = None, config_overrides: dict | None = None,
+                             recompute: str | None = None, sequence_parallel: bool = False, **model_kwargs):
     """Build this rank's stage from the config.json stored in the checkpoint and load its weights (eval mode).
 
     parallel_state must be initialised by the caller. `megatron_dir` may be a converted checkpoint, a training
@@ -195,8 +196,10 @@ def load_model_for_inference(megatron_dir: str | Path, tp: int = 1, pp: int = 1,
     hf = load_hf_config(ckpt)
     if params_dtype is None:
         params_dtype = DTYPES.get(read_metadata(ckpt).get("dtype", "float32"), torch.float32)
-    config = to_transformer_config(hf, ParallelLayout(tp, pp), params_dtype=params_dtype,
-                                   perform_initialization=False)
+    # initialised before loading: megatron marks TP-sharded parameters (tensor_model_parallel, partition_dim)
+    # only while initialising them, and grad norms, clipping and DDP need those marks when this model trains
+    config = to_transformer_config(hf, ParallelLayout(tp, pp), params_dtype=params_dtype, recompute=recompute,
+                                   sequence_parallel=sequence_parallel, **(config_overrides or {}))
     model = build_model(hf, config, **model_kwargs)
     load_model(model, ckpt)
     return model.eval()
