@@ -3,7 +3,8 @@
 A random tiny model never writes <answer>...</answer>, so its rewards carry no signal. A few steps of
 next-token training on "<answer>{answer}</answer><|im_end|>" fix that. The step is the GRPO update with
 advantage 1 and on-policy old log-probs (ratio 1, no KL): its gradient is exactly the NLL gradient, so
-one code path serves both. The result is saved as a megatron checkpoint in `warmup.cache_dir`.
+one code path serves both. The result is saved as a megatron checkpoint in `warmup.cache_dir`, with the
+settings it was trained under; a cache made under other settings is stale and is trained again.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def answer_batch(processor, hf, samples, instruction: str) -> RolloutBatch:
 
 def run_warmup(cfg: RunConfig, hf_dir: str, samples: list) -> Path:
     """Train `warmup.steps` supervised steps from the config's checkpoint and save to warmup.cache_dir."""
-    from megatron_sayo.checkpoint import make_metadata, save_model
+    from megatron_sayo.checkpoint import make_metadata, publish, save_model
     from megatron_sayo.data.processor import Processor
     from megatron_sayo.rl.trainer import accumulate_policy_gradients, build_policy, wrap_for_training
 
@@ -66,18 +67,36 @@ def run_warmup(cfg: RunConfig, hf_dir: str, samples: list) -> Path:
     out = Path(w.cache_dir)
     tmp = out.with_name(out.name + ".tmp")
     save_model(policy, tmp, make_metadata("trained policy", source=str(hf_dir), dtype=cfg.model.params_dtype,
-                                          tp=cfg.parallel.tp, pp=cfg.parallel.pp, warmup_steps=w.steps))
+                                          tp=cfg.parallel.tp, pp=cfg.parallel.pp, warmup_steps=w.steps,
+                                          warmup=fingerprint(cfg, hf_dir)))
     if torch.distributed.get_rank() == 0:
-        tmp.replace(out)  # complete caches only: a killed warm-up leaves just the .tmp directory
+        publish(tmp, out)  # complete caches only: a killed warm-up leaves just the .tmp directory
     torch.distributed.barrier()
     return out
 
 
+def fingerprint(cfg: RunConfig, hf_dir: str) -> dict:
+    """The settings a warm-up's weights depend on (the layout is not one: checkpoints reshard on load)."""
+    return {"source": str(Path(hf_dir).resolve()), "steps": cfg.warmup.steps, "lr": cfg.warmup.lr,
+            "seed": cfg.train.seed, "train_file": cfg.data.train_file, "global_batch": cfg.train.global_batch,
+            "group_size": cfg.rollout.group_size, "instruction": cfg.data.instruction,
+            "pixels": [cfg.data.min_pixels, cfg.data.max_pixels], "params_dtype": cfg.model.params_dtype}
+
+
 def warmed_up(cfg: RunConfig, hf_dir: str, samples: list) -> Path | None:
-    """The cached warm-up checkpoint, trained now when missing; None when no warm-up is configured."""
+    """The cached warm-up checkpoint, trained now when missing or stale; None when no warm-up is configured."""
+    import json
+
     if not cfg.warmup.steps:
         return None
     out = Path(cfg.warmup.cache_dir)
     if (out / "metadata.json").is_file():
-        return out
+        try:
+            cached = json.loads((out / "checkpoint_metadata.json").read_text()).get("warmup")
+        except (OSError, ValueError):
+            cached = None
+        if cached == fingerprint(cfg, hf_dir):
+            return out
+        if torch.distributed.get_rank() == 0:
+            print(f"warm-up cache {out} was made under other settings: training it again", flush=True)
     return run_warmup(cfg, hf_dir, samples)
