@@ -295,18 +295,12 @@ def test_streamed_checkpoint_equals_megatron_save(which, request, tmp_path):
 def test_checkpoint_keeps_its_vocab_padding_at_another_tp(tmp_path, make_image):
     """vocab 384 pads to 512 rows at TP=2 but 384 at TP=1: a TP=2 conversion (512 stored rows) loads at TP=1
     (megatron's vocab tensors allow the padding to differ) and gives transformers' logits."""
-    import copy
+    from small_configs import small_hub_config
 
     from megatron_sayo.models.qwen25vl.parity import compare_logits, hf_logits, megatron_logits
     from megatron_sayo.models.qwen25vl.tiny import make_tiny_checkpoint
 
-    cfg = copy.deepcopy(json.loads((ROOT / "examples/configs/qwen25vl_7b.config.json").read_text()))
-    cfg.update(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
-               num_key_value_heads=2, vocab_size=384, image_token_id=355, video_token_id=356,
-               vision_start_token_id=352, vision_end_token_id=353, eos_token_id=345, bos_token_id=343,
-               vision_token_id=354, rope_scaling={"type": "mrope", "mrope_section": [4, 2, 2]})
-    cfg["vision_config"] = {"depth": 2, "hidden_size": 48, "intermediate_size": 80, "num_heads": 3,
-                            "out_hidden_size": 96, "window_size": 112, "fullatt_block_indexes": [1]}
+    cfg = small_hub_config(384, layers=2, vision_depth=2)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     ckpt = make_tiny_checkpoint(tmp_path / "hf", config_json=tmp_path / "cfg.json")
     convert_hf_to_megatron(ckpt, tmp_path / "meg", tp=2, pp=1, progress=False)

@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from small_configs import HUB_7B, small_hub_config
 
 from megatron_sayo.models.qwen25vl.hf_config import (ConfigError, ParallelLayout, load_hf_config, padded_vocab_size,
                                                      parse_hf_config, to_transformer_config, validate_layout)
 
 ROOT = Path(__file__).resolve().parents[1]
-HUB_7B = json.loads((ROOT / "examples/configs/qwen25vl_7b.config.json").read_text())
 
 
 def nested(flat: dict) -> dict:
@@ -89,13 +89,7 @@ def test_padded_vocab(vocab, tp, expected):
 
 def test_compare_tool_on_a_fresh_config(tmp_path, make_image):
     """compare_hf_megatron.py passes at TP=2xPP=2 on a --config-json checkpoint unlike the test presets."""
-    cfg = copy.deepcopy(HUB_7B)
-    cfg.update(hidden_size=96, intermediate_size=160, num_hidden_layers=4, num_attention_heads=6,
-               num_key_value_heads=2, vocab_size=700, image_token_id=655, video_token_id=656,
-               vision_start_token_id=652, vision_end_token_id=653, eos_token_id=645, bos_token_id=643,
-               vision_token_id=654, rope_scaling={"type": "mrope", "mrope_section": [4, 2, 2]})
-    cfg["vision_config"] = {"depth": 3, "hidden_size": 48, "intermediate_size": 80, "num_heads": 3,
-                            "out_hidden_size": 96, "window_size": 112, "fullatt_block_indexes": [2]}
+    cfg = small_hub_config(700)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     ckpt, image = tmp_path / "ckpt", tmp_path / "img.png"
     subprocess.run([sys.executable, str(ROOT / "tools/make_tiny_checkpoint.py"), "--out", str(ckpt),
