@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -75,6 +76,7 @@ def make_random_checkpoint(out: Path, target_bytes: float, dtype: str) -> int:
 
 
 def timed(cmd: list[str]) -> tuple[float, str]:
+    os.sync()  # each timed step starts with no dirty pages left by the previous one (writeback throttling)
     start = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
@@ -83,6 +85,7 @@ def timed(cmd: list[str]) -> tuple[float, str]:
 
 
 def copy_time(src: Path, dst: Path) -> float:
+    os.sync()
     start = time.perf_counter()
     shutil.copytree(src, dst)
     return time.perf_counter() - start
