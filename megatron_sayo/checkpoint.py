@@ -426,9 +426,8 @@ def stream_hf_to_dist(reader, hf, layout, dtype: torch.dtype, writer, progress) 
     resident memory stays at that size whatever the checkpoint's.
     """
     from megatron_sayo.models.qwen25vl import dist_layout
-    from megatron_sayo.models.qwen25vl.weights import hf_names
-
     from megatron_sayo.models.qwen25vl.hf_config import padded_vocab_size
+    from megatron_sayo.models.qwen25vl.weights import hf_names
 
     text = hf.text
     padded = padded_vocab_size(text.vocab_size, layout.tp)
@@ -444,8 +443,8 @@ def stream_hf_to_dist(reader, hf, layout, dtype: torch.dtype, writer, progress) 
                 value = read_hf_shard(target.rule, names, reader, text, padded, r, tp).to(
                     target.stored_dtype(dtype))
                 for n, count in _source_elements(target.rule, names, value, r * value.shape[0], text).items():
-                    per_target = reads.setdefault(n, {})
-                    per_target[target.megatron_name(layer)] = per_target.get(target.megatron_name(layer), 0) + count
+                    by_target = reads.setdefault(n, {})
+                    by_target[target.megatron_name(layer)] = by_target.get(target.megatron_name(layer), 0) + count
                 mine = [c for c in layer_chunks if c.tp_rank == r]
                 pieces = value.chunk(2, dim=0) if target.rule.kind == "gate_up" else (value,)
                 for chunk, piece in zip(mine, pieces):
@@ -457,9 +456,8 @@ def stream_hf_to_dist(reader, hf, layout, dtype: torch.dtype, writer, progress) 
             progress.update(1)
             progress.set_postfix_str(_bytes_fmt(progress.bytes_done))
     per_stage = text.num_layers // layout.pp
-    for key in dist_layout.extra_state_keys(hf):
-        layer = int(key.rsplit("/shard_", 1)[1].split("_")[0]) if key.startswith("decoder.") else text.num_layers - 1
-        writer.add_object(key, [None], rank=layer // per_stage * layout.tp)
+    for key, layer in dist_layout.extra_states(hf):
+        writer.add_object(key, [None], rank=layer // per_stage * layout.tp)   # megatron saves [None] per linear
     return reads
 
 

@@ -111,11 +111,12 @@ def targets(hf: Qwen25VLConfig, tp: int) -> list[Target]:
     return out
 
 
-def extra_state_keys(hf: Qwen25VLConfig) -> list[str]:
-    """Keys of the sharded `_extra_state` objects megatron writes (one per layer linear, and the output layer)."""
+def extra_states(hf: Qwen25VLConfig) -> list[tuple[str, int]]:
+    """(key, decoder layer whose stage writes it) of the sharded `_extra_state` objects megatron saves: one
+    per layer linear, and the output layer's (on the last layer's stage)."""
     layers = hf.text.num_layers
-    return [f"{STACKED}{linear}._extra_state/shard_{i}_{layers}" for i in range(layers) for linear in LAYER_LINEARS
-            ] + ["output_layer._extra_state/shard_0_1"]
+    return [(f"{STACKED}{linear}._extra_state/shard_{i}_{layers}", i) for i in range(layers)
+            for linear in LAYER_LINEARS] + [("output_layer._extra_state/shard_0_1", layers - 1)]
 
 
 def _stage(layer: int | None, target: Target, layers: int, pp: int) -> int:
