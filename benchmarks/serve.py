@@ -126,7 +126,7 @@ def main(argv=None) -> int:
         server.stop()
     print(f"{args.requests} requests x {args.max_tokens} new tokens (greedy, image 112x112), model {Path(hf).name}, "
           f"{args.threads} torch thread(s)")
-    print(f"| mode | clients | requests/s | tokens/s | tokens/s vs sequential |\n|---|---|---|---|---|")
+    print("| mode | clients | requests/s | tokens/s | tokens/s vs sequential |\n|---|---|---|---|---|")
     for name, c, rps, tps, gain in rows:
         print(f"| {name} | {c} | {rps:.2f} | {tps:.1f} | {gain:.2f}x |")
     print(f"server: {stats['batches']} batches for {stats['requests']} requests, largest {stats['max_batch_requests']}")

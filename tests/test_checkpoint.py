@@ -98,7 +98,8 @@ def test_trained_checkpoint_exports_policy_weights(tiny_ckpt, tmp_path):
     """A trainer step dir (model + optimizer + RNG) exports to HF: same names/shapes as the source."""
     from safetensors import safe_open
 
-    from megatron_sayo.checkpoint import convert_megatron_to_hf, find_resumable
+    from megatron_sayo.checkpoint import find_resumable
+    from megatron_sayo.convert import convert_megatron_to_hf
 
     run_dir = tmp_path / "run"
     spawn_local(_save_one, 2, str(tiny_ckpt), str(run_dir))

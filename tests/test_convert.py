@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from megatron_sayo.checkpoint import (CheckpointError, convert_hf_to_megatron, convert_megatron_to_hf,
-                                      read_metadata)
+from megatron_sayo.checkpoint import CheckpointError, read_metadata
+from megatron_sayo.convert import convert_hf_to_megatron, convert_megatron_to_hf
 from megatron_sayo.models.qwen25vl.hf_config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,7 +263,7 @@ def test_streamed_checkpoint_equals_megatron_save(which, request, tmp_path):
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    from megatron_sayo.checkpoint import DistCheckpointReader
+    from megatron_sayo.convert import DistCheckpointReader
     from megatron_sayo.runtime import spawn_local
 
     src = request.getfixturevalue(which)

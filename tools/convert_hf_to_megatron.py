@@ -5,7 +5,7 @@
         [--dtype keep|bfloat16|float32] [--overwrite] [--no-progress]
 
 One process streams the tensors from lazily read safetensors slices into the files megatron's TP x PP save
-would write (no model, no process group; memory: one layer of one tensor). Writes `<out>.tmp-<pid>` and renames it at the end. Logic: megatron_sayo.checkpoint.
+would write (no model, no process group; memory: one layer of one tensor). Writes `<out>.tmp-<pid>` and renames it at the end. Logic: megatron_sayo.convert.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_sayo.checkpoint import CheckpointError, convert_hf_to_megatron  # noqa: E402
+from megatron_sayo.checkpoint import CheckpointError  # noqa: E402
+from megatron_sayo.convert import convert_hf_to_megatron  # noqa: E402
 from megatron_sayo.models.qwen25vl.hf_config import ConfigError  # noqa: E402
 
 

@@ -6,7 +6,7 @@
 
 One process, no model: reads one global tensor (one layer of a stacked one) at a time and streams it into
 pre-planned safetensors files with hub names; policy weights only (optimizer state is skipped). Output dtype
-defaults to the original HF dtype. Logic: megatron_sayo.checkpoint.
+defaults to the original HF dtype. Logic: megatron_sayo.convert.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_sayo.checkpoint import CheckpointError, convert_megatron_to_hf  # noqa: E402
+from megatron_sayo.checkpoint import CheckpointError  # noqa: E402
+from megatron_sayo.convert import convert_megatron_to_hf  # noqa: E402
 from megatron_sayo.models.qwen25vl.hf_config import ConfigError  # noqa: E402
 
 

@@ -15,10 +15,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_sayo.config import RewardConfig
+
+if TYPE_CHECKING:
+    from megatron_sayo.rl.scoring import RolloutBatch
 
 
 GENERATED_CACHE = 20_000
@@ -175,7 +179,7 @@ class Engine:
                 "region_tokens": int(batch.region_mask.sum()), "completion_source": job.get("source", "tokenized")}
 
 
-def tas_batch(job: dict, dev) -> "RolloutBatch":
+def tas_batch(job: dict, dev) -> RolloutBatch:
     """A one-row RolloutBatch: prompt ids + completion ids, the prompt's region mask, its pixels."""
     from megatron_sayo.rl.scoring import RolloutBatch
 
