@@ -465,9 +465,14 @@ class DistCheckpointReader:
         self.meta = {k: _TensorMeta(tuple(v.size), v.properties.dtype)
                      for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
 
+        class _Reader(FileSystemReader):   # the .metadata pickle is read once, not once per load call
+            def read_metadata(self, *args, **kwargs):
+                return md
+
+        self._reader = _Reader(str(self.dir))
+
     def load(self, requests: list[tuple[str, int | None]]) -> dict[tuple[str, int | None], torch.Tensor]:
         """{(key, layer): tensor} for each requested global tensor (layer=None) or layer of a stacked one."""
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint import load as dcp_load
 
         state, offsets = {}, {}
@@ -481,8 +486,7 @@ class DistCheckpointReader:
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp_load(state, storage_reader=FileSystemReader(str(self.dir)), planner=_SlicePlanner.make(offsets),
-                         no_dist=True)
+                dcp_load(state, storage_reader=self._reader, planner=_SlicePlanner.make(offsets), no_dist=True)
         except Exception as exc:
             raise CheckpointError(f"{self.dir}: reading {[k for k, _ in requests]} failed "
                                   f"({type(exc).__name__}: {exc})") from None
