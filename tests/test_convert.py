@@ -216,12 +216,17 @@ def test_killed_cli_leaves_no_final_dir(tiny_ckpt, tmp_path):
     import time
 
     out = tmp_path / "meg"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "convert_hf_to_megatron.py"), "--hf",
-                             str(tiny_ckpt), "--out", str(out), "--tp", "1", "--pp", "1", "--no-progress"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # the tiny conversion takes ~0.1 s: the CLI runs with each progress step slowed so the kill lands mid-write
+    cli = (f"import sys, time; sys.path.insert(0, {str(ROOT / 'tools')!r}); import convert_hf_to_megatron as cli; "
+           "import megatron_sayo.convert as c; step = c._Progress.update; "
+           "c._Progress.update = lambda self, n: (time.sleep(0.05), step(self, n)); "
+           f"cli.main(['--hf', {str(tiny_ckpt)!r}, '--out', {str(out)!r}, '--no-progress'])")
+    proc = subprocess.Popen([sys.executable, "-c", cli], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.monotonic() + 60
-    while not list(tmp_path.glob("meg.tmp-*")) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    while not list(tmp_path.glob("meg.tmp-*/__*.distcp")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the conversion ended before it could be killed"
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists()
