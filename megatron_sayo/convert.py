@@ -166,8 +166,8 @@ class _FailAfter:
         self.bar.close()
 
 
-def check_hf_checkpoint(hf_dir: str | Path, reader, hf) -> dict[str, int]:
-    """Validate headers and names before anything is written; returns {hf_name: numel}.
+def check_hf_checkpoint(hf_dir: str | Path, reader, hf) -> dict[str, tuple[int, ...]]:
+    """Validate headers and names before anything is written; returns {hf_name: shape}.
 
     Raises CheckpointError for a corrupt/truncated safetensors file, a tensor no rule maps, or a layer index
     outside the config.
@@ -177,7 +177,7 @@ def check_hf_checkpoint(hf_dir: str | Path, reader, hf) -> dict[str, int]:
     from megatron_sayo.models.qwen25vl.weights import match_hf
 
     files = sorted({f for f, _ in reader.locations.values()})
-    sizes = {}
+    shapes = {}
     for file in files:
         path = Path(hf_dir) / file
         if not path.is_file():
@@ -185,13 +185,12 @@ def check_hf_checkpoint(hf_dir: str | Path, reader, hf) -> dict[str, int]:
         try:
             with safe_open(path, "pt") as f:
                 for key in f.keys():
-                    shape = f.get_slice(key).get_shape()
-                    sizes[key] = int(np.prod(shape)) if shape else 1
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
         except Exception as exc:  # safetensors raises its own SafetensorError for bad headers/lengths
             raise CheckpointError(f"{path}: corrupt safetensors file ({exc})") from None
-    numel = {}
+    found = {}
     for name, (file, key) in reader.locations.items():
-        if key not in sizes:
+        if key not in shapes:
             raise CheckpointError(f"{Path(hf_dir) / file}: index lists tensor '{key}' but the file lacks it")
         try:
             rule, fields = match_hf(name)
@@ -204,11 +203,11 @@ def check_hf_checkpoint(hf_dir: str | Path, reader, hf) -> dict[str, int]:
         if rule.megatron == "output_layer.weight" and hf.text.tie_word_embeddings:
             raise CheckpointError(f"{reader.file_of(name)}: extra tensor '{name}': config.json ties the word "
                                   f"embeddings (tie_word_embeddings=true), so lm_head.weight must be absent")
-        numel[name] = sizes[key]
-    return numel
+        found[name] = shapes[key]
+    return found
 
 
-def check_hf_shapes(targets, reader, hf) -> None:
+def check_hf_shapes(targets, shapes: dict[str, tuple[int, ...]], reader, hf) -> None:
     """Every HF tensor the checkpoint needs is present with the shape config.json implies."""
     from megatron_sayo.models.qwen25vl.weights import hf_names
 
@@ -221,13 +220,12 @@ def check_hf_shapes(targets, reader, hf) -> None:
                 full = (text.vocab_size, *full[1:])
             for hf_name, want in zip(names, expected_hf_shapes(target.rule, full, text)):
                 where = f"(needed for megatron '{target.megatron_name(layer)}')"
-                if hf_name not in reader.locations:
+                if hf_name not in shapes:
                     raise CheckpointError(f"{reader.dir}: missing tensor '{hf_name}' {where}")
-                got = tuple(reader.get_slice(hf_name).get_shape())
+                got = shapes[hf_name]
                 if got != want:
                     raise CheckpointError(f"{reader.file_of(hf_name)}: tensor '{hf_name}' has shape {list(got)}, "
                                           f"config.json implies {list(want)} {where}")
-    reader.close()
 
 
 def verify_consumed(numel: dict[str, int], reads: dict[str, dict[str, int]]) -> int:
@@ -312,9 +310,10 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int =
         raise CheckpointError(f"{hf_dir}: cannot read the weights ({exc})") from None
     except Exception as exc:  # safetensors' SafetensorError: bad header or truncated data
         raise CheckpointError(f"{hf_dir / 'model.safetensors'}: corrupt safetensors file ({exc})") from None
-    numel = check_hf_checkpoint(hf_dir, reader, hf)
+    shapes = check_hf_checkpoint(hf_dir, reader, hf)
+    numel = {name: int(np.prod(shape)) for name, shape in shapes.items()}
     targets = dist_layout.targets(hf, tp)
-    check_hf_shapes(targets, reader, hf)
+    check_hf_shapes(targets, shapes, reader, hf)
     tmp = prepare_output(out_dir, overwrite)
     writer = TorchDistWriter(tmp)
     total = sum(hf.text.num_layers if t.stacked else 1 for t in targets)
