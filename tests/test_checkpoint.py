@@ -98,7 +98,7 @@ def test_trained_checkpoint_exports_policy_weights(tiny_ckpt, tmp_path):
     """A trainer step dir (model + optimizer + RNG) exports to HF: same names/shapes as the source."""
     from safetensors import safe_open
 
-    from megatron_sayo.checkpoint import find_resumable
+    from megatron_sayo.checkpoint_files import find_resumable
     from megatron_sayo.convert import convert_megatron_to_hf
 
     run_dir = tmp_path / "run"
@@ -126,7 +126,7 @@ def _save_one(hf_dir: str, run_dir: str):
 
 
 def test_find_resumable_skips_tmp_and_broken_metadata(tmp_path):
-    from megatron_sayo.checkpoint import find_resumable
+    from megatron_sayo.checkpoint_files import find_resumable
 
     root = tmp_path / "checkpoints"
     (root / "step_0000005.tmp").mkdir(parents=True)

@@ -64,7 +64,8 @@ def _rank_grads(hf_dir, tp, pp, data):
 
 
 def _full(results):
-    from megatron_sayo.models.qwen25vl.weights import match_megatron, unshard
+    from megatron_sayo.models.qwen25vl.name_map import match_megatron
+    from megatron_sayo.models.qwen25vl.weights import unshard
 
     by_name: dict[str, dict[int, torch.Tensor]] = {}
     for tp_rank, dp_rank, grads in results:

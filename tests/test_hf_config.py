@@ -12,7 +12,8 @@ import pytest
 from small_configs import HUB_7B, small_hub_config
 
 from megatron_sayo.models.qwen25vl.hf_config import (ConfigError, ParallelLayout, load_hf_config, padded_vocab_size,
-                                                     parse_hf_config, to_transformer_config, validate_layout)
+                                                     parse_hf_config, validate_layout)
+from megatron_sayo.models.qwen25vl.transformer_config import to_transformer_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -85,7 +85,8 @@ def _rank_grads(hf_dir: str, tp: int, pp: int, batch: dict):
 
 
 def _full_grads(hf_dir, tp, pp, batch) -> dict[str, torch.Tensor]:
-    from megatron_sayo.models.qwen25vl.weights import match_megatron, unshard
+    from megatron_sayo.models.qwen25vl.name_map import match_megatron
+    from megatron_sayo.models.qwen25vl.weights import unshard
     from megatron_sayo.runtime import spawn_local
 
     results = spawn_local(_rank_grads, tp * pp, hf_dir, tp, pp, batch)

@@ -7,7 +7,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import Qwen2_5_VLVisionConfig  # noqa: E402
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel  # noqa: E402
 
-from megatron_sayo.models.qwen25vl.vision import Qwen25VisionModel, VisionConfig, VisionConfigError  # noqa: E402
+from megatron_sayo.models.qwen25vl.hf_config import VisionConfig, VisionConfigError  # noqa: E402
+from megatron_sayo.models.qwen25vl.vision import Qwen25VisionModel  # noqa: E402
 
 TINY = dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64, in_channels=3,
             patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,

@@ -275,7 +275,7 @@ def check_args(args) -> Path:
         raise ReportError(f"--image {args.image}: no such file")
     ckpt = args.hf or args.megatron
     if args.megatron:
-        from megatron_sayo.checkpoint import resolve_checkpoint_dir
+        from megatron_sayo.checkpoint_files import resolve_checkpoint_dir
 
         ckpt = resolve_checkpoint_dir(args.megatron)
     for name in ("config.json", "tokenizer.json", "preprocessor_config.json"):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_sayo.checkpoint import CheckpointError  # noqa: E402
+from megatron_sayo.checkpoint_files import CheckpointError  # noqa: E402
 from megatron_sayo.convert import convert_megatron_to_hf  # noqa: E402
 from megatron_sayo.models.qwen25vl.hf_config import ConfigError  # noqa: E402
 

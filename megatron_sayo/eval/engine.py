@@ -45,7 +45,7 @@ def processor_dir(hf_dir: str | None, megatron_dir: str | None) -> Path:
     """Where the tokenizer / preprocessor files live (megatron checkpoints carry copies of them)."""
     if hf_dir is not None:
         return Path(hf_dir)
-    from megatron_sayo.checkpoint import resolve_checkpoint_dir
+    from megatron_sayo.checkpoint_files import resolve_checkpoint_dir
 
     return resolve_checkpoint_dir(megatron_dir)
 

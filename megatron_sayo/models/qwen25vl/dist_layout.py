@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from megatron_sayo.models.qwen25vl.hf_config import ParallelLayout, Qwen25VLConfig, padded_vocab_size
-from megatron_sayo.models.qwen25vl.weights import RULES, TE_ALIASES, Rule
+from megatron_sayo.models.qwen25vl.name_map import RULES, TE_ALIASES, Rule
 
 STACKED = "decoder.layers."
 # Linears whose (empty) extra state megatron saves per layer as a sharded object.
@@ -34,9 +32,9 @@ class Target:
     def stacked(self) -> bool:
         return self.key.startswith(STACKED)
 
-    def stored_dtype(self, params_dtype: torch.dtype) -> torch.dtype:
+    def stored_dtype(self, params_dtype: str) -> str:
         """Megatron's local-spec RMSNorm keeps float32 weights whatever params_dtype is; so does its save."""
-        return torch.float32 if self.key.endswith("layer_norm_weight") or self.key.startswith(
+        return "float32" if self.key.endswith("layer_norm_weight") or self.key.startswith(
             "decoder.final_layernorm") else params_dtype
 
     def megatron_name(self, layer: int | None) -> str:
@@ -86,12 +84,20 @@ def full_shape(rule: Rule, hf: Qwen25VLConfig, padded_vocab: int) -> tuple[int, 
 
 
 def vision_shapes(hf: Qwen25VLConfig) -> dict[str, tuple[int, ...]]:
-    """{vision parameter name: shape} of our vision tower, built on the meta device."""
-    from megatron_sayo.models.qwen25vl.vision import Qwen25VisionModel
-
-    with torch.device("meta"):
-        vision = Qwen25VisionModel(hf.vision)
-    return {name: tuple(p.shape) for name, p in vision.state_dict().items()}
+    """{vision parameter name: shape} of our vision tower (vision.py), in state_dict order."""
+    v = hf.vision
+    h, inter, merged = v.hidden_size, v.intermediate_size, v.hidden_size * v.spatial_merge_size ** 2
+    out = {"patch_embed.proj.weight": (h, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)}
+    for i in range(v.depth):
+        out.update({f"blocks.{i}.{name}": shape for name, shape in (
+            ("norm1.weight", (h,)), ("attn.qkv.weight", (3 * h, h)), ("attn.qkv.bias", (3 * h,)),
+            ("attn.proj.weight", (h, h)), ("attn.proj.bias", (h,)), ("norm2.weight", (h,)),
+            ("mlp.gate_proj.weight", (inter, h)), ("mlp.gate_proj.bias", (inter,)),
+            ("mlp.up_proj.weight", (inter, h)), ("mlp.up_proj.bias", (inter,)),
+            ("mlp.down_proj.weight", (h, inter)), ("mlp.down_proj.bias", (h,)))})
+    out.update({"merger.ln_q.weight": (h,), "merger.mlp.0.weight": (merged, merged), "merger.mlp.0.bias": (merged,),
+                "merger.mlp.2.weight": (v.out_hidden_size, merged), "merger.mlp.2.bias": (v.out_hidden_size,)})
+    return out
 
 
 def targets(hf: Qwen25VLConfig, tp: int) -> list[Target]:

@@ -1,4 +1,4 @@
-"""Read a Hugging Face Qwen2.5-VL config.json into typed configs and a megatron TransformerConfig.
+"""Read a Hugging Face Qwen2.5-VL config.json into typed configs (no torch: the converters import this).
 
 Every number comes from the file. Both the hub layout (text fields at the top level) and the nested
 layout of recent transformers (`text_config`, `rope_parameters`) are accepted. Validation happens here,
@@ -10,17 +10,102 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+import dataclasses
 
 from megatron_sayo.jsonfiles import read_json
-from megatron_sayo.models.qwen25vl.vision import VisionConfig
 
 KNOWN_MODEL_TYPES = ("qwen2_5_vl",)
+# Activations the vision tower implements (vision.py maps each name to its function).
+VISION_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "quick_gelu", "relu")
 
 
 class ConfigError(ValueError):
     """A checkpoint config that cannot describe a model we can build."""
+
+
+class VisionConfigError(ValueError):
+    """A vision_config field is missing or invalid."""
+
+
+# Fields transformers' Qwen2_5_VLVisionConfig fills in when a file leaves them out.
+_DEFAULTS = dict(in_channels=3, patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
+                 fullatt_block_indexes=(7, 15, 23, 31), hidden_act="silu", rms_norm_eps=1e-6,
+                 tokens_per_second=4, rope_theta=10000.0)
+_REQUIRED = ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower's architecture."""
+
+    depth: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    in_channels: int
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    window_size: int
+    fullatt_block_indexes: tuple[int, ...]
+    out_hidden_size: int
+    hidden_act: str
+    rms_norm_eps: float = 1e-6
+    tokens_per_second: int = 4
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one pixel_values row: C * T * P * P."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, source: str = "vision_config") -> "VisionConfig":
+        """Typed config from a hub `vision_config` dict; raises VisionConfigError naming source and field."""
+        d = dict(d)
+        if "in_chans" in d and "in_channels" not in d:
+            d["in_channels"] = d["in_chans"]
+        if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):
+            d["rope_theta"] = d["rope_parameters"].get("rope_theta", _DEFAULTS["rope_theta"])
+        missing = [k for k in _REQUIRED if k not in d]
+        if missing:
+            raise VisionConfigError(f"{source}: missing field(s) {missing}")
+        values = {f.name: d.get(f.name, _DEFAULTS.get(f.name)) for f in dataclasses.fields(cls)}
+        values["fullatt_block_indexes"] = tuple(values["fullatt_block_indexes"] or ())
+        config = cls(**values)
+        config.validate(source)
+        return config
+
+    def validate(self, source: str = "vision_config") -> None:
+        """Raise VisionConfigError for values the tower cannot run with."""
+        def fail(field, why):
+            raise VisionConfigError(f"{source}: field '{field}' = {getattr(self, field)!r} {why}")
+
+        for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+                     "temporal_patch_size", "spatial_merge_size", "window_size", "out_hidden_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                fail(name, "must be a positive integer")
+        if self.hidden_size % self.num_heads:
+            fail("hidden_size", f"is not divisible by num_heads = {self.num_heads}")
+        if self.head_dim % 4:
+            fail("hidden_size", f"gives head_dim {self.head_dim}; the 2-D RoPE needs head_dim divisible by 4")
+        if self.hidden_act not in VISION_ACTIVATIONS:
+            fail("hidden_act", f"is not a known activation {sorted(VISION_ACTIVATIONS)}")
+        if self.window_size % (self.patch_size * self.spatial_merge_size):
+            fail("window_size", f"must be a multiple of patch_size * spatial_merge_size = "
+                                f"{self.patch_size * self.spatial_merge_size}")
+        bad = [i for i in self.fullatt_block_indexes if not isinstance(i, int) or not 0 <= i < self.depth]
+        if bad:
+            fail("fullatt_block_indexes", f"has indexes {bad} outside [0, depth={self.depth})")
+        if not self.rms_norm_eps > 0:
+            fail("rms_norm_eps", "must be > 0")
+        if not self.rope_theta > 0:
+            fail("rope_theta", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -191,58 +276,3 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     """Megatron's rule: pad the vocabulary to a multiple of divisible_by * tp."""
     multiple = divisible_by * tp
     return -(-vocab_size // multiple) * multiple
-
-
-def to_transformer_config(cfg: Qwen25VLConfig, layout: ParallelLayout, *, params_dtype: torch.dtype = torch.float32,
-                          recompute: str | None = None, sequence_parallel: bool = False,
-                          **overrides):
-    """The megatron TransformerConfig of the decoder for this layout (validated first)."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    validate_layout(cfg, layout)
-    t = cfg.text
-    gpu = torch.cuda.is_available()
-    kwargs = dict(
-        num_layers=t.num_layers,
-        hidden_size=t.hidden_size,
-        ffn_hidden_size=t.intermediate_size,
-        num_attention_heads=t.num_heads,
-        num_query_groups=t.num_kv_heads,
-        kv_channels=t.head_dim,
-        normalization="RMSNorm",
-        layernorm_epsilon=t.rms_norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        num_layers_in_first_pipeline_stage=layout.first_stage_layers,
-        num_layers_in_last_pipeline_stage=layout.last_stage_layers,
-        sequence_parallel=sequence_parallel and layout.tp > 1,
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
-        use_cpu_initialization=not gpu,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        share_embeddings_and_output_weights=t.tie_word_embeddings,
-    )
-    if recompute in ("selective", "full"):
-        kwargs.update(recompute_granularity=recompute)
-        if recompute == "full":
-            kwargs.update(recompute_method="uniform", recompute_num_layers=1)
-    kwargs.update(overrides)
-    share = kwargs.pop("share_embeddings_and_output_weights")
-    config = TransformerConfig(**kwargs)
-    config.share_embeddings_and_output_weights = share
-    return config
-
-

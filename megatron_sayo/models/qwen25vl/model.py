@@ -162,7 +162,8 @@ def load_from_hf(hf_dir, *, tp: int = 1, pp: int = 1, params_dtype: torch.dtype 
                  config_overrides: dict | None = None, recompute: str | None = None,
                  sequence_parallel: bool = False, **model_kwargs) -> Qwen25VLModel:
     """Build this rank's stage (parallel_state must be initialised) and fill it from an HF checkpoint."""
-    from megatron_sayo.models.qwen25vl.hf_config import ParallelLayout, load_hf_config, to_transformer_config
+    from megatron_sayo.models.qwen25vl.hf_config import ParallelLayout, load_hf_config
+    from megatron_sayo.models.qwen25vl.transformer_config import to_transformer_config
     from megatron_sayo.models.qwen25vl.weights import HFCheckpointReader, load_hf_into_model
 
     hf = load_hf_config(hf_dir)

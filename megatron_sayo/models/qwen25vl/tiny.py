@@ -24,7 +24,7 @@ import torch
 
 from megatron_sayo.data.image_processing import ImageProcessorConfig
 from megatron_sayo.jsonfiles import read_json
-from megatron_sayo.models.qwen25vl.weights import normalize_hf_name
+from megatron_sayo.models.qwen25vl.name_map import normalize_hf_name
 
 # Qwen2 special tokens in their hub order (151643 + k); the first 14 are special, the rest plain added tokens.
 QWEN_SPECIAL_TOKENS = (

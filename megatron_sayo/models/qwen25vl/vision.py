@@ -11,16 +11,11 @@ permutes merged tokens into windows of `window_size` pixels; the output is un-pe
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-class VisionConfigError(ValueError):
-    """A vision_config field is missing or invalid."""
+from megatron_sayo.models.qwen25vl.hf_config import VISION_ACTIVATIONS, VisionConfig
 
 
 def _quick_gelu(x: Tensor) -> Tensor:
@@ -34,85 +29,7 @@ ACTIVATIONS = {
     "quick_gelu": _quick_gelu,
     "relu": F.relu,
 }
-
-# Fields transformers' Qwen2_5_VLVisionConfig fills in when a file leaves them out.
-_DEFAULTS = dict(in_channels=3, patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
-                 fullatt_block_indexes=(7, 15, 23, 31), hidden_act="silu", rms_norm_eps=1e-6,
-                 tokens_per_second=4, rope_theta=10000.0)
-_REQUIRED = ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size")
-
-
-@dataclass(frozen=True)
-class VisionConfig:
-    depth: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    in_channels: int
-    patch_size: int
-    temporal_patch_size: int
-    spatial_merge_size: int
-    window_size: int
-    fullatt_block_indexes: tuple[int, ...]
-    out_hidden_size: int
-    hidden_act: str
-    rms_norm_eps: float = 1e-6
-    tokens_per_second: int = 4
-    rope_theta: float = 10000.0
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def patch_dim(self) -> int:
-        """Length of one pixel_values row: C * T * P * P."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
-
-    @classmethod
-    def from_hf_dict(cls, d: dict, source: str = "vision_config") -> "VisionConfig":
-        """Typed config from a hub `vision_config` dict; raises VisionConfigError naming source and field."""
-        d = dict(d)
-        if "in_chans" in d and "in_channels" not in d:
-            d["in_channels"] = d["in_chans"]
-        if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):
-            d["rope_theta"] = d["rope_parameters"].get("rope_theta", _DEFAULTS["rope_theta"])
-        missing = [k for k in _REQUIRED if k not in d]
-        if missing:
-            raise VisionConfigError(f"{source}: missing field(s) {missing}")
-        values = {f.name: d.get(f.name, _DEFAULTS.get(f.name)) for f in dataclasses.fields(cls)}
-        values["fullatt_block_indexes"] = tuple(values["fullatt_block_indexes"] or ())
-        config = cls(**values)
-        config.validate(source)
-        return config
-
-    def validate(self, source: str = "vision_config") -> None:
-        """Raise VisionConfigError for values the tower cannot run with."""
-        def fail(field, why):
-            raise VisionConfigError(f"{source}: field '{field}' = {getattr(self, field)!r} {why}")
-
-        for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
-                     "temporal_patch_size", "spatial_merge_size", "window_size", "out_hidden_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                fail(name, "must be a positive integer")
-        if self.hidden_size % self.num_heads:
-            fail("hidden_size", f"is not divisible by num_heads = {self.num_heads}")
-        if self.head_dim % 4:
-            fail("hidden_size", f"gives head_dim {self.head_dim}; the 2-D RoPE needs head_dim divisible by 4")
-        if self.hidden_act not in ACTIVATIONS:
-            fail("hidden_act", f"is not a known activation {sorted(ACTIVATIONS)}")
-        if self.window_size % (self.patch_size * self.spatial_merge_size):
-            fail("window_size", f"must be a multiple of patch_size * spatial_merge_size = "
-                                f"{self.patch_size * self.spatial_merge_size}")
-        bad = [i for i in self.fullatt_block_indexes if not isinstance(i, int) or not 0 <= i < self.depth]
-        if bad:
-            fail("fullatt_block_indexes", f"has indexes {bad} outside [0, depth={self.depth})")
-        if not self.rms_norm_eps > 0:
-            fail("rms_norm_eps", "must be > 0")
-        if not self.rope_theta > 0:
-            fail("rope_theta", "must be > 0")
-
+assert tuple(ACTIVATIONS) == VISION_ACTIVATIONS
 
 # ---- index bookkeeping (pure functions of grid_thw) -------------------------------------------------------
 
