@@ -4,7 +4,7 @@
 Prints wall time next to a plain copy of the same bytes, and each process's peak RSS next to the memory goal
 0.6 GB + 1.5 x (checkpoint size / (TP*PP)).
 
-    python benchmarks/convert.py [--gb 1.0] [--dtype bfloat16] [--repeats 3] [--workdir DIR] [--keep]
+    python benchmarks/convert.py [--gb 1.0] [--dtype bfloat16] [--repeats 5] [--workdir DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -75,8 +75,16 @@ def make_random_checkpoint(out: Path, target_bytes: float, dtype: str) -> int:
     return total
 
 
-def timed(cmd: list[str]) -> tuple[float, str]:
-    os.sync()  # each timed step starts with no dirty pages left by the previous one (writeback throttling)
+def fresh(out: Path) -> None:
+    """Every timed step, copy or conversion alike, starts the same way: its previous output removed and no
+    dirty pages left (on this VM a step's speed depends on whether the pages it writes were freed just before
+    or were handed back to the host a while ago: up to 8x)."""
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()
+
+
+def timed(cmd: list[str], out: Path) -> tuple[float, str]:
+    fresh(out)
     start = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
@@ -85,7 +93,7 @@ def timed(cmd: list[str]) -> tuple[float, str]:
 
 
 def copy_time(src: Path, dst: Path) -> float:
-    os.sync()
+    fresh(dst)
     start = time.perf_counter()
     shutil.copytree(src, dst)
     return time.perf_counter() - start
@@ -97,7 +105,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs; the best time and the worst memory count")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs; the best time and the worst memory count")
     args = ap.parse_args()
     tp, pp = 2, 2
     work = Path(args.workdir or tempfile.mkdtemp(prefix="convert-bench-"))
@@ -106,15 +114,13 @@ def main() -> int:
     gb = size / 1e9
     goal = 0.6 + 1.5 * gb / (tp * pp)
     runs = []
-    for _ in range(args.repeats):   # page-cache writeback makes single timings noisy: interleave, keep the best
-        for d in (work / "copy_hf", meg, work / "copy_meg", back):
-            shutil.rmtree(d, ignore_errors=True)
+    for _ in range(args.repeats):   # this VM's page cache makes single timings noisy: interleave, keep the best
         t_copy_hf = copy_time(hf, work / "copy_hf")
         t_h2m, out_h2m = timed([sys.executable, str(ROOT / "tools/convert_hf_to_megatron.py"), "--hf", str(hf),
-                                "--out", str(meg), "--tp", str(tp), "--pp", str(pp), "--no-progress"])
+                                "--out", str(meg), "--tp", str(tp), "--pp", str(pp), "--no-progress"], meg)
         t_copy_meg = copy_time(meg, work / "copy_meg")
         t_m2h, out_m2h = timed([sys.executable, str(ROOT / "tools/convert_megatron_to_hf.py"), "--megatron",
-                                str(meg), "--out", str(back), "--max-shard-size", "500MB", "--no-progress"])
+                                str(meg), "--out", str(back), "--max-shard-size", "500MB", "--no-progress"], back)
         runs.append((t_copy_hf, t_h2m, float(re.search(r"peak RSS (\d+) MB", out_h2m).group(1)),
                      t_copy_meg, t_m2h, float(re.search(r"peak RSS (\d+) MB", out_m2h).group(1))))
     t_copy_hf, t_h2m, t_copy_meg, t_m2h = (min(r[i] for r in runs) for i in (0, 1, 3, 4))

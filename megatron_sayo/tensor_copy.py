@@ -106,28 +106,39 @@ def _gather(dst: StoredMatrix, start: int, stop: int, band: list[Piece]) -> None
     esize = DTYPES[dst.dtype].itemsize
     for r in range(start, stop, step):
         n = min(step, stop - r)
-        buf = np.empty((n, dst.row_bytes), np.uint8)
+        buf = _buffer(n * dst.row_bytes).reshape(n, dst.row_bytes)
         for p in band:
-            cols = slice(p.dst_col * esize, (p.dst_col + p.cols) * esize)
+            out = buf[:, p.dst_col * esize:(p.dst_col + p.cols) * esize]
             if p.src is None:
-                buf[:, cols] = 0
+                out[...] = 0
             else:
-                buf[:, cols] = _read_block(p.src, p.src_row + r - start, n, p.src_col, p.cols, dst.dtype)
+                _read_into(out, p.src, p.src_row + r - start, p.src_col, dst.dtype)
         pwrite_all(dst.fd, buf, dst.offset + r * dst.row_bytes)
 
 
-def _read_block(src: StoredMatrix, row: int, rows: int, col: int, cols: int, dtype: str) -> np.ndarray:
-    """rows x cols of src as bytes of `dtype` (rows x cols*itemsize), through a mapping of just those rows."""
+_scratch = np.empty(0, np.uint8)
+
+
+def _buffer(nbytes: int) -> np.ndarray:
+    """A reused scratch buffer (its pages stay faulted in across calls)."""
+    global _scratch
+    if _scratch.size < nbytes:
+        _scratch = np.empty(nbytes, np.uint8)
+    return _scratch[:nbytes]
+
+
+def _read_into(out: np.ndarray, src: StoredMatrix, row: int, col: int, dtype: str) -> None:
+    """out (rows x cols*itemsize of `dtype`) = src's block at (row, col), through a mapping of just its rows."""
+    rows, cols = out.shape[0], out.shape[1] // DTYPES[dtype].itemsize
     start = src.offset + row * src.row_bytes
     aligned = start - start % mmap.ALLOCATIONGRANULARITY
-    length = start - aligned + rows * src.row_bytes
-    m = mmap.mmap(src.fd, length, offset=aligned, access=mmap.ACCESS_READ)
+    m = mmap.mmap(src.fd, start - aligned + rows * src.row_bytes, offset=aligned, access=mmap.ACCESS_READ)
     try:
         esize = DTYPES[src.dtype].itemsize
         block = np.frombuffer(m, np.uint8, rows * src.row_bytes, start - aligned).reshape(rows, src.row_bytes)
-        out = cast(block[:, col * esize:(col + cols) * esize], src.dtype, dtype)
-        del block
-        return out
+        part = block[:, col * esize:(col + cols) * esize]
+        out[...] = part if src.dtype == dtype else cast(part, src.dtype, dtype)
+        del block, part
     finally:
         m.close()
 

@@ -8,6 +8,7 @@ Standard library only: this module never imports torch.
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import os
 import pickle
@@ -384,6 +385,7 @@ def _check_shape(shape) -> tuple[int, ...]:
     return shape
 
 
+@functools.lru_cache(maxsize=4096)    # a checkpoint repeats a few shapes per layer
 def tensor_record(dtype: str, shape: tuple[int, ...], *, archive: str = "archive") -> tuple[bytes, bytes]:
     """(head, tail): torch.save of a contiguous CPU tensor of this dtype and shape is exactly head + the tensor's
     raw little-endian bytes (numel * itemsize) + tail (with compute_crc32 off; `archive` is the name prefix)."""
