@@ -4,8 +4,9 @@
     python tools/convert_hf_to_megatron.py --hf HF_DIR --out MEGATRON_DIR --tp N --pp M
         [--dtype keep|bfloat16|float32] [--overwrite] [--no-progress]
 
-One process streams the tensors from lazily read safetensors slices into the files megatron's TP x PP save
-would write (no model, no process group; memory: one layer of one tensor). Writes `<out>.tmp-<pid>` and renames it at the end. Logic: megatron_sayo.convert.
+One process copies each chunk's bytes from the safetensors files into the files megatron's TP x PP save
+would write (no model, no process group, no torch; memory: one 64 MB band). Writes `<out>.tmp-<pid>` and
+renames it at the end. Logic: megatron_sayo.convert.
 """
 
 from __future__ import annotations

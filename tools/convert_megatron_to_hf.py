@@ -4,9 +4,9 @@
     python tools/convert_megatron_to_hf.py --megatron DIR --out HF_DIR [--max-shard-size 5GB]
         [--dtype bfloat16|float32] [--overwrite] [--no-progress]
 
-One process, no model: reads one global tensor (one layer of a stacked one) at a time and streams it into
-pre-planned safetensors files with hub names; policy weights only (optimizer state is skipped). Output dtype
-defaults to the original HF dtype. Logic: megatron_sayo.convert.
+One process, no model, no torch: each HF tensor is copied from the checkpoint's chunks (whatever TP/PP wrote
+them) into pre-planned safetensors files with hub names; policy weights only (optimizer state is skipped).
+Output dtype defaults to the original HF dtype. Logic: megatron_sayo.convert.
 """
 
 from __future__ import annotations
