@@ -154,7 +154,7 @@ mode_run() {
 run_progress() {
     run_one "$PY" - "$CONFIG" "${OVERRIDES[@]}" <<'EOF'
 import sys
-from megatron_sayo.checkpoint import STEP_PREFIX, find_resumable
+from megatron_sayo.checkpoint_files import STEP_PREFIX, find_resumable
 from megatron_sayo.config import load_config
 cfg = load_config(sys.argv[1], sys.argv[2:])
 ckpt = find_resumable(cfg.run_dir)
