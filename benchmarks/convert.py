@@ -4,7 +4,7 @@
 Prints wall time next to a plain copy of the same bytes, and each process's peak RSS next to the memory goal
 0.6 GB + 1.5 x (checkpoint size / (TP*PP)).
 
-    python benchmarks/convert.py [--gb 1.0] [--dtype bfloat16] [--repeats 5] [--workdir DIR] [--keep]
+    python benchmarks/convert.py [--gb 1.0] [--dtype bfloat16] [--repeats 9] [--workdir DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--repeats", type=int, default=5, help="timed runs; the best time and the worst memory count")
+    ap.add_argument("--repeats", type=int, default=9, help="timed runs; the best time and the worst memory count")
     args = ap.parse_args()
     tp, pp = 2, 2
     work = Path(args.workdir or tempfile.mkdtemp(prefix="convert-bench-"))

@@ -540,8 +540,10 @@ def _write_shards(source: DistSource, shards, dtype: str, text, out: Path, progr
                 bar.set_postfix_str(_bytes_fmt(total_bytes))
                 if fail_after is not None and written > fail_after:
                     raise RuntimeError("simulated interruption")
+            writeback.drain()
             os.fsync(fd)
         finally:
+            writeback.drain()
             os.close(fd)
     bar.close()
     if len(shards) > 1:

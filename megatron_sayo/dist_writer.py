@@ -90,6 +90,7 @@ class TorchDistWriter:
     def finish(self) -> None:
         """fsync and close the data files, then write .metadata, metadata.json and common.pt (fsynced)."""
         self.check_tiled()
+        self._writeback.drain()
         for fd in self._fds.values():
             os.fsync(fd)
         self.close()
@@ -99,6 +100,7 @@ class TorchDistWriter:
 
     def close(self) -> None:
         """Close the data files (after finish, or for an aborted conversion)."""
+        self._writeback.drain()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

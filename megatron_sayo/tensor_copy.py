@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import queue
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -197,16 +199,33 @@ def pwrite_all(fd: int, data, offset: int) -> None:
 
 
 class Writeback:
-    """Starts the kernel's writeback of what was just written (sync_file_range), so the final fsync before
-    publishing waits for the tail only instead of the whole output. A no-op where libc lacks it."""
+    """Starts the kernel's writeback of what was just written (sync_file_range, from a helper thread so the
+    copy never waits on a congested disk queue), so the final fsync before publishing waits for the tail only
+    instead of the whole output. A no-op where libc lacks it. Call drain() before fsyncing or closing."""
 
     def __init__(self):
+        self._queue: queue.Queue = queue.Queue()
         try:
             self._sfr = ctypes.CDLL(None, use_errno=True).sync_file_range
             self._sfr.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
         except (OSError, AttributeError):
             self._sfr = None
+            return
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            fd, offset, length = self._queue.get()
+            try:
+                self._sfr(fd, offset, length, 2)      # SYNC_FILE_RANGE_WRITE: start, do not wait (GIL released)
+            finally:
+                self._queue.task_done()
 
     def start(self, fd: int, offset: int, length: int) -> None:
         if self._sfr is not None:
-            self._sfr(fd, offset, length, 2)      # SYNC_FILE_RANGE_WRITE: start, do not wait
+            self._queue.put((fd, offset, length))
+
+    def drain(self) -> None:
+        """Wait until every requested range has been handed to the kernel."""
+        if self._sfr is not None:
+            self._queue.join()
