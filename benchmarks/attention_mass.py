@@ -6,7 +6,7 @@ a and v from the last layer's attentions (the authors' way). Text-only tokens, r
 key set is 1024 positions (the masses only need its mask).
 
 Each variant runs in its own subprocess: time = min over repeats after one warm-up; peak memory = the
-process's ru_maxrss (reported as a whole and as the increase over the RSS reached before the first forward).
+process's peak RSS (VmHWM) (reported as a whole and as the increase over the RSS reached before the first forward).
 
     python benchmarks/attention_mass.py [--seq 4096 --image 1024 --rows 512 --layers 4 --hidden 1024 ...]
 """
@@ -17,7 +17,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -58,11 +57,6 @@ def bench_inputs(args, image_token_id: int):
     rows = torch.zeros_like(image)
     rows[0, -args.rows:] = True
     return ids, rows, region, image
-
-
-def rss_mib() -> float:
-    """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _timed(fn, repeats: int) -> float:
@@ -155,9 +149,11 @@ def run_variant(variant: str, cfg: dict, args) -> dict:
 
         def step():
             ours(probe)
-    before = rss_mib()
+    from megatron_sayo.memory import peak_rss_mb
+
+    before = peak_rss_mb()
     seconds = _timed(step, args.repeats)
-    peak = rss_mib()
+    peak = peak_rss_mb()
     return {"variant": variant, "seconds": seconds, "peak_rss_mib": peak, "forward_rss_mib": peak - before}
 
 

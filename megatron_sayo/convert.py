@@ -21,6 +21,7 @@ from pathlib import Path
 from megatron_sayo.checkpoint_files import (METADATA_FILE, CheckpointError, copy_side_files, make_metadata,
                                             prepare_output, publish, read_metadata, resolve_checkpoint_dir,
                                             write_json_atomic)
+from megatron_sayo.memory import peak_rss_mb
 from megatron_sayo.models.qwen25vl import dist_layout
 from megatron_sayo.models.qwen25vl.hf_config import ParallelLayout, load_hf_config, validate_layout
 from megatron_sayo.models.qwen25vl.name_map import (RowSpan, hf_names, hf_rows, match_hf, match_megatron,
@@ -58,20 +59,6 @@ def span_pieces(spans: list[RowSpan], sources: list[StoredMatrix | None], row: i
             out.append((s.source, Piece(src, s.start + a - pos, col, a - row, 0, b - a, cols)))
         pos += s.rows
     return out
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory in MB: Linux VmHWM (ru_maxrss would include the RSS of the parent
-    that forked it, which Linux carries across exec), else ru_maxrss."""
-    import resource
-
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _bytes_fmt(n: float) -> str:

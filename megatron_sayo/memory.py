@@ -1,0 +1,19 @@
+"""Process memory figures the benchmarks and converters report (standard library only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: Linux VmHWM (ru_maxrss would include the RSS of the parent
+    that forked it, which Linux carries across exec), else ru_maxrss."""
+    import resource
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
