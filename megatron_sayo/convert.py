@@ -27,10 +27,9 @@ from megatron_sayo.models.qwen25vl.hf_config import ParallelLayout, load_hf_conf
 from megatron_sayo.models.qwen25vl.name_map import (RowSpan, hf_names, hf_rows, match_hf, match_megatron,
                                                     normalize_hf_name, row_map)
 from megatron_sayo.safetensors_files import INDEX_FILE, Entry, header_bytes, read_header, weight_files
-from megatron_sayo.tensor_copy import Piece, StoredMatrix, Writeback, as_matrix, pwrite_all, write_matrix
+from megatron_sayo.tensor_copy import (CAST_DTYPES, Piece, StoredMatrix, Writeback, as_matrix, pwrite_all,
+                                       write_matrix)
 from megatron_sayo.torch_format import DTYPES, load_dcp_metadata, read_tensor_record
-
-CONVERT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 # ==============================================================================================================
@@ -175,8 +174,8 @@ def check_hf_checkpoint(source: HFSource, hf) -> None:
         if rule.megatron == "output_layer.weight" and hf.text.tie_word_embeddings:
             raise CheckpointError(f"{where}: extra tensor '{name}': config.json ties the word "
                                   f"embeddings (tie_word_embeddings=true), so lm_head.weight must be absent")
-        if entry.dtype not in CONVERT_DTYPES:
-            raise CheckpointError(f"{where}: tensor '{name}' is {entry.dtype}; expected one of {CONVERT_DTYPES}")
+        if entry.dtype not in CAST_DTYPES:
+            raise CheckpointError(f"{where}: tensor '{name}' is {entry.dtype}; expected one of {CAST_DTYPES}")
 
 
 def check_hf_shapes(targets, source: HFSource, hf) -> None:
@@ -222,16 +221,14 @@ def stream_hf_to_dist(source: HFSource, hf, layout: ParallelLayout, dtype: str, 
             names = hf_names(target.rule, target.fields(layer), text.tie_word_embeddings)
             spans = row_map(target.rule, text, [source.entries[n].shape[0] for n in names], full[0])
             sources = [source.matrix(n) for n in names]
+            key, stored, lead = target.megatron_name(layer), target.stored_dtype(dtype), int(target.stacked)
             for chunk in layer_chunks:
-                lead = 1 if target.stacked else 0
                 row, col, rows, cols = rectangle(chunk.offsets[lead:], chunk.sizes[lead:], full)
                 pieces = span_pieces(spans, sources, row, col, rows, cols)
                 for i, p in pieces:
                     if i is not None:
                         by_target = reads.setdefault(names[i], {})
-                        key = target.megatron_name(layer)
                         by_target[key] = by_target.get(key, 0) + p.rows * p.cols
-                stored = target.stored_dtype(dtype)
                 writer.add_chunk(target.key, target.shape, chunk.offsets, chunk.sizes, stored, (rows, cols),
                                  lambda dst, pieces=pieces: write_matrix(dst, [p for _, p in pieces]),
                                  rank=chunk.file_rank)
@@ -256,9 +253,9 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int =
     layout = ParallelLayout(tp, pp)
     validate_layout(hf, layout)
     dtype_name = hf.torch_dtype if dtype == "keep" else dtype
-    if dtype_name not in CONVERT_DTYPES:
+    if dtype_name not in CAST_DTYPES:
         raise CheckpointError(f"dtype {dtype_name!r} (from {'config.json torch_dtype' if dtype == 'keep' else '--dtype'})"
-                              f" is not one of {list(CONVERT_DTYPES)}")
+                              f" is not one of {list(CAST_DTYPES)}")
     source = HFSource(hf_dir)
     check_hf_checkpoint(source, hf)
     numel = {name: math.prod(e.shape) for name, e in source.entries.items()}
@@ -424,8 +421,8 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, max
         raise CheckpointError(f"{ckpt}: no config.json (needed to name and shape the HF tensors)")
     hf = load_hf_config(ckpt)
     out_dtype = dtype or meta.get("source_dtype") or hf.torch_dtype
-    if out_dtype not in CONVERT_DTYPES:
-        raise CheckpointError(f"output dtype {out_dtype!r} is not one of {list(CONVERT_DTYPES)}")
+    if out_dtype not in CAST_DTYPES:
+        raise CheckpointError(f"output dtype {out_dtype!r} is not one of {list(CAST_DTYPES)}")
     source = DistSource(ckpt)
     items, used = plan_export(source.tensors, hf.text, meta.get("kind", "converted"))
     missing = _missing_hf_tensors(items, hf)

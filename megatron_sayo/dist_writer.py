@@ -10,6 +10,7 @@ comes from torch_format.py; the chunk's bytes are written straight into place by
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from pathlib import Path
@@ -61,7 +62,7 @@ class TorchDistWriter:
         name, fd, start = self._file(rank)
         head, tail = tensor_record(dtype, tuple(sizes))
         rows, cols = matrix
-        if rows * cols != _numel(sizes):
+        if rows * cols != math.prod(sizes):
             raise ValueError(f"{key}: chunk {list(sizes)} seen as {rows} x {cols}")
         pwrite_all(fd, head, start)
         dst = StoredMatrix(fd, start + len(head), rows, cols, dtype)
@@ -83,9 +84,9 @@ class TorchDistWriter:
     def check_tiled(self) -> None:
         """Every global tensor's chunks add up to its size (no gap, assuming no overlap)."""
         for key, meta in self._md.tensors.items():
-            stored = sum(_numel(c.sizes) for c in meta.chunks)
-            if stored != _numel(meta.shape):
-                raise ValueError(f"{key}: chunks hold {stored} of {_numel(meta.shape)} elements")
+            stored = sum(math.prod(c.sizes) for c in meta.chunks)
+            if stored != math.prod(meta.shape):
+                raise ValueError(f"{key}: chunks hold {stored} of {math.prod(meta.shape)} elements")
 
     def finish(self) -> None:
         """fsync and close the data files, then write .metadata, metadata.json and common.pt (fsynced)."""
@@ -104,13 +105,6 @@ class TorchDistWriter:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _write_synced(path: Path, data: bytes) -> None:

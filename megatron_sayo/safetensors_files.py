@@ -8,6 +8,7 @@ with spaces, then the data; offsets are relative to the end of the header.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,10 +56,7 @@ def read_header(path: str | Path) -> dict[str, Entry]:
                 info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"tensor '{name}': bad header entry {info} (dtypes {sorted(BY_CODE)})") from None
-        numel = 1
-        for d in shape:
-            numel *= d
-        if stop - start != numel * DTYPES[dtype].itemsize or start < 0:
+        if stop - start != math.prod(shape) * DTYPES[dtype].itemsize or start < 0:
             raise ValueError(f"tensor '{name}': data_offsets {[start, stop]} do not hold {list(shape)} {dtype}")
         if stop > data_size:
             raise ValueError(f"tensor '{name}' ends at byte {stop} of {data_size} data bytes (truncated file)")
@@ -69,23 +67,15 @@ def read_header(path: str | Path) -> dict[str, Entry]:
 def header_bytes(tensors: list[tuple[str, str, tuple[int, ...]]]) -> tuple[bytes, list[int]]:
     """(the 8-byte length + JSON header of a file holding (name, dtype, shape) tensors in order, each tensor's
     data offset in the file)."""
-    header, offset, sizes = {"__metadata__": {"format": "pt"}}, 0, []
+    header, offset, starts = {"__metadata__": {"format": "pt"}}, 0, []
     for name, dtype, shape in tensors:
-        numel = 1
-        for d in shape:
-            numel *= d
-        n = numel * DTYPES[dtype].itemsize
+        n = math.prod(shape) * DTYPES[dtype].itemsize
         header[name] = {"dtype": DTYPES[dtype].safetensors, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        starts.append(offset)
         offset += n
-        sizes.append(n)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    start = 8 + len(raw)
-    offsets, pos = [], start
-    for n in sizes:
-        offsets.append(pos)
-        pos += n
-    return struct.pack("<Q", len(raw)) + raw, offsets
+    return struct.pack("<Q", len(raw)) + raw, [8 + len(raw) + s for s in starts]
 
 
 def weight_files(hf_dir: str | Path) -> dict[str, str]:

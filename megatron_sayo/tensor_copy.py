@@ -9,6 +9,7 @@ holds more than one band, whatever the tensor size.
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import os
 import queue
@@ -19,6 +20,7 @@ import numpy as np
 
 from megatron_sayo.torch_format import DTYPES
 
+CAST_DTYPES = ("float32", "bfloat16", "float16")   # what cast() converts between
 BAND_BYTES = 64 << 20          # the most a strided or casting copy holds in memory at once
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
@@ -53,12 +55,7 @@ class Piece:
 
 def as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
     """(rows, cols) of a tensor shape: dim 0 by the product of the rest (a vector is one column)."""
-    if not shape:
-        return 1, 1
-    cols = 1
-    for n in shape[1:]:
-        cols *= n
-    return shape[0], cols
+    return (shape[0], math.prod(shape[1:])) if shape else (1, 1)
 
 
 def write_matrix(dst: StoredMatrix, pieces: list[Piece]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import functools
 import io
+import math
 import os
 import pickle
 import pickletools
@@ -50,13 +51,6 @@ def _dtype(name: str) -> DType:
     if name not in DTYPES:
         raise ValueError(f"dtype {name!r} is not supported (known: {', '.join(DTYPES)})")
     return DTYPES[name]
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -369,7 +363,7 @@ def _tensor_pickle(dt: DType, shape: tuple[int, ...]) -> bytes:
     """data.pkl of a contiguous CPU tensor stored alone in storage "0" (as torch's Tensor.__reduce_ex__)."""
     v3 = dt.storage == "UntypedStorage"
     storage = _Global("torch.storage" if v3 else "torch", dt.storage)
-    numel = _numel(shape)
+    numel = math.prod(shape)
     pid = _PersistentId(("storage", storage, "0", "cpu", numel * dt.itemsize if v3 else numel))
     args = (pid, 0, shape, _contiguous_strides(shape), False, _Reduce(_Global("collections", "OrderedDict"), ()))
     if v3:
@@ -392,10 +386,10 @@ def tensor_record(dtype: str, shape: tuple[int, ...], *, archive: str = "archive
     dt, shape = _dtype(dtype), _check_shape(shape)
     zw = _ZipWriter(archive)
     _prologue(zw, _tensor_pickle(dt, shape))
-    zw.header("data/0", _numel(shape) * dt.itemsize)
+    zw.header("data/0", math.prod(shape) * dt.itemsize)
     head = bytes(zw.out)
     zw.out = bytearray()
-    zw.pos += _numel(shape) * dt.itemsize
+    zw.pos += math.prod(shape) * dt.itemsize
     zw.descriptor()
     zw.record("version", b"3\n")
     zw.finish()
@@ -630,7 +624,7 @@ def _unpickle_tensor(pkl: bytes) -> _Rebuilt:
 
 def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     """torch's rule: strides of dims longer than 1 are row-major; anything goes for an empty tensor."""
-    if _numel(shape) == 0:
+    if math.prod(shape) == 0:
         return True
     return all(st == want for s, st, want in zip(shape, stride, _contiguous_strides(shape)) if s != 1)
 
@@ -671,7 +665,7 @@ def read_tensor_record(fd: int, offset: int, length: int) -> TensorRecord:
         raise ValueError(f"storage {t.storage.key!r} holds {data.size} bytes, data.pkl says {storage_nbytes}")
     if not _is_contiguous(t.shape, t.stride):
         raise ValueError(f"tensor of shape {list(t.shape)} has non-contiguous strides {list(t.stride)}")
-    nbytes = _numel(t.shape) * dt.itemsize
+    nbytes = math.prod(t.shape) * dt.itemsize
     if t.offset < 0 or t.offset * dt.itemsize + nbytes > storage_nbytes:
         raise ValueError(f"tensor at element {t.offset} of {nbytes} bytes exceeds its {storage_nbytes}-byte "
                          f"storage")
