@@ -28,7 +28,7 @@ VARIANTS = {"a": "plain forward", "b": "forward + region masses", "c": "HF eager
 
 def medium_config(args) -> dict:
     """Hub-layout Qwen2.5-VL config: the tiny preset's ids and vision tower, a medium decoder."""
-    from megatron_sayo.models.qwen25vl.tiny import PRESETS, hub_config
+    from megatron_sayo.testing.tiny_checkpoint import PRESETS, hub_config
 
     cfg = copy.deepcopy(hub_config(PRESETS["tiny"], source="preset 'tiny'"))
     cfg.update(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
@@ -75,7 +75,7 @@ def _megatron_step(cfg: dict, args):
     import torch
 
     os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-    from megatron_sayo import runtime
+    from megatron_sayo.distributed import runtime
     from megatron_sayo.attention.region_mass import RegionMassProbe, probe_state
     from megatron_sayo.models.qwen25vl.hf_config import ParallelLayout, parse_hf_config
     from megatron_sayo.models.qwen25vl.transformer_config import to_transformer_config

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 def bench_config(target_bytes: float, esize: int) -> dict:
     """A hub-layout config whose weights total about target_bytes (layers scaled; GQA 8/2, head_dim 128)."""
-    from megatron_sayo.models.qwen25vl.tiny import PRESETS
+    from megatron_sayo.testing.tiny_checkpoint import PRESETS
 
     cfg = json.loads(json.dumps(PRESETS["tiny"]))
     h, inter, vocab = 1024, 4096, 32000

@@ -33,7 +33,7 @@ ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "vision_start_token
 
 def bench_config() -> dict:
     """The tiny preset scaled up; special ids moved to the top of the 32k vocabulary (hub layout)."""
-    from megatron_sayo.models.qwen25vl.tiny import PRESETS
+    from megatron_sayo.testing.tiny_checkpoint import PRESETS
 
     cfg = copy.deepcopy(PRESETS["tiny"])
     shift = VOCAB - cfg["vocab_size"]
@@ -45,7 +45,7 @@ def bench_config() -> dict:
 
 def ensure_checkpoint(ckpt: Path) -> Path:
     """The benchmark checkpoint at `ckpt`, made once."""
-    from megatron_sayo.models.qwen25vl.tiny import make_tiny_checkpoint
+    from megatron_sayo.testing.tiny_checkpoint import make_tiny_checkpoint
 
     if (ckpt / "model.safetensors").exists():
         return ckpt
@@ -85,7 +85,7 @@ def ours_cached(model, batch: dict, new_tokens: int) -> torch.Tensor:
 
 def ours_no_cache(model, batch: dict, new_tokens: int) -> torch.Tensor:
     """Re-run the full prefix (vision included) for each new token; greedy."""
-    from megatron_sayo.rl.rollout import greedy_without_cache
+    from megatron_sayo.testing.reference_decode import greedy_without_cache
 
     return greedy_without_cache(model, batch, new_tokens)
 
@@ -112,7 +112,7 @@ def main(argv=None) -> dict:
 
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from megatron_sayo import runtime
+    from megatron_sayo.distributed import runtime
     from megatron_sayo.models.qwen25vl.model import load_from_hf
 
     ckpt = ensure_checkpoint(args.ckpt)

@@ -74,7 +74,7 @@ def sequential(hf_dir: str, total: int, max_tokens: int) -> tuple[float, int]:
     """(seconds, tokens) of one in-process generate call per request (the no-server, no-batching baseline)."""
     import torch
 
-    from megatron_sayo import runtime
+    from megatron_sayo.distributed import runtime
     from megatron_sayo.data.processor import Processor
     from megatron_sayo.eval.openai_api import convert_messages
     from megatron_sayo.models.qwen25vl.model import load_from_hf
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     tmp = tempfile.TemporaryDirectory()
     hf = args.hf
     if hf is None:
-        from megatron_sayo.models.qwen25vl.tiny import make_tiny_checkpoint
+        from megatron_sayo.testing.tiny_checkpoint import make_tiny_checkpoint
 
         hf = str(make_tiny_checkpoint(Path(tmp.name) / "tiny", preset="tiny", seed=0))
     seq_s, seq_tok = sequential(hf, args.requests, args.max_tokens)

@@ -13,6 +13,8 @@ import sys
 from importlib.resources import files
 from pathlib import Path
 
+from megatron_sayo.rl import plots
+
 DEFAULT_CONFIG = files("megatron_sayo") / "configs" / "tiny.yaml"
 
 
@@ -52,9 +54,8 @@ def main(argv=None) -> int:
     print("$", " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, env=env)
     run_dir = Path(next((o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")), "runs/demo"))
-    plot_tool = Path(__file__).resolve().parents[1] / "tools" / "plot_metrics.py"
-    if rc == 0 and plot_tool.is_file():
-        subprocess.call([sys.executable, str(plot_tool), str(run_dir)], env=env)
+    if rc == 0:
+        plots.main([str(run_dir)])
     print()
     print(summary(run_dir))
     return rc

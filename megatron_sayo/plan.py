@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_sayo.jsonfiles import read_json
+from megatron_sayo.formats.jsonfiles import read_json
 
 GIB = 1024**3
 BF16 = 2

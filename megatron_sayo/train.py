@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_sayo import runtime
+from megatron_sayo.distributed import runtime
 from megatron_sayo.config import ConfigError, RunConfig, load_config
 
 log = logging.getLogger("megatron_sayo.train")
@@ -26,7 +26,7 @@ def prepare_assets(cfg: RunConfig) -> None:
     """Create the tiny checkpoint and the synthetic data set the config asks for, when missing (rank 0)."""
     hf_path = Path(cfg.model.hf_path) if cfg.model.hf_path else None
     if hf_path is not None and cfg.model.make_tiny_if_missing and not (hf_path / "config.json").is_file():
-        from megatron_sayo.models.qwen25vl.tiny import make_tiny_checkpoint
+        from megatron_sayo.testing.tiny_checkpoint import make_tiny_checkpoint
 
         print(f"making a tiny random Qwen2.5-VL checkpoint at {hf_path}", flush=True)
         make_tiny_checkpoint(hf_path, preset="tiny", seed=0)

@@ -67,7 +67,7 @@ fi
 # ---------------------------------------------------------------------------------------------------------
 # Rendezvous: rank 0 on the first node; the port depends on the job id and the restart count, so a
 # requeued job does not meet a socket of its previous run in TIME_WAIT. Ranks read RANK/WORLD from
-# SLURM_PROCID/SLURM_NTASKS (megatron_sayo.runtime.read_launch_env); torchrun's variables would win, so
+# SLURM_PROCID/SLURM_NTASKS (megatron_sayo.distributed.runtime.read_launch_env); torchrun's variables would win, so
 # they are cleared.
 # ---------------------------------------------------------------------------------------------------------
 unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
@@ -154,7 +154,7 @@ mode_run() {
 run_progress() {
     run_one "$PY" - "$CONFIG" "${OVERRIDES[@]}" <<'EOF'
 import sys
-from megatron_sayo.checkpoint_files import STEP_PREFIX, find_resumable
+from megatron_sayo.checkpoint.files import STEP_PREFIX, find_resumable
 from megatron_sayo.config import load_config
 cfg = load_config(sys.argv[1], sys.argv[2:])
 ckpt = find_resumable(cfg.run_dir)

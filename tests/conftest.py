@@ -12,14 +12,14 @@ from PIL import Image
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """HF checkpoint dir of preset 'tiny' (GQA 4/2 heads, untied, vocab 512), seed 0, float32."""
-    from megatron_sayo.models.qwen25vl.tiny import make_tiny_checkpoint
+    from megatron_sayo.testing.tiny_checkpoint import make_tiny_checkpoint
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", preset="tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_tied_ckpt(tmp_path_factory) -> Path:
     """HF checkpoint dir of preset 'tiny-tied' (MHA, tied embeddings, vocab 400), seed 0, float32."""
-    from megatron_sayo.models.qwen25vl.tiny import make_tiny_checkpoint
+    from megatron_sayo.testing.tiny_checkpoint import make_tiny_checkpoint
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-tied", preset="tiny-tied", seed=0)
 
 

@@ -79,7 +79,7 @@ def build_sample(processor, hf, image, prompt: str, box: list[float]) -> Sample:
 def _load(hf_dir, megatron_dir, tp: int, pp: int):
     """This rank's model stage from an HF or a megatron checkpoint."""
     if megatron_dir:
-        from megatron_sayo.checkpoint import load_model_for_inference
+        from megatron_sayo.checkpoint.state import load_model_for_inference
 
         return load_model_for_inference(megatron_dir, tp=tp, pp=pp)
     from megatron_sayo.models.qwen25vl.model import load_from_hf
@@ -103,7 +103,7 @@ def _rank_scores(hf_dir, megatron_dir, tp, pp, sample: Sample, completion, gener
     """On every rank: (generate,) score; the last stage's TP rank 0 returns the arrays the report needs."""
     from megatron.core import parallel_state
 
-    from megatron_sayo import runtime
+    from megatron_sayo.distributed import runtime
     from megatron_sayo.attention.region_mass import score_region_mass
     from megatron_sayo.models.qwen25vl.model import model_inputs
     from megatron_sayo.rl.logprobs import vocab_parallel_entropy
@@ -275,7 +275,7 @@ def check_args(args) -> Path:
         raise ReportError(f"--image {args.image}: no such file")
     ckpt = args.hf or args.megatron
     if args.megatron:
-        from megatron_sayo.checkpoint_files import resolve_checkpoint_dir
+        from megatron_sayo.checkpoint.files import resolve_checkpoint_dir
 
         ckpt = resolve_checkpoint_dir(args.megatron)
     for name in ("config.json", "tokenizer.json", "preprocessor_config.json"):
@@ -293,7 +293,7 @@ def main(argv=None) -> int:
 
         from megatron_sayo.data.processor import Processor
         from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
-        from megatron_sayo.runtime import spawn_local
+        from megatron_sayo.distributed.runtime import spawn_local
 
         hf = load_hf_config(ckpt)
         processor = Processor.from_pretrained(ckpt)

@@ -43,7 +43,7 @@ def build_inputs(hf_dir: str, images: list[str], prompt: str) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_sayo.models.qwen25vl.hf_config import ParallelLayout, load_hf_config, validate_layout
-    from megatron_sayo.models.qwen25vl.parity import compare_logits, hf_logits, megatron_logits
+    from megatron_sayo.testing.parity import compare_logits, hf_logits, megatron_logits
 
     try:
         validate_layout(load_hf_config(args.hf), ParallelLayout(args.tp, args.pp))

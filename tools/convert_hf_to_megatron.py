@@ -6,7 +6,7 @@
 
 One process copies each chunk's bytes from the safetensors files into the files megatron's TP x PP save
 would write (no model, no process group, no torch; memory: one 64 MB band). Writes `<out>.tmp-<pid>` and
-renames it at the end. Logic: megatron_sayo.convert.
+renames it at the end. Logic: megatron_sayo.convert.converters.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_sayo.checkpoint_files import CheckpointError  # noqa: E402
-from megatron_sayo.convert import convert_hf_to_megatron  # noqa: E402
+from megatron_sayo.checkpoint.files import CheckpointError  # noqa: E402
+from megatron_sayo.convert.converters import convert_hf_to_megatron  # noqa: E402
 from megatron_sayo.models.qwen25vl.hf_config import ConfigError  # noqa: E402
 
 

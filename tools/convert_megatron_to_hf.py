@@ -6,7 +6,7 @@
 
 One process, no model, no torch: each HF tensor is copied from the checkpoint's chunks (whatever TP/PP wrote
 them) into pre-planned safetensors files with hub names; policy weights only (optimizer state is skipped).
-Output dtype defaults to the original HF dtype. Logic: megatron_sayo.convert.
+Output dtype defaults to the original HF dtype. Logic: megatron_sayo.convert.converters.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_sayo.checkpoint_files import CheckpointError  # noqa: E402
-from megatron_sayo.convert import convert_megatron_to_hf  # noqa: E402
+from megatron_sayo.checkpoint.files import CheckpointError  # noqa: E402
+from megatron_sayo.convert.converters import convert_megatron_to_hf  # noqa: E402
 from megatron_sayo.models.qwen25vl.hf_config import ConfigError  # noqa: E402
 
 

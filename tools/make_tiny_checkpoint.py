@@ -4,7 +4,7 @@
     python tools/make_tiny_checkpoint.py --out DIR [--seed N] [--config-json CONFIG.json]
         [--dtype float32|bfloat16] [--preset tiny|tiny-tied] [--overwrite]
 
-The logic lives in megatron_sayo.models.qwen25vl.tiny.make_tiny_checkpoint.
+The logic lives in megatron_sayo.testing.tiny_checkpoint.make_tiny_checkpoint.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_sayo.models.qwen25vl.tiny import DTYPES, PRESETS, make_tiny_checkpoint  # noqa: E402
+from megatron_sayo.testing.tiny_checkpoint import DTYPES, PRESETS, make_tiny_checkpoint  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_sayo.distributed.groups import resolve_group
 from megatron_sayo.models.qwen25vl.attention import AttentionState
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 20  # float32 weights held at once per chunk (4 MiB)
@@ -165,7 +166,7 @@ class RegionMassProbe:
         with torch.no_grad():
             sums = local_head_mass_sums(query, key, lse, scale, self.pairs, self.region_mask, self.image_mask,
                                         self.chunk_elements, self.key_weights)
-            group = _resolve_group(self.group)
+            group = resolve_group(self.group, "tp")
             tp = 1
             if group is not None and dist.get_world_size(group) > 1:
                 dist.all_reduce(sums, group=group)
@@ -175,15 +176,6 @@ class RegionMassProbe:
         self.result = RegionMass(batch=b, query=self.pairs[:, 1], region_sum=sums[0].cpu(), image_sum=sums[1].cpu(),
                                  region_count=self.region_mask.sum(1)[b], image_count=self.image_mask.sum(1)[b],
                                  key_weights=sums[2:].T.cpu() if self.key_weights else None)
-
-
-def _resolve_group(group):
-    """'default' -> megatron's TP group (None when parallel_state is not initialised)."""
-    if isinstance(group, str) and group == "default":
-        from megatron_sayo.rl.logprobs import tp_group_default
-
-        return tp_group_default()
-    return group
 
 
 def probe_state(probe: RegionMassProbe, num_layers: int, kv_cache=None) -> AttentionState:
@@ -209,7 +201,7 @@ def score_region_mass(model, microbatches: list[dict], collect=None, key_weights
     `image_mask` (see RegionMassProbe), plus anything `collect(logits, mb)` reads. Runs megatron's
     forward-only schedule (any PP); other stages return []. key_weights: see RegionMassProbe.
     """
-    from megatron_sayo.schedule import run_forward
+    from megatron_sayo.distributed.schedule import run_forward
 
     num_layers = model.config.num_layers
     prepared = []

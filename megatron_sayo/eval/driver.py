@@ -116,7 +116,7 @@ def child_env(extra: dict | None = None) -> dict:
 def start_server(hf: str | None, megatron: str | None, tp: int, log_path: Path, startup_s: float = 900.0,
                  extra_args: list[str] | None = None) -> ServerProcess:
     """Start the server on a free loopback port with a fresh API key; return once /health answers."""
-    from megatron_sayo.runtime import free_port
+    from megatron_sayo.distributed.runtime import free_port
 
     port, key = free_port(), secrets.token_hex(16)
     cmd = [sys.executable, "-m", "megatron_sayo.eval.serve", *source_args(hf, megatron), "--tp", str(tp),

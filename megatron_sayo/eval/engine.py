@@ -33,7 +33,7 @@ def load_model(hf_dir: str | None, megatron_dir: str | None, tp: int = 1, pp: in
     if (hf_dir is None) == (megatron_dir is None):
         raise ValueError("give exactly one of --hf DIR or --megatron DIR")
     if megatron_dir is not None:
-        from megatron_sayo.checkpoint import load_model_for_inference
+        from megatron_sayo.checkpoint.state import load_model_for_inference
 
         return load_model_for_inference(megatron_dir, tp, pp)
     from megatron_sayo.models.qwen25vl.model import load_from_hf
@@ -45,7 +45,7 @@ def processor_dir(hf_dir: str | None, megatron_dir: str | None) -> Path:
     """Where the tokenizer / preprocessor files live (megatron checkpoints carry copies of them)."""
     if hf_dir is not None:
         return Path(hf_dir)
-    from megatron_sayo.checkpoint_files import resolve_checkpoint_dir
+    from megatron_sayo.checkpoint.files import resolve_checkpoint_dir
 
     return resolve_checkpoint_dir(megatron_dir)
 
@@ -125,7 +125,7 @@ class Engine:
     def generate_chat(self, jobs: list[dict]) -> list[dict]:
         """One `generate` call for jobs sharing a sampling key; each gets n choices cut at its own limits."""
         from megatron_sayo.rl.rollout import SamplingParams, generate
-        from megatron_sayo.runtime import device
+        from megatron_sayo.distributed.runtime import device
 
         temperature, top_p, greedy, _, n, seed = jobs[0]["params"]
         max_new = max(j["params"][3] for j in jobs)
@@ -162,7 +162,7 @@ class Engine:
         """Teacher-force a completion after its prompt: TAS and attention reward (SPEC 3) of that sample."""
         from megatron_sayo.rl.rewards import sequence_attention_reward
         from megatron_sayo.rl.scoring import score_policy
-        from megatron_sayo.runtime import device
+        from megatron_sayo.distributed.runtime import device
 
         batch = tas_batch(job, device())
         scores = score_policy(self.model, batch, micro_batch=1, temperature=job["temperature"])

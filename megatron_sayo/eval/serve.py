@@ -252,7 +252,7 @@ def run_rank(args) -> None:
 
     import torch.distributed as dist
 
-    from megatron_sayo import runtime
+    from megatron_sayo.distributed import runtime
 
     runtime.init_distributed(args.tp, args.pp)
     engine = build_engine(args)
@@ -303,12 +303,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     world = args.tp * args.pp
     if world > 1 and "WORLD_SIZE" not in os.environ and "SLURM_NTASKS" not in os.environ:
-        from megatron_sayo.runtime import spawn_local
+        from megatron_sayo.distributed.runtime import spawn_local
 
         spawn_local(run_rank, world, args, timeout_s=float("inf"))
     else:
         if "WORLD_SIZE" not in os.environ and "SLURM_NTASKS" not in os.environ and "MASTER_PORT" not in os.environ:
-            from megatron_sayo.runtime import free_port
+            from megatron_sayo.distributed.runtime import free_port
 
             os.environ["MASTER_PORT"] = str(free_port())   # never collide with another job's default port
         run_rank(args)

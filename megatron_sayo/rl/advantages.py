@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sayo.config import LossConfig
+from megatron_sayo.distributed.groups import resolve_group
 
 _EPS = LossConfig.advantage_eps
 
@@ -41,22 +42,13 @@ def _all_gather_varlen(local: torch.Tensor, group) -> list[torch.Tensor]:
     return [p[:int(c.item())] for p, c in zip(parts, counts)]
 
 
-def dp_group_default():
-    """megatron's data-parallel group when parallel_state is initialised, else None (one rank)."""
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        return parallel_state.get_data_parallel_group()
-    return None
-
-
 def distributed_group_advantages(local_rewards: torch.Tensor, local_group_ids: torch.Tensor, dp_group="default",
                                  eps: float = _EPS) -> torch.Tensor:
     """Advantages of this rank's completions, groups pooled over all DP ranks (group ids must be global).
 
     Only the small reward and group-id vectors are all-gathered; counts may differ per rank.
     """
-    group = dp_group_default() if isinstance(dp_group, str) and dp_group == "default" else dp_group
+    group = resolve_group(dp_group, "dp")
     if group is None or dist.get_world_size(group) == 1:
         return group_advantages(local_rewards, local_group_ids, eps)
     rewards = _all_gather_varlen(local_rewards.double().flatten(), group)

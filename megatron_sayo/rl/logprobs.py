@@ -13,19 +13,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def tp_group_default():
-    """The megatron TP group when parallel_state is initialised, else None (one rank)."""
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        return parallel_state.get_tensor_model_parallel_group()
-    return None
+from megatron_sayo.distributed.groups import resolve_group
 
 
 def _resolve(group):
-    """'default' -> megatron's TP group (None when not initialised); anything else as given."""
-    return tp_group_default() if isinstance(group, str) and group == "default" else group
+    return resolve_group(group, "tp")
 
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:

@@ -12,22 +12,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_sayo.config import LossConfig
+from megatron_sayo.distributed.groups import resolve_group
 
 _L = LossConfig
 
 
-def dp_group_default():
-    """megatron's data-parallel group when parallel_state is initialised, else None (one rank)."""
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        return parallel_state.get_data_parallel_group()
-    return None
-
-
 def global_token_count(mask: torch.Tensor, dp_group="default") -> torch.Tensor:
     """Number of valid tokens in `mask` summed over the DP group (int64 scalar tensor)."""
-    group = dp_group_default() if isinstance(dp_group, str) and dp_group == "default" else dp_group
+    group = resolve_group(dp_group, "dp")
     count = mask.bool().sum().to(torch.int64).reshape(1)
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(count, group=group)

@@ -137,7 +137,7 @@ def forward_last(model, inputs: dict) -> torch.Tensor | None:
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         with torch.no_grad():
             return _last_logits(model, model(**inputs))
-    from megatron_sayo.schedule import run_forward
+    from megatron_sayo.distributed.schedule import run_forward
 
     out = run_forward(model, [dict(inputs=inputs)], collect=lambda logits, mb: _last_logits(model, logits))
     return out[0] if out else None
@@ -261,19 +261,3 @@ def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: 
                    prompt_length=p, completion_ids=completion_ids, completion_mask=completion_mask,
                    completion_lengths=lengths, group_ids=rows.clone(), logprobs=logprobs[:, :t],
                    finished=finished)
-
-
-def greedy_without_cache(model, batch: dict, new_tokens: int) -> torch.Tensor:
-    """Greedy decoding that re-runs the whole prefix (vision included) for every new token, one process, no
-    KV cache and no stop ids: the reference for `generate` and the baseline Megatron-Bridge's VL generation
-    corresponds to. Returns the sequences [b, P + new_tokens]."""
-    from megatron_sayo.models.qwen25vl.model import model_inputs
-
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    for _ in range(new_tokens):
-        inputs = model_inputs(model.hf, ids, mask, batch["pixel_values"], batch["image_grid_thw"])
-        with torch.no_grad():
-            nxt = model.full_logits(model(**inputs))[:, -1].argmax(-1)
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return ids

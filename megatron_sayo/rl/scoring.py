@@ -16,7 +16,7 @@ from megatron.core import parallel_state
 from megatron_sayo.attention.region_mass import score_region_mass
 from megatron_sayo.models.qwen25vl.model import model_inputs
 from megatron_sayo.rl.logprobs import vocab_parallel_logprobs_and_entropy
-from megatron_sayo.schedule import run_forward
+from megatron_sayo.distributed.schedule import run_forward
 
 
 @dataclass

@@ -45,7 +45,7 @@ def build_policy(cfg: RunConfig, hf_dir: str):
                   recompute=cfg.model.recompute, sequence_parallel=cfg.model.sequence_parallel)
     overrides = dict(calculate_per_token_loss=True)
     if cfg.model.megatron_path:
-        from megatron_sayo.checkpoint import load_model_for_inference
+        from megatron_sayo.checkpoint.state import load_model_for_inference
 
         return load_model_for_inference(cfg.model.megatron_path, cfg.parallel.tp, cfg.parallel.pp,
                                         params_dtype=dtype, config_overrides=overrides, **kwargs)
@@ -140,7 +140,7 @@ class GRPOTrainer:
         """The configured checkpoint, or the warm-up checkpoint when one is given."""
         model = build_policy(self.cfg, self.hf_dir)
         if init_from is not None:
-            from megatron_sayo.checkpoint import load_model
+            from megatron_sayo.checkpoint.state import load_model
 
             load_model(model, init_from)
         return model
@@ -280,14 +280,14 @@ class GRPOTrainer:
         return {"step": self.step, "data_position": self.stream.position, "nan_in_row": self.nan_in_row}
 
     def save(self) -> None:
-        from megatron_sayo.checkpoint import save_training_state
+        from megatron_sayo.checkpoint.state import save_training_state
 
         save_training_state(self.run_dir, self.step, self.policy, self.optimizer, self.scheduler,
                             extra=self.state_extra(), keep=self.cfg.checkpoint.keep, config_dir=self.hf_dir)
 
     def maybe_resume(self) -> bool:
         """Resume from the newest complete checkpoint in run_dir, if any."""
-        from megatron_sayo.checkpoint import load_training_state
+        from megatron_sayo.checkpoint.state import load_training_state
 
         state = load_training_state(self.run_dir, self.policy, self.optimizer, self.scheduler)
         if state is None:
@@ -321,7 +321,7 @@ def accumulate_policy_gradients(ddp, optimizer, batch: RolloutBatch, old_logp, r
     only). Returns the per-microbatch loss metrics (sums) on the last stage.
     """
     from megatron_sayo.rl.logprobs import vocab_parallel_logprobs
-    from megatron_sayo.schedule import run_forward_backward
+    from megatron_sayo.distributed.schedule import run_forward_backward
 
     ddp.train()
     ddp.zero_grad_buffer()

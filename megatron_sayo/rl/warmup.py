@@ -39,8 +39,8 @@ def answer_batch(processor, hf, samples, instruction: str) -> RolloutBatch:
 
 def run_warmup(cfg: RunConfig, hf_dir: str, samples: list) -> Path:
     """Train `warmup.steps` supervised steps from the config's checkpoint and save to warmup.cache_dir."""
-    from megatron_sayo.checkpoint import save_model
-    from megatron_sayo.checkpoint_files import make_metadata, publish
+    from megatron_sayo.checkpoint.state import save_model
+    from megatron_sayo.checkpoint.files import make_metadata, publish
     from megatron_sayo.data.processor import Processor
     from megatron_sayo.rl.trainer import accumulate_policy_gradients, build_policy, wrap_for_training
 

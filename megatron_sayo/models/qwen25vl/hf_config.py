@@ -12,7 +12,7 @@ from pathlib import Path
 
 import dataclasses
 
-from megatron_sayo.jsonfiles import read_json
+from megatron_sayo.formats.jsonfiles import read_json
 
 KNOWN_MODEL_TYPES = ("qwen2_5_vl",)
 # Activations the vision tower implements (vision.py maps each name to its function).

@@ -139,7 +139,7 @@ class Qwen25VLModel(LanguageModule):
 
 def build_model(hf: Qwen25VLConfig, config, **kwargs) -> Qwen25VLModel:
     """This rank's model stage on the current device."""
-    from megatron_sayo.runtime import device
+    from megatron_sayo.distributed.runtime import device
 
     return Qwen25VLModel(hf, config, **kwargs).to(device())
 

@@ -11,7 +11,7 @@ import torch
 from megatron_sayo.models.qwen25vl.hf_config import TextConfig
 from megatron_sayo.models.qwen25vl.name_map import (Rule, hf_names, hf_rows, match_megatron, normalize_hf_name,
                                                     row_map)
-from megatron_sayo.safetensors_files import weight_files
+from megatron_sayo.formats.safetensors_files import weight_files
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,188 @@
+"""Checkpoint directories on disk, without torch: the metadata file, side files (config, tokenizer), atomic
+publishing of a finished directory, and finding a run's newest complete step. The converters use these
+alone; checkpoint.py adds saving and loading models and training state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+from megatron_sayo.formats.torch_format import load_dcp_metadata
+
+METADATA_FILE = "checkpoint_metadata.json"
+FORMAT_VERSION = 1
+# Files of an HF checkpoint other than weights that travel with every conversion (copied when present).
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+              "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.json",
+              "chat_template.jinja", "preprocessor_config.json", "video_preprocessor_config.json")
+STEP_PREFIX = "step_"
+LATEST_FILE = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, written or converted; the message names the file/tensor/field."""
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON to `path` via a temp file + fsync + rename (readers never see half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that wrote a checkpoint."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "megatron-core", "megatron_sayo"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def make_metadata(kind: str, *, source: str, dtype: str, tp: int, pp: int, **extra) -> dict:
+    """The `checkpoint_metadata.json` content: kind (converted | trained policy), source, dtype, layout, versions."""
+    if kind not in ("converted", "trained policy"):
+        raise ValueError(f"checkpoint kind {kind!r} is not 'converted' or 'trained policy'")
+    dtype = str(dtype).replace("torch.", "")
+    return {"format_version": FORMAT_VERSION, "kind": kind, "source": str(source), "dtype": dtype,
+            "layout": {"tp": tp, "pp": pp}, "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **extra}
+
+
+def read_metadata(ckpt_dir: str | Path) -> dict:
+    """Parsed checkpoint_metadata.json of a checkpoint directory; CheckpointError when absent or corrupt."""
+    path = Path(ckpt_dir) / METADATA_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (not a megatron_sayo checkpoint, or an incomplete one)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+
+
+def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy config/tokenizer/processor files present in `src` to `dst`; returns the names copied."""
+    copied = []
+    for name in SIDE_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def prepare_output(out: str | Path, overwrite: bool) -> Path:
+    """A fresh temp dir `<out>.tmp-<pid>` next to `out`; refuses an existing `out` without overwrite."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp: Path, out: str | Path) -> Path:
+    """Move a finished temp dir onto `out` (replacing an old one only now, when the new one is complete)."""
+    out = Path(out)
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A model/step checkpoint dir as given, or the newest complete one of a run dir (or its checkpoints/)."""
+    path = Path(path)
+    if (path / "metadata.json").is_file():
+        return path
+    for run_dir in (path, path.parent):
+        if (run_dir / "checkpoints").is_dir() and path in (run_dir, run_dir / "checkpoints"):
+            found = find_resumable(run_dir)
+            if found is None:
+                raise CheckpointError(f"{path}: no complete checkpoint under {run_dir / 'checkpoints'}")
+            return found
+    raise CheckpointError(f"{path}: not a megatron checkpoint (no metadata.json) nor a run dir with checkpoints/")
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete-looking step dirs (no .tmp), newest first."""
+    if not root.is_dir():
+        return []
+    steps = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+             and p.name[len(STEP_PREFIX):].isdigit()]
+    return sorted(steps, key=lambda p: int(p.name[len(STEP_PREFIX):]), reverse=True)
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the `keep` newest step dirs, and stale .tmp dirs."""
+    for old in list_checkpoints(root)[max(keep, 1):]:
+        shutil.rmtree(old, ignore_errors=True)
+    for p in root.glob(f"{STEP_PREFIX}*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a step dir cannot be resumed (missing files, unreadable metadata), or None when it looks complete."""
+    for name in ("metadata.json", "common.pt", ".metadata", METADATA_FILE):
+        if not (ckpt / name).is_file():
+            return f"{ckpt / name} is missing"
+    try:
+        json.loads((ckpt / "metadata.json").read_text())
+        read_metadata(ckpt)
+        meta = load_dcp_metadata((ckpt / ".metadata").read_bytes())
+    except Exception as exc:
+        return f"{ckpt}: metadata unreadable ({exc})"
+    files = {c.file for t in meta.tensors.values() for c in t.chunks} | {f for f, _, _ in meta.objects.values()}
+    for rel in sorted(files):
+        if not (ckpt / rel).is_file():
+            return f"{ckpt / rel} is missing"
+    return None
+
+
+def find_resumable(run_dir: str | Path) -> Path | None:
+    """Newest complete checkpoint of a run (the `latest` one first); warns and falls back past corrupt ones."""
+    for ckpt in ordered_checkpoints(Path(run_dir) / "checkpoints"):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        warnings.warn(f"checkpoint {ckpt.name} is not usable ({problem}); falling back to an older one",
+                      stacklevel=2)
+    return None
+
+
+def ordered_checkpoints(root: Path) -> list[Path]:
+    """Step dirs to try resuming from: the one `latest` names first, then newest first."""
+    candidates = list_checkpoints(root)
+    latest = root / LATEST_FILE
+    if latest.is_file():
+        named = root / latest.read_text().strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    return candidates

@@ -1,0 +1,301 @@
+"""Checkpoints: megatron-core dist_checkpointing of the model (any TP/PP on load), and training state with
+atomic save and resume. The HF <-> Megatron converters (convert.py) build on the helpers here.
+
+On disk a model checkpoint is a torch_dist directory as `model.sharded_state_dict()` saves it (the HF converter
+writes the same files itself, see models/qwen25vl/dist_layout.py): every global tensor is the TP=1 megatron tensor (decoder layers stacked on a leading axis, SwiGLU fc1 = [gate; up], QKV packed
+by query group, vocabulary padded for the TP it was written at), so megatron reshards it on load. Next to it:
+`checkpoint_metadata.json` (what it is) and, when known, the HF config.json / tokenizer / processor files.
+
+Training checkpoints live in `run_dir/checkpoints/step_XXXXXXX/` (model + optimizer + per-rank RNG + step +
+scheduler + extra), are written under `.tmp` and renamed, and `run_dir/checkpoints/latest` names the newest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.api import CheckpointException
+
+from megatron_sayo.checkpoint.files import (LATEST_FILE, METADATA_FILE, STEP_PREFIX, CheckpointError,
+                                           checkpoint_problem, copy_side_files, fsync_dir, make_metadata,
+                                           ordered_checkpoints, prune_checkpoints, read_metadata,
+                                           resolve_checkpoint_dir, write_json_atomic)
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ==============================================================================================================
+# Small helpers
+# ==============================================================================================================
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+# ==============================================================================================================
+# Model checkpoints (dist_checkpointing, resharding on load)
+# ==============================================================================================================
+
+def save_model(model, ckpt_dir: str | Path, metadata: dict | None = None) -> None:
+    """Collective: write this model (every rank's stage) to `ckpt_dir` in torch_dist format (+ metadata)."""
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir)
+    if _rank() == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(ckpt_dir))
+    if _rank() == 0 and metadata is not None:
+        write_json_atomic(ckpt_dir / METADATA_FILE, metadata)
+    _barrier()
+
+
+def load_model(model, ckpt_dir: str | Path) -> None:
+    """Collective: fill `model` from a model or training checkpoint written at any TP/PP."""
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "metadata.json").is_file():
+        raise CheckpointError(f"{ckpt_dir}: no metadata.json (not a dist_checkpointing checkpoint)")
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
+    model.load_state_dict(state)
+
+
+def load_model_for_inference(megatron_dir: str | Path, tp: int = 1, pp: int = 1, *,
+                             params_dtype: torch.dtype | None = None, config_overrides: dict | None = None,
+                             recompute: str | None = None, sequence_parallel: bool = False, **model_kwargs):
+    """Build this rank's stage from the config.json stored in the checkpoint and load its weights (eval mode).
+
+    parallel_state must be initialised by the caller. `megatron_dir` may be a converted checkpoint, a training
+    step dir, or a run dir (newest complete step). dtype defaults to the one the checkpoint was written in.
+    """
+    from megatron_sayo.models.qwen25vl.hf_config import ParallelLayout, load_hf_config
+    from megatron_sayo.models.qwen25vl.transformer_config import to_transformer_config
+    from megatron_sayo.models.qwen25vl.model import build_model
+
+    ckpt = resolve_checkpoint_dir(megatron_dir)
+    hf = load_hf_config(ckpt)
+    if params_dtype is None:
+        params_dtype = DTYPES.get(read_metadata(ckpt).get("dtype", "float32"), torch.float32)
+    # initialised before loading: megatron marks TP-sharded parameters (tensor_model_parallel, partition_dim)
+    # only while initialising them, and grad norms, clipping and DDP need those marks when this model trains
+    config = to_transformer_config(hf, ParallelLayout(tp, pp), params_dtype=params_dtype, recompute=recompute,
+                                   sequence_parallel=sequence_parallel, **(config_overrides or {}))
+    model = build_model(hf, config, **model_kwargs)
+    load_model(model, ckpt)
+    return model.eval()
+
+
+# ==============================================================================================================
+# Training checkpoints: atomic, resumable, RNG restored
+# ==============================================================================================================
+
+def rng_state() -> dict:
+    """This process's RNG states: torch CPU, CUDA (when present), numpy, python."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+        try:
+            from megatron.core import tensor_parallel
+
+            state["cuda_tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+        except Exception:  # tracker not initialised
+            pass
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() returned."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+        if "cuda_tracker" in state:
+            from megatron.core import tensor_parallel
+
+            tensor_parallel.get_cuda_rng_tracker().set_states(state["cuda_tracker"])
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:07d}"
+
+
+def _is_megatron_optimizer(optimizer) -> bool:
+    return hasattr(optimizer, "sharded_state_dict") and not isinstance(optimizer, torch.optim.Optimizer)
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _training_sharded_state(model, optimizer, scheduler, step: int, extra: dict, *, loading: bool,
+                            world_size_saved: int | None = None) -> dict:
+    """The dict handed to dist_checkpointing for a training checkpoint (save, or load template)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    rank, world = _world()
+    model_sd = model.sharded_state_dict()
+    state = {"model": model_sd, "step": step, "extra": extra,
+             "scheduler": scheduler.state_dict() if scheduler is not None else None}
+    same_world = world_size_saved in (None, world)
+    per_rank = {"rng": rng_state()}
+    if optimizer is not None:
+        if _is_megatron_optimizer(optimizer):
+            if loading:
+                state["optimizer"] = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True)
+            else:
+                state["optimizer"] = optimizer.sharded_state_dict(model_sd)
+        else:
+            per_rank["optimizer"] = optimizer.state_dict()
+    if same_world:
+        state["rank_state"] = ShardedObject("rank_state", per_rank, (world,), (rank,), replica_id=0)
+    return state
+
+
+def save_training_state(run_dir: str | Path, step: int, model, optimizer=None, scheduler=None,
+                        extra: dict | None = None, *, keep: int = 2, config_dir: str | Path | None = None,
+                        metadata: dict | None = None) -> Path:
+    """Collective: write step `step` atomically into run_dir/checkpoints/step_XXXXXXX, update `latest`, prune.
+
+    Model + optimizer (megatron's sharded form for a megatron optimizer; per-rank otherwise) + scheduler + RNG of
+    every rank + step + `extra` (must be identical on all ranks: data position, counters). `config_dir`: HF
+    files (config.json, tokenizer...) copied in so the step can be exported or served. Returns the final dir.
+    """
+    from megatron.core import dist_checkpointing
+
+    root = Path(run_dir) / "checkpoints"
+    final = root / step_dir_name(step)
+    tmp = root / (step_dir_name(step) + ".tmp")
+    rank, world = _world()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    state = _training_sharded_state(model, optimizer, scheduler, step, dict(extra or {}), loading=False)
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if rank == 0:
+        if config_dir is not None:
+            copy_side_files(config_dir, tmp)
+        tp, pp = _layout()
+        write_json_atomic(tmp / METADATA_FILE, make_metadata(
+            "trained policy", source=str(Path(run_dir).resolve()), dtype=_model_dtype(model), tp=tp, pp=pp,
+            step=step, world_size=world,
+            optimizer="megatron" if _is_megatron_optimizer(optimizer) else ("torch" if optimizer else None),
+            **(metadata or {})))
+        fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        (root / f".{LATEST_FILE}.tmp").write_text(final.name + "\n")
+        os.replace(root / f".{LATEST_FILE}.tmp", root / LATEST_FILE)
+        prune_checkpoints(root, keep)
+    _barrier()
+    return final
+
+
+def _layout() -> tuple[int, int]:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        return (parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_pipeline_model_parallel_world_size())
+    return 1, 1
+
+
+def _model_dtype(model) -> str:
+    p = next(iter(model.parameters()), None)
+    return str(p.dtype).replace("torch.", "") if p is not None else "float32"
+
+
+def _broadcast_choice(path: Path | None) -> Path | None:
+    """Rank 0's choice on every rank (all ranks must load the same step)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return path
+    obj = [str(path) if path is not None else None]
+    torch.distributed.broadcast_object_list(obj, src=0)
+    return Path(obj[0]) if obj[0] is not None else None
+
+
+def load_training_state(run_dir: str | Path, model, optimizer=None, scheduler=None, *,
+                        restore_rng: bool = True) -> dict | None:
+    """Collective: resume from the newest usable checkpoint of `run_dir` (None when there is none).
+
+    Restores model, optimizer, scheduler and (same world size) each rank's RNG; returns
+    {"step", "extra", "path"}. A checkpoint that fails to load is skipped with a warning for the previous one.
+    """
+    root = Path(run_dir) / "checkpoints"
+    tried: set[Path] = set()
+    while True:
+        choice = None
+        if _rank() == 0:
+            choice = _next_usable(root, tried)
+        choice = _broadcast_choice(choice)
+        if choice is None:
+            return None
+        tried.add(choice)
+        try:
+            return _load_step(choice, model, optimizer, scheduler, restore_rng)
+        except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
+            warnings.warn(f"checkpoint {choice.name} failed to load ({type(exc).__name__}: {exc}); "
+                          f"falling back to an older one", stacklevel=2)
+            _barrier()
+
+
+def _next_usable(root: Path, tried: set[Path]) -> Path | None:
+    """find_resumable, skipping checkpoints already tried."""
+    for ckpt in [c for c in ordered_checkpoints(root) if c not in tried]:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        warnings.warn(f"checkpoint {ckpt.name} is not usable ({problem}); falling back to an older one",
+                      stacklevel=3)
+        tried.add(ckpt)
+    return None
+
+
+def _load_step(ckpt: Path, model, optimizer, scheduler, restore_rng: bool) -> dict:
+    """Load one step dir into model/optimizer/scheduler (+ RNG); returns its step and extra."""
+    from megatron.core import dist_checkpointing
+
+    meta = read_metadata(ckpt)
+    _, world = _world()
+    saved_world = meta.get("world_size")
+    if saved_world != world:
+        warnings.warn(f"{ckpt.name}: saved with {saved_world} ranks, resuming with {world}: RNG states "
+                      f"and per-rank optimizer state are not restored", stacklevel=3)
+    template = _training_sharded_state(model, optimizer, scheduler, 0, {}, loading=True,
+                                       world_size_saved=saved_world)
+    state = dist_checkpointing.load(template, str(ckpt))
+    model.load_state_dict(state["model"], strict=False)
+    rank_state = state.get("rank_state")
+    if optimizer is not None:
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        elif rank_state is not None and "optimizer" in rank_state:
+            optimizer.load_state_dict(rank_state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng and rank_state is not None:
+        set_rng_state(rank_state["rng"])
+    _barrier()
+    return {"step": int(state["step"]), "extra": state.get("extra") or {}, "path": ckpt}

@@ -1,0 +1,253 @@
+"""RegionMassProbe against naive softmax (pure, no model) and, at TP=1/2 and PP=2, against transformers' eager
+attention at the last layer (output_attentions=True). Tolerance: 1e-5 absolute on a and v (float32)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_sayo.attention.region_mass import (
+    RegionMassProbe,
+    local_head_mass_sums,
+    query_row_pairs,
+)
+from megatron_sayo.models.qwen25vl.attention import attention_with_lse
+
+TOL = 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ naive reference
+
+def naive_alpha(q, k, scale, allowed):
+    """Full softmax weights [b, h, sq, sk] the textbook way (reference only)."""
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+
+
+def naive_av(alpha, region_mask, image_mask):
+    """SPEC a, v [b, sq] from full weights: mean over heads of mean over the key set."""
+    a = (alpha * region_mask[:, None, None, :]).sum(-1).mean(1) / region_mask.sum(1, keepdim=True).clamp(min=1)
+    v = (alpha * image_mask[:, None, None, :]).sum(-1).mean(1) / image_mask.sum(1, keepdim=True)
+    return a, v
+
+
+def random_case(seed, b=2, h=4, sq=23, sk=23, d=8, left_pad=(0, 5)):
+    """Random q/k/v, a causal+left-padding mask, image key blocks and regions inside them."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, n, d, generator=g) for n in (sq, sk, sk))
+    real = torch.ones(b, sk, dtype=torch.bool)
+    for i, pad in enumerate(left_pad[:b]):
+        real[i, :pad] = False
+    allowed = torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq)[None] & real[:, None, :]
+    rows = torch.arange(sq)
+    allowed[:, rows, rows + sk - sq] = True
+    allowed = allowed[:, None]
+    image = torch.zeros(b, sk, dtype=torch.bool)
+    region = torch.zeros(b, sk, dtype=torch.bool)
+    image[0, 3:9] = True
+    image[0, 11:14] = True        # a second image
+    region[0, [4, 5, 12]] = True
+    image[1, 7:15] = True
+    region[1, 9:11] = True
+    return q, k, v, allowed, region, image
+
+
+# ------------------------------------------------------------------------------------------------ pure unit tests
+
+@pytest.mark.parametrize("chunk,padded", [(1 << 22, True), (7, True), (1 << 22, False)])
+def test_probe_matches_naive_softmax(chunk, padded):
+    """padded=False: plain causal, the LSE comes from the kernel's is_causal path (no mask tensor)."""
+    q, k, v, allowed, region, image = random_case(0, left_pad=(0, 5) if padded else (0, 0))
+    scale = 1 / math.sqrt(q.shape[-1])
+    _, lse = attention_with_lse(q, k, v, allowed if padded else None, scale, "sdpa")
+    rows = torch.zeros(q.shape[0], q.shape[2], dtype=torch.bool)
+    rows[0, [2, 9, 15, 22]] = True        # row 2 precedes every image key (weights must be 0)
+    rows[1, 10:] = True
+    probe = RegionMassProbe(rows, region, image, group=None, chunk_elements=chunk)
+    probe(q, k, lse, scale)
+    a_ref, v_ref = naive_av(naive_alpha(q, k, scale, allowed), region, image)
+    res = probe.result
+    assert torch.allclose(res.region_mean.double(), a_ref[rows], atol=TOL, rtol=0)
+    assert torch.allclose(res.image_mean.double(), v_ref[rows], atol=TOL, rtol=0)
+    a, v_dense = res.dense(*rows.shape)
+    assert torch.allclose(a.double(), torch.where(rows, a_ref, 0), atol=TOL, rtol=0)
+    assert torch.allclose(v_dense.double(), torch.where(rows, v_ref, 0), atol=TOL, rtol=0)
+    assert res.image_sum[0] == 0 and res.region_sum[0] == 0  # row (0, 2) sees no image key yet
+    assert torch.equal(res.region_count, region.sum(1)[res.batch])
+
+
+def test_probe_decode_offset_and_pairs():
+    """sq < sk (KV-cache decode): query j sits at key j + sk - sq; rows given as (batch, query) pairs."""
+    q, k, v, allowed, region, image = random_case(1, sq=4, sk=23, left_pad=(2, 0))
+    scale = 0.3
+    _, lse = attention_with_lse(q, k, v, allowed, scale, "sdpa")
+    pairs = torch.tensor([[1, 3], [0, 0], [1, 1]])
+    probe = RegionMassProbe(pairs, region, image, group=None)
+    probe(q, k, lse, scale)
+    a_ref, v_ref = naive_av(naive_alpha(q, k, scale, allowed), region, image)
+    ordered = query_row_pairs(pairs)
+    assert ordered.tolist() == [[0, 0], [1, 1], [1, 3]]
+    assert torch.allclose(probe.result.region_mean.double(), a_ref[ordered[:, 0], ordered[:, 1]], atol=TOL, rtol=0)
+    assert torch.allclose(probe.result.image_mean.double(), v_ref[ordered[:, 0], ordered[:, 1]], atol=TOL, rtol=0)
+
+
+def test_probe_masks_validated():
+    image = torch.zeros(1, 5, dtype=torch.bool)
+    image[0, 1:3] = True
+    region = torch.zeros(1, 5, dtype=torch.bool)
+    region[0, 4] = True
+    with pytest.raises(ValueError, match="not an image key"):
+        RegionMassProbe(torch.ones(1, 5, dtype=torch.bool), region, image, group=None)
+    with pytest.raises(ValueError, match="query rows"):
+        RegionMassProbe(torch.ones(3), image & False, image, group=None)
+
+
+def test_local_sums_never_build_full_matrix(monkeypatch):
+    """Chunked rows: no weight tensor larger than heads x chunk rows x image keys is created."""
+    q, k, v, allowed, region, image = random_case(2, sq=23, sk=23)
+    scale = 0.25
+    _, lse = attention_with_lse(q, k, v, allowed, scale, "sdpa")
+    import megatron_sayo.attention.region_mass as rm
+
+    seen = []
+    original = rm._row_weights
+
+    def spy(*args):
+        out = original(*args)
+        seen.append(out.shape)
+        return out
+
+    monkeypatch.setattr(rm, "_row_weights", spy)
+    pairs = query_row_pairs(torch.ones(2, 23, dtype=torch.bool))
+    local_head_mass_sums(q, k, lse, scale, pairs, region, image, chunk_elements=4 * 3 * 9)
+    assert seen and all(s[0] * s[1] * s[2] <= 4 * 3 * 9 for s in seen)
+    assert all(s[2] == int(image[0].sum()) or s[2] == int(image[1].sum()) for s in seen)
+
+
+def _tp2_worker(seed):
+    """Each rank holds half the heads; the probe all-reduces and divides by the total head count."""
+    import torch.distributed as dist
+
+    from megatron_sayo.distributed import runtime
+
+    runtime.init_distributed(tp=2)
+    rank = dist.get_rank()
+    q, k, v, allowed, region, image = random_case(seed)
+    scale = 1 / math.sqrt(q.shape[-1])
+    heads = slice(2 * rank, 2 * rank + 2)
+    ql, kl, vl = q[:, heads], k[:, heads], v[:, heads]
+    _, lse = attention_with_lse(ql, kl, vl, allowed, scale, "sdpa")
+    rows = torch.zeros(q.shape[0], q.shape[2], dtype=torch.bool)
+    rows[:, 14:] = True
+    probe = RegionMassProbe(rows, region, image)  # default group: megatron's TP group
+    probe(ql, kl, lse, scale)
+    return probe.result.region_mean, probe.result.image_mean, rows
+
+
+@pytest.mark.slow
+def test_probe_tp2_matches_naive_all_heads():
+    from megatron_sayo.distributed import runtime
+
+    results = runtime.spawn_local(_tp2_worker, 2, 3)
+    q, k, v, allowed, region, image = random_case(3)
+    a_ref, v_ref = naive_av(naive_alpha(q, k, 1 / math.sqrt(q.shape[-1]), allowed), region, image)
+    for a, v_, rows in results:
+        assert torch.allclose(a.double(), a_ref[rows], atol=TOL, rtol=0)
+        assert torch.allclose(v_.double(), v_ref[rows], atol=TOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ model vs eager
+
+def _grounded_batch(ckpt, make_image):
+    """Two left-padded samples, the second with two images; region = a box on one image of each."""
+    from megatron_sayo.data.processor import Processor
+    from megatron_sayo.data.regions import RegionSpec, batch_region_mask
+    from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
+
+    proc = Processor.from_pretrained(ckpt)
+    convs = [[{"role": "user", "content": [{"type": "image", "image": make_image(112, 84, 0)},
+                                           {"type": "text", "text": "what is in the box?"}]}],
+             [{"role": "user", "content": [{"type": "image", "image": make_image(56, 56, 1)},
+                                           {"type": "image", "image": make_image(84, 112, 2)},
+                                           {"type": "text", "text": "compare the two pictures, at some length"}]}]]
+    batch = proc(convs, padding_side="left")
+    hf = load_hf_config(ckpt)
+    specs = [RegionSpec(boxes=[[10, 5, 60, 50]], orig_size=(112, 84)),
+             RegionSpec(boxes=[[0, 60, 40, 112], [70, 0, 84, 10]], orig_size=(84, 112), image_index=1)]
+    region = batch_region_mask(batch["input_ids"], batch["image_grid_thw"], hf.tokens.image, specs)
+    image = batch["input_ids"] == hf.tokens.image
+    return batch, region, image
+
+
+def _rank_masses(ckpt, tp, pp, batch, region, image):
+    from megatron.core import parallel_state
+
+    from megatron_sayo.distributed import runtime
+    from megatron_sayo.attention.region_mass import score_region_mass
+    from megatron_sayo.models.qwen25vl.model import load_from_hf, model_inputs
+
+    runtime.init_distributed(tp, pp)
+    model = load_from_hf(ckpt, tp=tp, pp=pp)
+    batch = {k: (torch.as_tensor(v) if v is not None else None) for k, v in batch.items()}
+    rows = batch["attention_mask"].bool()
+    mb = dict(inputs=model_inputs(model.hf, **batch), query_rows=rows, region_mask=torch.as_tensor(region),
+              image_mask=torch.as_tensor(image))
+    out = score_region_mass(model, [mb])
+    if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
+        return out[0].region_mass.numpy(), out[0].image_mass.numpy()
+    return None
+
+
+def _eager_masses(ckpt, batch, region, image):
+    """a, v [b, s] from transformers' eager last-layer attentions (the independent reference)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+    kwargs = {k: v for k, v in batch.items() if v is not None}
+    ids = kwargs["input_ids"]
+    # transformers >= 5 builds 3-D M-RoPE positions only when told which tokens are image/video slots
+    kwargs["mm_token_type_ids"] = ((ids == model.config.image_token_id).int()
+                                   + 2 * (ids == model.config.video_token_id).int())
+    with torch.no_grad():
+        out = model(**kwargs, output_attentions=True)
+    a, v = naive_av(out.attentions[-1].double(), region, image)
+    real = batch["attention_mask"].bool()
+    return torch.where(real, a, 0), torch.where(real, v, 0)
+
+
+@pytest.fixture(scope="module")
+def grounded(tiny_ckpt, make_image):
+    batch, region, image = _grounded_batch(tiny_ckpt, make_image)
+    a_ref, v_ref = _eager_masses(tiny_ckpt, batch, region, image)
+    assert float(v_ref.max()) > 1e-3 and float(a_ref.max()) > 1e-3  # the reference is not trivially zero
+    return batch, region, image, a_ref, v_ref
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_masses_equal_eager_attention(tiny_ckpt, grounded, tp, pp):
+    from megatron_sayo.distributed.runtime import spawn_local
+
+    batch, region, image, a_ref, v_ref = grounded
+    np_batch = {k: (v.numpy() if v is not None else None) for k, v in batch.items()}
+    results = spawn_local(_rank_masses, tp * pp, str(tiny_ckpt), tp, pp, np_batch, region.numpy(), image.numpy())
+    a, v = next(r for r in results if r is not None)
+    assert torch.allclose(torch.from_numpy(a).double(), a_ref, atol=TOL, rtol=0)
+    assert torch.allclose(torch.from_numpy(v).double(), v_ref, atol=TOL, rtol=0)
+
+
+def test_probe_key_weights_match_naive_head_mean():
+    """key_weights=True: per row, mean_h alpha on every image key (0 on other keys), chunked rows."""
+    q, k, v, allowed, region, image = random_case(4)
+    scale = 0.2
+    _, lse = attention_with_lse(q, k, v, allowed, scale, "sdpa")
+    rows = torch.zeros(q.shape[0], q.shape[2], dtype=torch.bool)
+    rows[:, 12:] = True
+    probe = RegionMassProbe(rows, region, image, group=None, chunk_elements=50, key_weights=True)
+    probe(q, k, lse, scale)
+    ref = naive_alpha(q, k, scale, allowed).mean(1) * image[:, None, :]    # [b, sq, sk]
+    assert torch.allclose(probe.result.key_weights.double(), ref[rows], atol=TOL, rtol=0)
+    assert RegionMassProbe(rows, region, image, group=None).key_weights is False

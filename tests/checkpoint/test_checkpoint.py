@@ -1,0 +1,141 @@
+"""Training checkpoints: atomic save, keep, RNG + optimizer + scheduler round trip (bit-for-bit resume on CPU),
+fallback past a corrupt latest checkpoint; 2 gloo ranks at TP=2 on the tiny model."""
+
+from __future__ import annotations
+
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron_sayo.distributed.runtime import spawn_local
+
+
+def _train_steps(model, opt, sched, n: int) -> list[float]:
+    """n toy steps whose loss depends on torch/numpy/python RNG draws; returns the draws."""
+    draws = []
+    ids = torch.arange(12).reshape(2, 6) + 3
+    pos = torch.arange(6).expand(3, 2, 6)
+    for _ in range(n):
+        noise = torch.randn(()) + float(np.random.rand()) + random.random()
+        draws.append(float(noise))
+        logits = model(input_ids=ids, position_ids=pos)
+        loss = (logits.float() ** 2).mean() * (1 + 0.01 * noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return draws
+
+
+def _build(hf_dir):
+    from megatron_sayo.models.qwen25vl.model import load_from_hf
+
+    model = load_from_hf(hf_dir, tp=2, pp=1).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    return model, opt, sched
+
+
+def _params(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def _scenario(hf_dir: str, run_dir: str):
+    from megatron_sayo import checkpoint, runtime
+
+    runtime.init_distributed(2, 1)
+    torch.manual_seed(1 + torch.distributed.get_rank())
+    np.random.seed(2)
+    random.seed(3)
+    model, opt, sched = _build(hf_dir)
+    _train_steps(model, opt, sched, 1)
+    for step in (1, 2, 3):          # keep=2: step 1 pruned
+        checkpoint.save_training_state(run_dir, step, model, opt, sched, {"data_position": 10 * step}, keep=2,
+                                       config_dir=hf_dir)
+    draws_a = _train_steps(model, opt, sched, 2)
+    final_a = _params(model)
+
+    model, opt, sched = _build(hf_dir)   # a fresh process state: different RNG, untrained weights
+    torch.manual_seed(99)
+    state = checkpoint.load_training_state(run_dir, model, opt, sched)
+    draws_b = _train_steps(model, opt, sched, 2)
+    final_b = _params(model)
+    same = all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+    # corrupt the latest (step 3): a data file goes missing -> falls back to step 2 with a warning
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        ckpt3 = Path(run_dir) / "checkpoints" / "step_0000003"
+        next(ckpt3.glob("*.distcp")).unlink()
+    torch.distributed.barrier()
+    model, opt, sched = _build(hf_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fallback = checkpoint.load_training_state(run_dir, model, opt, sched)
+    return dict(step=state["step"], extra=state["extra"], draws_equal=draws_a == draws_b, params_equal=same,
+                lr=sched.get_last_lr(), fallback_step=fallback["step"], fallback_extra=fallback["extra"],
+                warned=[str(w.message) for w in caught if "falling back" in str(w.message)])
+
+
+def test_training_state_round_trip_and_fallback(tiny_ckpt, tmp_path):
+    run_dir = tmp_path / "run"
+    results = spawn_local(_scenario, 2, str(tiny_ckpt), str(run_dir))
+    for r in results:
+        assert r["step"] == 3 and r["extra"] == {"data_position": 30}
+        assert r["draws_equal"] and r["params_equal"], r
+        assert r["fallback_step"] == 2 and r["fallback_extra"] == {"data_position": 20}
+    assert any(r["warned"] for r in results) and "step_0000003" in results[0]["warned"][0]
+    root = run_dir / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000002", "step_0000003"]
+    assert (root / "latest").read_text().strip() == "step_0000003"
+    assert (root / "step_0000002" / "config.json").is_file()
+
+
+def test_trained_checkpoint_exports_policy_weights(tiny_ckpt, tmp_path):
+    """A trainer step dir (model + optimizer + RNG) exports to HF: same names/shapes as the source."""
+    from safetensors import safe_open
+
+    from megatron_sayo.checkpoint.files import find_resumable
+    from megatron_sayo.convert.converters import convert_megatron_to_hf
+
+    run_dir = tmp_path / "run"
+    spawn_local(_save_one, 2, str(tiny_ckpt), str(run_dir))
+    step = find_resumable(run_dir)
+    assert step is not None and step.name == "step_0000001"
+    convert_megatron_to_hf(run_dir, tmp_path / "hf", progress=False)
+    with safe_open(tiny_ckpt / "model.safetensors", "pt") as a, safe_open(tmp_path / "hf" / "model.safetensors",
+                                                                          "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for k in a.keys():
+            assert a.get_slice(k).get_shape() == b.get_slice(k).get_shape()
+            assert a.get_slice(k).get_dtype() == b.get_slice(k).get_dtype()
+        changed = [k for k in a.keys() if not torch.equal(a.get_tensor(k), b.get_tensor(k))]
+        assert "model.layers.0.mlp.down_proj.weight" in changed  # trained, not the source weights
+
+
+def _save_one(hf_dir: str, run_dir: str):
+    from megatron_sayo import checkpoint, runtime
+
+    runtime.init_distributed(2, 1)
+    model, opt, sched = _build(hf_dir)
+    _train_steps(model, opt, sched, 1)
+    checkpoint.save_training_state(run_dir, 1, model, opt, sched, {"data_position": 1}, config_dir=hf_dir)
+
+
+def test_find_resumable_skips_tmp_and_broken_metadata(tmp_path):
+    from megatron_sayo.checkpoint.files import find_resumable
+
+    root = tmp_path / "checkpoints"
+    (root / "step_0000005.tmp").mkdir(parents=True)
+    assert find_resumable(tmp_path) is None
+    broken = root / "step_0000004"
+    broken.mkdir()
+    for name in ("metadata.json", "common.pt", ".metadata", "checkpoint_metadata.json"):
+        (broken / name).write_text("{")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert find_resumable(tmp_path) is None
+    assert any("metadata unreadable" in str(w.message) for w in caught)

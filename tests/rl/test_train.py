@@ -1,0 +1,143 @@
+"""The trainer end to end on 2 CPU ranks (TP=2): resume is bit-for-bit, SIGTERM leaves a resumable checkpoint,
+a corrupt latest checkpoint falls back to the previous one, and bad configs fail before any model is built."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "megatron_sayo/configs/tiny.yaml"
+VOLATILE = ("time_", "tokens_per_s")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tiny_ckpt):
+    """A synthetic data set shared by the runs of this module (the checkpoint comes from conftest)."""
+    from megatron_sayo.train import write_synthetic
+
+    data = tmp_path_factory.mktemp("data")
+    write_synthetic(data / "train.jsonl", 16, seed=0)
+    return tiny_ckpt, data / "train.jsonl"
+
+
+def overrides(assets, run_dir, steps, interval=3):
+    ckpt, train = assets
+    return [f"model.hf_path={ckpt}", "model.make_tiny_if_missing=false", f"data.train_file={train}",
+            "data.eval_file=null", "data.synthetic_n=0", f"run_dir={run_dir}", f"train.steps={steps}",
+            "train.global_batch=2", "train.micro_batch=2", "rollout.group_size=2", "rollout.max_new_tokens=6",
+            f"checkpoint.interval={interval}", "checkpoint.keep=2", "log.tensorboard=false", "warmup.steps=0"]
+
+
+def train_cmd(args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "megatron_sayo.train", "--config", str(CONFIG), *args]
+
+
+def run_train(args, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(train_cmd(args), capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def stable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(VOLATILE)}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(assets, tmp_path_factory):
+    run = tmp_path_factory.mktemp("straight")
+    run_train(overrides(assets, run, 6))
+    return metrics(run)
+
+
+def test_stop_and_resume_is_bit_for_bit(assets, tmp_path, uninterrupted):
+    run_train(overrides(assets, tmp_path, 3))
+    second = run_train(overrides(assets, tmp_path, 6))
+    assert "resumed from" in second.stdout and "step_0000003" in second.stdout
+    resumed = metrics(tmp_path)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [stable(r) for r in resumed] == [stable(r) for r in uninterrupted]
+    assert len({r["sample_completion"] for r in resumed}) > 1, "completions must differ across steps"
+
+
+def test_sigterm_leaves_a_resumable_checkpoint(assets, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(train_cmd(overrides(assets, tmp_path, 200, interval=0)), cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and log.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert "stopped by signal" in out, out[-3000:]
+    stopped_at = metrics(tmp_path)[-1]["step"]
+    assert (tmp_path / "checkpoints" / f"step_{stopped_at:07d}").is_dir()
+    run_train(overrides(assets, tmp_path, stopped_at + 1, interval=0))
+    assert [r["step"] for r in metrics(tmp_path)][-2:] == [stopped_at, stopped_at + 1]
+
+
+def test_corrupt_latest_checkpoint_falls_back(assets, tmp_path, uninterrupted):
+    run_train(overrides(assets, tmp_path, 4, interval=1))
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000003", "step_0000004"]
+    for f in (ckpts / "step_0000004").rglob("*.distcp"):
+        f.write_bytes(b"garbage")
+    (tmp_path / "metrics.jsonl").unlink()
+    again = run_train(overrides(assets, tmp_path, 4, interval=1))
+    assert "step_0000003" in again.stdout + again.stderr
+    redone = metrics(tmp_path)
+    assert [r["step"] for r in redone] == [4]
+    assert stable(redone[0]) == stable(uninterrupted[3]), "the step redone from step 3 equals the original"
+
+
+def test_non_finite_losses_skip_then_stop(assets, tmp_path):
+    """An absurd learning rate makes the weights inf: those steps are skipped, then the run stops."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = overrides(assets, tmp_path, 8, interval=0) + ["optim.lr=1e30", "optim.grad_clip=0",
+                                                         "train.max_nan_steps_in_row=2"]
+    done = subprocess.run(train_cmd(args), capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert done.returncode != 0
+    assert "2 non-finite losses in a row (train.max_nan_steps_in_row = 2)" in done.stdout + done.stderr
+    rows = metrics(tmp_path)
+    assert rows[0]["skipped"] is False and rows[-1]["skipped"] is True
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train.stepz=3"], "train.stepz"),
+    (["rollout.top_p=1.5"], "rollout.top_p"),
+    (["parallel.tp=3"], "world size 2 is not divisible by tp*pp"),
+    (["parallel.tp=2", "parallel.pp=2"], "world size 2 is not divisible"),
+    (["model.attention_backend=eager"], "model.attention_backend"),
+])
+def test_bad_config_fails_before_building(args, needle, tmp_path):
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2"}
+    done = subprocess.run([sys.executable, "-m", "megatron_sayo.train", "--config", str(CONFIG), "--check",
+                           f"run_dir={tmp_path}", *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=120)
+    assert done.returncode == 2 and needle in done.stderr, done.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_training_from_a_converted_checkpoint_matches_the_hf_start(assets, tmp_path, uninterrupted):
+    """model.megatron_path: a checkpoint converted at TP=1, trained at TP=2, gives the HF-started run's first step."""
+    from megatron_sayo.convert.converters import convert_hf_to_megatron
+
+    convert_hf_to_megatron(assets[0], tmp_path / "meg", tp=1, pp=1, progress=False)
+    args = [a for a in overrides(assets, tmp_path / "run", 1) if not a.startswith("model.hf_path=")]
+    run_train(args + ["model.hf_path=null", f"model.megatron_path={tmp_path / 'meg'}"])
+    assert [stable(r) for r in metrics(tmp_path / "run")] == [stable(uninterrupted[0])]
