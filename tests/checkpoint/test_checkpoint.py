@@ -44,7 +44,8 @@ def _params(model) -> dict:
 
 
 def _scenario(hf_dir: str, run_dir: str):
-    from megatron_sayo import checkpoint, runtime
+    from megatron_sayo.checkpoint import state as checkpoint
+    from megatron_sayo.distributed import runtime
 
     runtime.init_distributed(2, 1)
     torch.manual_seed(1 + torch.distributed.get_rank())
@@ -117,7 +118,8 @@ def test_trained_checkpoint_exports_policy_weights(tiny_ckpt, tmp_path):
 
 
 def _save_one(hf_dir: str, run_dir: str):
-    from megatron_sayo import checkpoint, runtime
+    from megatron_sayo.checkpoint import state as checkpoint
+    from megatron_sayo.distributed import runtime
 
     runtime.init_distributed(2, 1)
     model, opt, sched = _build(hf_dir)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_sayo import tensor_copy
+from megatron_sayo.formats import tensor_copy
 from megatron_sayo.formats.tensor_copy import Piece, StoredMatrix, cast, write_matrix
 
 TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
