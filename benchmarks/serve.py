@@ -77,11 +77,11 @@ def sequential(hf_dir: str, total: int, max_tokens: int) -> tuple[float, int]:
     from megatron_sayo.distributed import runtime
     from megatron_sayo.data.processor import Processor
     from megatron_sayo.eval.openai_api import convert_messages
-    from megatron_sayo.models.qwen25vl.model import load_from_hf
+    from megatron_sayo.models.qwen25vl.loader import load_model_stage
     from megatron_sayo.rl.rollout import SamplingParams, generate
 
     runtime.init_distributed(1, 1, launch=runtime.LaunchEnv(0, 1, 0, "127.0.0.1", runtime.free_port(), "single"))
-    model, proc = load_from_hf(hf_dir), Processor.from_pretrained(hf_dir)
+    model, proc = load_model_stage(hf_dir), Processor.from_pretrained(hf_dir)
     params = SamplingParams(greedy=True, max_new_tokens=max_tokens)
     generate(model, proc([convert_messages(messages(0))]), params)   # warm-up
     tokens, t0 = 0, time.perf_counter()

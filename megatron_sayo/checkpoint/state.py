@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron_sayo.checkpoint.files import (LATEST_FILE, METADATA_FILE, STEP_PREFIX, CheckpointError,
                                            checkpoint_problem, copy_side_files, fsync_dir, make_metadata,
                                            ordered_checkpoints, prune_checkpoints, read_metadata,
-                                           resolve_checkpoint_dir, write_json_atomic)
+                                           write_json_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -73,31 +73,6 @@ def load_model(model, ckpt_dir: str | Path) -> None:
         raise CheckpointError(f"{ckpt_dir}: no metadata.json (not a dist_checkpointing checkpoint)")
     state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
     model.load_state_dict(state)
-
-
-def load_model_for_inference(megatron_dir: str | Path, tp: int = 1, pp: int = 1, *,
-                             params_dtype: torch.dtype | None = None, config_overrides: dict | None = None,
-                             recompute: str | None = None, sequence_parallel: bool = False, **model_kwargs):
-    """Build this rank's stage from the config.json stored in the checkpoint and load its weights (eval mode).
-
-    parallel_state must be initialised by the caller. `megatron_dir` may be a converted checkpoint, a training
-    step dir, or a run dir (newest complete step). dtype defaults to the one the checkpoint was written in.
-    """
-    from megatron_sayo.models.qwen25vl.hf_config import ParallelLayout, load_hf_config
-    from megatron_sayo.models.qwen25vl.transformer_config import to_transformer_config
-    from megatron_sayo.models.qwen25vl.model import build_model
-
-    ckpt = resolve_checkpoint_dir(megatron_dir)
-    hf = load_hf_config(ckpt)
-    if params_dtype is None:
-        params_dtype = DTYPES.get(read_metadata(ckpt).get("dtype", "float32"), torch.float32)
-    # initialised before loading: megatron marks TP-sharded parameters (tensor_model_parallel, partition_dim)
-    # only while initialising them, and grad norms, clipping and DDP need those marks when this model trains
-    config = to_transformer_config(hf, ParallelLayout(tp, pp), params_dtype=params_dtype, recompute=recompute,
-                                   sequence_parallel=sequence_parallel, **(config_overrides or {}))
-    model = build_model(hf, config, **model_kwargs)
-    load_model(model, ckpt)
-    return model.eval()
 
 
 # ==============================================================================================================

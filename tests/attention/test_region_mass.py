@@ -186,10 +186,11 @@ def _rank_masses(ckpt, tp, pp, batch, region, image):
 
     from megatron_sayo.distributed import runtime
     from megatron_sayo.attention.region_mass import score_region_mass
-    from megatron_sayo.models.qwen25vl.model import load_from_hf, model_inputs
+    from megatron_sayo.models.qwen25vl.model import model_inputs
+    from megatron_sayo.models.qwen25vl.loader import load_model_stage
 
     runtime.init_distributed(tp, pp)
-    model = load_from_hf(ckpt, tp=tp, pp=pp)
+    model = load_model_stage(ckpt, tp=tp, pp=pp)
     batch = {k: (torch.as_tensor(v) if v is not None else None) for k, v in batch.items()}
     rows = batch["attention_mask"].bool()
     mb = dict(inputs=model_inputs(model.hf, **batch), query_rows=rows, region_mask=torch.as_tensor(region),

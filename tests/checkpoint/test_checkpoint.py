@@ -31,9 +31,9 @@ def _train_steps(model, opt, sched, n: int) -> list[float]:
 
 
 def _build(hf_dir):
-    from megatron_sayo.models.qwen25vl.model import load_from_hf
+    from megatron_sayo.models.qwen25vl.loader import load_model_stage
 
-    model = load_from_hf(hf_dir, tp=2, pp=1).train()
+    model = load_model_stage(hf_dir, tp=2, pp=1).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
     return model, opt, sched

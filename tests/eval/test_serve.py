@@ -13,7 +13,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-import torch
 
 from megatron_sayo.eval.openai_api import Limits
 
@@ -45,10 +44,10 @@ def server(tiny_ckpt):
     from megatron_sayo.data.processor import Processor
     from megatron_sayo.eval.engine import Engine
     from megatron_sayo.eval.serve import Scheduler, ServerState, start_http
-    from megatron_sayo.models.qwen25vl.model import load_from_hf
+    from megatron_sayo.models.qwen25vl.loader import load_model_stage
 
     runtime.init_distributed(1, 1, launch=runtime.LaunchEnv(0, 1, 0, "127.0.0.1", runtime.free_port(), "single"))
-    engine = Engine(load_from_hf(tiny_ckpt), Processor.from_pretrained(tiny_ckpt))
+    engine = Engine(load_model_stage(tiny_ckpt), Processor.from_pretrained(tiny_ckpt))
     scheduler = Scheduler(engine, window_s=0.1, max_batch=16)
     worker = threading.Thread(target=scheduler.serve_forever, daemon=True)
     worker.start()
@@ -230,7 +229,8 @@ def test_tas_matches_direct_score_policy(server, tmp_path):
     from megatron_sayo.eval.byob_grounded import byob_rows, prompt_text
     from megatron_sayo.rl.prompts import build_prompt_batch
     from megatron_sayo.rl.rewards import sequence_attention_reward
-    from megatron_sayo.rl.scoring import RolloutBatch, score_policy
+    from megatron_sayo.rl.batch import ScoringBatch
+    from megatron_sayo.rl.scoring import score_policy
 
     url, engine, _ = server
     sample = load_grounded(make_synthetic(tmp_path / "syn", 1))[0]
@@ -250,16 +250,10 @@ def test_tas_matches_direct_score_policy(server, tmp_path):
     ids = prompts.inputs["input_ids"]
     completion = engine.generated_ids(ids[0].tolist(), answer)
     assert completion is not None and len(completion) == got["completion_tokens"]
-    seq = torch.cat([ids, torch.tensor([completion])], dim=1)
-    region = torch.zeros_like(seq, dtype=torch.bool)
-    region[:, :ids.shape[1]] = prompts.region_mask
-    batch = RolloutBatch(seq, torch.ones_like(seq), ids.shape[1], torch.ones(1, len(completion), dtype=torch.long),
-                         [prompts.inputs["pixel_values"]], [prompts.inputs["image_grid_thw"]], region)
+    batch = ScoringBatch.teacher_forced(hf, prompts.inputs, prompts.region_mask, [completion], 0)
     scores = score_policy(engine.model, batch, 1, 1.0)
     cfg = RewardConfig()
-    reward, tas, _, _ = sequence_attention_reward(scores.region_mass, scores.image_mass, scores.entropy,
-                                                  torch.tensor([ids.shape[1]]), batch.completion_mask,
-                                                  cfg.top_entropy_ratio, cfg.attention_form, cfg.eps)
+    reward, tas, _ = sequence_attention_reward(scores, cfg.top_entropy_ratio, cfg.attention_form, cfg.eps)
     assert got["region_tokens"] == int(prompts.region_mask.sum()) > 0
     assert math.isclose(got["tas"], float(tas[0]), rel_tol=1e-5)
     assert math.isclose(got["reward_attention"], float(reward[0]), rel_tol=1e-5)
