@@ -42,6 +42,7 @@ def build_policy(cfg: RunConfig, hf_dir: str):
 
     dtype = DTYPES[cfg.model.params_dtype]
     kwargs = dict(attention_backend=cfg.model.attention_backend, layer_backend=cfg.model.layer_backend,
+                  mass_kernel=cfg.model.region_mass_kernel,
                   recompute=cfg.model.recompute, sequence_parallel=cfg.model.sequence_parallel)
     overrides = dict(calculate_per_token_loss=True)
     if cfg.model.megatron_path:
