@@ -94,7 +94,7 @@ class RewardWeights:
 
 @dataclass
 class RewardConfig:
-    """SPEC sections 3-4: attention reward, format+length reward, accuracy reward."""
+    """docs/spec.md §3-4: attention reward, format+length reward, accuracy reward."""
 
     weights: RewardWeights = field(default_factory=RewardWeights)
     attention_form: Literal["paper", "code"] = "paper"

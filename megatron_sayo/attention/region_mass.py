@@ -1,4 +1,4 @@
-"""Region and image attention mass per query row (SPEC section 3), exact, without the full attention matrix.
+"""Region and image attention mass per query row (docs/spec.md §3), exact, without the full attention matrix.
 
 The core attention of the probed layer (the last decoder layer) hands `RegionMassProbe` its rotated q/k
 [b, heads_local, sq, d] and the row log-sum-exp of the scaled, masked scores [b, heads_local, sq]. For the

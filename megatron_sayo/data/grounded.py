@@ -1,4 +1,4 @@
-"""Grounded question datasets (SPEC section 2): format, row validation, loading, held-out split.
+"""Grounded question datasets (docs/spec.md §2): format, row validation, loading, held-out split.
 
 Format (documented in docs/data.md):
 

@@ -27,7 +27,7 @@ def naive_alpha(q, k, scale, allowed):
 
 
 def naive_av(alpha, region_mask, image_mask):
-    """SPEC a, v [b, sq] from full weights: mean over heads of mean over the key set."""
+    """docs/spec.md §3: a, v [b, sq] from full weights: mean over heads of mean over the key set."""
     a = (alpha * region_mask[:, None, None, :]).sum(-1).mean(1) / region_mask.sum(1, keepdim=True).clamp(min=1)
     v = (alpha * image_mask[:, None, None, :]).sum(-1).mean(1) / image_mask.sum(1, keepdim=True)
     return a, v
