@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_sayo.config import RunConfig
+from megatron_sayo.data.grounded import decodable_samples
 from megatron_sayo.rl import rewards as R
 from megatron_sayo.rl.advantages import distributed_group_advantages
 from megatron_sayo.rl.batch import CompletionScores, ScoringBatch
@@ -44,7 +45,7 @@ def build_policy(cfg: RunConfig, hf_dir: str):
     return load_model_stage(None if m.megatron_path else hf_dir, m.megatron_path, tp=cfg.parallel.tp,
                             pp=cfg.parallel.pp, params_dtype=m.params_dtype, for_training=True,
                             attention_backend=m.attention_backend, layer_backend=m.layer_backend,
-                            recompute=m.recompute, sequence_parallel=m.sequence_parallel)
+                            mass_kernel=m.region_mass_kernel, recompute=m.recompute, sequence_parallel=m.sequence_parallel)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -120,7 +121,8 @@ class GRPOTrainer:
         per_rank = cfg.train.global_batch // self.dp
         indices = self.stream.take(cfg.train.global_batch)
         first = self.step * cfg.train.global_batch + self.dp_rank * per_rank
-        local = [self.samples[i] for i in indices[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]]
+        local = decodable_samples(self.samples, indices[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank],
+                                  cfg.data.on_error)
         prompts = build_prompt_batch(self.processor, local, hf.tokens.image, hf.vision.spatial_merge_size,
                                      hf.vision.patch_size, cfg.data.instruction)
         g = cfg.rollout.group_size

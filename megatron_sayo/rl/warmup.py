@@ -15,6 +15,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_sayo.config import RunConfig
+from megatron_sayo.data.grounded import decodable_samples
 from megatron_sayo.rl.batch import ScoringBatch
 from megatron_sayo.rl.loss import nll_loss
 from megatron_sayo.rl.prompts import PromptStream
@@ -38,7 +39,8 @@ def run_warmup(cfg: RunConfig, hf_dir: str, samples: list) -> Path:
     rows = cfg.train.global_batch * cfg.rollout.group_size // dp
     for step in range(1, w.steps + 1):
         picked = stream.take(rows * dp)[rank * rows:(rank + 1) * rows]
-        batch = ScoringBatch.from_answers(processor, policy.hf, [samples[i] for i in picked], cfg.data.instruction)
+        batch = ScoringBatch.from_answers(processor, policy.hf, decodable_samples(samples, picked, cfg.data.on_error),
+                                          cfg.data.instruction)
         reported = accumulate_gradients(ddp, optimizer, batch, cfg.train.micro_batch, 1.0,
                                         lambda logp, _rows, mask: nll_loss(logp, mask))
         optimizer.step()
