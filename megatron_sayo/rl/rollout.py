@@ -7,8 +7,15 @@ channels). The last pipeline stage gathers the last position's vocab-parallel lo
 (temperature, then top-p), and the new ids travel to every rank of the model-parallel group (TP broadcast on
 the last stage, then PP broadcast from it), so every stage feeds the same ids at the next step.
 
-`Rollout.logprobs` are log softmax(logits / temperature) of the chosen ids over the whole vocabulary (before
-top-p truncation; temperature 1 when greedy): what a scoring pass at the same temperature recomputes.
+`Rollout.logprobs` are log softmax(logits / temperature) of the chosen ids over the vocabulary they were drawn
+from (suppressed ids removed, before top-p truncation; temperature 1 when greedy).
+
+Capture (`capture_region` given, docs/spec.md §3): the rollout also records what a teacher-forced scoring pass
+would compute, as `Rollout.scores` (CompletionScores, last pipeline stage): per new token its log-prob and the
+entropy of the full distribution softmax(logits / temperature) it was sampled from (logits column p - 1),
+and the last layer's region / image attention mass of its own row (query column p), measured while the token
+is fed in the next decode step (a row that stops is fed once more, then leaves the cache). The sampler draws
+for exactly the rows it draws for without capture, so the same seed gives the same completions.
 """
 
 from __future__ import annotations
@@ -20,8 +27,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from megatron_sayo.attention.region_mass import DecodeMassProbe
 from megatron_sayo.models.qwen25vl.attention import AttentionState, KVCache, build_attention_mask
 from megatron_sayo.models.qwen25vl.rope import get_rope_index
+from megatron_sayo.rl.batch import CompletionScores
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,7 @@ class Rollout:
     group_ids: torch.Tensor         # [N] prompt index of each row
     logprobs: torch.Tensor          # [N, T] log p(token) under softmax(logits / T); 0 where masked
     finished: torch.Tensor          # [N] True where a stop token ended the row (False: length stop)
+    scores: CompletionScores | None = None  # captured at decode (last pipeline stage, capture on)
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -97,6 +107,15 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
     return ids, logp
 
 
+def token_stats(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(ids), entropy) of the full distribution softmax(logits / temperature) [n, V], in float32: what
+    teacher-forced scoring computes for the same tokens (no suppression, no top-p)."""
+    z = logits.float() / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    p = torch.exp(z - lse[:, None])
+    return z.gather(-1, ids[:, None]).squeeze(-1) - lse, lse - (p * z).sum(-1)
+
+
 # ------------------------------------------------------------------------------------------ parallel plumbing
 
 def _world(group) -> int:
@@ -108,12 +127,12 @@ def _is_sampler() -> bool:
     return parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
 
 
-def share_tokens(ids: torch.Tensor | None, logp: torch.Tensor | None, n: int, device) -> tuple[torch.Tensor,
-                                                                                              torch.Tensor]:
-    """The sampler's (ids, logp) on every rank of its model-parallel group (TP, then PP broadcast)."""
-    packed = torch.empty(2, n, dtype=torch.float64, device=device)
-    if ids is not None:
-        packed[0], packed[1] = ids.double(), logp.double()
+def share_rows(values: torch.Tensor | None, rows: int, n: int, device) -> torch.Tensor:
+    """The sampler's [rows, n] values (ids, log-probs, ...) on every rank of its model-parallel group (TP
+    broadcast on the last stage, then PP broadcast from it), as float64 (exact for ids and float32)."""
+    packed = torch.empty(rows, n, dtype=torch.float64, device=device)
+    if values is not None:
+        packed.copy_(values)
     if parallel_state.is_pipeline_last_stage():
         tp_group = parallel_state.get_tensor_model_parallel_group()
         if _world(tp_group) > 1:
@@ -121,7 +140,7 @@ def share_tokens(ids: torch.Tensor | None, logp: torch.Tensor | None, n: int, de
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     if _world(pp_group) > 1:
         dist.broadcast(packed, parallel_state.get_pipeline_model_parallel_last_rank(), group=pp_group)
-    return packed[0].long(), packed[1].float()
+    return packed
 
 
 def _last_logits(model, parallel_logits: torch.Tensor) -> torch.Tensor:
@@ -179,13 +198,15 @@ def stop_ids_tensor(model, params: SamplingParams, device) -> torch.Tensor:
 
 
 def generate(model, batch: dict, params: SamplingParams, *, num_return_sequences: int = 1,
-             compact: bool = True) -> Rollout:
+             compact: bool = True, capture_region: torch.Tensor | None = None) -> Rollout:
     """G = num_return_sequences completions per prompt of a left-padded processor batch (every rank calls it).
 
     `compact` drops finished rows from the KV cache as they stop (cheaper steps, same result).
+    `capture_region`: bool [prompts, P] region keys of each prompt; given, the rollout captures the scores
+    (see the module docstring) into `Rollout.scores`.
     """
     with sequence_parallel_off(model):
-        return _generate(model, batch, params, num_return_sequences, compact)
+        return _generate(model, batch, params, num_return_sequences, compact, capture_region)
 
 
 def prefill(model, batch: dict, prompt_mask: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor | None,
@@ -203,7 +224,39 @@ def prefill(model, batch: dict, prompt_mask: torch.Tensor, cache: KVCache) -> tu
     return logits, deltas.reshape(-1).to(prompt_mask.device)
 
 
-def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: int, compact: bool) -> Rollout:
+class _Capture:
+    """Per-token arrays [n, steps] the capture fills: log-prob, entropy, region and image mass."""
+
+    def __init__(self, model, region: torch.Tensor, image: torch.Tensor, n: int, steps: int, temperature: float):
+        self.region, self.image = region, image          # bool [n, P] per rollout row
+        self.temperature = temperature
+        self.num_layers = model.config.num_layers
+        self.values = torch.zeros(4, n, steps, dtype=torch.float32, device=region.device)
+        self.probe: DecodeMassProbe | None = None
+
+    def state(self, cache: KVCache, active: torch.Tensor) -> AttentionState:
+        """The decode step's attention state: the cache and a probe over the fed rows' prompt keys."""
+        self.probe = DecodeMassProbe(self.region[active], self.image[active])
+        return AttentionState(kv_cache=cache, probe=self.probe, probe_layer=self.num_layers)
+
+    def record_masses(self, active: torch.Tensor, live: torch.Tensor, step: int) -> None:
+        result = self.probe.result if self.probe is not None else None
+        if result is not None:   # the last pipeline stage
+            zero = torch.zeros((), dtype=torch.float32)
+            self.values[2, active, step] = torch.where(live, result.region_mean.to(self.values), zero)
+            self.values[3, active, step] = torch.where(live, result.image_mean.to(self.values), zero)
+
+    def scores(self, completion_mask: torch.Tensor) -> CompletionScores | None:
+        if not parallel_state.is_pipeline_last_stage():
+            return None
+        t = completion_mask.shape[1]
+        logp, entropy, region, image = self.values[:, :, :t]
+        return CompletionScores(logprobs=logp, entropy=entropy, region_mass=region, image_mass=image,
+                                mask=completion_mask)
+
+
+def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: int, compact: bool,
+              capture_region: torch.Tensor | None) -> Rollout:
     """generate's body (sequence parallelism already off)."""
     input_ids = batch["input_ids"]
     device = input_ids.device
@@ -213,6 +266,8 @@ def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: 
         raise ValueError("generate: prompts must be left-padded (the last column has padding)")
     g, steps = num_return_sequences, params.max_new_tokens
     b, p = input_ids.shape
+    if capture_region is not None and tuple(capture_region.shape) != (b, p):
+        raise ValueError(f"generate: capture_region is {tuple(capture_region.shape)}, the prompts are {(b, p)}")
     pad_id = model.hf.tokens.pad if model.hf.tokens.pad is not None else model.hf.tokens.eos[0]
     cache = KVCache(max_len=p + steps)
     state = AttentionState(kv_cache=cache)
@@ -227,6 +282,11 @@ def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: 
     next_pos = prompt_mask[rows].sum(-1) + deltas[rows]       # M-RoPE position of the first new token
     stop_ids = stop_ids_tensor(model, params, device)
     generator = torch.Generator(device=device).manual_seed(params.seed)
+    capture = None
+    if capture_region is not None:
+        capture = _Capture(model, capture_region.to(device).bool()[rows], (input_ids == model.hf.tokens.image)[rows],
+                           n, steps, 1.0 if params.greedy else params.temperature)
+    shared = 2 if capture is None else 4
 
     tokens = torch.full((n, steps), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(n, steps, dtype=torch.float32, device=device)
@@ -234,24 +294,43 @@ def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: 
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     active = torch.arange(n, device=device)          # rows still in the cache, in cache order
     for step in range(steps):
-        ids, logp = sample_tokens(logits, params, generator) if _is_sampler() else (None, None)
-        ids, logp = share_tokens(ids, logp, active.numel(), device)
+        # without capture (compact) every cached row is unfinished; with it, rows that stopped last step were
+        # fed once more and are skipped here, so the generator draws for the same rows either way
+        drawn = ~finished[active] if compact else torch.ones_like(active, dtype=torch.bool)
+        values = None
+        if _is_sampler():
+            sub = logits[drawn]
+            ids, logp = sample_tokens(sub, params, generator)
+            values = torch.stack([ids.double(), logp.double()] +
+                                 ([] if capture is None else [v.double() for v in token_stats(
+                                     sub, ids, capture.temperature)]))
+        packed = torch.zeros(shared, active.numel(), dtype=torch.float64, device=device)
+        packed[:, drawn] = share_rows(values, shared, int(drawn.sum()), device)
         live = ~finished[active]
-        ids = torch.where(live, ids, torch.full_like(ids, pad_id))
+        ids = torch.where(live, packed[0].long(), torch.full_like(active, pad_id))
         tokens[active, step] = ids
-        logprobs[active, step] = torch.where(live, logp, torch.zeros_like(logp))
+        logprobs[active, step] = torch.where(live, packed[1].float(), torch.zeros(()))
+        if capture is not None:
+            capture.values[:2, active, step] = torch.where(live, packed[2:].float(), torch.zeros(()))
         lengths[active] += live.long()
         finished[active] |= live & torch.isin(ids, stop_ids)
-        if step == steps - 1 or bool(finished.all()):
+        last = step == steps - 1 or bool(finished.all())
+        if last and capture is None:
             break
-        if compact and bool(finished[active].any()):
-            keep = ~finished[active]
-            cache.select(keep.nonzero().squeeze(-1))
-            active, ids = active[keep], ids[keep]
+        if compact:
+            keep = live if capture is not None else ~finished[active]
+            if not bool(keep.all()):
+                cache.select(keep.nonzero().squeeze(-1))
+                active, ids, live = active[keep], ids[keep], live[keep]
         width = p + step + 1
         logits = forward_last(model, dict(
             input_ids=ids[:, None], position_ids=(next_pos[active] + step).view(1, -1, 1).expand(3, -1, -1),
-            attention_mask=decode_mask(real[active, :width]), state=state))
+            attention_mask=decode_mask(real[active, :width]),
+            state=state if capture is None else capture.state(cache, active)))
+        if capture is not None:
+            capture.record_masses(active, live, step)
+        if last:
+            break
 
     t = int(lengths.max()) if n else 0
     completion_ids = tokens[:, :t]
@@ -260,4 +339,4 @@ def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: 
                    attention_mask=torch.cat([prompt_mask[rows].long(), completion_mask], dim=1),
                    prompt_length=p, completion_ids=completion_ids, completion_mask=completion_mask,
                    completion_lengths=lengths, group_ids=rows.clone(), logprobs=logprobs[:, :t],
-                   finished=finished)
+                   finished=finished, scores=None if capture is None else capture.scores(completion_mask))

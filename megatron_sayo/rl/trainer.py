@@ -132,13 +132,21 @@ class GRPOTrainer:
                                                     hf.tokens.vision_end),
                                 seed=cfg.train.seed * 1_000_003 + self.step * 1009 + self.dp_rank)
         self.policy.eval()
-        rollout = generate(self.policy, prompts.inputs, params, num_return_sequences=g)
+        capture = cfg.rollout.capture_scores
+        rollout = generate(self.policy, prompts.inputs, params, num_return_sequences=g,
+                           capture_region=prompts.region_mask if capture else None)
         t1 = time.perf_counter()
 
         rows = rollout.group_ids.tolist()
         batch = ScoringBatch.from_rollout(rollout, prompts, hf)
         mb = cfg.train.micro_batch
-        scores = score_policy(self.policy, batch, mb, cfg.rollout.temperature)
+        check = {}
+        if not capture or cfg.rollout.capture_check:
+            scores = score_policy(self.policy, batch, mb, cfg.rollout.temperature)
+            if capture and scores is not None:
+                check = {f"capture_diff_{k}": v for k, v in rollout.scores.mean_abs_difference(scores).items()}
+        if capture:
+            scores = rollout.scores
         t2 = time.perf_counter()
         ref_logp = (reference_logprobs(self.reference, batch, mb, cfg.rollout.temperature)
                     if self.reference is not None else None)
@@ -158,6 +166,7 @@ class GRPOTrainer:
         self.step += 1
         if last:
             metrics.update(loss_metrics)
+            metrics.update(check)
             n_tokens = float(rollout.completion_mask.sum()) * self.dp
             metrics.update(step=self.step, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
                            tokens_per_s=n_tokens / (t4 - t0), skipped=skipped,
