@@ -43,6 +43,9 @@ class ModelConfig:
     make_tiny_if_missing: bool = False  # create a tiny random checkpoint at the path on first use (demo)
     attention_backend: Literal["sdpa", "flash"] = "sdpa"   # core attention kernel ('flash': GPU only)
     layer_backend: Literal["local", "te"] = "local"        # megatron local layers, or Transformer Engine (GPU)
+    # region masses: row log-sum-exp ('lse'), 0/1 indicator values through the kernel ('indicator'), or
+    # 'auto' (indicator on CUDA: padded batches never materialise the scores; lse on CPU)
+    region_mass_kernel: Literal["auto", "lse", "indicator"] = "auto"
     params_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     recompute: Literal["none", "selective", "full"] = "none"
     sequence_parallel: bool = False
@@ -94,7 +97,7 @@ class RewardWeights:
 
 @dataclass
 class RewardConfig:
-    """SPEC sections 3-4: attention reward, format+length reward, accuracy reward."""
+    """docs/spec.md §3-4: attention reward, format+length reward, accuracy reward."""
 
     weights: RewardWeights = field(default_factory=RewardWeights)
     attention_form: Literal["paper", "code"] = "paper"

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_sayo.config import RunConfig
+from megatron_sayo.data.grounded import decodable_samples
 from megatron_sayo.rl import rewards as R
 from megatron_sayo.rl.advantages import distributed_group_advantages
 from megatron_sayo.rl.heldout import HeldOutEvaluator
@@ -43,6 +44,7 @@ def build_policy(cfg: RunConfig, hf_dir: str):
 
     dtype = DTYPES[cfg.model.params_dtype]
     kwargs = dict(attention_backend=cfg.model.attention_backend, layer_backend=cfg.model.layer_backend,
+                  mass_kernel=cfg.model.region_mass_kernel,
                   recompute=cfg.model.recompute, sequence_parallel=cfg.model.sequence_parallel)
     overrides = dict(calculate_per_token_loss=True)
     if cfg.model.megatron_path:
@@ -155,7 +157,8 @@ class GRPOTrainer:
         per_rank = cfg.train.global_batch // self.dp
         indices = self.stream.take(cfg.train.global_batch)
         first = self.step * cfg.train.global_batch + self.dp_rank * per_rank
-        local = [self.samples[i] for i in indices[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]]
+        local = decodable_samples(self.samples, indices[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank],
+                                  cfg.data.on_error)
         prompts = build_prompt_batch(self.processor, local, hf.tokens.image, hf.vision.spatial_merge_size,
                                      hf.vision.patch_size, cfg.data.instruction)
         g = cfg.rollout.group_size

@@ -16,6 +16,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_sayo.config import RunConfig
+from megatron_sayo.data.grounded import decodable_samples
 from megatron_sayo.rl.prompts import PromptStream, build_prompt_batch
 from megatron_sayo.rl.scoring import RolloutBatch, reference_logprobs
 
@@ -56,7 +57,8 @@ def run_warmup(cfg: RunConfig, hf_dir: str, samples: list) -> Path:
     rows = cfg.train.global_batch * cfg.rollout.group_size // dp
     for step in range(1, w.steps + 1):
         picked = stream.take(rows * dp)[rank * rows:(rank + 1) * rows]
-        batch = answer_batch(processor, policy.hf, [samples[i] for i in picked], cfg.data.instruction)
+        batch = answer_batch(processor, policy.hf, decodable_samples(samples, picked, cfg.data.on_error),
+                             cfg.data.instruction)
         old = reference_logprobs(policy, batch, cfg.train.micro_batch, 1.0)
         ones = torch.ones(batch.sequences.shape[0])
         accumulate_policy_gradients(ddp, optimizer, batch, old, None, ones, sft, policy.vocab_size)
