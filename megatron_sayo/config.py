@@ -159,6 +159,7 @@ class WarmupConfig:
 
     steps: int = _f(0, ge=0)
     lr: float = _f(1e-3, gt=0.0)
+    seed: int = 0                 # its data order; independent of train.seed so GRPO seeds share one warm-up
     cache_dir: str | None = None
 
 
@@ -174,9 +175,24 @@ class LoRAConfig:
     rank: int = _f(16, ge=1)
     alpha: float = _f(32.0, gt=0.0)           # delta W = alpha / rank * B @ A
     dropout: float = _f(0.0, ge=0.0, lt=1.0)   # on the adapter's input, training only
-    targets: list[str] = _f(list(LORA_TARGETS))     # megatron linears: linear_qkv, linear_proj, linear_fc1, linear_fc2
+    targets: list[str] = _f(list(LORA_TARGETS))  # megatron linears: linear_qkv, linear_proj, linear_fc1, linear_fc2
     vision: bool = False                       # adapters on the vision tower (not supported)
     seed: int = 0                              # initialisation of A (identical at every TP/PP)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation during training on data.eval_file: accuracy, format, TAS and attention reward of
+    completions decoded greedily or with the paper's evaluation sampling (temperature 0.1, top_p 0.1)."""
+
+    interval: int = _f(0, ge=0)              # every `interval` steps, before the first and after the last; 0: off
+    num_samples: int = _f(32, ge=1)          # the first N rows of data.eval_file (fewer if the file is shorter)
+    decoding: Literal["greedy", "sample"] = "greedy"
+    temperature: float = _f(0.1, gt=0.0)     # 'sample' only (paper's evaluation decoding)
+    top_p: float = _f(0.1, gt=0.0, le=1.0)   # 'sample' only
+    seed: int = 0                            # 'sample' only: the same draws at every evaluation
+    batch: int = _f(16, ge=1)                # prompts per generate/score call
+    max_new_tokens: int | None = _f(None, ge=1)   # None: rollout.max_new_tokens
 
 
 @dataclass
@@ -200,6 +216,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     run_dir: str = "runs/default"
 
@@ -231,6 +248,8 @@ def _cross_checks(cfg: RunConfig, where: str) -> None:
     if cfg.data.train_file is None:
         raise ConfigError(f"{where}: data.train_file is required")
     _lora_checks(cfg.lora, cfg.model, where)
+    if cfg.eval.interval and not cfg.data.eval_file:
+        raise ConfigError(f"{where}: eval.interval > 0 needs data.eval_file (the held-out set)")
     lo, hi = cfg.data.min_pixels, cfg.data.max_pixels
     if lo is not None and hi is not None and lo > hi:
         raise ConfigError(f"{where}: data.min_pixels ({lo}) must be <= data.max_pixels ({hi})")

@@ -25,6 +25,7 @@ from megatron_sayo.models.lora import adapters_disabled, attach_lora
 from megatron_sayo.data.grounded import decodable_samples
 from megatron_sayo.rl import rewards as R
 from megatron_sayo.rl.advantages import distributed_group_advantages
+from megatron_sayo.rl.heldout import HeldOutEvaluator
 from megatron_sayo.rl.loss import grpo_loss
 from megatron_sayo.rl.prompts import PromptStream, build_prompt_batch, repeat_images
 from megatron_sayo.rl.rollout import SamplingParams, generate
@@ -125,7 +126,8 @@ class Preempted(Exception):
 class GRPOTrainer:
     """Owns the model, optimizer, data stream and run directory of one training run."""
 
-    def __init__(self, cfg: RunConfig, hf_dir: str, samples: list, init_from: Path | None = None):
+    def __init__(self, cfg: RunConfig, hf_dir: str, samples: list, init_from: Path | None = None,
+                 eval_samples: list | None = None):
         from megatron_sayo.data.processor import Processor
 
         self.cfg = cfg
@@ -150,6 +152,7 @@ class GRPOTrainer:
         self.processor = Processor.from_pretrained(hf_dir, min_pixels=cfg.data.min_pixels,
                                                    max_pixels=cfg.data.max_pixels)
         self.stream = PromptStream(len(samples), cfg.train.seed)
+        self.heldout = HeldOutEvaluator(cfg, self.processor, eval_samples) if cfg.eval.interval else None
         self.step = 0
         self.nan_in_row = 0
         self.is_logger = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank()
@@ -300,6 +303,12 @@ class GRPOTrainer:
         pg, kl, clip = (float(x) / total for x in sums[:3])
         return {"loss": pg + self.cfg.loss.kl_beta * kl, "pg_loss": pg, "kl": kl, "clip_fraction": clip}
 
+    def evaluate(self) -> dict:
+        """Held-out metrics (eval_*) of the current policy, with the seconds they took."""
+        t0 = time.perf_counter()
+        out = self.heldout.evaluate(self.policy)
+        return {**out, "time_eval": time.perf_counter() - t0} if out else {}
+
     # -- the loop ----------------------------------------------------------------------------------------
     def _stop_requested(self) -> bool:
         flag = torch.tensor([1.0 if _STOP_SIGNAL else 0.0])
@@ -342,8 +351,12 @@ class GRPOTrainer:
     def fit(self, logger: "MetricsLogger") -> None:
         cfg = self.cfg
         interval = cfg.checkpoint.interval
+        if self.heldout is not None and self.step == 0:
+            logger.log({"step": 0, **self.evaluate()})
         while self.step < cfg.train.steps:
             result = self.train_step()
+            if self.heldout is not None and self.heldout.due(self.step):
+                result.metrics.update(self.evaluate())
             logger.log(result.metrics)
             done = self.step >= cfg.train.steps
             if self._stop_requested():
@@ -406,10 +419,15 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         step = metrics["step"]
-        print(f"step {step:>5}/{self.total}  reward {metrics['reward_total']:+.4f}  attn {metrics['reward_attention']:+.4f}"
-              f"  fmt {metrics['reward_format']:.3f}  tas {metrics['tas']:.3f}  loss {metrics.get('loss', 0):+.4f}"
-              f"  kl {metrics.get('kl', 0):.2e}  len {metrics['completion_tokens']:.1f}"
-              f"  {metrics['tokens_per_s']:.0f} tok/s  {metrics['time_step']:.1f}s", flush=True)
+        if "eval_tas" in metrics:
+            print(f"eval {step:>5}/{self.total}  accuracy {metrics['eval_accuracy']:.3f}  format "
+                  f"{metrics['eval_format']:.3f}  tas {metrics['eval_tas']:.3f}  attn {metrics['eval_reward_attention']:.4f}"
+                  f"  ({metrics['eval_samples']} held-out samples, {metrics['time_eval']:.1f}s)", flush=True)
+        if "reward_total" in metrics:
+            print(f"step {step:>5}/{self.total}  reward {metrics['reward_total']:+.4f}  attn {metrics['reward_attention']:+.4f}"
+                  f"  fmt {metrics['reward_format']:.3f}  acc {metrics['reward_accuracy']:.3f}  tas {metrics['tas']:.3f}"
+                  f"  loss {metrics.get('loss', 0):+.4f}  kl {metrics.get('kl', 0):.2e}  len {metrics['completion_tokens']:.1f}"
+                  f"  {metrics['tokens_per_s']:.0f} tok/s  {metrics['time_step']:.1f}s", flush=True)
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
