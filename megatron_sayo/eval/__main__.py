@@ -12,11 +12,11 @@ With --compare, both checkpoints are evaluated (OUTDIR/a, OUTDIR/b) and OUTDIR/c
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from megatron_sayo.eval import driver as D
+from megatron_sayo.eval import nemo_glue, reports
 
 
 def parse_args(argv=None):
@@ -78,27 +78,24 @@ def main(argv=None) -> int:
     out = Path(args.out)
     try:
         if args.benchmark != "grounded" and not args.benchmark.startswith("sayo-"):
-            D.check_harness_task(args.benchmark)   # fail before starting any server
+            nemo_glue.check_harness_task(args.benchmark)   # fail before starting any server
         model = D.model_spec(args.hf, args.megatron)
         if not args.compare:
             results = evaluate_one(args, model, out)
         else:
             other = D.detect_checkpoint(args.compare)
             a, b = evaluate_one(args, model, out / "a"), evaluate_one(args, other, out / "b")
-            table = D.compare_table(a, b)
-            (out / "compare.json").write_text(json.dumps(table, indent=2))
-            (out / "compare.md").write_text(D.compare_markdown(table))
-            print(D.compare_markdown(table))
+            print(reports.write_compare(out, a, b))
             return 0
     except D.EvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print((out / "summary.md").read_text())
     if args.benchmark.startswith("sayo-"):
-        print(f"average {D.fmt(results.get('average'))} over {len(results['benchmarks'])} benchmark(s) -> "
+        print(f"average {reports.fmt(results.get('average'))} over {len(results['benchmarks'])} benchmark(s) -> "
               f"{out / 'results.json'}")
         return 0
-    print(f"accuracy {D.fmt(results.get('accuracy'))}  tas {D.fmt(results.get('tas'))}  "
+    print(f"accuracy {reports.fmt(results.get('accuracy'))}  tas {reports.fmt(results.get('tas'))}  "
           f"n {results.get('num_samples')}  -> {out / 'results.json'}")
     return 0
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from nemo_evaluator.contrib.byob import ScorerInput, benchmark, scorer
 
 from megatron_sayo.config import SuiteConfig
-from megatron_sayo.eval.benchmarks.scoring import extract_prediction, is_correct
-from megatron_sayo.eval.benchmarks.suite import BENCHMARKS
+from megatron_sayo.eval.benchmarks.scoring import is_correct
+from megatron_sayo.eval.benchmarks.suite import BENCHMARKS, task_name
 
 PROMPT = "<image_url>{image_url}</image_url>{question}"
 
@@ -19,11 +19,6 @@ PROMPT = "<image_url>{image_url}</image_url>{question}"
 def template(text: str) -> str:
     """`text` as a str.format template that renders to itself (BYOB formats the system prompt with row fields)."""
     return text.replace("{", "{{").replace("}", "}}")
-
-
-def task_name(name: str) -> str:
-    """BYOB's normalised task name of a suite benchmark."""
-    return "sayo_" + name.replace("-", "_")
 
 
 @scorer
@@ -36,5 +31,3 @@ def suite_score(sample: ScorerInput) -> dict:
 for _b in BENCHMARKS:
     benchmark(name=f"sayo-{_b.name}", dataset=f"{_b.name}.jsonl", prompt=PROMPT, target_field="answer",
               endpoint_type="chat", system_prompt=template(SuiteConfig().system_prompt))(suite_score)
-
-__all__ = ["PROMPT", "extract_prediction", "suite_score", "task_name", "template"]

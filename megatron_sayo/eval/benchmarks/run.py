@@ -13,37 +13,16 @@ nemo-evaluator against one server.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-from megatron_sayo.eval import driver as D
+from megatron_sayo.eval import nemo_glue
 from megatron_sayo.eval.benchmarks import prepare, suite
 from megatron_sayo.eval.benchmarks.hub_data import DatasetError
+from megatron_sayo.eval.driver import decoding_params, read_jsonl
+from megatron_sayo.eval.errors import EvalError
+from megatron_sayo.eval.server_process import start_server
 
 BYOB_MODULE = "megatron_sayo.eval.benchmarks.byob_suite"
-
-
-def install_package(root: Path) -> dict[str, str]:
-    """Compile byob_suite.py into root/nemo_evaluator/byob_<task>/ packages; {task: eval type} for each benchmark."""
-    import yaml
-
-    nemo_evaluator = D.require_nemo_evaluator()
-    from nemo_evaluator.contrib.byob.compiler import compile_benchmark
-
-    types = {}
-    for task, fdf in compile_benchmark(BYOB_MODULE).items():
-        pkg = root / "nemo_evaluator" / f"byob_{task}"
-        pkg.mkdir(parents=True, exist_ok=True)
-        (pkg / "__init__.py").write_text("")
-        (pkg / "framework.yml").write_text(yaml.safe_dump(fdf, sort_keys=False))
-        (pkg / "output.py").write_text(D.OUTPUT_PY.format(task=task))
-        types[task] = fdf["evaluations"][0]["defaults"]["config"]["type"]
-        for name in [m for m in sys.modules if m.startswith(f"nemo_evaluator.byob_{task}")]:
-            del sys.modules[name]
-    ns = str(root / "nemo_evaluator")
-    if ns not in nemo_evaluator.__path__:
-        nemo_evaluator.__path__.append(ns)
-    return types
 
 
 def prepare_all(benchmarks: list[suite.Benchmark], data_root: Path, out: Path, limit: int | None,
@@ -112,6 +91,22 @@ def summary_markdown(results: dict) -> str:
             f"available ('-').\n")
 
 
+def run_one(b: suite.Benchmark, prepared: tuple[Path, list[dict]], eval_type: str, server, model: dict,
+            decoding: dict, parallelism: int, bench_dir: Path) -> dict:
+    """One benchmark's nemo-evaluator run against the server; writes bench_dir/{results.json,samples.jsonl}."""
+    dataset, rows = prepared
+    nemo_out = bench_dir / "nemo_evaluator"
+    result = nemo_glue.run_evaluation(eval_type, nemo_out, server.url + "/chat/completions", model["name"], None,
+                                      decoding, parallelism, extra={"dataset": {"path": str(dataset.resolve())}})
+    records = sample_records(rows, read_jsonl(nemo_glue.find_output(nemo_out, "byob_predictions.jsonl",
+                                                                    suite.task_name(b.name))))
+    summary = {"title": b.title, "hub_id": b.hub_id, "split": b.split, "num_samples": len(records),
+               "accuracy": percent(records), "nemo_evaluator": nemo_glue.metric_scores(result)}
+    prepare.write_jsonl(records, bench_dir / "samples.jsonl")
+    (bench_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def run_suite(args, model: dict, out: Path) -> dict:
     """The selected suite benchmarks for one checkpoint; writes out/ and returns results.json's content."""
     from megatron_sayo.config import SuiteConfig
@@ -120,30 +115,22 @@ def run_suite(args, model: dict, out: Path) -> dict:
     min_pixels, max_pixels = args.min_pixels or cfg.min_pixels, args.max_pixels or cfg.max_pixels
     benchmarks = suite.select(args.benchmark)
     if not args.data_root:
-        raise D.EvalError(f"--benchmark {args.benchmark} needs --data-root DIR (see docs/eval.md)")
+        raise EvalError(f"--benchmark {args.benchmark} needs --data-root DIR (see docs/eval.md)")
     try:
         prepared = prepare_all(benchmarks, Path(args.data_root), out, args.limit, min_pixels, max_pixels)
     except DatasetError as exc:
-        raise D.EvalError(str(exc)) from None
-    from megatron_sayo.eval.benchmarks.byob_suite import task_name
-
-    types = install_package(out / "byob_package")
-    decoding = D.decoding_params(args)
+        raise EvalError(str(exc)) from None
+    package = out / "byob_package"
+    types = {b.name: nemo_glue.compile_grounded_package(package, BYOB_MODULE, suite.task_name(b.name))
+             for b in benchmarks}
+    decoding = decoding_params(args)
     per_bench = {}
-    server = D.start_server(model.get("hf"), model.get("megatron"), args.tp, out / "server.log")
+    server = start_server(model.get("hf"), model.get("megatron"), args.tp, out / "server.log")
     try:
-        for b in benchmarks:
-            dataset, rows = prepared[b.name]
-            task, nemo_out = task_name(b.name), out / b.name / "nemo_evaluator"
-            result = D.run_nemo_evaluator(types[task], nemo_out, server, model["name"], None, decoding,
-                                          args.parallelism, extra={"dataset": {"path": str(dataset.resolve())}})
-            records = sample_records(rows, D.read_jsonl(D.find_output(nemo_out, "byob_predictions.jsonl", task)))
-            per_bench[b.name] = {"title": b.title, "hub_id": b.hub_id, "split": b.split,
-                                 "num_samples": len(records), "accuracy": percent(records),
-                                 "nemo_evaluator": D.metric_scores(result)}
-            bench_dir = out / b.name
-            prepare.write_jsonl(records, bench_dir / "samples.jsonl")
-            (bench_dir / "results.json").write_text(json.dumps(per_bench[b.name], indent=2))
+        with nemo_glue.nemo_environment(server.api_key, (package,)):
+            for b in benchmarks:
+                per_bench[b.name] = run_one(b, prepared[b.name], types[b.name], server, model, decoding,
+                                            args.parallelism, out / b.name)
     finally:
         server.stop()
     results = {"suite": args.benchmark, "model": model, "decoding": decoding,

@@ -190,6 +190,6 @@ def select(spec: str) -> list[Benchmark]:
                      f"{', '.join('sayo-' + b.name for b in BENCHMARKS)}")
 
 
-def is_suite_name(spec: str) -> bool:
-    """Whether a --benchmark value names the suite or one of its benchmarks."""
-    return spec == "sayo-suite" or spec.removeprefix("sayo-") in BY_NAME and spec.startswith("sayo-")
+def task_name(name: str) -> str:
+    """nemo-evaluator's task name of a suite benchmark (BYOB normalises 'sayo-<name>')."""
+    return "sayo_" + name.replace("-", "_")
