@@ -163,6 +163,23 @@ class WarmupConfig:
     cache_dir: str | None = None
 
 
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA on the decoder's linears as the paper trains it (rank 16, alpha 32, every linear layer); the base
+    stays frozen and the reference policy is the same model with the adapters switched off."""
+
+    enabled: bool = False
+    rank: int = _f(16, ge=1)
+    alpha: float = _f(32.0, gt=0.0)           # delta W = alpha / rank * B @ A
+    dropout: float = _f(0.0, ge=0.0, lt=1.0)   # on the adapter's input, training only
+    targets: list[str] = _f(list(LORA_TARGETS))  # megatron linears: linear_qkv, linear_proj, linear_fc1, linear_fc2
+    vision: bool = False                       # adapters on the vision tower (not supported)
+    seed: int = 0                              # initialisation of A (identical at every TP/PP)
+
+
 @dataclass
 class EvalConfig:
     """Held-out evaluation during training on data.eval_file: accuracy, format, TAS and attention reward of
@@ -198,6 +215,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     run_dir: str = "runs/default"
@@ -229,6 +247,7 @@ def _cross_checks(cfg: RunConfig, where: str) -> None:
         raise ConfigError(f"{where}: warmup.steps > 0 needs warmup.cache_dir")
     if cfg.data.train_file is None:
         raise ConfigError(f"{where}: data.train_file is required")
+    _lora_checks(cfg.lora, cfg.model, where)
     if cfg.eval.interval and not cfg.data.eval_file:
         raise ConfigError(f"{where}: eval.interval > 0 needs data.eval_file (the held-out set)")
     lo, hi = cfg.data.min_pixels, cfg.data.max_pixels
@@ -236,11 +255,27 @@ def _cross_checks(cfg: RunConfig, where: str) -> None:
         raise ConfigError(f"{where}: data.min_pixels ({lo}) must be <= data.max_pixels ({hi})")
 
 
+def _lora_checks(lora: LoRAConfig, model: ModelConfig, where: str) -> None:
+    """The LoRA block's values that its field types cannot check."""
+    bad = [t for t in lora.targets if t not in LORA_TARGETS]
+    if bad or not lora.targets or len(set(lora.targets)) != len(lora.targets):
+        raise ConfigError(f"{where}: lora.targets = {lora.targets!r}: expected a non-empty list of distinct names "
+                          f"from {', '.join(LORA_TARGETS)}")
+    if lora.enabled and lora.vision:
+        raise ConfigError(f"{where}: lora.vision = true is not supported (adapters go on the language decoder "
+                          f"only; the vision tower stays frozen)")
+    if lora.enabled and model.layer_backend != "local":
+        raise ConfigError(f"{where}: lora.enabled needs model.layer_backend: local (Transformer Engine fuses the "
+                          f"RMSNorm into linear_qkv/linear_fc1, so an adapter there would see un-normalised input)")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Building dataclasses from plain data, with errors that name the key
 # --------------------------------------------------------------------------------------------------------------
 
 def _type_name(tp) -> str:
+    if typing.get_origin(tp) is list:
+        return "a list of " + _type_name(typing.get_args(tp)[0])
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
     if _optional_inner(tp) is not None:
@@ -290,6 +325,11 @@ def _coerce(value, tp, key: str, where: str):
         if not isinstance(value, str):
             raise bad
         return value
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            raise bad
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{n}]", where) for n, v in enumerate(value)]
     raise TypeError(f"config field {key}: unsupported type {tp}")
 
 

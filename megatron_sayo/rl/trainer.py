@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_sayo.config import RunConfig
+from megatron_sayo.models.lora import adapters_disabled, attach_lora
 from megatron_sayo.data.grounded import decodable_samples
 from megatron_sayo.rl import rewards as R
 from megatron_sayo.rl.advantages import distributed_group_advantages
@@ -55,6 +56,16 @@ def build_policy(cfg: RunConfig, hf_dir: str):
                                         params_dtype=dtype, config_overrides=overrides, **kwargs)
     return load_from_hf(hf_dir, tp=cfg.parallel.tp, pp=cfg.parallel.pp, params_dtype=dtype,
                         config_overrides=overrides, **kwargs)
+
+
+def base_pointer(cfg: RunConfig, init_from: Path | None) -> dict:
+    """Where the weights the run starts from live (absolute paths): the warm-up checkpoint when there is one,
+    else the configured HF or megatron checkpoint. A LoRA step's adapters apply to exactly these weights."""
+    if init_from is not None:
+        return {"format": "megatron", "path": str(Path(init_from).resolve())}
+    if cfg.model.megatron_path:
+        return {"format": "megatron", "path": str(Path(cfg.model.megatron_path).resolve())}
+    return {"format": "hf", "path": str(Path(cfg.model.hf_path).resolve())}
 
 
 def wrap_for_training(cfg: RunConfig, model):
@@ -128,8 +139,14 @@ class GRPOTrainer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.policy = self._load(init_from)
         self.hf = self.policy.hf
+        self.base_pointer = base_pointer(cfg, init_from)
+        if cfg.lora.enabled:   # before DDP and the optimizer: only the adapters train
+            attach_lora(self.policy, self.hf.text, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                        dropout=cfg.lora.dropout, targets=cfg.lora.targets, seed=cfg.lora.seed)
         self.ddp, self.optimizer, self.scheduler = wrap_for_training(cfg, self.policy)
-        self.reference = self._load(init_from).eval() if cfg.loss.kl_beta > 0 else None
+        # with LoRA the reference policy is the same model with its adapters off: no second copy
+        self.reference = (self._load(init_from).eval() if cfg.loss.kl_beta > 0 and not cfg.lora.enabled
+                          else None)
         if self.reference is not None:
             for p in self.reference.parameters():
                 p.requires_grad_(False)
@@ -183,8 +200,7 @@ class GRPOTrainer:
         mb = cfg.train.micro_batch
         scores = score_policy(self.policy, batch, mb, cfg.rollout.temperature)
         t2 = time.perf_counter()
-        ref_logp = (reference_logprobs(self.reference, batch, mb, cfg.rollout.temperature)
-                    if self.reference is not None else None)
+        ref_logp = self._reference_logprobs(batch, mb)
         t3 = time.perf_counter()
 
         last = parallel_state.is_pipeline_last_stage()
@@ -208,6 +224,17 @@ class GRPOTrainer:
                            time_rollout=t1 - t0, time_score=t2 - t1, time_reference=t3 - t2, time_update=t4 - t3,
                            time_step=t4 - t0, sample_completion=texts[0][:200])
         return StepResult(metrics, skipped)
+
+    def _reference_logprobs(self, batch: RolloutBatch, mb: int):
+        """The reference policy's log-probs (None without a KL term): the frozen copy, or with LoRA the
+        policy with its adapters switched off."""
+        temperature = self.cfg.rollout.temperature
+        if self.cfg.loss.kl_beta == 0:
+            return None
+        if self.cfg.lora.enabled:
+            with adapters_disabled(self.policy):
+                return reference_logprobs(self.policy, batch, mb, temperature)
+        return reference_logprobs(self.reference, batch, mb, temperature)
 
     def _rewards(self, rollout, scores, samples):
         """Per-completion reward terms (attention, format, accuracy) and TAS, on the last stage."""
@@ -297,7 +324,17 @@ class GRPOTrainer:
         from megatron_sayo.checkpoint.state import save_training_state
 
         save_training_state(self.run_dir, self.step, self.policy, self.optimizer, self.scheduler,
-                            extra=self.state_extra(), keep=self.cfg.checkpoint.keep, config_dir=self.hf_dir)
+                            extra=self.state_extra(), keep=self.cfg.checkpoint.keep, config_dir=self.hf_dir,
+                            metadata=self.checkpoint_metadata())
+
+    def checkpoint_metadata(self) -> dict:
+        """What a step's checkpoint_metadata.json records beyond the defaults: with LoRA, the adapters' settings
+        and the base they apply to (the step holds the adapters only)."""
+        if not self.cfg.lora.enabled:
+            return {}
+        lora = self.cfg.lora
+        return {"lora": {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
+                         "targets": list(lora.targets), "base": self.base_pointer}}
 
     def maybe_resume(self) -> bool:
         """Resume from the newest complete checkpoint in run_dir, if any."""
