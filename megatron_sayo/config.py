@@ -196,6 +196,18 @@ class EvalConfig:
 
 
 @dataclass
+class SuiteConfig:
+    """The SAYO authors' evaluation settings for the nine-benchmark suite (docs/eval.md): their default system
+    prompt and the pixel bounds every image is rescaled into before it is sent (eval/main.py of Cratileo/Sayo)."""
+
+    system_prompt: str = ("You FIRST think about the reasoning process as an internal monologue and then provide the "
+                          "final answer. The reasoning process MUST BE enclosed within <think> </think> tags. The "
+                          "final answer MUST BE put in \\boxed{}.")
+    min_pixels: int = _f(262144, gt=0)
+    max_pixels: int = _f(5000000, gt=0)
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = True
     interval: int = _f(1, ge=1)
