@@ -25,7 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_sayo.eval.driver import http_json, start_server  # noqa: E402
+from megatron_sayo.eval.server_process import http_json, start_server  # noqa: E402
 
 
 def image_url(seed: int) -> str:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch.distributed as dist
@@ -37,28 +39,56 @@ def prepare_assets(cfg: RunConfig) -> None:
 
 
 def write_synthetic(jsonl: Path, n: int, seed: int) -> None:
-    """A synthetic grounded set at `jsonl` (images beside it), written atomically."""
+    """A synthetic grounded set at `jsonl`, its images in a NEW sibling folder `<stem>_synthetic/`.
+
+    Everything is generated in a fresh temporary folder and renamed into place; an existing folder of that
+    name is never touched (a clear error instead), so the run can only ever add what it created."""
     from megatron_sayo.data.synthetic import make_synthetic
 
+    images = jsonl.with_name(f"{jsonl.stem}_synthetic")
+    if images.exists() or images.is_symlink():
+        raise FileExistsError(f"data.train_file/eval_file {jsonl} does not exist, but {images} does: refusing to "
+                              f"write synthetic data there (move it away or point data.* at another file)")
     print(f"making {n} synthetic grounded samples at {jsonl}", flush=True)
-    sub = jsonl.with_suffix("")
-    if sub.exists():
-        shutil.rmtree(sub)
-    made = make_synthetic(sub, n, seed=seed)
-    tmp = jsonl.with_name(f".{jsonl.name}.tmp")
-    with open(made) as src, open(tmp, "w") as dst:
-        for line in src:
+    jsonl.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{images.name}.tmp-", dir=jsonl.parent))
+    try:
+        made = make_synthetic(tmp, n, seed=seed)
+        lines = []
+        for line in made.read_text().splitlines():
             row = json.loads(line)
-            row["image"] = f"{sub.name}/{row['image']}"
-            dst.write(json.dumps(row) + "\n")
-    tmp.replace(jsonl)
+            row["image"] = f"{images.name}/{row['image']}"
+            lines.append(json.dumps(row) + "\n")
+        os.rename(tmp, images)  # fails rather than replaces if someone created `images` meanwhile (non-empty)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # only the temporary folder this call made
+        raise
+    from megatron_sayo.checkpoint.files import write_text_atomic
+
+    write_text_atomic(jsonl, "".join(lines))
+
+
+def check_data_files(cfg: RunConfig) -> None:
+    """data.train_file (and eval_file when set) exist and are not empty, unless the run makes them synthetic."""
+    from megatron_sayo.data.grounded import EmptyDataError, require_data_file
+
+    for key, path in (("data.train_file", cfg.data.train_file), ("data.eval_file", cfg.data.eval_file)):
+        if path is None and key == "data.eval_file":
+            continue
+        if cfg.data.synthetic_n and path is not None and not Path(path).exists():
+            continue  # prepare_assets writes it
+        try:
+            require_data_file(path, key)
+        except EmptyDataError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def check_before_launch(cfg: RunConfig, world_size: int) -> str:
-    """Everything that can fail cheaply: layout vs world size and vs the checkpoint's config.json."""
+    """Everything that can fail cheaply: layout vs world size and vs the checkpoint's config.json, data files."""
     from megatron_sayo.models.qwen25vl.hf_config import ParallelLayout, load_hf_config, validate_layout
 
     cfg.validate_world(world_size)
+    check_data_files(cfg)
     hf_dir = cfg.model.hf_path or cfg.model.megatron_path
     if Path(hf_dir, "config.json").is_file():
         validate_layout(load_hf_config(hf_dir), ParallelLayout(cfg.parallel.tp, cfg.parallel.pp))
@@ -71,6 +101,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m megatron_sayo.train", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML run config (see examples/)")
     p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --check: the number of processes the run will have (default: from the launcher's "
+                        "environment, 1 for a plain process)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20 parallel.tp=2")
     return p.parse_args(argv)
 
@@ -79,14 +112,22 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     launch = runtime.read_launch_env()
+    if args.world_size is not None and not args.check:
+        print("config error: --world-size is for --check (a run takes its world size from the launcher)",
+              file=sys.stderr)
+        return 2
+    if args.world_size is not None and args.world_size < 1:
+        print(f"config error: --world-size must be >= 1, got {args.world_size}", file=sys.stderr)
+        return 2
+    world_size = args.world_size or launch.world_size
     try:
         cfg = load_config(args.config, args.overrides)
-        hf_dir = check_before_launch(cfg, launch.world_size)
+        hf_dir = check_before_launch(cfg, world_size)
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     if args.check:
-        print(f"config OK: {args.config} (world size {launch.world_size})")
+        print(f"config OK: {args.config} (world size {world_size})")
         return 0
 
     from megatron_sayo.rl.trainer import install_signal_handlers
@@ -105,7 +146,9 @@ def main(argv=None) -> int:
             (Path(cfg.run_dir) / "config.yaml").write_text(_yaml(cfg))
         dist.barrier()
         samples = load_grounded(cfg.data.train_file, on_error=cfg.data.on_error)
-        trainer = GRPOTrainer(cfg, hf_dir, samples, init_from=warmed_up(cfg, hf_dir, samples))
+        held_out = load_grounded(cfg.data.eval_file, on_error=cfg.data.on_error) if cfg.eval.interval else None
+        trainer = GRPOTrainer(cfg, hf_dir, samples, init_from=warmed_up(cfg, hf_dir, samples),
+                              eval_samples=held_out)
         trainer.maybe_resume()
         logger = MetricsLogger(Path(cfg.run_dir), trainer.is_logger, cfg.train.steps, cfg.log.tensorboard)
         try:

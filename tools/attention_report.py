@@ -6,7 +6,7 @@
 The completion is teacher-forced after the chat-formatted prompt (or sampled with the KV-cached rollout,
 `--generate N`), then one scoring pass on tp*pp local ranks gives, for every completion token at sequence
 position p, a(p) and v(p) from the last layer's attention row p and the entropy of logits p - 1 divided by
-the temperature (SPEC section 3). Writes OUTDIR/report.json and OUTDIR/heatmap.png (the selected tokens'
+the temperature (docs/spec.md §3). Writes OUTDIR/report.json and OUTDIR/heatmap.png (the selected tokens'
 mean attention over the image grid, the box drawn).
 """
 

@@ -1,4 +1,4 @@
-"""Convert downloaded GQA questions + scene graphs into our grounded JSONL (SPEC section 2).
+"""Convert downloaded GQA questions + scene graphs into our grounded JSONL (docs/spec.md §2).
 
     python tools/prepare_gqa.py --questions train_balanced_questions.json \\
         --scene-graphs train_sceneGraphs.json --images GQA/images --out DIR [--max-rows N] [--seed 0]

@@ -1,4 +1,4 @@
-"""Convert downloaded ReFocus data into our grounded JSONL (SPEC section 2).
+"""Convert downloaded ReFocus data into our grounded JSONL (docs/spec.md §2).
 
     python tools/prepare_refocus.py --out DIR [--fraction 0.25] [--seed 0] FILE.parquet [FILE.parquet ...]
 

@@ -30,15 +30,23 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read, written or converted; the message names the file/tensor/field."""
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON to `path` via a temp file + fsync + rename (readers never see half a file)."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` via a temp file + fsync + rename (readers never see half a file)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON to `path` atomically (write_text_atomic)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def versions() -> dict[str, str]:

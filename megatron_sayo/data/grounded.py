@@ -1,4 +1,4 @@
-"""Grounded question datasets (SPEC section 2): format, row validation, loading, held-out split.
+"""Grounded question datasets (docs/spec.md §2): format, row validation, loading, held-out split.
 
 Format (documented in docs/data.md):
 
@@ -122,7 +122,7 @@ def _check_boxes(boxes: list, image_size: tuple[int, int]) -> list[list[float]]:
         name = f"boxes[{i}]"
         if not isinstance(box, (list, tuple)) or len(box) != 4:
             raise RowError(name, "a list of 4 numbers [x1, y1, x2, y2]", box)
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
+        if not all(_is_finite_number(v) for v in box):
             raise RowError(name, "4 finite numbers", box)
         x1, y1, x2, y2 = box
         if not (x1 < x2 and y1 < y2):
@@ -132,6 +132,16 @@ def _check_boxes(boxes: list, image_size: tuple[int, int]) -> list[list[float]]:
             raise RowError(name, f"a box overlapping the {w}x{h} image (non-empty after clamping)", box)
         out.append([float(v) for v in box])
     return out
+
+
+def _is_finite_number(value: Any) -> bool:
+    """A real number that fits a float (a 401-digit JSON integer is not: float() overflows)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _check_region(boxes: list[list[float]], image_size: tuple[int, int], sample_id: str) -> None:
@@ -160,16 +170,30 @@ def validate_row(row: Any, base_dir: Path) -> GroundedSample:
 # ---------------------------------------------------------------- files
 
 
+def _parse_line(raw: bytes) -> Any:
+    """One JSONL line as a parsed object, or a RowError saying why it is not one (bad UTF-8, bad JSON,
+    a number too long for Python's int parser, nesting too deep for the parser)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return RowError("<line>", "UTF-8 text", f"byte {raw[exc.start]:#04x} at column {exc.start + 1}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        return RowError("<json>", "one valid JSON object per line", f"{exc.msg} at column {exc.colno}")
+    except RecursionError:
+        return RowError("<json>", "a JSON object nested less deeply", "nesting too deep to parse")
+    except ValueError as exc:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        return RowError("<json>", "one valid JSON object per line", str(exc))
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object or RowError) for each non-blank line."""
-    with open(path, encoding="utf-8") as f:
+    """(line number, parsed object or RowError) for each non-blank line; a bad line never stops the file."""
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield lineno, RowError("<json>", "one valid JSON object per line", f"{exc.msg} at column {exc.colno}")
+            yield lineno, _parse_line(line)
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
@@ -206,18 +230,69 @@ def check_file(path: str | Path) -> tuple[list[GroundedSample], list[DataError]]
     return samples, errors
 
 
+class EmptyDataError(ValueError):
+    """A data file that is missing, or holds no usable row."""
+
+
+def require_data_file(path: str | Path | None, key: str = "data file") -> Path:
+    """`path` as an existing, non-empty regular file; EmptyDataError naming `key` and the file otherwise."""
+    if path is None:
+        raise EmptyDataError(f"{key}: no file given (expected a JSONL or parquet grounded data file)")
+    path = Path(path)
+    if not path.is_file():
+        raise EmptyDataError(f"{key}: {path}: no such file (expected a JSONL or parquet grounded data file)")
+    if path.stat().st_size == 0:
+        raise EmptyDataError(f"{key}: {path}: the file is empty (expected at least one grounded sample)")
+    return path
+
+
 def load_grounded(path: str | Path, on_error: str = "raise") -> list[GroundedSample]:
-    """Load a grounded dataset; on_error='raise' stops at the first bad row, 'skip' drops and counts them."""
+    """Load a grounded dataset; on_error='raise' stops at the first bad row, 'skip' drops and counts them.
+
+    A missing or empty file, or one with no usable row left, is an EmptyDataError naming the file."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    samples, errors = check_file(path)
+    samples, errors = check_file(require_data_file(path))
     if errors and on_error == "raise":
         raise errors[0]
     for err in errors:
         log.warning("skipping bad row: %s", err)
     if errors:
         log.warning("%s: skipped %d bad row(s), kept %d", path, len(errors), len(samples))
+    if not samples:
+        raise EmptyDataError(f"{path}: no usable sample ({len(errors)} bad row(s), nothing else)")
     return samples
+
+
+def decodable_samples(samples: Sequence[GroundedSample], indices: Sequence[int],
+                      on_error: str = "raise") -> list[GroundedSample]:
+    """samples[i] for each index, each image checked to decode now (files can change after loading).
+
+    on_error='raise': a DataError naming the sample and its image. 'skip': the sample is logged and
+    replaced by the next decodable one in dataset order (deterministic on every rank; the batch keeps its
+    size); a dataset whose images all fail raises."""
+    out, bad = [], set()
+    for i in indices:
+        for k in range(len(samples)):
+            j = (i + k) % len(samples)
+            if j in bad:
+                continue
+            try:
+                samples[j].open_image()
+            except Exception as exc:  # PIL and the OS raise many types for a vanished or corrupt file
+                where = samples[j].image_path or "embedded bytes"
+                err = ValueError(f"sample {samples[j].id!r}: image {where}: cannot decode "
+                                 f"({type(exc).__name__}: {exc})")
+                if on_error != "skip":
+                    raise err from None
+                log.warning("skipping sample: %s", err)
+                bad.add(j)
+                continue
+            out.append(samples[j])
+            break
+        else:
+            raise ValueError(f"no sample image decodes any more ({len(bad)} tried)")
+    return out
 
 
 def save_parquet(samples: Sequence[GroundedSample], path: str | Path) -> Path:

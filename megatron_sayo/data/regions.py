@@ -1,4 +1,4 @@
-"""Bounding boxes -> region token positions for Qwen2.5-VL (SPEC section 2).
+"""Bounding boxes -> region token positions for Qwen2.5-VL (docs/spec.md §2).
 
 Conventions, stated once:
 

@@ -2,7 +2,7 @@
 
 Checks every row with the loader's own row validation and reports ALL bad rows
 with their line (JSONL) or row (parquet) numbers. Exit 1 if any row is bad or a
-file cannot be read, 0 with a count summary otherwise.
+file is missing, empty or unreadable, 0 with a count summary otherwise.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_sayo.data.grounded import check_file
+from megatron_sayo.data.grounded import EmptyDataError, check_file, require_data_file
 
 
 def validate_files(paths: list[str | Path], out=None) -> int:
@@ -19,21 +19,22 @@ def validate_files(paths: list[str | Path], out=None) -> int:
     out = out or sys.stdout
     problems = 0
     for path in map(Path, paths):
-        if not path.is_file():
-            print(f"{path}: no such file", file=out)
+        try:
+            good, errors = check_file(require_data_file(path))
+        except EmptyDataError as exc:
+            print(f"FAILED: {exc}", file=out)
             problems += 1
             continue
-        try:
-            good, errors = check_file(path)
-        except Exception as exc:  # unreadable container (corrupt parquet, bad encoding)
+        except Exception as exc:  # unreadable container (corrupt parquet)
             print(f"{path}: cannot read file: {type(exc).__name__}: {exc}", file=out)
             problems += 1
             continue
         for err in errors:
             print(err, file=out)
-        status = "OK" if not errors else "FAILED"
-        print(f"{path}: {status}: {len(good)} good row(s), {len(errors)} bad row(s)", file=out)
-        problems += len(errors)
+        status = "OK" if not errors and good else "FAILED"
+        empty = "" if good or errors else " (no rows: only blank lines)"
+        print(f"{path}: {status}: {len(good)} good row(s), {len(errors)} bad row(s){empty}", file=out)
+        problems += len(errors) + (not good and not errors)
     return problems
 
 

@@ -159,7 +159,7 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------ TAS
     def score_tas(self, job: dict) -> dict:
-        """Teacher-force a completion after its prompt: TAS and attention reward (SPEC 3) of that sample."""
+        """Teacher-force a completion after its prompt: TAS and attention reward (docs/spec.md §3) of that sample."""
         from megatron_sayo.rl.rewards import sequence_attention_reward
         from megatron_sayo.rl.scoring import score_policy
         from megatron_sayo.distributed.runtime import device

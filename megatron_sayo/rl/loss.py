@@ -1,4 +1,4 @@
-"""GRPO loss (SPEC 5): PPO clipped ratio + beta * k3 KL, token-level mean over the global batch.
+"""GRPO loss (docs/spec.md §5): PPO clipped ratio + beta * k3 KL, token-level mean over the global batch.
 
 Each rank sums its valid tokens' losses and divides by the valid-token count of the whole global batch
 (all micro-batches, all data-parallel ranks: `global_token_count`). Summing the ranks' gradients then

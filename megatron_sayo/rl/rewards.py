@@ -1,4 +1,4 @@
-"""SAYO rewards (SPEC sections 3-4): attention reward from region/image attention mass, format+length, accuracy.
+"""SAYO rewards (docs/spec.md §3-4): attention reward from region/image attention mass, format+length, accuracy.
 
 Pure functions. Index conventions, for a completion token t at sequence position p:
 - its attention row is query position p (`region_mass[b, p]`, `image_mass[b, p]`);
@@ -85,7 +85,7 @@ def attention_reward(region_mass: torch.Tensor, image_mass: torch.Tensor, select
     """(R_attn [B], TAS [B]): pool a and v over the selected tokens, x = (A + eps)/(V + eps), then the form.
 
     form 'paper': x^2 / (1 + x^2) = (1 + tanh(log x)) / 2; 'code': tanh(log x). TAS is x.
-    Inputs are SPEC's per-key means a(t), v(t) (not head- or key-summed masses).
+    Inputs are docs/spec.md §3's per-key means a(t), v(t) (not head- or key-summed masses).
     A row with no selected token pools to A = V = 0, so x = 1.
     """
     sel = selected.to(torch.float64)
@@ -112,7 +112,7 @@ _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 def format_reward(text: str, n_tokens: int, long_bound: int = _R.format_long_bound,
                   short_bound: int = _R.format_short_bound, factor: float = _R.format_factor) -> float:
-    """1 if `text` has <answer>...</answer>, times long * short length factors on n_tokens (SPEC 4)."""
+    """1 if `text` has <answer>...</answer>, times long * short length factors on n_tokens (docs/spec.md §4)."""
     if not _ANSWER.search(text):
         return 0.0
     long = 1.0 if n_tokens <= long_bound else max(0.0, factor * long_bound / n_tokens)

@@ -1,7 +1,7 @@
 """The no-grad passes over prompt + completion: policy scoring (log-probs, entropies, region masses) and the
 reference model's log-probs. Results exist on the last pipeline stage; other stages get None.
 
-Index conventions (SPEC section 3): sequences are [N, S] with the prompt in columns [0, P) and completion
+Index conventions (docs/spec.md §3): sequences are [N, S] with the prompt in columns [0, P) and completion
 token j at column P + j. Its log-prob and the entropy of the distribution it was sampled from come from the
 logits at column P + j - 1; its attention row is the query at column P + j.
 """

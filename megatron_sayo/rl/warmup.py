@@ -16,6 +16,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_sayo.config import RunConfig
+from megatron_sayo.data.grounded import decodable_samples
 from megatron_sayo.rl.prompts import PromptStream, build_prompt_batch
 from megatron_sayo.rl.scoring import RolloutBatch, reference_logprobs
 
@@ -51,12 +52,13 @@ def run_warmup(cfg: RunConfig, hf_dir: str, samples: list) -> Path:
     policy = build_policy(sft, hf_dir)
     ddp, optimizer, _ = wrap_for_training(sft, policy)
     processor = Processor.from_pretrained(hf_dir, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
-    stream = PromptStream(len(samples), cfg.train.seed + 1)
+    stream = PromptStream(len(samples), w.seed)
     dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     rows = cfg.train.global_batch * cfg.rollout.group_size // dp
     for step in range(1, w.steps + 1):
         picked = stream.take(rows * dp)[rank * rows:(rank + 1) * rows]
-        batch = answer_batch(processor, policy.hf, [samples[i] for i in picked], cfg.data.instruction)
+        batch = answer_batch(processor, policy.hf, decodable_samples(samples, picked, cfg.data.on_error),
+                             cfg.data.instruction)
         old = reference_logprobs(policy, batch, cfg.train.micro_batch, 1.0)
         ones = torch.ones(batch.sequences.shape[0])
         accumulate_policy_gradients(ddp, optimizer, batch, old, None, ones, sft, policy.vocab_size)
@@ -79,7 +81,7 @@ def run_warmup(cfg: RunConfig, hf_dir: str, samples: list) -> Path:
 def fingerprint(cfg: RunConfig, hf_dir: str) -> dict:
     """The settings a warm-up's weights depend on (the layout is not one: checkpoints reshard on load)."""
     return {"source": str(Path(hf_dir).resolve()), "steps": cfg.warmup.steps, "lr": cfg.warmup.lr,
-            "seed": cfg.train.seed, "train_file": cfg.data.train_file, "global_batch": cfg.train.global_batch,
+            "seed": cfg.warmup.seed, "train_file": cfg.data.train_file, "global_batch": cfg.train.global_batch,
             "group_size": cfg.rollout.group_size, "instruction": cfg.data.instruction,
             "pixels": [cfg.data.min_pixels, cfg.data.max_pixels], "params_dtype": cfg.model.params_dtype}
 

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,8 @@ import pytest
 from PIL import Image
 
 from megatron_sayo.data.grounded import (
-    DataError, check_file, is_heldout, load_grounded, save_parquet, split_heldout,
+    DataError, EmptyDataError, check_file, decodable_samples, is_heldout, load_grounded, save_parquet,
+    split_heldout,
 )
 from megatron_sayo.data.synthetic import COLOURS, make_synthetic
 from megatron_sayo.data.validate import main as validate_main
@@ -184,3 +186,78 @@ def test_synthetic_cli(tmp_path):
                            "--n", "3", "--seed", "2", "--size", "84x56"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert [s.image_size for s in load_grounded(tmp_path / "data.jsonl")] == [(84, 56)] * 3
+
+
+# ---------------------------------------------------------------- hostile lines, empty files, images that vanish
+
+HOSTILE_LINES = [  # (raw bytes of the line, field the error names); None = good row
+    (_row(1).encode(), None),
+    (b'{"id": "r2", "image": "img.png", "question": "caf\xe9?", "answer": "a", "boxes": [[4, 4, 30, 20]]}', "<line>"),
+    (_row(3, boxes=[[int("9" * 401), 4, 30, 20]]).encode(), "boxes[0]"),          # overflows float()
+    (b'{"id": "r4", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "<json>"),  # nesting beyond the parser
+    (b'{"id": "r5", "n": ' + b"7" * 5000 + b"}", "<json>"),                       # past Python's int digit limit
+    (_row(6).encode(), None),
+]
+
+
+@pytest.fixture
+def hostile_file(data_dir):
+    path = data_dir / "hostile.jsonl"
+    path.write_bytes(b"\n".join(line for line, _ in HOSTILE_LINES) + b"\n")
+    return path
+
+
+def test_hostile_lines_are_reported_by_number_and_the_file_continues(hostile_file):
+    good, errors = check_file(hostile_file)
+    assert [s.id for s in good] == ["r1", "r6"]
+    expected = [(n, fld) for n, (_, fld) in enumerate(HOSTILE_LINES, start=1) if fld is not None]
+    assert [(e.line, e.row_error.field) for e in errors] == expected
+    assert "expected UTF-8 text, got 'byte 0xe9" in str(errors[0])
+
+
+def test_hostile_lines_skip_and_raise(hostile_file):
+    assert [s.id for s in load_grounded(hostile_file, on_error="skip")] == ["r1", "r6"]
+    with pytest.raises(DataError, match=r"hostile\.jsonl: line 2: field '<line>': expected UTF-8 text"):
+        load_grounded(hostile_file)
+
+
+def test_hostile_lines_in_the_validator(hostile_file, capsys):
+    assert validate_main([str(hostile_file)]) == 1
+    out = capsys.readouterr().out
+    assert all(f"hostile.jsonl: line {n}" in out for n in (2, 3, 4, 5))
+    assert "FAILED: 2 good row(s), 4 bad row(s)" in out
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_empty_file_fails_with_the_file_named(data_dir, capsys, content):
+    path = data_dir / "empty.jsonl"
+    path.write_text(content)
+    assert validate_main([str(path)]) == 1
+    assert str(path) in capsys.readouterr().out
+    with pytest.raises(EmptyDataError, match=str(path)):
+        load_grounded(path)
+    with pytest.raises(EmptyDataError, match="no such file"):
+        load_grounded(data_dir / "nope.jsonl")
+
+
+def test_all_rows_skipped_is_an_error(data_dir):
+    (data_dir / "allbad.jsonl").write_text(_row(1, boxes=[]) + "\n")
+    with pytest.raises(EmptyDataError, match=r"allbad\.jsonl: no usable sample \(1 bad row"):
+        load_grounded(data_dir / "allbad.jsonl", on_error="skip")
+
+
+def test_image_that_stops_decoding_after_loading(data_dir, caplog):
+    """on_error=skip replaces a sample whose image no longer decodes by the next good one; raise names it."""
+    shutil.copy(data_dir / "img.png", data_dir / "gone.png")
+    (data_dir / "three.jsonl").write_text(_row(1) + "\n" + _row(2, image="gone.png") + "\n" + _row(3) + "\n")
+    samples = load_grounded(data_dir / "three.jsonl")
+    (data_dir / "gone.png").write_bytes(b"truncated")           # corrupted mid-run
+    with caplog.at_level(logging.WARNING, logger="megatron_sayo.data.grounded"):
+        picked = decodable_samples(samples, [1, 0, 1], on_error="skip")
+    assert [s.id for s in picked] == ["r3", "r1", "r3"]
+    assert "skipping sample: sample 'r2': image" in caplog.text and "gone.png" in caplog.text
+    with pytest.raises(ValueError, match=r"sample 'r2': image .*gone\.png: cannot decode"):
+        decodable_samples(samples, [1], on_error="raise")
+    (data_dir / "img.png").unlink()
+    with pytest.raises(ValueError, match="no sample image decodes"):
+        decodable_samples(samples, [0], on_error="skip")

@@ -110,3 +110,39 @@ def test_compare_wiring(tiny_ckpt, tiny_tied_ckpt, tmp_path, monkeypatch):
     assert "| tas | 1.0000 | 1.2500 | 0.2500 |" in (out / "compare.md").read_text()
     with pytest.raises(D.EvalError, match="neither an HF checkpoint"):
         D.detect_checkpoint(str(tmp_path))
+
+
+def test_nemo_environment_is_scoped(tmp_path, monkeypatch):
+    """The evaluator's process-wide changes (environment, nemo_evaluator's package path) last for the block only."""
+    import os
+    import sys
+
+    import nemo_evaluator
+
+    from megatron_sayo.eval import nemo_glue
+
+    monkeypatch.setenv("NEMO_EVALUATOR_TELEMETRY_LEVEL", "2")
+    monkeypatch.delenv(nemo_glue.API_KEY_ENV, raising=False)
+    env_before, path_before = dict(os.environ), list(nemo_evaluator.__path__)
+    with nemo_glue.nemo_environment("k3y", (tmp_path,)):
+        assert os.environ[nemo_glue.API_KEY_ENV] == "k3y"
+        assert os.environ["NEMO_EVALUATOR_TELEMETRY_LEVEL"] == "0"
+        assert os.environ["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable)
+        assert str(tmp_path / "nemo_evaluator") in nemo_evaluator.__path__
+    assert dict(os.environ) == env_before
+    assert list(nemo_evaluator.__path__) == path_before
+    with pytest.raises(RuntimeError):
+        with nemo_glue.nemo_environment("k3y"):
+            raise RuntimeError("evaluation failed")
+    assert dict(os.environ) == env_before
+
+
+def test_eval_package_does_not_touch_import_path():
+    """The evaluator never edits PYTHONPATH or sys.path, nor reaches into the checkout by file path."""
+    import pathlib
+
+    import megatron_sayo.eval as pkg
+
+    for path in pathlib.Path(pkg.__file__).parent.glob("*.py"):
+        text = path.read_text()
+        assert "PYTHONPATH" not in text and "sys.path" not in text and "parents[2]" not in text, path.name

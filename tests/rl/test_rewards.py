@@ -12,7 +12,7 @@ from megatron_sayo.rl.rewards import (accuracy_reward, align_completion, attenti
                                       total_reward)
 
 
-# ---------------------------------------------------------------- alignment (SPEC 3: row p, entropy p - 1)
+# ---------------------------------------------------------------- alignment (docs/spec.md §3: row p, entropy p - 1)
 
 def test_alignment_hand_case():
     # sample 0: prompt = positions 0..2, completion at 3..6, position 7 padding

@@ -33,7 +33,7 @@ def overrides(assets, run_dir, steps, interval=3):
     return [f"model.hf_path={ckpt}", "model.make_tiny_if_missing=false", f"data.train_file={train}",
             "data.eval_file=null", "data.synthetic_n=0", f"run_dir={run_dir}", f"train.steps={steps}",
             "train.global_batch=2", "train.micro_batch=2", "rollout.group_size=2", "rollout.max_new_tokens=6",
-            f"checkpoint.interval={interval}", "checkpoint.keep=2", "log.tensorboard=false", "warmup.steps=0"]
+            f"checkpoint.interval={interval}", "checkpoint.keep=2", "log.tensorboard=false", "warmup.steps=0", "eval.interval=0"]
 
 
 def train_cmd(args):
@@ -141,3 +141,61 @@ def test_training_from_a_converted_checkpoint_matches_the_hf_start(assets, tmp_p
     args = [a for a in overrides(assets, tmp_path / "run", 1) if not a.startswith("model.hf_path=")]
     run_train(args + ["model.hf_path=null", f"model.megatron_path={tmp_path / 'meg'}"])
     assert [stable(r) for r in metrics(tmp_path / "run")] == [stable(uninterrupted[0])]
+
+
+def test_synthetic_data_never_touches_a_user_folder(tmp_path):
+    """data.train_file DIR/train.jsonl missing and a user folder DIR/train/ beside it: the folder survives;
+    a folder already at the synthetic images' name is refused, not replaced."""
+    from megatron_sayo.data.grounded import load_grounded
+    from megatron_sayo.train import write_synthetic
+
+    user = tmp_path / "train"
+    user.mkdir()
+    (user / "mine.txt").write_text("precious")
+    write_synthetic(tmp_path / "train.jsonl", 4, seed=0)
+    assert (user / "mine.txt").read_text() == "precious" and sorted(p.name for p in user.iterdir()) == ["mine.txt"]
+    assert len(load_grounded(tmp_path / "train.jsonl")) == 4
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+    (tmp_path / "eval_synthetic").mkdir()
+    (tmp_path / "eval_synthetic" / "mine.txt").write_text("also precious")
+    with pytest.raises(FileExistsError, match="eval_synthetic"):
+        write_synthetic(tmp_path / "eval.jsonl", 4, seed=1)
+    assert (tmp_path / "eval_synthetic" / "mine.txt").read_text() == "also precious"
+    assert not (tmp_path / "eval.jsonl").exists()
+
+
+def check_cmd(*args, env_world=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    if env_world:
+        env.update(RANK="0", WORLD_SIZE=str(env_world))
+    return subprocess.run([sys.executable, "-m", "megatron_sayo.train", "--config", str(CONFIG), "--check", *args],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+
+
+def test_check_fails_on_missing_or_empty_data_file(assets, tmp_path):
+    ckpt, train = assets
+    base = [f"model.hf_path={ckpt}", "model.make_tiny_if_missing=false", "data.synthetic_n=0",
+            "data.eval_file=null", f"run_dir={tmp_path / 'run'}"]
+    missing = tmp_path / "nope.jsonl"
+    done = check_cmd(*base, f"data.train_file={missing}", "--world-size", "2")
+    assert done.returncode == 2 and f"data.train_file: {missing}: no such file" in done.stderr, done.stderr
+    (tmp_path / "empty.jsonl").write_text("")
+    done = check_cmd(*base, f"data.train_file={tmp_path / 'empty.jsonl'}", "--world-size", "2")
+    assert done.returncode == 2 and "empty.jsonl: the file is empty" in done.stderr, done.stderr
+    done = check_cmd(*base, f"data.train_file={train}", f"data.eval_file={missing}", "--world-size", "2")
+    assert done.returncode == 2 and f"data.eval_file: {missing}: no such file" in done.stderr, done.stderr
+    done = check_cmd(*base, f"data.train_file={train}", "--world-size", "2")
+    assert done.returncode == 0 and "world size 2" in done.stdout, done.stderr
+
+
+def test_check_world_size_option_and_environment(assets, tmp_path):
+    ckpt, train = assets
+    base = [f"model.hf_path={ckpt}", "model.make_tiny_if_missing=false", "data.synthetic_n=0",
+            "data.eval_file=null", f"data.train_file={train}", f"run_dir={tmp_path / 'run'}"]
+    done = check_cmd(*base, "--world-size", "3")           # tp=2 in the tiny config
+    assert done.returncode == 2 and "world size 3 is not divisible by tp*pp" in done.stderr, done.stderr
+    done = check_cmd(*base, env_world=3)
+    assert done.returncode == 2 and "world size 3 is not divisible" in done.stderr, done.stderr
+    done = check_cmd(*base, "--world-size", "4", env_world=3)  # the option wins over the environment
+    assert done.returncode == 0 and "world size 4" in done.stdout, done.stderr
