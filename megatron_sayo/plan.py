@@ -99,6 +99,18 @@ def text_params(t: TextArch) -> int:
     return embedding_params(t) + t.layers * text_layer_params(t) + output_params(t)
 
 
+def training_flops(t: TextArch, sequences: int, seq_length: int) -> float:
+    """Model FLOPs of one forward + backward over `sequences` x `seq_length` tokens, counted as Megatron-LM's
+    `num_floating_point_operations` counts them (dense GPT, gated MLP): 12 * B * s * L * h^2 * (attention
+    (1 + groups/heads + s/h) * (heads * head_dim / h) + MLP (ffn/h) * 3/2 + logits vocab / (2 L h)).
+    The vision tower is not counted (Megatron-LM's formula is the language model's)."""
+    h, layers = t.hidden, t.layers
+    attention = (1 + t.kv_heads / t.heads + seq_length / h) * (t.heads * t.head_dim / h)
+    mlp = (t.intermediate / h) * 3 / 2
+    logits = t.vocab / (2 * layers * h)
+    return 12.0 * sequences * seq_length * layers * h * h * (attention + mlp + logits)
+
+
 def vision_block_params(v: VisionArch) -> int:
     """One ViT block: two RMSNorms, fused qkv and proj with bias, SwiGLU MLP with bias."""
     attn = v.hidden * 3 * v.hidden + 3 * v.hidden + v.hidden * v.hidden + v.hidden

@@ -237,3 +237,20 @@ def test_cli_json_and_errors(tmp_path):
     bad.write_text(json.dumps({"hidden_size": 64}))
     out = subprocess.run([*tool, "--model", str(bad), "--gpus", "8"], capture_output=True, text=True)
     assert out.returncode != 0 and str(bad) in out.stderr and "field 'model_type'" in out.stderr
+
+
+def test_training_flops_equal_torch_flop_counter():
+    """Megatron-LM's count against torch's FlopCounterMode over a forward + backward of transformers' Qwen2
+    decoder (eager attention, every weight trainable): the same GEMMs, so the same number."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=500, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM._from_config(cfg, attn_implementation="eager")
+    batch, seq = 3, 40
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids).logits.float().sum().backward()
+    arch = P.TextArch(hidden=64, intermediate=176, layers=3, heads=4, kv_heads=2, head_dim=16, vocab=500, tied=False)
+    assert P.training_flops(arch, batch, seq) == pytest.approx(counter.get_total_flops(), rel=1e-12)
