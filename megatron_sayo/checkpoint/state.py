@@ -91,12 +91,43 @@ def load_model_for_inference(megatron_dir: str | Path, tp: int = 1, pp: int = 1,
     hf = load_hf_config(ckpt)
     if params_dtype is None:
         params_dtype = DTYPES.get(read_metadata(ckpt).get("dtype", "float32"), torch.float32)
+    lora = read_metadata(ckpt).get("lora")
+    if lora is not None:
+        return _load_lora_step(ckpt, lora, tp, pp, params_dtype=params_dtype, config_overrides=config_overrides,
+                               recompute=recompute, sequence_parallel=sequence_parallel, **model_kwargs)
     # initialised before loading: megatron marks TP-sharded parameters (tensor_model_parallel, partition_dim)
     # only while initialising them, and grad norms, clipping and DDP need those marks when this model trains
     config = to_transformer_config(hf, ParallelLayout(tp, pp), params_dtype=params_dtype, recompute=recompute,
                                    sequence_parallel=sequence_parallel, **(config_overrides or {}))
     model = build_model(hf, config, **model_kwargs)
     load_model(model, ckpt)
+    return model.eval()
+
+
+def _load_lora_step(ckpt: Path, lora: dict, tp: int, pp: int, **kwargs):
+    """A LoRA training step: its base (HF or megatron, from the step's pointer) with the step's adapters."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_sayo.models.lora import attach_lora, is_adapter_key
+
+    base = lora.get("base") or {}
+    if base.get("format") not in ("hf", "megatron") or not Path(str(base.get("path"))).exists():
+        raise CheckpointError(f"{ckpt}/{METADATA_FILE}: lora.base = {base!r}: expected {{format: hf|megatron, "
+                              f"path}} naming an existing checkpoint (the weights the adapters apply to)")
+    if base["format"] == "hf":
+        from megatron_sayo.models.qwen25vl.model import load_from_hf
+
+        model = load_from_hf(base["path"], tp=tp, pp=pp, **kwargs)
+    else:
+        model = load_model_for_inference(base["path"], tp, pp, **kwargs)
+    attach_lora(model, model.hf.text, rank=lora["rank"], alpha=lora["alpha"], targets=lora["targets"])
+    template = trained_sharded_state(model)
+    state = dist_checkpointing.load(template, str(ckpt))   # also returns the step's common objects: dropped
+    result = model.load_state_dict({k: state[k] for k in template}, strict=False)
+    missing = [k for k in result.missing_keys if is_adapter_key(k)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{ckpt}: adapters do not match the model (missing {missing[:3]}, unexpected "
+                              f"{result.unexpected_keys[:3]})")
     return model.eval()
 
 

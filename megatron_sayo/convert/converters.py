@@ -417,6 +417,9 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, max
     start = time.perf_counter()
     ckpt = resolve_checkpoint_dir(megatron_dir)
     meta = read_metadata(ckpt)
+    if "lora" in meta:
+        raise CheckpointError(f"{ckpt}: a LoRA training step (adapters only, base at {meta['lora'].get('base')}); "
+                              f"export it with --lora merge or --lora adapter")
     if not (ckpt / "config.json").is_file():
         raise CheckpointError(f"{ckpt}: no config.json (needed to name and shape the HF tensors)")
     hf = load_hf_config(ckpt)
