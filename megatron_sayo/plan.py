@@ -147,6 +147,7 @@ class Workload:
     distributed_optimizer: bool = True
     freeze_vision: bool = False
     reference_model: bool = True
+    lora_rank: int = 0            # > 0: LoRA on every decoder linear, base frozen, no reference copy
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,15 @@ def kv_cache_bytes(t: TextArch, n_layers: int, tp: int, w: Workload) -> float:
     return per_token * w.group_size * (w.seq + w.max_new_tokens) * w.micro_batch
 
 
+def lora_layer_params(t: TextArch, rank: int, tp: int = 1) -> float:
+    """LoRA parameters of one decoder layer on one TP rank, adapters on q/k/v/o/gate/up/down: a column-parallel
+    linear keeps A [r, in] whole and B [out/tp, r]; a row-parallel one A [r, in/tp] and B [out, r] whole."""
+    q, kv, h, ffn = t.heads * t.head_dim, t.kv_heads * t.head_dim, t.hidden, t.intermediate
+    column = rank * (3 * h + (q + 2 * kv) / tp) + rank * (2 * h + 2 * ffn / tp)   # q/k/v, gate/up
+    row = rank * (q / tp + h) + rank * (ffn / tp + h)                             # o, down
+    return column + row
+
+
 def stage_params(a: Arch, pp: int, first: bool, last: bool) -> int:
     """Parameters held by a stage before TP sharding (vision and embedding on the first stage)."""
     t = a.text
@@ -242,6 +252,18 @@ def stage_memory(a: Arch, layout: Layout, w: Workload, first: bool, last: bool) 
     act = activation_bytes_per_layer(s, w.micro_batch, t.hidden, t.heads, tp,
                                      w.recompute, w.sequence_parallel)
     name = "only" if first and last else "first" if first else "last"
+    if w.lora_rank:
+        adapters = n_layers * lora_layer_params(t, w.lora_rank, tp)
+        return StageMemory(
+            stage=name,
+            weights=(held / tp + adapters) * per["weights"],   # the frozen base in bf16, plus the adapters
+            grads=adapters * per["grads"],
+            optimizer=adapters * per["optimizer"],
+            activations=act * n_layers * in_flight,
+            logits=logits_bytes(s, w.micro_batch, t.vocab, tp) if last else 0.0,
+            reference=0.0,                                       # the base with adapters off is the reference
+            kv_cache=kv_cache_bytes(t, n_layers, tp, w),
+        )
     return StageMemory(
         stage=name,
         weights=(trainable + frozen) * per["weights"],

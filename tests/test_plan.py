@@ -177,6 +177,35 @@ def test_frozen_vision_keeps_weights_drops_grads_and_optimizer():
     assert trained.optimizer - frozen.optimizer == pytest.approx(12 * vision / 4 / 2)
 
 
+def test_lora_counts_frozen_base_adapter_state_and_no_reference():
+    arch = P.load_arch(ROOT / "examples/configs/qwen25vl_7b.config.json")
+    lay, t = P.Layout(tp=2, pp=1, dp=4), arch.text
+    full = P.stage_memory(arch, lay, P.Workload(), first=True, last=True)
+    lora = P.stage_memory(arch, lay, P.Workload(lora_rank=16), first=True, last=True)
+    # by hand for 7B (h 3584, 28 heads x 128, 4 kv heads, ffn 18944), r = 16, TP = 2, per layer:
+    # q/k/v A 3 x 16 x 3584, B 16 x (3584 + 2 x 512) / 2; gate/up A 2 x 16 x 3584, B 2 x 16 x 18944 / 2;
+    # o A 16 x 3584 / 2, B 16 x 3584; down A 16 x 18944 / 2, B 16 x 3584
+    per_layer = 16 * (3 * 3584 + 4608 / 2 + 2 * 3584 + 18944 + 3584 / 2 + 3584 + 18944 / 2 + 3584)
+    assert P.lora_layer_params(t, 16, 2) == pytest.approx(per_layer)
+    adapters = 28 * per_layer
+    assert lora.reference == 0 and full.reference > 0
+    assert lora.weights == pytest.approx(full.weights + 2 * adapters)
+    assert lora.grads == pytest.approx(4 * adapters)
+    assert lora.optimizer == pytest.approx(12 * adapters / 4)
+    assert (lora.activations, lora.logits, lora.kv_cache) == (full.activations, full.logits, full.kv_cache)
+    # 7B at TP=1 on 80 GB: full fine-tuning does not fit, LoRA does
+    rows = {(r.layout.tp, r.layout.pp): r for r in P.plan(arch, 8, 80 * GIB, P.Workload(lora_rank=16))}
+    assert rows[(1, 1)].fits and not P.layout_memory(arch, P.Layout(1, 1, 8), P.Workload()).total <= 72 * GIB
+
+
+def test_cli_prints_full_and_lora_side_by_side():
+    out = subprocess.run([sys.executable, str(ROOT / "tools/plan_parallelism.py"), "--model",
+                          str(ROOT / "examples/configs/qwen25vl_7b.config.json"), "--gpus", "8", "--lora-rank", "16"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "full fine-tuning vs LoRA" in out.stdout and "recommended, LoRA" in out.stdout
+
+
 # ---------------------------------------------------------------- recommendation
 
 def test_72b_on_64_gpus_fits_with_tp_at_most_8():

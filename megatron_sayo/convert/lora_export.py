@@ -119,7 +119,7 @@ def export_adapter(megatron_dir, out_dir, *, base: str | None = None, overwrite:
               "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
               "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
               "base_model_name_or_path": base or lora["base"]["path"]}
-    tmp = prepare_output(out_dir, overwrite)
+    tmp = prepare_output(out_dir, overwrite, [megatron_dir, ckpt])
     try:
         _write_safetensors(tmp / ADAPTER_WEIGHTS, tensors)
         write_json_atomic(tmp / ADAPTER_CONFIG, config)
@@ -205,7 +205,7 @@ def export_merged(megatron_dir, out_dir, *, base: str | None = None, max_shard_s
     fmt, base_dir = _base_dir(lora, base, ckpt)
     text = load_hf_config(ckpt).text
     adapters = read_adapters(ckpt, text, lora)
-    tmp = prepare_output(out_dir, overwrite)
+    tmp = prepare_output(out_dir, overwrite, [megatron_dir, ckpt, base_dir])
     try:
         if fmt == "megatron":
             convert_megatron_to_hf(base_dir, tmp, max_shard_size=max_shard_size, dtype=dtype, overwrite=True,

@@ -255,7 +255,8 @@ class GRPOTrainer:
             text = tok.decode(rollout.completion_ids[row, :n].tolist(), skip_special_tokens=True)
             texts.append(text)
             fmt.append(R.format_reward(text, n, cfg.format_long_bound, cfg.format_short_bound, cfg.format_factor))
-            acc.append(R.accuracy_reward(R.extract_answer(text), samples[row].answer, cfg.accuracy_match))
+            acc.append(R.accuracy_reward(R.extract_answer(text), samples[row].reference(cfg.accuracy_target),
+                                          cfg.accuracy_match))
         terms = {"attention": attn.float(), "format": torch.tensor(fmt), "accuracy": torch.tensor(acc)}
         return terms, tas, texts
 
