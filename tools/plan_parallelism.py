@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             lay = best.layout
             print(f"\nrecommended: TP={lay.tp} PP={lay.pp} DP={lay.dp} "
                   f"({best.memory.total / GIB:.1f} GiB per GPU)")
+    lora_best = None
     if args.lora_rank and not args.json:
         lora_rows = plan(arch, args.gpus, memory, workload(args, args.lora_rank), args.reserve, args.gpus_per_node)
         print(f"\nLoRA rank {args.lora_rank} (frozen bf16 base, fp32 adapter grads + Adam, no reference copy):\n")
@@ -148,10 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\nfull fine-tuning vs LoRA, GiB per GPU on the fullest stage:\n")
         print(side_by_side(rows, lora_rows))
         print("\n" + best_line("recommended, full", rows) + "\n" + best_line("recommended, LoRA", lora_rows))
+        lora_best = any(r.fits for r in lora_rows)
     elif args.lora_rank:
         lora_rows = plan(arch, args.gpus, memory, workload(args, args.lora_rank), args.reserve, args.gpus_per_node)
         print(json.dumps({"lora_rank": args.lora_rank, "rows": [row_dict(r) for r in lora_rows]}, indent=2))
-    if best is None:
+    if best is None and not lora_best:
         print(f"error: {failure}", file=sys.stderr)
         return 1
     return 0
