@@ -77,7 +77,7 @@ def sequential(hf_dir: str, total: int, max_tokens: int) -> tuple[float, int]:
     from megatron_sayo.distributed import runtime
     from megatron_sayo.data.processor import Processor
     from megatron_sayo.eval.openai_api import convert_messages
-    from megatron_sayo.models.qwen25vl.loader import load_model_stage
+    from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.rl.rollout import SamplingParams, generate
 
     runtime.init_distributed(1, 1, launch=runtime.LaunchEnv(0, 1, 0, "127.0.0.1", runtime.free_port(), "single"))

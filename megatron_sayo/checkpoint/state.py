@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_sayo.formats.pickle_guard import UnsafePickle, check_checkpoint_pickles
 from megatron_sayo.checkpoint.files import (LATEST_FILE, METADATA_FILE, STEP_PREFIX, CheckpointError,
                                            checkpoint_problem, copy_side_files, fsync_dir, make_metadata,
                                            ordered_checkpoints, prune_checkpoints, read_metadata,
@@ -44,6 +45,29 @@ def _rank() -> int:
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def check_pickles(ckpt_dir: Path) -> None:
+    """Refuse a checkpoint with a pickle naming a global outside the allow-list (UnsafeCheckpoint naming the
+    file and the global), or one that is unreadable (CheckpointError), before torch or megatron unpickles it."""
+    try:
+        check_checkpoint_pickles(ckpt_dir)
+    except UnsafePickle as exc:
+        raise UnsafeCheckpoint(str(exc)) from None
+    except ValueError as exc:          # unreadable: corrupt, not unsafe (resume falls back past it)
+        raise CheckpointError(f"corrupt checkpoint: {exc}") from None
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """A checkpoint whose pickles name globals a checkpoint never needs: refused, never fallen back past."""
+
+
+def parameters_finite(model) -> bool:
+    """Collective: whether every parameter of every rank is finite (a diverged model is never checkpointed)."""
+    ok = torch.tensor([1.0 if all(bool(torch.isfinite(p).all()) for p in model.parameters()) else 0.0])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item() == 1.0)
 
 
 # ==============================================================================================================
@@ -71,6 +95,7 @@ def load_model(model, ckpt_dir: str | Path) -> None:
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "metadata.json").is_file():
         raise CheckpointError(f"{ckpt_dir}: no metadata.json (not a dist_checkpointing checkpoint)")
+    check_pickles(ckpt_dir)
     state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
     model.load_state_dict(state)
 
@@ -120,13 +145,24 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def trained_sharded_state(model) -> dict:
+    """The model part of a training checkpoint: every weight, or with LoRA adapters attached only the adapters
+    (the frozen base stays where the run's metadata points)."""
+    from megatron_sayo.models.lora import adapters_of, is_adapter_key
+
+    model_sd = model.sharded_state_dict()
+    if adapters_of(model):
+        model_sd = {k: v for k, v in model_sd.items() if is_adapter_key(k)}
+    return model_sd
+
+
 def _training_sharded_state(model, optimizer, scheduler, step: int, extra: dict, *, loading: bool,
                             world_size_saved: int | None = None) -> dict:
     """The dict handed to dist_checkpointing for a training checkpoint (save, or load template)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     rank, world = _world()
-    model_sd = model.sharded_state_dict()
+    model_sd = trained_sharded_state(model)
     state = {"model": model_sd, "step": step, "extra": extra,
              "scheduler": scheduler.state_dict() if scheduler is not None else None}
     same_world = world_size_saved in (None, world)
@@ -134,7 +170,7 @@ def _training_sharded_state(model, optimizer, scheduler, step: int, extra: dict,
     if optimizer is not None:
         if _is_megatron_optimizer(optimizer):
             if loading:
-                state["optimizer"] = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True)
+                state["optimizer"] = optimizer.sharded_state_dict(trained_sharded_state(model), is_loading=True)
             else:
                 state["optimizer"] = optimizer.sharded_state_dict(model_sd)
         else:
@@ -146,8 +182,10 @@ def _training_sharded_state(model, optimizer, scheduler, step: int, extra: dict,
 
 def save_training_state(run_dir: str | Path, step: int, model, optimizer=None, scheduler=None,
                         extra: dict | None = None, *, keep: int = 2, config_dir: str | Path | None = None,
-                        metadata: dict | None = None) -> Path:
+                        metadata: dict | None = None) -> Path | None:
     """Collective: write step `step` atomically into run_dir/checkpoints/step_XXXXXXX, update `latest`, prune.
+    A model with a non-finite parameter is not written (None, with a warning), so pruning never drops the
+    newest finite checkpoint for a diverged one.
 
     Model + optimizer (megatron's sharded form for a megatron optimizer; per-rank otherwise) + scheduler + RNG of
     every rank + step + `extra` (must be identical on all ranks: data position, counters). `config_dir`: HF
@@ -156,6 +194,10 @@ def save_training_state(run_dir: str | Path, step: int, model, optimizer=None, s
     from megatron.core import dist_checkpointing
 
     root = Path(run_dir) / "checkpoints"
+    if not parameters_finite(model):
+        warnings.warn(f"step {step}: the model has non-finite parameters; checkpoint not written (the older "
+                      f"ones are kept)", stacklevel=2)
+        return None
     final = root / step_dir_name(step)
     tmp = root / (step_dir_name(step) + ".tmp")
     rank, world = _world()
@@ -202,13 +244,13 @@ def _model_dtype(model) -> str:
     return str(p.dtype).replace("torch.", "") if p is not None else "float32"
 
 
-def _broadcast_choice(path: Path | None) -> Path | None:
-    """Rank 0's choice on every rank (all ranks must load the same step)."""
+def _broadcast_choice(path: Path | None, skipped: list[str]) -> tuple[Path | None, list[str]]:
+    """Rank 0's choice (and the checkpoints it skipped) on every rank (all ranks must load the same step)."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return path
-    obj = [str(path) if path is not None else None]
+        return path, skipped
+    obj = [str(path) if path is not None else None, skipped]
     torch.distributed.broadcast_object_list(obj, src=0)
-    return Path(obj[0]) if obj[0] is not None else None
+    return (Path(obj[0]) if obj[0] is not None else None), obj[1]
 
 
 def load_training_state(run_dir: str | Path, model, optimizer=None, scheduler=None, *,
@@ -216,36 +258,50 @@ def load_training_state(run_dir: str | Path, model, optimizer=None, scheduler=No
     """Collective: resume from the newest usable checkpoint of `run_dir` (None when there is none).
 
     Restores model, optimizer, scheduler and (same world size) each rank's RNG; returns
-    {"step", "extra", "path"}. A checkpoint that fails to load is skipped with a warning for the previous one.
+    {"step", "extra", "path"}. A checkpoint that fails to load is skipped with a warning for the previous one;
+    when every one fails, CheckpointError names each with its reason. A checkpoint with an unsafe pickle is
+    refused outright (UnsafeCheckpoint), never skipped.
     """
     root = Path(run_dir) / "checkpoints"
     tried: set[Path] = set()
+    failures: list[str] = []
     while True:
-        choice = None
+        choice, skipped = None, []
         if _rank() == 0:
-            choice = _next_usable(root, tried)
-        choice = _broadcast_choice(choice)
+            choice, skipped = _next_usable(root, tried)
+        choice, skipped = _broadcast_choice(choice, skipped)
+        failures += skipped
+        tried.update(root / s.split(":")[0] for s in skipped)
         if choice is None:
+            if failures:
+                raise CheckpointError(f"{root}: no checkpoint could be loaded; tried {len(failures)}: "
+                                      + "; ".join(failures))
             return None
         tried.add(choice)
         try:
+            check_pickles(choice)         # every rank: the refusal must not leave others waiting
             return _load_step(choice, model, optimizer, scheduler, restore_rng)
+        except UnsafeCheckpoint:
+            raise
         except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
+            failures.append(f"{choice.name}: failed to load ({type(exc).__name__}: {str(exc)[:300]})")
             warnings.warn(f"checkpoint {choice.name} failed to load ({type(exc).__name__}: {exc}); "
                           f"falling back to an older one", stacklevel=2)
             _barrier()
 
 
-def _next_usable(root: Path, tried: set[Path]) -> Path | None:
-    """find_resumable, skipping checkpoints already tried."""
+def _next_usable(root: Path, tried: set[Path]) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint not tried yet that looks complete, and "name: reason" of those skipped."""
+    skipped = []
     for ckpt in [c for c in ordered_checkpoints(root) if c not in tried]:
         problem = checkpoint_problem(ckpt)
         if problem is None:
-            return ckpt
+            return ckpt, skipped
         warnings.warn(f"checkpoint {ckpt.name} is not usable ({problem}); falling back to an older one",
                       stacklevel=3)
+        skipped.append(f"{ckpt.name}: {problem}")
         tried.add(ckpt)
-    return None
+    return None, skipped
 
 
 def _load_step(ckpt: Path, model, optimizer, scheduler, restore_rng: bool) -> dict:

@@ -241,7 +241,7 @@ def build_engine(args):
     """Model + processor of this rank (parallel_state initialised)."""
     from megatron_sayo.data.processor import Processor
     from megatron_sayo.eval.engine import Engine, processor_dir
-    from megatron_sayo.models.qwen25vl.loader import load_model_stage
+    from megatron_sayo.checkpoint.loader import load_model_stage
 
     model = load_model_stage(args.hf, args.megatron, tp=args.tp, pp=args.pp)
     return Engine(model, Processor.from_pretrained(processor_dir(args.hf, args.megatron)))

@@ -53,10 +53,15 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         step = metrics["step"]
-        print(f"step {step:>5}/{self.total}  reward {metrics['reward_total']:+.4f}  attn {metrics['reward_attention']:+.4f}"
-              f"  fmt {metrics['reward_format']:.3f}  tas {metrics['tas']:.3f}  loss {metrics.get('loss', 0):+.4f}"
-              f"  kl {metrics.get('kl', 0):.2e}  len {metrics['completion_tokens']:.1f}"
-              f"  {metrics['tokens_per_s']:.0f} tok/s  {metrics['time_step']:.1f}s", flush=True)
+        if "eval_tas" in metrics:
+            print(f"eval {step:>5}/{self.total}  accuracy {metrics['eval_accuracy']:.3f}  format "
+                  f"{metrics['eval_format']:.3f}  tas {metrics['eval_tas']:.3f}  attn {metrics['eval_reward_attention']:.4f}"
+                  f"  ({metrics['eval_samples']} held-out samples, {metrics['time_eval']:.1f}s)", flush=True)
+        if "reward_total" in metrics:
+            print(f"step {step:>5}/{self.total}  reward {metrics['reward_total']:+.4f}  attn {metrics['reward_attention']:+.4f}"
+                  f"  fmt {metrics['reward_format']:.3f}  acc {metrics['reward_accuracy']:.3f}  tas {metrics['tas']:.3f}"
+                  f"  loss {metrics.get('loss', 0):+.4f}  kl {metrics.get('kl', 0):.2e}  len {metrics['completion_tokens']:.1f}"
+                  f"  {metrics['tokens_per_s']:.0f} tok/s  {metrics['time_step']:.1f}s", flush=True)
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):

@@ -18,10 +18,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_sayo.config import RunConfig
+from megatron_sayo.models.lora import adapters_disabled, attach_lora
 from megatron_sayo.data.grounded import decodable_samples
+from megatron_sayo.distributed import runtime
 from megatron_sayo.rl import rewards as R
 from megatron_sayo.rl.advantages import distributed_group_advantages
 from megatron_sayo.rl.batch import CompletionScores, ScoringBatch
+from megatron_sayo.rl.diagnostics import steering_metrics
+from megatron_sayo.rl.heldout import HeldOutEvaluator
 from megatron_sayo.rl.loss import grpo_token_loss
 from megatron_sayo.rl.metrics import MetricsLogger
 from megatron_sayo.rl.optimizer import wrap_for_training
@@ -39,13 +43,36 @@ log = logging.getLogger("megatron_sayo.train")
 
 def build_policy(cfg: RunConfig, hf_dir: str):
     """This rank's policy stage, for training, from the HF or megatron checkpoint the config names."""
-    from megatron_sayo.models.qwen25vl.loader import load_model_stage
+    from megatron_sayo.checkpoint.loader import load_model_stage
 
     m = cfg.model
     return load_model_stage(None if m.megatron_path else hf_dir, m.megatron_path, tp=cfg.parallel.tp,
                             pp=cfg.parallel.pp, params_dtype=m.params_dtype, for_training=True,
                             attention_backend=m.attention_backend, layer_backend=m.layer_backend,
                             mass_kernel=m.region_mass_kernel, recompute=m.recompute, sequence_parallel=m.sequence_parallel)
+
+
+def freeze_vision_tower(model) -> int:
+    """Turn off requires_grad on this stage's vision tower (before DDP and the optimizer are built, so neither
+    holds gradient buffers or optimizer state for it); returns the number of parameters frozen (0 off stage 1)."""
+    vision = getattr(model, "vision", None)
+    if vision is None:
+        return 0
+    frozen = 0
+    for p in vision.parameters():
+        p.requires_grad_(False)
+        frozen += p.numel()
+    return frozen
+
+
+def base_pointer(cfg: RunConfig, init_from: Path | None) -> dict:
+    """Where the weights the run starts from live (absolute paths): the warm-up checkpoint when there is one,
+    else the configured HF or megatron checkpoint. A LoRA step's adapters apply to exactly these weights."""
+    if init_from is not None:
+        return {"format": "megatron", "path": str(Path(init_from).resolve())}
+    if cfg.model.megatron_path:
+        return {"format": "megatron", "path": str(Path(cfg.model.megatron_path).resolve())}
+    return {"format": "hf", "path": str(Path(cfg.model.hf_path).resolve())}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -81,7 +108,8 @@ class Preempted(Exception):
 class GRPOTrainer:
     """Owns the model, optimizer, data stream and run directory of one training run."""
 
-    def __init__(self, cfg: RunConfig, hf_dir: str, samples: list, init_from: Path | None = None):
+    def __init__(self, cfg: RunConfig, hf_dir: str, samples: list, init_from: Path | None = None,
+                 eval_samples: list | None = None):
         from megatron_sayo.data.processor import Processor
 
         self.cfg = cfg
@@ -92,14 +120,23 @@ class GRPOTrainer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.policy = self._load(init_from)
         self.hf = self.policy.hf
+        self.base_pointer = base_pointer(cfg, init_from)
+        if cfg.lora.enabled:   # before DDP and the optimizer: only the adapters train
+            attach_lora(self.policy, self.hf.text, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                        dropout=cfg.lora.dropout, targets=cfg.lora.targets, seed=cfg.lora.seed)
+        if cfg.model.freeze_vision:   # before DDP and the optimizer: the vision tower gets no grads/state
+            freeze_vision_tower(self.policy)
         self.ddp, self.optimizer, self.scheduler = wrap_for_training(self.policy, cfg.optim, cfg.train.steps)
-        self.reference = self._load(init_from).eval() if cfg.loss.kl_beta > 0 else None
+        # with LoRA the reference policy is the same model with its adapters off: no second copy
+        self.reference = (self._load(init_from).eval() if cfg.loss.kl_beta > 0 and not cfg.lora.enabled
+                          else None)
         if self.reference is not None:
             for p in self.reference.parameters():
                 p.requires_grad_(False)
         self.processor = Processor.from_pretrained(hf_dir, min_pixels=cfg.data.min_pixels,
                                                    max_pixels=cfg.data.max_pixels)
         self.stream = PromptStream(len(samples), cfg.train.seed)
+        self.heldout = HeldOutEvaluator(cfg, self.processor, eval_samples) if cfg.eval.interval else None
         self.step = 0
         self.nan_in_row = 0
         self.is_logger = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank()
@@ -132,8 +169,10 @@ class GRPOTrainer:
                                                     hf.tokens.vision_end),
                                 seed=cfg.train.seed * 1_000_003 + self.step * 1009 + self.dp_rank)
         self.policy.eval()
+        inputs = {k: (v.to(runtime.device()) if isinstance(v, torch.Tensor) else v)
+                  for k, v in prompts.inputs.items()}
         capture = cfg.rollout.capture_scores
-        rollout = generate(self.policy, prompts.inputs, params, num_return_sequences=g,
+        rollout = generate(self.policy, inputs, params, num_return_sequences=g,
                            capture_region=prompts.region_mask if capture else None)
         t1 = time.perf_counter()
 
@@ -148,8 +187,7 @@ class GRPOTrainer:
         if capture:
             scores = rollout.scores
         t2 = time.perf_counter()
-        ref_logp = (reference_logprobs(self.reference, batch, mb, cfg.rollout.temperature)
-                    if self.reference is not None else None)
+        ref_logp = self._reference_logprobs(batch, mb)
         t3 = time.perf_counter()
 
         last = parallel_state.is_pipeline_last_stage()
@@ -161,6 +199,7 @@ class GRPOTrainer:
             group_ids = torch.as_tensor(rows) + first
             advantages = distributed_group_advantages(total, group_ids, eps=cfg.loss.advantage_eps)
             metrics = self._rollout_metrics(terms, total, tas, scores)
+            metrics.update(steering_metrics(terms["attention"], terms["accuracy"], tas, advantages, group_ids))
         loss_metrics, grad_norm, skipped = self._update(batch, scores, ref_logp, advantages)
         t4 = time.perf_counter()
         self.step += 1
@@ -171,8 +210,22 @@ class GRPOTrainer:
             metrics.update(step=self.step, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
                            tokens_per_s=n_tokens / (t4 - t0), skipped=skipped,
                            time_rollout=t1 - t0, time_score=t2 - t1, time_reference=t3 - t2, time_update=t4 - t3,
-                           time_step=t4 - t0, sample_completion=texts[0][:200])
+                           time_step=t4 - t0, sample_completion=texts[0][:200],
+                           sequences=len(rows) * self.dp, sequence_length=rollout.sequences.shape[1])
+            if torch.cuda.is_available():
+                metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return StepResult(metrics, skipped)
+
+    def _reference_logprobs(self, batch: ScoringBatch, mb: int):
+        """The reference policy's log-probs (None without a KL term): the frozen copy, or with LoRA the
+        policy with its adapters switched off."""
+        temperature = self.cfg.rollout.temperature
+        if self.cfg.loss.kl_beta == 0:
+            return None
+        if self.cfg.lora.enabled:
+            with adapters_disabled(self.policy):
+                return reference_logprobs(self.policy, batch, mb, temperature)
+        return reference_logprobs(self.reference, batch, mb, temperature)
 
     def _rewards(self, rollout, scores: CompletionScores, samples):
         """Per-completion reward terms (attention, format, accuracy) and TAS, on the last stage."""
@@ -184,7 +237,8 @@ class GRPOTrainer:
             text = tok.decode(rollout.completion_ids[row, :n].tolist(), skip_special_tokens=True)
             texts.append(text)
             fmt.append(R.format_reward(text, n, cfg.format_long_bound, cfg.format_short_bound, cfg.format_factor))
-            acc.append(R.accuracy_reward(R.extract_answer(text), samples[row].answer, cfg.accuracy_match))
+            acc.append(R.accuracy_reward(R.extract_answer(text), samples[row].reference(cfg.accuracy_target),
+                                          cfg.accuracy_match))
         terms = {"attention": attn.float(), "format": torch.tensor(fmt), "accuracy": torch.tensor(acc)}
         return terms, tas, texts
 
@@ -238,6 +292,12 @@ class GRPOTrainer:
         pg, kl, clip = (float(x) / total for x in sums[:3])
         return {"loss": pg + self.cfg.loss.kl_beta * kl, "pg_loss": pg, "kl": kl, "clip_fraction": clip}
 
+    def evaluate(self) -> dict:
+        """Held-out metrics (eval_*) of the current policy, with the seconds they took."""
+        t0 = time.perf_counter()
+        out = self.heldout.evaluate(self.policy)
+        return {**out, "time_eval": time.perf_counter() - t0} if out else {}
+
     # -- the loop ----------------------------------------------------------------------------------------
     def _stop_requested(self) -> bool:
         flag = torch.tensor([1.0 if _STOP_SIGNAL else 0.0])
@@ -251,7 +311,17 @@ class GRPOTrainer:
         from megatron_sayo.checkpoint.state import save_training_state
 
         save_training_state(self.run_dir, self.step, self.policy, self.optimizer, self.scheduler,
-                            extra=self.state_extra(), keep=self.cfg.checkpoint.keep, config_dir=self.hf_dir)
+                            extra=self.state_extra(), keep=self.cfg.checkpoint.keep, config_dir=self.hf_dir,
+                            metadata=self.checkpoint_metadata())
+
+    def checkpoint_metadata(self) -> dict:
+        """What a step's checkpoint_metadata.json records beyond the defaults: with LoRA, the adapters' settings
+        and the base they apply to (the step holds the adapters only)."""
+        if not self.cfg.lora.enabled:
+            return {}
+        lora = self.cfg.lora
+        return {"lora": {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
+                         "targets": list(lora.targets), "base": self.base_pointer}}
 
     def maybe_resume(self) -> bool:
         """Resume from the newest complete checkpoint in run_dir, if any."""
@@ -270,8 +340,12 @@ class GRPOTrainer:
     def fit(self, logger: MetricsLogger) -> None:
         cfg = self.cfg
         interval = cfg.checkpoint.interval
+        if self.heldout is not None and self.step == 0:
+            logger.log({"step": 0, **self.evaluate()})
         while self.step < cfg.train.steps:
             result = self.train_step()
+            if self.heldout is not None and self.heldout.due(self.step):
+                result.metrics.update(self.evaluate())
             logger.log(result.metrics)
             done = self.step >= cfg.train.steps
             if self._stop_requested():

@@ -14,7 +14,7 @@ def _rank_logits(hf_dir: str, tp: int, pp: int, batch: dict, megatron_dir: str |
     from megatron.core import parallel_state
 
     from megatron_sayo.distributed import runtime
-    from megatron_sayo.models.qwen25vl.loader import load_model_stage
+    from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.models.qwen25vl.model import model_inputs
     from megatron_sayo.distributed.schedule import run_forward
 

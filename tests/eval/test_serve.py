@@ -44,7 +44,7 @@ def server(tiny_ckpt):
     from megatron_sayo.data.processor import Processor
     from megatron_sayo.eval.engine import Engine
     from megatron_sayo.eval.serve import Scheduler, ServerState, start_http
-    from megatron_sayo.models.qwen25vl.loader import load_model_stage
+    from megatron_sayo.checkpoint.loader import load_model_stage
 
     runtime.init_distributed(1, 1, launch=runtime.LaunchEnv(0, 1, 0, "127.0.0.1", runtime.free_port(), "single"))
     engine = Engine(load_model_stage(tiny_ckpt), Processor.from_pretrained(tiny_ckpt))

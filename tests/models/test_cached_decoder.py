@@ -13,7 +13,7 @@ def _rank_compare(ckpt, tp, batch):
     from megatron_sayo.models.qwen25vl import cached_decoder
     from megatron_sayo.models.qwen25vl.attention import AttentionState, KVCache
     from megatron_sayo.models.qwen25vl.model import model_inputs
-    from megatron_sayo.models.qwen25vl.loader import load_model_stage
+    from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.rl.rollout import decode_mask
 
     runtime.init_distributed(tp, 1)

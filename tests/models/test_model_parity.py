@@ -64,7 +64,7 @@ def _rank_grads(hf_dir: str, tp: int, pp: int, batch: dict):
 
     from megatron_sayo.distributed import runtime
     from megatron_sayo.models.qwen25vl.model import model_inputs
-    from megatron_sayo.models.qwen25vl.loader import load_model_stage
+    from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.distributed.schedule import run_forward_backward
 
     runtime.init_distributed(tp, pp)

@@ -51,7 +51,7 @@ def _rank(ckpt, tp, pp, inputs, region, params):
     from megatron.core import parallel_state
 
     from megatron_sayo.distributed import runtime
-    from megatron_sayo.models.qwen25vl.loader import load_model_stage
+    from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.rl.batch import ScoringBatch
     from megatron_sayo.rl.rollout import generate
     from megatron_sayo.rl.scoring import score_policy

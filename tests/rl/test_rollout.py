@@ -55,7 +55,7 @@ def _hf_generate(ckpt, batch: dict, new_tokens: int) -> tuple[torch.Tensor, torc
 def _rank_generate(ckpt, tp, pp, batch, params, g, compact):
     """One rank: load our model at TP x PP, generate; every rank returns its Rollout as a dict."""
     from megatron_sayo.distributed import runtime
-    from megatron_sayo.models.qwen25vl.loader import load_model_stage
+    from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.rl.rollout import generate
 
     runtime.init_distributed(tp, pp)
@@ -67,7 +67,7 @@ def _rank_generate(ckpt, tp, pp, batch, params, g, compact):
 def _no_cache_greedy(ckpt, batch: dict, new_tokens: int) -> torch.Tensor:
     """Our model, one process, re-running the whole prefix for every new token (no KV cache)."""
     from megatron_sayo.distributed import runtime
-    from megatron_sayo.models.qwen25vl.loader import load_model_stage
+    from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.testing.reference_decode import greedy_without_cache
 
     runtime.init_distributed(1, 1)
