@@ -90,7 +90,7 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 def sample_tokens(logits: torch.Tensor, params: SamplingParams,
                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [n], log-probs [n]) from full-vocab logits [n, V]: argmax or temperature + top-p sampling."""
-    scaled = logits.float() if params.greedy else logits.float() / params.temperature
+    scaled = logits.float() / (1.0 if params.greedy else params.temperature)   # a new tensor: edited below
     if not bool(torch.isfinite(scaled.amax(dim=-1)).all()):  # a NaN or inf somewhere, or a row of -inf
         # a diverged policy: keep the rollout going (every rank waits for these ids); the trainer then sees
         # the non-finite loss and skips the step

@@ -256,3 +256,19 @@ def test_sampling_params_errors():
         SamplingParams(temperature=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_sample_tokens_leaves_the_logits_alone(greedy):
+    """The capture reads the same logits after sampling: suppression must not edit them in place."""
+    from megatron_sayo.rl.rollout import token_stats
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    before = logits.clone()
+    params = SamplingParams(greedy=greedy, temperature=0.7, suppress_token_ids=(1, 2))
+    ids, _ = sample_tokens(logits, params, torch.Generator().manual_seed(1))
+    assert torch.equal(logits, before)
+    logp, entropy = token_stats(logits, ids, 0.7)
+    ref = torch.log_softmax(before.double() / 0.7, -1)
+    torch.testing.assert_close(logp.double(), ref.gather(-1, ids[:, None]).squeeze(-1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(entropy.double(), -(ref.exp() * ref).sum(-1), atol=1e-5, rtol=0)
