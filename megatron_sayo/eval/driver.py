@@ -92,7 +92,8 @@ def run_grounded(args, model: dict, out: Path) -> dict:
                                                    bg.TASK)
     nemo_out = out / "nemo_evaluator"
     decoding = decoding_params(args)
-    server = start_server(model.get("hf"), model.get("megatron"), args.tp, out / "server.log")
+    server = start_server(model.get("hf"), model.get("megatron"), args.tp, out / "server.log",
+                          extra_args=["--allowed-local-media-path", media_dir(rows)])
     try:
         with nemo_glue.nemo_environment(server.api_key, (byob_dir / "package",)) as nemo_evaluator:
             result = nemo_glue.run_evaluation(eval_type, nemo_out, server.url + "/chat/completions",
