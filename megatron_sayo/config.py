@@ -43,6 +43,9 @@ class ModelConfig:
     make_tiny_if_missing: bool = False  # create a tiny random checkpoint at the path on first use (demo)
     attention_backend: Literal["sdpa", "flash"] = "sdpa"   # core attention kernel ('flash': GPU only)
     layer_backend: Literal["local", "te"] = "local"        # megatron local layers, or Transformer Engine (GPU)
+    # region masses: row log-sum-exp ('lse'), 0/1 indicator values through the kernel ('indicator'), or
+    # 'auto' (indicator on CUDA: padded batches never materialise the scores; lse on CPU)
+    region_mass_kernel: Literal["auto", "lse", "indicator"] = "auto"
     params_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     recompute: Literal["none", "selective", "full"] = "none"
     sequence_parallel: bool = False
@@ -156,7 +159,52 @@ class WarmupConfig:
 
     steps: int = _f(0, ge=0)
     lr: float = _f(1e-3, gt=0.0)
+    seed: int = 0                 # its data order; independent of train.seed so GRPO seeds share one warm-up
     cache_dir: str | None = None
+
+
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA on the decoder's linears as the paper trains it (rank 16, alpha 32, every linear layer); the base
+    stays frozen and the reference policy is the same model with the adapters switched off."""
+
+    enabled: bool = False
+    rank: int = _f(16, ge=1)
+    alpha: float = _f(32.0, gt=0.0)           # delta W = alpha / rank * B @ A
+    dropout: float = _f(0.0, ge=0.0, lt=1.0)   # on the adapter's input, training only
+    targets: list[str] = _f(list(LORA_TARGETS))  # megatron linears: linear_qkv, linear_proj, linear_fc1, linear_fc2
+    vision: bool = False                       # adapters on the vision tower (not supported)
+    seed: int = 0                              # initialisation of A (identical at every TP/PP)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation during training on data.eval_file: accuracy, format, TAS and attention reward of
+    completions decoded greedily or with the paper's evaluation sampling (temperature 0.1, top_p 0.1)."""
+
+    interval: int = _f(0, ge=0)              # every `interval` steps, before the first and after the last; 0: off
+    num_samples: int = _f(32, ge=1)          # the first N rows of data.eval_file (fewer if the file is shorter)
+    decoding: Literal["greedy", "sample"] = "greedy"
+    temperature: float = _f(0.1, gt=0.0)     # 'sample' only (paper's evaluation decoding)
+    top_p: float = _f(0.1, gt=0.0, le=1.0)   # 'sample' only
+    seed: int = 0                            # 'sample' only: the same draws at every evaluation
+    batch: int = _f(16, ge=1)                # prompts per generate/score call
+    max_new_tokens: int | None = _f(None, ge=1)   # None: rollout.max_new_tokens
+
+
+@dataclass
+class SuiteConfig:
+    """The SAYO authors' evaluation settings for the nine-benchmark suite (docs/eval.md): their default system
+    prompt and the pixel bounds every image is rescaled into before it is sent (eval/main.py of Cratileo/Sayo)."""
+
+    system_prompt: str = ("You FIRST think about the reasoning process as an internal monologue and then provide the "
+                          "final answer. The reasoning process MUST BE enclosed within <think> </think> tags. The "
+                          "final answer MUST BE put in \\boxed{}.")
+    min_pixels: int = _f(262144, gt=0)
+    max_pixels: int = _f(5000000, gt=0)
 
 
 @dataclass
@@ -179,6 +227,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     run_dir: str = "runs/default"
 
@@ -209,9 +259,26 @@ def _cross_checks(cfg: RunConfig, where: str) -> None:
         raise ConfigError(f"{where}: warmup.steps > 0 needs warmup.cache_dir")
     if cfg.data.train_file is None:
         raise ConfigError(f"{where}: data.train_file is required")
+    _lora_checks(cfg.lora, cfg.model, where)
+    if cfg.eval.interval and not cfg.data.eval_file:
+        raise ConfigError(f"{where}: eval.interval > 0 needs data.eval_file (the held-out set)")
     lo, hi = cfg.data.min_pixels, cfg.data.max_pixels
     if lo is not None and hi is not None and lo > hi:
         raise ConfigError(f"{where}: data.min_pixels ({lo}) must be <= data.max_pixels ({hi})")
+
+
+def _lora_checks(lora: LoRAConfig, model: ModelConfig, where: str) -> None:
+    """The LoRA block's values that its field types cannot check."""
+    bad = [t for t in lora.targets if t not in LORA_TARGETS]
+    if bad or not lora.targets or len(set(lora.targets)) != len(lora.targets):
+        raise ConfigError(f"{where}: lora.targets = {lora.targets!r}: expected a non-empty list of distinct names "
+                          f"from {', '.join(LORA_TARGETS)}")
+    if lora.enabled and lora.vision:
+        raise ConfigError(f"{where}: lora.vision = true is not supported (adapters go on the language decoder "
+                          f"only; the vision tower stays frozen)")
+    if lora.enabled and model.layer_backend != "local":
+        raise ConfigError(f"{where}: lora.enabled needs model.layer_backend: local (Transformer Engine fuses the "
+                          f"RMSNorm into linear_qkv/linear_fc1, so an adapter there would see un-normalised input)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -219,6 +286,8 @@ def _cross_checks(cfg: RunConfig, where: str) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 def _type_name(tp) -> str:
+    if typing.get_origin(tp) is list:
+        return "a list of " + _type_name(typing.get_args(tp)[0])
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
     if _optional_inner(tp) is not None:
@@ -268,6 +337,11 @@ def _coerce(value, tp, key: str, where: str):
         if not isinstance(value, str):
             raise bad
         return value
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            raise bad
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{n}]", where) for n, v in enumerate(value)]
     raise TypeError(f"config field {key}: unsupported type {tp}")
 
 

@@ -24,22 +24,39 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def window_mean(rows: list[dict], key: str, first: bool, n: int = 5) -> float:
-    """Mean of `key` over the first (or last) n steps."""
-    part = rows[:n] if first else rows[-n:]
+    """Mean of `key` over the first (or last) n rows that carry it."""
+    having = [r for r in rows if key in r]
+    part = having[:n] if first else having[-n:]
     return sum(r[key] for r in part) / max(1, len(part))
+
+
+def heldout_lines(rows: list[dict]) -> list[str]:
+    """Held-out metrics before the first GRPO step and after the last (eval.interval rows)."""
+    evals = [r for r in rows if "eval_tas" in r]
+    if not evals:
+        return []
+    first, last = evals[0], evals[-1]
+    lines = ["", f"{'held-out (%d samples)' % first['eval_samples']:<24}{'step %d' % first['step']:>12}"
+                 f"{'step %d' % last['step']:>12}"]
+    for key in ("eval_accuracy", "eval_format", "eval_tas", "eval_reward_attention"):
+        lines.append(f"{key:<24}{first[key]:>12.4f}{last[key]:>12.4f}")
+    return lines
 
 
 def summary(run_dir: Path) -> str:
     """Start-vs-end rewards and TAS, and where the checkpoint, metrics and plots are."""
     rows = read_metrics(run_dir)
-    if not rows:
+    steps = [r for r in rows if "reward_total" in r]
+    if not steps:
         return f"no metrics in {run_dir}/metrics.jsonl"
-    lines = [f"SAYO GRPO demo: {len(rows)} steps logged in {run_dir}", "",
+    lines = [f"SAYO GRPO demo: {len(steps)} steps logged in {run_dir}", "",
              f"{'metric':<18}{'first 5 steps':>15}{'last 5 steps':>15}"]
-    for key in ("reward_total", "reward_attention", "reward_format", "tas", "entropy", "completion_tokens"):
-        lines.append(f"{key:<18}{window_mean(rows, key, True):>15.4f}{window_mean(rows, key, False):>15.4f}")
-    wall = sum(r["time_step"] for r in rows)
-    lines += ["", f"training wall time {wall:.0f} s ({wall / len(rows):.1f} s/step)",
+    for key in ("reward_total", "reward_attention", "reward_format", "reward_accuracy", "tas", "entropy",
+                "completion_tokens"):
+        lines.append(f"{key:<18}{window_mean(steps, key, True):>15.4f}{window_mean(steps, key, False):>15.4f}")
+    lines += heldout_lines(rows)
+    wall = sum(r["time_step"] for r in steps)
+    lines += ["", f"training wall time {wall:.0f} s ({wall / len(steps):.1f} s/step)",
               f"metrics      {run_dir / 'metrics.jsonl'}",
               f"checkpoints  {run_dir / 'checkpoints'}",
               f"plots        {run_dir / 'plots'}/overview.png  (python tools/plot_metrics.py {run_dir})"]

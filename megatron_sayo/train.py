@@ -146,7 +146,9 @@ def main(argv=None) -> int:
             (Path(cfg.run_dir) / "config.yaml").write_text(_yaml(cfg))
         dist.barrier()
         samples = load_grounded(cfg.data.train_file, on_error=cfg.data.on_error)
-        trainer = GRPOTrainer(cfg, hf_dir, samples, init_from=warmed_up(cfg, hf_dir, samples))
+        held_out = load_grounded(cfg.data.eval_file, on_error=cfg.data.on_error) if cfg.eval.interval else None
+        trainer = GRPOTrainer(cfg, hf_dir, samples, init_from=warmed_up(cfg, hf_dir, samples),
+                              eval_samples=held_out)
         trainer.maybe_resume()
         logger = MetricsLogger(Path(cfg.run_dir), trainer.is_logger, cfg.train.steps, cfg.log.tensorboard)
         try:

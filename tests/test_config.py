@@ -95,14 +95,39 @@ def test_world_size_validation(tmp_path):
         odd.validate_world(2)  # dp=2: 6 completions do not split into 2 x 4
 
 
-@pytest.mark.parametrize("name", ["tiny", "qwen25vl_7b", "qwen25vl_72b"])
+@pytest.mark.parametrize("name", ["tiny", "qwen25vl_7b", "qwen25vl_72b", "qwen25vl_7b_lora", "qwen25vl_72b_lora"])
 def test_examples_load(name):
     cfg = load_config(ROOT / "examples" / f"{name}.yaml")
+    assert cfg.lora.enabled == name.endswith("_lora")
+    if cfg.lora.enabled:  # the paper's LoRA: rank 16, alpha 32, every linear of the language decoder
+        assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.vision) == (16, 32.0, 0.0, False)
+        assert cfg.lora.targets == ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
     if name != "tiny":  # the paper's numbers
         assert (cfg.rollout.group_size, cfg.optim.lr, cfg.loss.kl_beta, cfg.rollout.max_new_tokens) == \
             (16, 5e-6, 0.001, 110)
     else:
         assert cfg.parallel.tp == 2 and cfg.validate_world(2) == 1
+
+
+def test_lora_block_defaults_and_errors():
+    lora = config_from_dict(MINIMAL).lora
+    assert not lora.enabled and (lora.rank, lora.alpha, lora.dropout) == (16, 32.0, 0.0)
+    assert lora.targets == ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+    cfg = config_from_dict({**MINIMAL, "lora": {"enabled": True, "targets": ["linear_qkv"]}})
+    assert cfg.lora.targets == ["linear_qkv"]
+    for lora, words in [({"targets": ["q_proj"]}, "linear_qkv, linear_proj"), ({"targets": []}, "non-empty"),
+                        ({"targets": "linear_qkv"}, "a list of str"), ({"rank": 0}, "lora.rank"),
+                        ({"enabled": True, "vision": True}, "vision tower"),
+                        ({"targets": ["linear_qkv", 3]}, "lora.targets[1]")]:
+        with pytest.raises(ConfigError, match="lora"):
+            try:
+                config_from_dict({**MINIMAL, "lora": lora})
+            except ConfigError as exc:
+                assert words in str(exc), str(exc)
+                raise
+    with pytest.raises(ConfigError, match="layer_backend: local"):
+        config_from_dict({"model": {"hf_path": "x", "layer_backend": "te"}, "data": {"train_file": "t"},
+                          "lora": {"enabled": True}})
 
 
 def test_cli_prints_resolved_config_and_exits_2_on_error():

@@ -16,7 +16,8 @@ TORCH_FREE = [
     "megatron_sayo.formats.safetensors_files", "megatron_sayo.formats.jsonfiles", "megatron_sayo.formats.dist_writer",
     "megatron_sayo.checkpoint.files", "megatron_sayo.convert.converters",
     "megatron_sayo.models.qwen25vl.hf_config", "megatron_sayo.models.qwen25vl.name_map",
-    "megatron_sayo.models.qwen25vl.dist_layout", "megatron_sayo.plan", "megatron_sayo.memory",
+    "megatron_sayo.models.qwen25vl.dist_layout", "megatron_sayo.models.qwen25vl.lora_names", "megatron_sayo.plan",
+    "megatron_sayo.memory",
 ]
 
 

@@ -5,11 +5,12 @@ from megatron_sayo.attention.region_mass import (
     RegionMassProbe,
     ScoredMicrobatch,
     image_key_mask,
+    indicator_mass_sums,
     local_head_mass_sums,
     probe_state,
     query_row_pairs,
     score_region_mass,
 )
 
-__all__ = ["RegionMass", "RegionMassProbe", "ScoredMicrobatch", "image_key_mask", "local_head_mass_sums",
-           "probe_state", "query_row_pairs", "score_region_mass"]
+__all__ = ["RegionMass", "RegionMassProbe", "ScoredMicrobatch", "image_key_mask", "indicator_mass_sums",
+           "local_head_mass_sums", "probe_state", "query_row_pairs", "score_region_mass"]

@@ -13,14 +13,21 @@ Index conventions: query rows index the queries of this forward call (0..sq-1); 
 (0..sk-1). Query row j sits at key position j + sk - sq (sk > sq only when decoding with a KV cache);
 keys after it get weight 0 (causal), exactly as in the attention itself. Image keys are real tokens, so
 padding never changes them. Memory is O(rows x image keys x local heads), bounded by row chunks.
+
+The indicator form (`indicator_mass_sums`, used on CUDA) needs no log-sum-exp: an attention call whose
+values are the 0/1 columns [i in region], [i in image] returns sum_i alpha(t, i) [i in set] per head, i.e.
+the same sums, from any kernel that takes the mask (torch's memory-efficient kernel on CUDA). It runs per
+sample on the chosen rows' span in float32 (a second, narrow attention over the last layer only).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from megatron_sayo.distributed.groups import resolve_group
 from megatron_sayo.models.qwen25vl.attention import AttentionState
@@ -137,6 +144,83 @@ def _row_weights(q_rows: torch.Tensor, k_img: torch.Tensor, lse_rows: torch.Tens
     return weights.masked_fill_(key_pos[None, None, :] > row_pos[None, :, None], float("-inf")).exp_()
 
 
+VALUE_ALIGN = 8  # value columns padded to a multiple of 8: torch's memory-efficient kernel needs it
+
+
+def indicator_values(region_row: torch.Tensor, image_row: torch.Tensor, keys: torch.Tensor,
+                     key_weights: bool = False) -> torch.Tensor:
+    """float32 [sk, W]: column 0 = [key in region], 1 = [key in image], then (key_weights) one column per image
+    key `keys[j]` (its one-hot); zero columns up to W, a multiple of VALUE_ALIGN."""
+    sk = region_row.shape[0]
+    used = 2 + (keys.numel() if key_weights else 0)
+    values = torch.zeros(sk, -(-used // VALUE_ALIGN) * VALUE_ALIGN, dtype=torch.float32)
+    values[:, 0] = region_row.float()
+    values[:, 1] = image_row.float()
+    if key_weights:
+        values[keys, 2 + torch.arange(keys.numel())] = 1.0
+    return values
+
+
+def _span_mask(allowed: torch.Tensor | None, b: int, lo: int, hi: int, sq: int, sk: int, device) -> torch.Tensor:
+    """bool [hi - lo, sk] (True = attend) of query rows lo..hi-1 of sample b; None means causal at offset sk-sq."""
+    if allowed is None:
+        return torch.ones(hi - lo, sk, dtype=torch.bool, device=device).tril(lo + sk - sq)
+    rows = allowed[b, 0] if allowed.dim() == 4 else allowed
+    if rows.shape != (sq, sk):
+        raise ValueError(f"attention mask {tuple(allowed.shape)} does not fit {sq} queries x {sk} keys")
+    return rows[lo:hi].to(device)
+
+
+def _indicator_attention(q: torch.Tensor, k: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """SDPA [h, r, W] of one sample; on CUDA the memory-efficient kernel (any mask, no score matrix)."""
+    q, k, values, mask = q[None], k[None], values[None], mask[None, None]
+    if q.is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        try:
+            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+                return F.scaled_dot_product_attention(q, k, values, attn_mask=mask, scale=scale)[0]
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:  # no efficient kernel for this device/shape: torch's own choice
+            warnings.warn(f"region masses: torch's memory-efficient attention refused the indicator call ({exc}); "
+                          f"falling back to scaled_dot_product_attention's default kernel", stacklevel=3)
+    return F.scaled_dot_product_attention(q, k, values, attn_mask=mask, scale=scale)[0]
+
+
+def indicator_mass_sums(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None, scale: float,
+                        pairs: torch.Tensor, region_mask: torch.Tensor, image_mask: torch.Tensor,
+                        key_weights: bool = False) -> torch.Tensor:
+    """What `local_head_mass_sums` returns, from the attention kernel with 0/1 indicator values (no LSE).
+
+    q [b, h, sq, d]; k [b, h or kv groups, sk, d]; allowed: the attention's mask (bool [b, 1, sq, sk] or
+    [sq, sk], True = attend; None = causal with query j at key j + sk - sq); pairs [n, 2] sorted.
+    """
+    sq, sk = q.shape[2], k.shape[2]
+    rep = q.shape[1] // k.shape[1]
+    out = torch.zeros(2 + (sk if key_weights else 0), pairs.shape[0], dtype=torch.float32, device=q.device)
+    for b in pairs[:, 0].unique().tolist():
+        idx = (pairs[:, 0] == b).nonzero().squeeze(1)
+        keys = image_mask[b].nonzero().squeeze(1)
+        if keys.numel() == 0:
+            continue
+        rows = pairs[idx, 1]
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        values = indicator_values(region_mask[b], image_mask[b], keys, key_weights).to(q.device)
+        kb = k[b].float().repeat_interleave(rep, dim=0)                  # [h, sk, d]
+        values = values[None].expand(kb.shape[0], -1, -1)                # [h, sk, W], shared by the heads
+        summed = _indicator_attention(q[b, :, lo:hi].float(), kb, values,
+                                      _span_mask(allowed, b, lo, hi, sq, sk, q.device), scale).sum(0)  # [r, W]
+        picked = summed[(rows - lo).to(q.device)]                        # [n_b, W]
+        cols = idx.to(q.device)
+        out[0, cols] = picked[:, 0]
+        out[1, cols] = picked[:, 1]
+        if key_weights:
+            out[2 + keys.to(q.device)[:, None], cols[None, :]] = picked[:, 2:2 + keys.numel()].T
+    return out
+
+
 class RegionMassProbe:
     """AttentionProbe measuring region/image mass for chosen query rows; the result lands in `.result`.
 
@@ -156,16 +240,25 @@ class RegionMassProbe:
         self.key_weights = key_weights
         self.result: RegionMass | None = None
 
-    def __call__(self, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
-        """Measure the chosen rows (no autograd); one all-reduce over the TP group."""
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor | None, scale: float,
+                 allowed: torch.Tensor | None = None) -> None:
+        """Measure the chosen rows (no autograd); one all-reduce over the TP group.
+
+        With the row log-sum-exp `lse`: recompute the weights (key expanded to the query heads). With
+        lse=None: the indicator form over the attention's mask `allowed` (see `indicator_mass_sums`).
+        """
         if key.shape[0] != self.image_mask.shape[0] or key.shape[2] != self.image_mask.shape[1]:
             raise ValueError(f"key masks are {tuple(self.image_mask.shape)} but the attention has batch "
                              f"{key.shape[0]} and {key.shape[2]} keys")
         if self.pairs.numel() and int(self.pairs[:, 1].max()) >= query.shape[2]:
             raise ValueError(f"query row {int(self.pairs[:, 1].max())} outside the {query.shape[2]} queries")
         with torch.no_grad():
-            sums = local_head_mass_sums(query, key, lse, scale, self.pairs, self.region_mask, self.image_mask,
-                                        self.chunk_elements, self.key_weights)
+            if lse is None:
+                sums = indicator_mass_sums(query, key, allowed, scale, self.pairs, self.region_mask,
+                                           self.image_mask, self.key_weights)
+            else:
+                sums = local_head_mass_sums(query, key, lse, scale, self.pairs, self.region_mask,
+                                            self.image_mask, self.chunk_elements, self.key_weights)
             group = resolve_group(self.group, "tp")
             tp = 1
             if group is not None and dist.get_world_size(group) > 1:

@@ -145,13 +145,24 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def trained_sharded_state(model) -> dict:
+    """The model part of a training checkpoint: every weight, or with LoRA adapters attached only the adapters
+    (the frozen base stays where the run's metadata points)."""
+    from megatron_sayo.models.lora import adapters_of, is_adapter_key
+
+    model_sd = model.sharded_state_dict()
+    if adapters_of(model):
+        model_sd = {k: v for k, v in model_sd.items() if is_adapter_key(k)}
+    return model_sd
+
+
 def _training_sharded_state(model, optimizer, scheduler, step: int, extra: dict, *, loading: bool,
                             world_size_saved: int | None = None) -> dict:
     """The dict handed to dist_checkpointing for a training checkpoint (save, or load template)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     rank, world = _world()
-    model_sd = model.sharded_state_dict()
+    model_sd = trained_sharded_state(model)
     state = {"model": model_sd, "step": step, "extra": extra,
              "scheduler": scheduler.state_dict() if scheduler is not None else None}
     same_world = world_size_saved in (None, world)
@@ -159,7 +170,7 @@ def _training_sharded_state(model, optimizer, scheduler, step: int, extra: dict,
     if optimizer is not None:
         if _is_megatron_optimizer(optimizer):
             if loading:
-                state["optimizer"] = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True)
+                state["optimizer"] = optimizer.sharded_state_dict(trained_sharded_state(model), is_loading=True)
             else:
                 state["optimizer"] = optimizer.sharded_state_dict(model_sd)
         else:

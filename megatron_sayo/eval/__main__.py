@@ -1,9 +1,11 @@
 """python -m megatron_sayo.eval --hf DIR | --megatron DIR --benchmark NAME [--data FILE.jsonl] --out OUTDIR
        [--limit N] [--tp N] [--compare OTHER_DIR]
+python -m megatron_sayo.eval --hf DIR | --megatron DIR --benchmark sayo-suite|sayo-<name> --data-root ROOT --out OUTDIR
 
 Starts our OpenAI-compatible server, runs nemo-evaluator against it and writes OUTDIR/results.json,
 OUTDIR/samples.jsonl and OUTDIR/summary.md. `--benchmark grounded` is our BYOB benchmark (accuracy + TAS);
-any other name is a task of an installed nemo-evaluator harness, run with the paper's decoding settings.
+`sayo-suite` runs the paper's nine benchmarks (or `sayo-<name>` one of them) from hub datasets under --data-root
+with the SAYO authors' prompts and scoring (docs/eval.md); any other name is a task of an installed nemo-evaluator harness, run with the paper's decoding settings.
 With --compare, both checkpoints are evaluated (OUTDIR/a, OUTDIR/b) and OUTDIR/compare.{md,json} written.
 """
 
@@ -24,6 +26,11 @@ def parse_args(argv=None):
     src.add_argument("--megatron", help="megatron checkpoint dir (converted, step dir or run dir)")
     p.add_argument("--benchmark", required=True, help="'grounded' or a nemo-evaluator task (e.g. vlmeval.chartqa)")
     p.add_argument("--data", help="grounded JSONL (for --benchmark grounded)")
+    p.add_argument("--data-root", help="directory holding the suite's hub datasets (for sayo-suite, docs/eval.md)")
+    p.add_argument("--min-pixels", type=int, default=None, help="suite: images rescaled up to at least this many "
+                   "pixels (default: the authors' 262144)")
+    p.add_argument("--max-pixels", type=int, default=None, help="suite: images rescaled down to at most this many "
+                   "pixels (default: the authors' 5000000)")
     p.add_argument("--out", required=True, help="output dir")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N samples")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the server")
@@ -40,6 +47,18 @@ def parse_args(argv=None):
         p.error("--tp, --parallelism and --max-tokens must be >= 1")
     if args.benchmark == "grounded" and not args.data:
         p.error("--benchmark grounded needs --data FILE.jsonl")
+    if args.benchmark.startswith("sayo-"):
+        from megatron_sayo.eval.benchmarks.suite import select
+        try:
+            select(args.benchmark)
+        except ValueError as exc:
+            p.error(str(exc))
+        if not args.data_root:
+            p.error(f"--benchmark {args.benchmark} needs --data-root DIR (see docs/eval.md)")
+        if args.compare:
+            p.error("--compare compares single-benchmark results: run the suite once per checkpoint instead")
+    if any(v is not None and v < 1 for v in (args.min_pixels, args.max_pixels)):
+        p.error("--min-pixels and --max-pixels must be >= 1")
     return args
 
 
@@ -48,6 +67,9 @@ def evaluate_one(args, model: dict, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if args.benchmark == "grounded":
         return D.run_grounded(args, model, out)
+    if args.benchmark.startswith("sayo-"):
+        from megatron_sayo.eval.benchmarks.run import run_suite
+        return run_suite(args, model, out)
     return D.run_harness(args, model, out)
 
 
@@ -55,7 +77,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     try:
-        if args.benchmark != "grounded":
+        if args.benchmark != "grounded" and not args.benchmark.startswith("sayo-"):
             nemo_glue.check_harness_task(args.benchmark)   # fail before starting any server
         model = D.model_spec(args.hf, args.megatron)
         if not args.compare:
@@ -69,6 +91,10 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print((out / "summary.md").read_text())
+    if args.benchmark.startswith("sayo-"):
+        print(f"average {reports.fmt(results.get('average'))} over {len(results['benchmarks'])} benchmark(s) -> "
+              f"{out / 'results.json'}")
+        return 0
     print(f"accuracy {reports.fmt(results.get('accuracy'))}  tas {reports.fmt(results.get('tas'))}  "
           f"n {results.get('num_samples')}  -> {out / 'results.json'}")
     return 0

@@ -15,7 +15,8 @@ from pathlib import Path
 
 GROUPS = {
     "rewards": ("Rewards", ["reward_total", "reward_attention", "reward_format", "reward_accuracy"], "reward"),
-    "tas": ("Target attention score (TAS)", ["tas"], "pooled a / v"),
+    "tas": ("Target attention score (TAS)", ["tas", "eval_tas"], "pooled a / v"),
+    "heldout": ("Held-out evaluation", ["eval_accuracy", "eval_format", "eval_reward_attention"], "mean over samples"),
     "kl": ("KL to the reference policy", ["kl"], "KL per token"),
     "entropy": ("Token entropy", ["entropy"], "nats"),
     "length": ("Response length", ["completion_tokens"], "tokens"),
@@ -73,7 +74,7 @@ def draw_group(ax, rows: list[dict], keys: list[str], ylabel: str, smooth: int) 
         if not steps:
             continue
         colour = f"C{idx}"
-        if smooth > 1 and len(values) > smooth:
+        if smooth > 1 and len(values) > smooth and not key.startswith("eval_"):  # evaluations: few points, raw
             ax.plot(steps, values, color=colour, alpha=0.3, linewidth=1)
             ax.plot(steps, moving_average(values, smooth), color=colour, linewidth=2, label=f"{key} (avg {smooth})")
         else:

@@ -21,9 +21,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_sayo.config import RunConfig
+from megatron_sayo.models.lora import adapters_disabled, attach_lora
 from megatron_sayo.data.grounded import decodable_samples
 from megatron_sayo.rl import rewards as R
 from megatron_sayo.rl.advantages import distributed_group_advantages
+from megatron_sayo.rl.diagnostics import steering_metrics
+from megatron_sayo.rl.heldout import HeldOutEvaluator
 from megatron_sayo.rl.loss import grpo_loss
 from megatron_sayo.rl.prompts import PromptStream, build_prompt_batch, repeat_images
 from megatron_sayo.rl.rollout import SamplingParams, generate
@@ -43,6 +46,7 @@ def build_policy(cfg: RunConfig, hf_dir: str):
 
     dtype = DTYPES[cfg.model.params_dtype]
     kwargs = dict(attention_backend=cfg.model.attention_backend, layer_backend=cfg.model.layer_backend,
+                  mass_kernel=cfg.model.region_mass_kernel,
                   recompute=cfg.model.recompute, sequence_parallel=cfg.model.sequence_parallel)
     overrides = dict(calculate_per_token_loss=True)
     if cfg.model.megatron_path:
@@ -52,6 +56,16 @@ def build_policy(cfg: RunConfig, hf_dir: str):
                                         params_dtype=dtype, config_overrides=overrides, **kwargs)
     return load_from_hf(hf_dir, tp=cfg.parallel.tp, pp=cfg.parallel.pp, params_dtype=dtype,
                         config_overrides=overrides, **kwargs)
+
+
+def base_pointer(cfg: RunConfig, init_from: Path | None) -> dict:
+    """Where the weights the run starts from live (absolute paths): the warm-up checkpoint when there is one,
+    else the configured HF or megatron checkpoint. A LoRA step's adapters apply to exactly these weights."""
+    if init_from is not None:
+        return {"format": "megatron", "path": str(Path(init_from).resolve())}
+    if cfg.model.megatron_path:
+        return {"format": "megatron", "path": str(Path(cfg.model.megatron_path).resolve())}
+    return {"format": "hf", "path": str(Path(cfg.model.hf_path).resolve())}
 
 
 def wrap_for_training(cfg: RunConfig, model):
@@ -113,7 +127,8 @@ class Preempted(Exception):
 class GRPOTrainer:
     """Owns the model, optimizer, data stream and run directory of one training run."""
 
-    def __init__(self, cfg: RunConfig, hf_dir: str, samples: list, init_from: Path | None = None):
+    def __init__(self, cfg: RunConfig, hf_dir: str, samples: list, init_from: Path | None = None,
+                 eval_samples: list | None = None):
         from megatron_sayo.data.processor import Processor
 
         self.cfg = cfg
@@ -124,14 +139,21 @@ class GRPOTrainer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.policy = self._load(init_from)
         self.hf = self.policy.hf
+        self.base_pointer = base_pointer(cfg, init_from)
+        if cfg.lora.enabled:   # before DDP and the optimizer: only the adapters train
+            attach_lora(self.policy, self.hf.text, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                        dropout=cfg.lora.dropout, targets=cfg.lora.targets, seed=cfg.lora.seed)
         self.ddp, self.optimizer, self.scheduler = wrap_for_training(cfg, self.policy)
-        self.reference = self._load(init_from).eval() if cfg.loss.kl_beta > 0 else None
+        # with LoRA the reference policy is the same model with its adapters off: no second copy
+        self.reference = (self._load(init_from).eval() if cfg.loss.kl_beta > 0 and not cfg.lora.enabled
+                          else None)
         if self.reference is not None:
             for p in self.reference.parameters():
                 p.requires_grad_(False)
         self.processor = Processor.from_pretrained(hf_dir, min_pixels=cfg.data.min_pixels,
                                                    max_pixels=cfg.data.max_pixels)
         self.stream = PromptStream(len(samples), cfg.train.seed)
+        self.heldout = HeldOutEvaluator(cfg, self.processor, eval_samples) if cfg.eval.interval else None
         self.step = 0
         self.nan_in_row = 0
         self.is_logger = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank()
@@ -178,8 +200,7 @@ class GRPOTrainer:
         mb = cfg.train.micro_batch
         scores = score_policy(self.policy, batch, mb, cfg.rollout.temperature)
         t2 = time.perf_counter()
-        ref_logp = (reference_logprobs(self.reference, batch, mb, cfg.rollout.temperature)
-                    if self.reference is not None else None)
+        ref_logp = self._reference_logprobs(batch, mb)
         t3 = time.perf_counter()
 
         last = parallel_state.is_pipeline_last_stage()
@@ -191,6 +212,7 @@ class GRPOTrainer:
             group_ids = torch.as_tensor(rows) + first
             advantages = distributed_group_advantages(total, group_ids, eps=cfg.loss.advantage_eps)
             metrics = self._rollout_metrics(terms, total, tas, rollout, scores)
+            metrics.update(steering_metrics(terms["attention"], terms["accuracy"], tas, advantages, group_ids))
         loss_metrics, grad_norm, skipped = self._update(batch, scores, ref_logp, advantages)
         t4 = time.perf_counter()
         self.step += 1
@@ -202,6 +224,17 @@ class GRPOTrainer:
                            time_rollout=t1 - t0, time_score=t2 - t1, time_reference=t3 - t2, time_update=t4 - t3,
                            time_step=t4 - t0, sample_completion=texts[0][:200])
         return StepResult(metrics, skipped)
+
+    def _reference_logprobs(self, batch: RolloutBatch, mb: int):
+        """The reference policy's log-probs (None without a KL term): the frozen copy, or with LoRA the
+        policy with its adapters switched off."""
+        temperature = self.cfg.rollout.temperature
+        if self.cfg.loss.kl_beta == 0:
+            return None
+        if self.cfg.lora.enabled:
+            with adapters_disabled(self.policy):
+                return reference_logprobs(self.policy, batch, mb, temperature)
+        return reference_logprobs(self.reference, batch, mb, temperature)
 
     def _rewards(self, rollout, scores, samples):
         """Per-completion reward terms (attention, format, accuracy) and TAS, on the last stage."""
@@ -272,6 +305,12 @@ class GRPOTrainer:
         pg, kl, clip = (float(x) / total for x in sums[:3])
         return {"loss": pg + self.cfg.loss.kl_beta * kl, "pg_loss": pg, "kl": kl, "clip_fraction": clip}
 
+    def evaluate(self) -> dict:
+        """Held-out metrics (eval_*) of the current policy, with the seconds they took."""
+        t0 = time.perf_counter()
+        out = self.heldout.evaluate(self.policy)
+        return {**out, "time_eval": time.perf_counter() - t0} if out else {}
+
     # -- the loop ----------------------------------------------------------------------------------------
     def _stop_requested(self) -> bool:
         flag = torch.tensor([1.0 if _STOP_SIGNAL else 0.0])
@@ -285,7 +324,17 @@ class GRPOTrainer:
         from megatron_sayo.checkpoint.state import save_training_state
 
         save_training_state(self.run_dir, self.step, self.policy, self.optimizer, self.scheduler,
-                            extra=self.state_extra(), keep=self.cfg.checkpoint.keep, config_dir=self.hf_dir)
+                            extra=self.state_extra(), keep=self.cfg.checkpoint.keep, config_dir=self.hf_dir,
+                            metadata=self.checkpoint_metadata())
+
+    def checkpoint_metadata(self) -> dict:
+        """What a step's checkpoint_metadata.json records beyond the defaults: with LoRA, the adapters' settings
+        and the base they apply to (the step holds the adapters only)."""
+        if not self.cfg.lora.enabled:
+            return {}
+        lora = self.cfg.lora
+        return {"lora": {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
+                         "targets": list(lora.targets), "base": self.base_pointer}}
 
     def maybe_resume(self) -> bool:
         """Resume from the newest complete checkpoint in run_dir, if any."""
@@ -304,8 +353,12 @@ class GRPOTrainer:
     def fit(self, logger: "MetricsLogger") -> None:
         cfg = self.cfg
         interval = cfg.checkpoint.interval
+        if self.heldout is not None and self.step == 0:
+            logger.log({"step": 0, **self.evaluate()})
         while self.step < cfg.train.steps:
             result = self.train_step()
+            if self.heldout is not None and self.heldout.due(self.step):
+                result.metrics.update(self.evaluate())
             logger.log(result.metrics)
             done = self.step >= cfg.train.steps
             if self._stop_requested():
@@ -368,10 +421,15 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         step = metrics["step"]
-        print(f"step {step:>5}/{self.total}  reward {metrics['reward_total']:+.4f}  attn {metrics['reward_attention']:+.4f}"
-              f"  fmt {metrics['reward_format']:.3f}  tas {metrics['tas']:.3f}  loss {metrics.get('loss', 0):+.4f}"
-              f"  kl {metrics.get('kl', 0):.2e}  len {metrics['completion_tokens']:.1f}"
-              f"  {metrics['tokens_per_s']:.0f} tok/s  {metrics['time_step']:.1f}s", flush=True)
+        if "eval_tas" in metrics:
+            print(f"eval {step:>5}/{self.total}  accuracy {metrics['eval_accuracy']:.3f}  format "
+                  f"{metrics['eval_format']:.3f}  tas {metrics['eval_tas']:.3f}  attn {metrics['eval_reward_attention']:.4f}"
+                  f"  ({metrics['eval_samples']} held-out samples, {metrics['time_eval']:.1f}s)", flush=True)
+        if "reward_total" in metrics:
+            print(f"step {step:>5}/{self.total}  reward {metrics['reward_total']:+.4f}  attn {metrics['reward_attention']:+.4f}"
+                  f"  fmt {metrics['reward_format']:.3f}  acc {metrics['reward_accuracy']:.3f}  tas {metrics['tas']:.3f}"
+                  f"  loss {metrics.get('loss', 0):+.4f}  kl {metrics.get('kl', 0):.2e}  len {metrics['completion_tokens']:.1f}"
+                  f"  {metrics['tokens_per_s']:.0f} tok/s  {metrics['time_step']:.1f}s", flush=True)
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):

@@ -52,7 +52,7 @@ def run_warmup(cfg: RunConfig, hf_dir: str, samples: list) -> Path:
     policy = build_policy(sft, hf_dir)
     ddp, optimizer, _ = wrap_for_training(sft, policy)
     processor = Processor.from_pretrained(hf_dir, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
-    stream = PromptStream(len(samples), cfg.train.seed + 1)
+    stream = PromptStream(len(samples), w.seed)
     dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     rows = cfg.train.global_batch * cfg.rollout.group_size // dp
     for step in range(1, w.steps + 1):
@@ -81,7 +81,7 @@ def run_warmup(cfg: RunConfig, hf_dir: str, samples: list) -> Path:
 def fingerprint(cfg: RunConfig, hf_dir: str) -> dict:
     """The settings a warm-up's weights depend on (the layout is not one: checkpoints reshard on load)."""
     return {"source": str(Path(hf_dir).resolve()), "steps": cfg.warmup.steps, "lr": cfg.warmup.lr,
-            "seed": cfg.train.seed, "train_file": cfg.data.train_file, "global_batch": cfg.train.global_batch,
+            "seed": cfg.warmup.seed, "train_file": cfg.data.train_file, "global_batch": cfg.train.global_batch,
             "group_size": cfg.rollout.group_size, "instruction": cfg.data.instruction,
             "pixels": [cfg.data.min_pixels, cfg.data.max_pixels], "params_dtype": cfg.model.params_dtype}
 

@@ -10,6 +10,8 @@ import torch
 
 from megatron_sayo.attention.region_mass import (
     RegionMassProbe,
+    indicator_mass_sums,
+    indicator_values,
     local_head_mass_sums,
     query_row_pairs,
 )
@@ -160,8 +162,8 @@ def test_probe_tp2_matches_naive_all_heads():
 
 # ------------------------------------------------------------------------------------------------ model vs eager
 
-def _grounded_batch(ckpt, make_image):
-    """Two left-padded samples, the second with two images; region = a box on one image of each."""
+def _grounded_batch(ckpt, make_image, padding_side="left"):
+    """Two padded samples of uneven length, the second with two images; region = a box on one image of each."""
     from megatron_sayo.data.processor import Processor
     from megatron_sayo.data.regions import RegionSpec, batch_region_mask
     from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
@@ -172,7 +174,7 @@ def _grounded_batch(ckpt, make_image):
              [{"role": "user", "content": [{"type": "image", "image": make_image(56, 56, 1)},
                                            {"type": "image", "image": make_image(84, 112, 2)},
                                            {"type": "text", "text": "compare the two pictures, at some length"}]}]]
-    batch = proc(convs, padding_side="left")
+    batch = proc(convs, padding_side=padding_side)
     hf = load_hf_config(ckpt)
     specs = [RegionSpec(boxes=[[10, 5, 60, 50]], orig_size=(112, 84)),
              RegionSpec(boxes=[[0, 60, 40, 112], [70, 0, 84, 10]], orig_size=(84, 112), image_index=1)]
@@ -181,7 +183,7 @@ def _grounded_batch(ckpt, make_image):
     return batch, region, image
 
 
-def _rank_masses(ckpt, tp, pp, batch, region, image):
+def _rank_masses(ckpt, tp, pp, batch, region, image, mass_kernel="auto"):
     from megatron.core import parallel_state
 
     from megatron_sayo.distributed import runtime
@@ -189,7 +191,7 @@ def _rank_masses(ckpt, tp, pp, batch, region, image):
     from megatron_sayo.models.qwen25vl.model import load_from_hf, model_inputs
 
     runtime.init_distributed(tp, pp)
-    model = load_from_hf(ckpt, tp=tp, pp=pp)
+    model = load_from_hf(ckpt, tp=tp, pp=pp, mass_kernel=mass_kernel)
     batch = {k: (torch.as_tensor(v) if v is not None else None) for k, v in batch.items()}
     rows = batch["attention_mask"].bool()
     mb = dict(inputs=model_inputs(model.hf, **batch), query_rows=rows, region_mask=torch.as_tensor(region),
@@ -239,6 +241,25 @@ def test_masses_equal_eager_attention(tiny_ckpt, grounded, tp, pp):
     assert torch.allclose(torch.from_numpy(v).double(), v_ref, atol=TOL, rtol=0)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,padding_side", [(1, "right"), (2, "left")])
+def test_indicator_masses_equal_eager_attention(tiny_ckpt, make_image, tp, padding_side):
+    """model.region_mass_kernel='indicator' (the CUDA default) on CPU: the right-padded uneven batch GRPO scores
+    and a left-padded one, against transformers' eager attention."""
+    from megatron_sayo.distributed.runtime import spawn_local
+
+    batch, region, image = _grounded_batch(tiny_ckpt, make_image, padding_side)
+    assert not bool(batch["attention_mask"].all())            # the batch really is padded
+    a_ref, v_ref = _eager_masses(tiny_ckpt, batch, region, image)
+    np_batch = {k: (v.numpy() if v is not None else None) for k, v in batch.items()}
+    results = spawn_local(_rank_masses, tp, str(tiny_ckpt), tp, 1, np_batch, region.numpy(), image.numpy(),
+                          "indicator")
+    a, v = next(r for r in results if r is not None)
+    assert float(v_ref.max()) > 1e-3
+    assert torch.allclose(torch.from_numpy(a).double(), a_ref, atol=TOL, rtol=0)
+    assert torch.allclose(torch.from_numpy(v).double(), v_ref, atol=TOL, rtol=0)
+
+
 def test_probe_key_weights_match_naive_head_mean():
     """key_weights=True: per row, mean_h alpha on every image key (0 on other keys), chunked rows."""
     q, k, v, allowed, region, image = random_case(4)
@@ -251,3 +272,90 @@ def test_probe_key_weights_match_naive_head_mean():
     ref = naive_alpha(q, k, scale, allowed).mean(1) * image[:, None, :]    # [b, sq, sk]
     assert torch.allclose(probe.result.key_weights.double(), ref[rows], atol=TOL, rtol=0)
     assert RegionMassProbe(rows, region, image, group=None).key_weights is False
+
+
+# ------------------------------------------------------------------------------------------------ indicator kernel
+
+def right_padded_case(seed, lengths=(23, 14, 9), h=4, groups=2, d=8):
+    """Uneven samples, right-padded (the GRPO batch), GQA keys not expanded; image keys in each sample."""
+    g = torch.Generator().manual_seed(seed)
+    b, s = len(lengths), max(lengths)
+    q = torch.randn(b, h, s, d, generator=g)
+    k = torch.randn(b, groups, s, d, generator=g)
+    real = torch.arange(s)[None, :] < torch.tensor(lengths)[:, None]
+    allowed = torch.ones(s, s, dtype=torch.bool).tril()[None] & real[:, None, :]
+    allowed[:, torch.arange(s), torch.arange(s)] = True
+    image = torch.zeros(b, s, dtype=torch.bool)
+    region = torch.zeros(b, s, dtype=torch.bool)
+    image[:, 2:7] = True
+    region[0, [3, 6]] = True
+    region[1, 2] = True
+    region[2, 4:6] = True
+    return q, k, allowed[:, None], region, image, real
+
+
+def test_indicator_probe_matches_naive_softmax_right_padded():
+    """lse=None: masses from the kernel with 0/1 values over the attention's own mask, GQA k unexpanded."""
+    q, k, allowed, region, image, real = right_padded_case(5)
+    scale = 0.4
+    rows = real.clone()
+    rows[:, :3] = False                      # completion-like rows; row 3.. of each sample
+    probe = RegionMassProbe(rows, region, image, group=None)
+    probe(q, k, None, scale, allowed)
+    k_full = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    a_ref, v_ref = naive_av(naive_alpha(q, k_full, scale, allowed), region, image)
+    assert torch.allclose(probe.result.region_mean.double(), a_ref[rows], atol=TOL, rtol=0)
+    assert torch.allclose(probe.result.image_mean.double(), v_ref[rows], atol=TOL, rtol=0)
+    assert float(v_ref[rows].min()) > 0      # every chosen row sees image keys: the comparison is not vacuous
+
+
+def test_indicator_sums_equal_lse_sums_left_padded_and_decode():
+    """Left padding (explicit mask) and KV-cache decode (sq < sk, mask None = causal at offset) against naive."""
+    q, k, v, allowed, region, image = random_case(6)
+    scale = 0.3
+    pairs = query_row_pairs(torch.tensor([[0, 4], [0, 22], [1, 9], [1, 20]]))
+    sums = indicator_mass_sums(q, k, allowed, scale, pairs, region, image)
+    alpha = naive_alpha(q, k, scale, allowed)
+    ref_region = (alpha * region[:, None, None, :]).sum(-1).sum(1)[pairs[:, 0], pairs[:, 1]]
+    ref_image = (alpha * image[:, None, None, :]).sum(-1).sum(1)[pairs[:, 0], pairs[:, 1]]
+    assert torch.allclose(sums[0].double(), ref_region, atol=TOL, rtol=0)
+    assert torch.allclose(sums[1].double(), ref_image, atol=TOL, rtol=0)
+
+    q, k, v, _, region, image = random_case(7, sq=4, sk=23, left_pad=(0, 0))
+    causal = torch.ones(4, 23, dtype=torch.bool).tril(19)[None, None].expand(2, 1, 4, 23)
+    pairs = query_row_pairs(torch.ones(2, 4, dtype=torch.bool))
+    sums = indicator_mass_sums(q, k, None, scale, pairs, region, image)
+    alpha = naive_alpha(q, k, scale, causal)
+    assert torch.allclose(sums[1].double(), (alpha * image[:, None, None, :]).sum(-1).sum(1).flatten(),
+                          atol=TOL, rtol=0)
+
+
+def test_indicator_key_weights_match_naive_head_mean():
+    q, k, allowed, region, image, real = right_padded_case(8)
+    rows = real.clone()
+    rows[:, :5] = False
+    probe = RegionMassProbe(rows, region, image, group=None, key_weights=True)
+    probe(q, k, None, 0.25, allowed)
+    k_full = k.repeat_interleave(2, dim=1)
+    ref = naive_alpha(q, k_full, 0.25, allowed).mean(1) * image[:, None, :]
+    assert torch.allclose(probe.result.key_weights.double(), ref[rows], atol=TOL, rtol=0)
+
+
+def test_indicator_values_layout():
+    region = torch.tensor([False, True, False, False])
+    image = torch.tensor([False, True, True, False])
+    values = indicator_values(region, image, image.nonzero().squeeze(1), key_weights=True)
+    assert values.shape == (4, 8)            # 2 + 2 used columns padded to the kernel's alignment
+    assert values[:, 0].tolist() == [0, 1, 0, 0] and values[:, 1].tolist() == [0, 1, 1, 0]
+    assert values[:, 2].tolist() == [0, 1, 0, 0] and values[:, 3].tolist() == [0, 0, 1, 0]
+    assert values[:, 4:].abs().sum() == 0
+
+
+def test_mass_kernel_resolution():
+    from megatron_sayo.models.qwen25vl.attention import resolve_mass_kernel
+
+    assert resolve_mass_kernel("auto", torch.device("cpu")) == "lse"
+    assert resolve_mass_kernel("auto", torch.device("cuda")) == "indicator"
+    assert resolve_mass_kernel("indicator", torch.device("cpu")) == "indicator"
+    with pytest.raises(ValueError, match="region_mass_kernel"):
+        resolve_mass_kernel("fast", torch.device("cpu"))

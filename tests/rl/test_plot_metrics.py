@@ -51,3 +51,21 @@ def test_missing_or_empty_metrics_is_a_clear_error(tool, tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text("\n")
     assert tool.main([str(tmp_path)]) == 2
     assert "no metrics rows" in capsys.readouterr().err
+
+
+def test_heldout_plot_from_eval_rows(tool, tmp_path):
+    """Rows carrying eval_* (step 0 holds only them) give heldout.png, and eval_tas joins the TAS plot."""
+    run = tmp_path / "run"
+    run.mkdir()
+    evals = {0: 0.2, 5: 0.3, 10: 0.45}
+    rows = [{"step": 0, "eval_accuracy": 0.2, "eval_format": 0.5, "eval_tas": 1.0, "eval_reward_attention": 0.5}]
+    for s in range(1, 11):
+        row = trainer_row(s)
+        if s in evals:
+            row.update(eval_accuracy=evals[s], eval_format=0.9, eval_tas=1.0 + evals[s], eval_reward_attention=0.6)
+        rows.append(row)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert tool.main([str(run)]) == 0
+    assert (run / "plots" / "heldout.png").is_file()
+    assert tool.series(rows, "eval_accuracy") == ([0, 5, 10], [0.2, 0.3, 0.45])
+    assert tool.series(rows, "reward_total")[0] == list(range(1, 11))

@@ -33,7 +33,7 @@ def overrides(assets, run_dir, steps, interval=3):
     return [f"model.hf_path={ckpt}", "model.make_tiny_if_missing=false", f"data.train_file={train}",
             "data.eval_file=null", "data.synthetic_n=0", f"run_dir={run_dir}", f"train.steps={steps}",
             "train.global_batch=2", "train.micro_batch=2", "rollout.group_size=2", "rollout.max_new_tokens=6",
-            f"checkpoint.interval={interval}", "checkpoint.keep=2", "log.tensorboard=false", "warmup.steps=0"]
+            f"checkpoint.interval={interval}", "checkpoint.keep=2", "log.tensorboard=false", "warmup.steps=0", "eval.interval=0"]
 
 
 def train_cmd(args):

@@ -32,7 +32,7 @@ def test_matching_cache_is_reused(cached):
     assert warmup.warmed_up(cfg, "ckpt", []) == cache and trained == []
 
 
-@pytest.mark.parametrize("override", ["warmup.steps=7", "warmup.lr=0.5", "train.seed=3", "rollout.group_size=2"])
+@pytest.mark.parametrize("override", ["warmup.steps=7", "warmup.lr=0.5", "warmup.seed=3", "rollout.group_size=2"])
 def test_stale_cache_is_trained_again(cached, override):
     cfg, cache, trained = cached
     (cache / "checkpoint_metadata.json").write_text(json.dumps({"warmup": warmup.fingerprint(cfg, "ckpt")}))

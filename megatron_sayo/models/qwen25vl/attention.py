@@ -5,6 +5,11 @@ It adds two things megatron's DotProductAttention lacks: a KV cache for rollouts
 attention (keys arrive already rotated), and a probe hook that, on the last layer, receives the
 attention's row log-sum-exp so region masses can be recomputed exactly for chosen query rows.
 Backends: 'sdpa' (torch, CPU and GPU) and 'flash' (flash-attn on GPU).
+Mass kernels (`model.region_mass_kernel`): 'lse' hands the probe the row log-sum-exp (the CPU kernels return
+it for any mask); 'indicator' runs the layer's attention as usual and hands the probe the mask instead, and
+the probe gets its masses from a second, narrow attention call whose values are 0/1 key indicators (torch's
+memory-efficient CUDA kernel takes any mask, so padded batches never materialise the scores); 'auto' is
+'indicator' on CUDA and 'lse' on CPU.
 
 Mask convention (megatron's): a bool tensor [b, 1, sq, sk], True = masked out.
 """
@@ -19,12 +24,25 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 
 BACKENDS = ("sdpa", "flash")
+MASS_KERNELS = ("auto", "lse", "indicator")
 
 
 class AttentionProbe(Protocol):
-    """Receives, for one layer, the rotated q/k (b, heads, s, d) and the row log-sum-exp (b, heads, sq)."""
+    """Receives, for one layer, the rotated q (b, heads, sq, d) and k (b, heads or kv groups, sk, d), and either
+    the row log-sum-exp (b, heads, sq) with k expanded to the query heads, or lse=None and `allowed`, the
+    attention's mask (SDPA convention: True = attend; None = causal, query j at key j + sk - sq)."""
 
-    def __call__(self, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scale: float) -> None: ...
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor | None, scale: float,
+                 allowed: torch.Tensor | None = None) -> None: ...
+
+
+def resolve_mass_kernel(mass_kernel: str, device: torch.device) -> str:
+    """'lse' or 'indicator' for a configured kernel on `device` ('auto': indicator on CUDA, lse elsewhere)."""
+    if mass_kernel not in MASS_KERNELS:
+        raise ValueError(f"model.region_mass_kernel: {mass_kernel!r} is not one of {MASS_KERNELS}")
+    if mass_kernel == "auto":
+        return "indicator" if device.type == "cuda" else "lse"
+    return mass_kernel
 
 
 @dataclass
@@ -72,12 +90,14 @@ class CoreAttention(MegatronModule):
 
     def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type: str = "self",
                  cp_comm_type=None, softmax_scale: float | None = None, pg_collection=None,
-                 backend: str = "sdpa"):
+                 backend: str = "sdpa", mass_kernel: str = "auto"):
         super().__init__(config=config)
         if backend not in BACKENDS:
             raise ValueError(f"model.attention_backend: {backend!r} is not one of {BACKENDS}")
+        resolve_mass_kernel(mass_kernel, torch.device("cpu"))  # validates the name
         self.layer_number = layer_number
         self.backend = backend
+        self.mass_kernel = mass_kernel
         self.scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.state = AttentionState()
 
@@ -90,6 +110,9 @@ class CoreAttention(MegatronModule):
         rep = q.shape[1] // k.shape[1]
         allowed = _allowed(attention_mask, q.shape[2], k.shape[2], q.device)
         wants_probe = self.state.probe is not None and self.state.probe_layer == self.layer_number
+        if wants_probe and resolve_mass_kernel(self.mass_kernel, q.device) == "indicator":
+            self.state.probe(q.detach(), k.detach(), None, self.scale, allowed)
+            wants_probe = False  # the layer's own output below takes the ordinary path
         if wants_probe or (self.backend == "flash" and attention_mask is None and q.is_cuda):
             if rep > 1:
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)

@@ -28,7 +28,7 @@ class Qwen25VLModel(LanguageModule):
 
     def __init__(self, hf: Qwen25VLConfig, config, *, pre_process: bool | None = None,
                  post_process: bool | None = None, layer_backend: str = "local", attention_backend: str = "sdpa",
-                 vision_attention_backend: str = "sdpa"):
+                 vision_attention_backend: str = "sdpa", mass_kernel: str = "auto"):
         super().__init__(config)
         self.model_type = ModelType.encoder_or_decoder
         self.hf = hf
@@ -44,7 +44,7 @@ class Qwen25VLModel(LanguageModule):
             self.vision = Qwen25VisionModel(hf.vision, attn_impl=vision_attention_backend).to(config.params_dtype)
             self.embedding = LanguageModelEmbedding(config, self.padded_vocab_size, hf.text.max_position_embeddings,
                                                     position_embedding_type="none")
-        self.decoder = TransformerBlock(config, decoder_layer_spec(layer_backend, attention_backend),
+        self.decoder = TransformerBlock(config, decoder_layer_spec(layer_backend, attention_backend, mass_kernel),
                                         pre_process=self.pre_process, post_process=self.post_process)
         if self.post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(

@@ -11,7 +11,8 @@ from megatron_sayo.models.qwen25vl.attention import CoreAttention
 LAYER_BACKENDS = ("local", "te")
 
 
-def decoder_layer_spec(layer_backend: str = "local", attention_backend: str = "sdpa") -> ModuleSpec:
+def decoder_layer_spec(layer_backend: str = "local", attention_backend: str = "sdpa",
+                       mass_kernel: str = "auto") -> ModuleSpec:
     """A TransformerLayer spec (RMSNorm, QKV bias, SwiGLU) whose core attention is `CoreAttention`.
 
     'local' builds megatron's own TP layers (CPU and GPU); 'te' fuses RMSNorm into the QKV / fc1 linears
@@ -33,5 +34,5 @@ def decoder_layer_spec(layer_backend: str = "local", attention_backend: str = "s
     else:
         raise ValueError(f"model.layer_backend: {layer_backend!r} is not one of {LAYER_BACKENDS}")
     spec.submodules.self_attention.submodules.core_attention = functools.partial(
-        CoreAttention, backend=attention_backend)
+        CoreAttention, backend=attention_backend, mass_kernel=mass_kernel)
     return spec

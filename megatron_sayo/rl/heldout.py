@@ -1,0 +1,133 @@
+"""Held-out evaluation during GRPO: decode on data.eval_file, then score the completions with the training
+path (one no-grad pass for entropies and last-layer region/image masses, the same reward functions), so
+eval_tas and eval_reward_attention mean exactly what tas and reward_attention mean in training.
+
+Decoding is greedy or the paper's evaluation sampling (temperature 0.1, top_p 0.1, fixed seed, so every
+evaluation draws the same way). Token selection for TAS ranks entropies at the decoding temperature
+(docs/spec.md §3: the distribution the token was drawn from); greedy counts as temperature 1.
+The held-out rows are split over data-parallel ranks; the sums are all-reduced over DP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_sayo.config import EvalConfig, RewardConfig, RunConfig
+from megatron_sayo.rl import rewards as R
+from megatron_sayo.rl.prompts import PromptBatch, build_prompt_batch, repeat_images
+from megatron_sayo.rl.rollout import Rollout, SamplingParams, generate
+from megatron_sayo.rl.scoring import RolloutBatch, score_policy
+
+METRIC_KEYS = ("eval_accuracy", "eval_format", "eval_tas", "eval_reward_attention")
+
+
+def eval_sampling(cfg: EvalConfig, max_new_tokens: int, suppress: tuple[int, ...]) -> tuple[SamplingParams, float]:
+    """(how to decode, the temperature the scoring pass divides logits by for the entropy ranking)."""
+    greedy = cfg.decoding == "greedy"
+    params = SamplingParams(temperature=1.0 if greedy else cfg.temperature, top_p=1.0 if greedy else cfg.top_p,
+                            max_new_tokens=cfg.max_new_tokens or max_new_tokens, greedy=greedy, seed=cfg.seed,
+                            suppress_token_ids=suppress)
+    return params, params.temperature
+
+
+def rollout_batch(prompts: PromptBatch, rollout: Rollout) -> RolloutBatch:
+    """The scoring pass's inputs for a rollout: every row with its prompt's pixels and region mask."""
+    rows = rollout.group_ids.tolist()
+    pix, grids = repeat_images(prompts.inputs["pixel_values"], prompts.inputs["image_grid_thw"], rows)
+    region = torch.zeros(len(rows), rollout.sequences.shape[1], dtype=torch.bool)
+    region[:, :rollout.prompt_length] = prompts.region_mask[torch.as_tensor(rows)]
+    return RolloutBatch(rollout.sequences, rollout.attention_mask, rollout.prompt_length, rollout.completion_mask,
+                        list(torch.split(pix, grids.prod(-1).tolist())), [g[None] for g in grids], region)
+
+
+@dataclass(frozen=True)
+class SampleScores:
+    """Per completion of one scored batch: the reward terms and TAS (last pipeline stage)."""
+
+    accuracy: list[float]
+    format: list[float]
+    tas: list[float]
+    reward_attention: list[float]
+    texts: list[str]
+
+
+def score_completions(rollout: Rollout, batch: RolloutBatch, scores, answers: list[str], tokenizer,
+                      reward: RewardConfig) -> SampleScores:
+    """Accuracy, format, TAS and attention reward of each completion row, from the scoring pass's arrays."""
+    start = torch.full((rollout.sequences.shape[0],), rollout.prompt_length)
+    attn, tas, _, _ = R.sequence_attention_reward(scores.region_mass, scores.image_mass, scores.entropy, start,
+                                                  batch.completion_mask, reward.top_entropy_ratio,
+                                                  reward.attention_form, reward.eps)
+    texts, fmt, acc = [], [], []
+    for row, n in enumerate(rollout.completion_lengths.tolist()):
+        text = tokenizer.decode(rollout.completion_ids[row, :n].tolist(), skip_special_tokens=True)
+        texts.append(text)
+        fmt.append(R.format_reward(text, n, reward.format_long_bound, reward.format_short_bound,
+                                   reward.format_factor))
+        acc.append(R.accuracy_reward(R.extract_answer(text), answers[row], reward.accuracy_match))
+    return SampleScores(acc, fmt, [float(t) for t in tas], [float(a) for a in attn], texts)
+
+
+class HeldOutEvaluator:
+    """Evaluates the policy on this DP rank's share of the first eval.num_samples held-out rows."""
+
+    def __init__(self, cfg: RunConfig, processor, samples: list):
+        self.cfg, self.processor = cfg, processor
+        dp = parallel_state.get_data_parallel_world_size()
+        rank = parallel_state.get_data_parallel_rank()
+        chosen = samples[:cfg.eval.num_samples]
+        if not chosen:
+            raise ValueError(f"{cfg.data.eval_file}: the held-out set is empty (eval.interval = {cfg.eval.interval})")
+        self.samples = chosen[rank::dp]
+        self.total = len(chosen)
+
+    def due(self, step: int) -> bool:
+        """Evaluate before the first step, every eval.interval steps and after the last."""
+        interval = self.cfg.eval.interval
+        return bool(interval) and (step % interval == 0 or step == self.cfg.train.steps)
+
+    def sampling(self, policy) -> tuple[SamplingParams, float]:
+        hf = policy.hf
+        return eval_sampling(self.cfg.eval, self.cfg.rollout.max_new_tokens,
+                             (hf.tokens.image, hf.tokens.video, hf.tokens.vision_start, hf.tokens.vision_end))
+
+    def score_chunk(self, policy, chunk: list) -> tuple[Rollout, SampleScores | None]:
+        """Decode one chunk of held-out samples and score it; the scores exist on the last stage only."""
+        cfg, hf = self.cfg, policy.hf
+        params, temperature = self.sampling(policy)
+        prompts = build_prompt_batch(self.processor, chunk, hf.tokens.image, hf.vision.spatial_merge_size,
+                                     hf.vision.patch_size, cfg.data.instruction)
+        rollout = generate(policy, prompts.inputs, params, num_return_sequences=1)
+        batch = rollout_batch(prompts, rollout)
+        scores = score_policy(policy, batch, cfg.train.micro_batch, temperature)
+        if scores is None:
+            return rollout, None
+        return rollout, score_completions(rollout, batch, scores, [s.answer for s in chunk],
+                                          self.processor.tokenizer, cfg.reward)
+
+    def evaluate(self, policy) -> dict:
+        """{eval_accuracy, eval_format, eval_tas, eval_reward_attention, eval_samples, eval_sample_completion}
+        on the last pipeline stage; {} on the others. Every rank of the model must call it."""
+        sums = torch.zeros(5, dtype=torch.float64)   # accuracy, format, tas, reward_attention, count
+        first_text = ""
+        policy.eval()
+        for start in range(0, len(self.samples), self.cfg.eval.batch):
+            chunk = self.samples[start:start + self.cfg.eval.batch]
+            _, got = self.score_chunk(policy, chunk)
+            if got is None:
+                continue
+            sums += torch.tensor([sum(got.accuracy), sum(got.format), sum(got.tas), sum(got.reward_attention),
+                                  len(chunk)], dtype=torch.float64)
+            first_text = first_text or got.texts[0]
+        if parallel_state.get_data_parallel_world_size() > 1:
+            dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        if not parallel_state.is_pipeline_last_stage():
+            return {}
+        n = max(float(sums[4]), 1.0)
+        out = {k: float(v) / n for k, v in zip(METRIC_KEYS, sums[:4])}
+        out.update(eval_samples=int(sums[4]), eval_sample_completion=first_text[:200])
+        return out
