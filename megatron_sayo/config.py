@@ -107,6 +107,9 @@ class RewardConfig:
     format_short_bound: int = _f(60, ge=1)
     format_factor: float = _f(0.6, ge=0.0)
     accuracy_match: Literal["exact", "normalized", "numeric"] = "normalized"
+    # The data field the accuracy reward matches: 'short_answer' uses a row's short_answer where it has one
+    # (GQA rows of the SAYO mix keep the one-word answer beside the fullAnswer sentence), else its answer.
+    accuracy_target: Literal["answer", "short_answer"] = "answer"
 
 
 @dataclass

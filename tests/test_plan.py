@@ -60,7 +60,8 @@ def tiny_config(tied: bool) -> Qwen2_5_VLConfig:
                      "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 1, 1]}},
         vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 44, "num_heads": 4,
                        "out_hidden_size": 64, "fullatt_block_indexes": [1]},
-        tie_word_embeddings=tied,
+        tie_word_embeddings=tied, image_token_id=290, video_token_id=291, vision_start_token_id=292,
+        vision_end_token_id=293,
     )
 
 
@@ -100,7 +101,7 @@ def test_missing_field_names_file_and_field(tmp_path):
     del cfg["num_attention_heads"]
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
-    with pytest.raises(P.ConfigError, match=r"config\.json.*'num_attention_heads' is missing"):
+    with pytest.raises(P.ConfigError, match=r"config\.json: .*mrope_section.* defaults: .*num_attention_heads"):
         P.load_arch(path)
 
 
@@ -109,7 +110,7 @@ def test_bad_vision_field_names_vision_config(tmp_path):
     cfg["vision_config"]["depth"] = -1
     path = tmp_path / "c.json"
     path.write_text(json.dumps(cfg))
-    with pytest.raises(P.ConfigError, match=r"c\.json \(vision_config\): field 'depth' must be a positive integer"):
+    with pytest.raises(P.ConfigError, match=r"c\.json: vision_config: field 'depth' = -1 must be a positive integer"):
         P.load_arch(path)
 
 
@@ -176,6 +177,35 @@ def test_frozen_vision_keeps_weights_drops_grads_and_optimizer():
     assert trained.optimizer - frozen.optimizer == pytest.approx(12 * vision / 4 / 2)
 
 
+def test_lora_counts_frozen_base_adapter_state_and_no_reference():
+    arch = P.load_arch(ROOT / "examples/configs/qwen25vl_7b.config.json")
+    lay, t = P.Layout(tp=2, pp=1, dp=4), arch.text
+    full = P.stage_memory(arch, lay, P.Workload(), first=True, last=True)
+    lora = P.stage_memory(arch, lay, P.Workload(lora_rank=16), first=True, last=True)
+    # by hand for 7B (h 3584, 28 heads x 128, 4 kv heads, ffn 18944), r = 16, TP = 2, per layer:
+    # q/k/v A 3 x 16 x 3584, B 16 x (3584 + 2 x 512) / 2; gate/up A 2 x 16 x 3584, B 2 x 16 x 18944 / 2;
+    # o A 16 x 3584 / 2, B 16 x 3584; down A 16 x 18944 / 2, B 16 x 3584
+    per_layer = 16 * (3 * 3584 + 4608 / 2 + 2 * 3584 + 18944 + 3584 / 2 + 3584 + 18944 / 2 + 3584)
+    assert P.lora_layer_params(t, 16, 2) == pytest.approx(per_layer)
+    adapters = 28 * per_layer
+    assert lora.reference == 0 and full.reference > 0
+    assert lora.weights == pytest.approx(full.weights + 2 * adapters)
+    assert lora.grads == pytest.approx(4 * adapters)
+    assert lora.optimizer == pytest.approx(12 * adapters / 4)
+    assert (lora.activations, lora.logits, lora.kv_cache) == (full.activations, full.logits, full.kv_cache)
+    # 7B at TP=1 on 80 GB: full fine-tuning does not fit, LoRA does
+    rows = {(r.layout.tp, r.layout.pp): r for r in P.plan(arch, 8, 80 * GIB, P.Workload(lora_rank=16))}
+    assert rows[(1, 1)].fits and not P.layout_memory(arch, P.Layout(1, 1, 8), P.Workload()).total <= 72 * GIB
+
+
+def test_cli_prints_full_and_lora_side_by_side():
+    out = subprocess.run([sys.executable, str(ROOT / "tools/plan_parallelism.py"), "--model",
+                          str(ROOT / "examples/configs/qwen25vl_7b.config.json"), "--gpus", "8", "--lora-rank", "16"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "full fine-tuning vs LoRA" in out.stdout and "recommended, LoRA" in out.stdout
+
+
 # ---------------------------------------------------------------- recommendation
 
 def test_72b_on_64_gpus_fits_with_tp_at_most_8():
@@ -206,4 +236,21 @@ def test_cli_json_and_errors(tmp_path):
     bad = tmp_path / "config.json"
     bad.write_text(json.dumps({"hidden_size": 64}))
     out = subprocess.run([*tool, "--model", str(bad), "--gpus", "8"], capture_output=True, text=True)
-    assert out.returncode != 0 and str(bad) in out.stderr and "num_attention_heads" in out.stderr
+    assert out.returncode != 0 and str(bad) in out.stderr and "field 'model_type'" in out.stderr
+
+
+def test_training_flops_equal_torch_flop_counter():
+    """Megatron-LM's count against torch's FlopCounterMode over a forward + backward of transformers' Qwen2
+    decoder (eager attention, every weight trainable): the same GEMMs, so the same number."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=500, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM._from_config(cfg, attn_implementation="eager")
+    batch, seq = 3, 40
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids).logits.float().sum().backward()
+    arch = P.TextArch(hidden=64, intermediate=176, layers=3, heads=4, kv_heads=2, head_dim=16, vocab=500, tied=False)
+    assert P.training_flops(arch, batch, seq) == pytest.approx(counter.get_total_flops(), rel=1e-12)

@@ -2,6 +2,10 @@
 """Recommend TP/PP/DP for GRPO on Qwen2.5-VL from a per-GPU memory model and print the table.
 
     python tools/plan_parallelism.py --model examples/configs/qwen25vl_72b.config.json --gpus 64 --gpu-memory 80GB
+    python tools/plan_parallelism.py --model examples/configs/qwen25vl_7b.config.json --gpus 8 --lora-rank 16
+
+--lora-rank adds the LoRA table (frozen bf16 base, adapter master weights and Adam state, no reference copy)
+and the per-layout totals of full fine-tuning and LoRA side by side.
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-distributed-optimizer", action="store_true")
     p.add_argument("--no-reference", action="store_true", help="no frozen reference model (KL off)")
     p.add_argument("--freeze-vision", action="store_true", help="vision tower frozen: bf16 weights only")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="also plan LoRA of this rank on every decoder linear (paper: 16); 0 = full only")
     p.add_argument("--reserve", type=float, default=0.10, help="fraction of GPU memory kept free")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
@@ -41,12 +47,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_new_tokens < 0:
         p.error("--max-new-tokens must be >= 0")
+    if args.lora_rank < 0:
+        p.error("--lora-rank must be >= 0")
     return args
 
 
-def workload(args: argparse.Namespace) -> Workload:
-    """The Workload the options describe."""
-    return Workload(seq=args.seq, max_new_tokens=args.max_new_tokens, micro_batch=args.micro_batch,
+def workload(args: argparse.Namespace, lora_rank: int = 0) -> Workload:
+    """The Workload the options describe (full fine-tuning, or LoRA of `lora_rank`)."""
+    return Workload(lora_rank=lora_rank, seq=args.seq, max_new_tokens=args.max_new_tokens, micro_batch=args.micro_batch,
                     group_size=args.group_size, recompute=args.recompute,
                     sequence_parallel=not args.no_sequence_parallel,
                     distributed_optimizer=not args.no_distributed_optimizer,
@@ -73,6 +81,24 @@ def row_dict(r: Row) -> dict:
     """JSON form of a row (bytes)."""
     return {**asdict(r.layout), "stage": r.memory.stage, "even": r.even, "fits": r.fits,
             **{t: getattr(r.memory, t) for t in TERMS}, "total": r.memory.total}
+
+
+def side_by_side(full: list[Row], lora: list[Row]) -> str:
+    """Per layout: GiB per GPU of full fine-tuning next to LoRA, and whether each fits."""
+    lines = ["  TP  PP  DP     full  fits     LoRA  fits"]
+    for f, r in zip(full, lora):
+        lines.append(f"{f.layout.tp:>4}{f.layout.pp:>4}{f.layout.dp:>4}{f.memory.total / GIB:>9.1f}"
+                     f"{'yes' if f.fits else 'no':>6}{r.memory.total / GIB:>9.1f}{'yes' if r.fits else 'no':>6}")
+    return "\n".join(lines)
+
+
+def best_line(name: str, rows: list[Row]) -> str:
+    try:
+        best = recommend(rows)
+    except NoLayoutFits as err:
+        return f"{name}: {err}"
+    lay = best.layout
+    return f"{name}: TP={lay.tp} PP={lay.pp} DP={lay.dp} ({best.memory.total / GIB:.1f} GiB per GPU)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +132,16 @@ def main(argv: list[str] | None = None) -> int:
             lay = best.layout
             print(f"\nrecommended: TP={lay.tp} PP={lay.pp} DP={lay.dp} "
                   f"({best.memory.total / GIB:.1f} GiB per GPU)")
+    if args.lora_rank and not args.json:
+        lora_rows = plan(arch, args.gpus, memory, workload(args, args.lora_rank), args.reserve, args.gpus_per_node)
+        print(f"\nLoRA rank {args.lora_rank} (frozen bf16 base, fp32 adapter grads + Adam, no reference copy):\n")
+        print(format_table(lora_rows))
+        print("\nfull fine-tuning vs LoRA, GiB per GPU on the fullest stage:\n")
+        print(side_by_side(rows, lora_rows))
+        print("\n" + best_line("recommended, full", rows) + "\n" + best_line("recommended, LoRA", lora_rows))
+    elif args.lora_rank:
+        lora_rows = plan(arch, args.gpus, memory, workload(args, args.lora_rank), args.reserve, args.gpus_per_node)
+        print(json.dumps({"lora_rank": args.lora_rank, "rows": [row_dict(r) for r in lora_rows]}, indent=2))
     if best is None:
         print(f"error: {failure}", file=sys.stderr)
         return 1

@@ -77,7 +77,8 @@ def run_grounded(args, model: dict, out: Path) -> dict:
     samples = load_grounded(args.data)[:args.limit] if args.limit else load_grounded(args.data)
     if not samples:
         raise EvalError(f"{args.data}: no samples")
-    rows = bg.byob_rows(samples, args.instruction or DataConfig().instruction, RewardConfig().accuracy_match)
+    rows = bg.byob_rows(samples, args.instruction or DataConfig().instruction, RewardConfig().accuracy_match,
+                        getattr(args, "answer_field", "answer"))
     byob_dir = out / "byob"
     dataset = byob_dir / "dataset.jsonl"
     dataset.parent.mkdir(parents=True, exist_ok=True)

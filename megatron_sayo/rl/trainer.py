@@ -23,6 +23,7 @@ from megatron.core import parallel_state
 from megatron_sayo.config import RunConfig
 from megatron_sayo.models.lora import adapters_disabled, attach_lora
 from megatron_sayo.data.grounded import decodable_samples
+from megatron_sayo.distributed import runtime
 from megatron_sayo.rl import rewards as R
 from megatron_sayo.rl.advantages import distributed_group_advantages
 from megatron_sayo.rl.diagnostics import steering_metrics
@@ -186,7 +187,9 @@ class GRPOTrainer:
                                                     hf.tokens.vision_end),
                                 seed=cfg.train.seed * 1_000_003 + self.step * 1009 + self.dp_rank)
         self.policy.eval()
-        rollout = generate(self.policy, prompts.inputs, params, num_return_sequences=g)
+        inputs = {k: (v.to(runtime.device()) if isinstance(v, torch.Tensor) else v)
+                  for k, v in prompts.inputs.items()}
+        rollout = generate(self.policy, inputs, params, num_return_sequences=g)
         t1 = time.perf_counter()
 
         rows = rollout.group_ids.tolist()
@@ -222,7 +225,10 @@ class GRPOTrainer:
             metrics.update(step=self.step, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
                            tokens_per_s=n_tokens / (t4 - t0), skipped=skipped,
                            time_rollout=t1 - t0, time_score=t2 - t1, time_reference=t3 - t2, time_update=t4 - t3,
-                           time_step=t4 - t0, sample_completion=texts[0][:200])
+                           time_step=t4 - t0, sample_completion=texts[0][:200],
+                           sequences=len(rows) * self.dp, sequence_length=s)
+            if torch.cuda.is_available():
+                metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return StepResult(metrics, skipped)
 
     def _reference_logprobs(self, batch: RolloutBatch, mb: int):
@@ -249,7 +255,8 @@ class GRPOTrainer:
             text = tok.decode(rollout.completion_ids[row, :n].tolist(), skip_special_tokens=True)
             texts.append(text)
             fmt.append(R.format_reward(text, n, cfg.format_long_bound, cfg.format_short_bound, cfg.format_factor))
-            acc.append(R.accuracy_reward(R.extract_answer(text), samples[row].answer, cfg.accuracy_match))
+            acc.append(R.accuracy_reward(R.extract_answer(text), samples[row].reference(cfg.accuracy_target),
+                                          cfg.accuracy_match))
         terms = {"attention": attn.float(), "format": torch.tensor(fmt), "accuracy": torch.tensor(acc)}
         return terms, tas, texts
 

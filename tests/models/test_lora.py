@@ -70,7 +70,7 @@ def _rank_logits(ckpt, tp, pp, batch, adapters):
 
     from megatron_sayo.distributed import runtime
     from megatron_sayo.distributed.schedule import run_forward
-    from megatron_sayo.models.lora import adapters_disabled, attach_lora, load_full_adapters
+    from megatron_sayo.models.lora import adapters_disabled, attach_lora, load_full_adapters, trainable_parameters
     from megatron_sayo.models.qwen25vl.attention import AttentionState, KVCache
     from megatron_sayo.models.qwen25vl.model import load_from_hf, model_inputs
 
@@ -85,6 +85,7 @@ def _rank_logits(ckpt, tp, pp, batch, adapters):
     base = logits()
     attach_lora(model, model.hf.text, rank=RANK, alpha=ALPHA)
     load_full_adapters(model, adapters)
+    counts = (trainable_parameters(model), len(model.decoder.layers))
     on = logits()
     with adapters_disabled(model):
         off = logits()
@@ -94,7 +95,7 @@ def _rank_logits(ckpt, tp, pp, batch, adapters):
             state = AttentionState(kv_cache=KVCache(max_len=inputs["input_ids"].shape[1]))
             cached = model.full_logits(model(**inputs, state=state))
     if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
-        return base, on, off, cached
+        return base, on, off, cached, counts
     return None
 
 
@@ -111,8 +112,12 @@ def test_adapted_logits_match_peft(tiny_ckpt, reference, tp, pp):
 
     batch, adapters, ref = reference
     plain = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k in INPUT_KEYS}
-    base, on, off, cached = next(r for r in spawn_local(_rank_logits, tp * pp, str(tiny_ckpt), tp, pp, plain,
-                                                        adapters) if r is not None)
+    from megatron_sayo.plan import load_arch, lora_layer_params
+
+    base, on, off, cached, (trainable, layers) = next(
+        r for r in spawn_local(_rank_logits, tp * pp, str(tiny_ckpt), tp, pp, plain, adapters) if r is not None)
+    # the planner's per-rank adapter count is what the model really trains
+    assert trainable == layers * lora_layer_params(load_arch(tiny_ckpt).text, RANK, tp)
     mask = batch["attention_mask"].numpy()
     report = compare_logits(on.numpy(), ref, mask)
     assert report.rel <= 1e-4, str(report)
