@@ -20,7 +20,8 @@ FORMAT_VERSION = 1
 # Files of an HF checkpoint other than weights that travel with every conversion (copied when present).
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
               "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.json",
-              "chat_template.jinja", "preprocessor_config.json", "video_preprocessor_config.json")
+              "chat_template.jinja", "preprocessor_config.json", "video_preprocessor_config.json",
+              "processor_config.json")
 STEP_PREFIX = "step_"
 LATEST_FILE = "latest"
 log = logging.getLogger(__name__)

@@ -59,6 +59,19 @@ def build_policy(cfg: RunConfig, hf_dir: str):
                         config_overrides=overrides, **kwargs)
 
 
+def freeze_vision_tower(model) -> int:
+    """Turn off requires_grad on this stage's vision tower (before DDP and the optimizer are built, so neither
+    holds gradient buffers or optimizer state for it); returns the number of parameters frozen (0 off stage 1)."""
+    vision = getattr(model, "vision", None)
+    if vision is None:
+        return 0
+    frozen = 0
+    for p in vision.parameters():
+        p.requires_grad_(False)
+        frozen += p.numel()
+    return frozen
+
+
 def base_pointer(cfg: RunConfig, init_from: Path | None) -> dict:
     """Where the weights the run starts from live (absolute paths): the warm-up checkpoint when there is one,
     else the configured HF or megatron checkpoint. A LoRA step's adapters apply to exactly these weights."""
@@ -144,6 +157,8 @@ class GRPOTrainer:
         if cfg.lora.enabled:   # before DDP and the optimizer: only the adapters train
             attach_lora(self.policy, self.hf.text, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
                         dropout=cfg.lora.dropout, targets=cfg.lora.targets, seed=cfg.lora.seed)
+        if cfg.model.freeze_vision:   # before DDP and the optimizer: the vision tower gets no grads/state
+            freeze_vision_tower(self.policy)
         self.ddp, self.optimizer, self.scheduler = wrap_for_training(cfg, self.policy)
         # with LoRA the reference policy is the same model with its adapters off: no second copy
         self.reference = (self._load(init_from).eval() if cfg.loss.kl_beta > 0 and not cfg.lora.enabled
