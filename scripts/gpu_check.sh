@@ -9,6 +9,8 @@
 #   3. gpu_check.json (one entry per check: status, figures, seconds, reason) and gpu_check.log.
 # Usage: scripts/gpu_check.sh [runner options, e.g. --only parity_tiny,region_mass]   (or: make gpu-check)
 # Offline machines: point PIP_FIND_LINKS / PIP_INDEX_URL at a wheelhouse, or pre-install torch system-wide.
+# GPU_CHECK_NO_INSTALL=1: install nothing, use $GPU_CHECK_VENV/bin/python as it is (a prepared environment;
+# without CUDA the GPU checks skip with the reason: the CPU tests run the script this way).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -44,46 +46,53 @@ cuda_torch() {  # does this python import a torch that sees a GPU?
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
     | tee -a "$LOG" || say "nvidia-smi not found"
 
-if [ ! -x "$VENV/bin/python" ]; then
-    SITE=""
-    if cuda_torch "$PYTHON"; then SITE="--system-site-packages"; say "reusing the system's CUDA torch"; fi
-    "$PYTHON" -m venv $SITE "$VENV" >>"$LOG" 2>&1 || setup_failed "could not create $VENV with $PYTHON"
-fi
-PY="$VENV/bin/python"
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-if ! cuda_torch "$PY"; then
-    say "installing $TORCH_SPEC (CUDA build from the index) ..."
-    timeout 300 "$PY" -m pip install -q "$TORCH_SPEC" >>"$LOG" 2>&1 \
-        || setup_failed "pip install $TORCH_SPEC failed or took over 300 s (offline? see $LOG)"
-    cuda_torch "$PY" || setup_failed "torch installed but torch.cuda.is_available() is False (driver? see $LOG)"
-fi
-say "torch ready after $(elapsed) s"
-timeout 240 "$PY" -m pip install -q -e ".[gpucheck]" >>"$LOG" 2>&1 \
-    || setup_failed "pip install -e .[gpucheck] failed or took over 240 s (see $LOG)"
-"$PY" -c "import megatron.core, transformers, megatron_sayo" >>"$LOG" 2>&1 \
-    || setup_failed "the project does not import after installation (see $LOG)"
-say "project ready after $(elapsed) s"
-
-TE_NOTE=""
-if [ "${GPU_CHECK_TE:-1}" = "0" ]; then
-    TE_NOTE="Transformer Engine not attempted (GPU_CHECK_TE=0)"
-elif "$PY" -c "import transformer_engine.pytorch" >>"$LOG" 2>&1; then
-    TE_NOTE="Transformer Engine already installed"
+if [ "${GPU_CHECK_NO_INSTALL:-0}" = "1" ]; then
+    PY="$VENV/bin/python"
+    [ -x "$PY" ] || setup_failed "GPU_CHECK_NO_INSTALL=1 but $PY does not exist"
+    cuda_torch "$PY" || say "no CUDA torch in $VENV: the GPU checks will be skipped"
+    export GPU_CHECK_SETUP_NOTES="installation skipped (GPU_CHECK_NO_INSTALL=1, $PY)"
 else
-    say "trying Transformer Engine from binary wheels (at most $TE_INSTALL_S s) ..."
-    if timeout "$TE_INSTALL_S" "$PY" -m pip install -q --only-binary=:all: "transformer_engine[pytorch]" >>"$LOG" 2>&1; then
-        TE_NOTE="Transformer Engine installed from binary wheels"
+    if [ ! -x "$VENV/bin/python" ]; then
+        SITE=""
+        if cuda_torch "$PYTHON"; then SITE="--system-site-packages"; say "reusing the system's CUDA torch"; fi
+        "$PYTHON" -m venv $SITE "$VENV" >>"$LOG" 2>&1 || setup_failed "could not create $VENV with $PYTHON"
+    fi
+    PY="$VENV/bin/python"
+    export PIP_DISABLE_PIP_VERSION_CHECK=1
+    if ! cuda_torch "$PY"; then
+        say "installing $TORCH_SPEC (CUDA build from the index) ..."
+        timeout 300 "$PY" -m pip install -q "$TORCH_SPEC" >>"$LOG" 2>&1 \
+            || setup_failed "pip install $TORCH_SPEC failed or took over 300 s (offline? see $LOG)"
+        cuda_torch "$PY" || setup_failed "torch installed but torch.cuda.is_available() is False (driver? see $LOG)"
+    fi
+    say "torch ready after $(elapsed) s"
+    timeout 240 "$PY" -m pip install -q -e ".[gpucheck]" >>"$LOG" 2>&1 \
+        || setup_failed "pip install -e .[gpucheck] failed or took over 240 s (see $LOG)"
+    "$PY" -c "import megatron.core, transformers, megatron_sayo" >>"$LOG" 2>&1 \
+        || setup_failed "the project does not import after installation (see $LOG)"
+    say "project ready after $(elapsed) s"
+
+    TE_NOTE=""
+    if [ "${GPU_CHECK_TE:-1}" = "0" ]; then
+        TE_NOTE="Transformer Engine not attempted (GPU_CHECK_TE=0)"
+    elif "$PY" -c "import transformer_engine.pytorch" >>"$LOG" 2>&1; then
+        TE_NOTE="Transformer Engine already installed"
     else
-        TE_NOTE="Transformer Engine skipped: no binary wheel installed within $TE_INSTALL_S s (see $LOG)"
+        say "trying Transformer Engine from binary wheels (at most $TE_INSTALL_S s) ..."
+        if timeout "$TE_INSTALL_S" "$PY" -m pip install -q --only-binary=:all: "transformer_engine[pytorch]" >>"$LOG" 2>&1; then
+            TE_NOTE="Transformer Engine installed from binary wheels"
+        else
+            TE_NOTE="Transformer Engine skipped: no binary wheel installed within $TE_INSTALL_S s (see $LOG)"
+        fi
+        if ! "$PY" -c "import megatron.core, transformer_engine.pytorch" >>"$LOG" 2>&1; then
+            "$PY" -m pip uninstall -q -y transformer_engine transformer_engine_torch transformer_engine_cu12 \
+                >>"$LOG" 2>&1 || true
+            case "$TE_NOTE" in *skipped*) ;; *) TE_NOTE="Transformer Engine removed: it installed but does not import";; esac
+        fi
     fi
-    if ! "$PY" -c "import megatron.core, transformer_engine.pytorch" >>"$LOG" 2>&1; then
-        "$PY" -m pip uninstall -q -y transformer_engine transformer_engine_torch transformer_engine_cu12 \
-            >>"$LOG" 2>&1 || true
-        case "$TE_NOTE" in *skipped*) ;; *) TE_NOTE="Transformer Engine removed: it installed but does not import";; esac
-    fi
+    say "$TE_NOTE"
+    export GPU_CHECK_SETUP_NOTES="$TE_NOTE; setup took $(elapsed) s"
 fi
-say "$TE_NOTE"
-export GPU_CHECK_SETUP_NOTES="$TE_NOTE; setup took $(elapsed) s"
 
 LEFT=$(( TOTAL_S - $(elapsed) ))
 [ "$LEFT" -lt 60 ] && LEFT=60

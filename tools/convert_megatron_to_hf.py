@@ -2,7 +2,8 @@
 """Convert a megatron dist checkpoint (converted, or a GRPO trainer's step / run dir) to Hugging Face format.
 
     python tools/convert_megatron_to_hf.py --megatron DIR --out HF_DIR [--max-shard-size 5GB]
-        [--dtype bfloat16|float32] [--overwrite] [--no-progress] [--lora merge|adapter [--base DIR]]
+        [--dtype bfloat16|float32] [--overwrite] [--remove-stale-tmp] [--no-progress]
+        [--lora merge|adapter [--base DIR]]
 
 One process, no model, no torch: each HF tensor is copied from the checkpoint's chunks (whatever TP/PP wrote
 them) into pre-planned safetensors files with hub names; policy weights only (optimizer state is skipped).
@@ -21,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_sayo.checkpoint.files import CheckpointError  # noqa: E402
-from megatron_sayo.convert.converters import convert_megatron_to_hf  # noqa: E402
+from megatron_sayo.convert.converters import Terminated, convert_megatron_to_hf  # noqa: E402
 from megatron_sayo.convert.lora_export import MODES, export_lora  # noqa: E402
 from megatron_sayo.models.qwen25vl.hf_config import ConfigError  # noqa: E402
 
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default=None,
                     help="output dtype (default: the original HF dtype)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ap.add_argument("--remove-stale-tmp", action="store_true",
+                    help="delete <out>.tmp-<pid> dirs left by conversions whose process is gone (else reported)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--lora", choices=MODES, default=None,
                     help="a LoRA step: 'merge' into the base weights, or 'adapter' (PEFT format)")
@@ -50,10 +53,14 @@ def main(argv: list[str] | None = None) -> int:
                                   dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
         else:
             summary = convert_megatron_to_hf(args.megatron, args.out, max_shard_size=args.max_shard_size,
-                                             dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
+                                             dtype=args.dtype, overwrite=args.overwrite,
+                                             progress=not args.no_progress, remove_stale=args.remove_stale_tmp)
     except (CheckpointError, ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:      # SIGINT, or SIGTERM (Terminated): the temp dir is already removed
+        print(f"interrupted ({exc or 'SIGINT'}): nothing written", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     print(f"wrote {args.out}: {summary['tensors']} tensors in {summary['files']} file(s), {summary['dtype']}, "
           f"{summary['seconds']:.1f}s, peak RSS {summary['peak_rss_mb']:.0f} MB")
     return 0

@@ -169,7 +169,7 @@ def environment(ctx: Context) -> CheckResult:
         props = torch.cuda.get_device_properties(0)
         figures.update(device=props.name, capability=f"{props.major}.{props.minor}",
                        memory_gib=round(props.total_memory / 2**30, 1), devices=torch.cuda.device_count(),
-                       nccl=".".join(map(str, torch.cuda.nccl.version())),
+                       nccl=_nccl_version(),
                        peak_bf16_tflops=(peak_bf16_flops(props.name) or 0) / 1e12 or None)
     for name in ("megatron.core", "transformers", "flash_attn"):
         try:
@@ -180,6 +180,13 @@ def environment(ctx: Context) -> CheckResult:
     te_ok, te_info = transformer_engine_status()
     figures["transformer_engine"] = te_info if te_ok else f"not available ({te_info})"[:300]
     return CheckResult(True, figures)
+
+
+def _nccl_version() -> str:
+    import torch
+
+    version = torch.cuda.nccl.version()
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
 
 def nccl_startup(ctx: Context) -> CheckResult:
@@ -215,13 +222,11 @@ def _our_logits(ckpt: Path, batch: dict, dtype, layer_backend: str):
     from megatron_sayo.distributed.schedule import run_forward
     from megatron_sayo.models.qwen25vl.model import load_from_hf, model_inputs
 
+    _release()                              # the previous model is gone by now; hand its memory back
     model = load_from_hf(ckpt, params_dtype=dtype, layer_backend=layer_backend)
     inputs = model_inputs(model.hf, **_to_device(batch))
     out = run_forward(model, [dict(inputs=inputs)], collect=lambda logits, mb: model.full_logits(logits))
-    logits = out[0].float().cpu()
-    del model, out
-    _release()
-    return logits
+    return out[0].float().cpu()
 
 
 def _hf_logits(ckpt: Path, batch: dict, dtype):
@@ -346,15 +351,27 @@ def _kernel_mass_case(seed: int = 0):
 
 def region_mass(ctx: Context) -> CheckResult:
     """Masses on CUDA vs eager: the kernel on a right-padded uneven batch, then the tiny model end to end."""
-    import torch
+    _init_rank()
+    figures, failures = _kernel_masses()
+    _release()
+    model_figures, model_failures = _model_masses(tiny_checkpoint(ctx))
+    figures["tiny_model"] = model_figures
+    failures += model_failures
+    return CheckResult(not failures, figures, "; ".join(failures))
+
+
+def _kernel_masses() -> tuple[dict, list[str]]:
+    """Both mass kernels on the GRPO-like CUDA batch against float64 eager softmax; the memory each adds."""
+    import warnings
 
     from megatron_sayo.attention.region_mass import indicator_mass_sums, local_head_mass_sums
     from megatron_sayo.models.qwen25vl.attention import attention_with_lse
 
-    _init_rank()
     q, k, allowed, region, image, pairs, scale = _kernel_mass_case()
     ref = _eager_sums(q, k, allowed, scale, pairs, region, image)
-    ind, ind_mib = _peak_extra_mib(lambda: indicator_mass_sums(q, k, allowed, scale, pairs, region, image))
+    with warnings.catch_warnings(record=True) as caught:  # a fallback from the efficient kernel is reported
+        warnings.simplefilter("always")
+        ind, ind_mib = _peak_extra_mib(lambda: indicator_mass_sums(q, k, allowed, scale, pairs, region, image))
     k_full = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
 
     def lse_path():  # what a padded batch cost before: the full score matrix for the layer's output and LSE
@@ -367,17 +384,13 @@ def region_mass(ctx: Context) -> CheckResult:
     err_lse = float((via_lse.double().cpu() - ref).abs().max()) / heads
     figures = {"rows": int(pairs.shape[0]), "indicator_max_err": err_ind, "lse_max_err": err_lse,
                "indicator_peak_mib": round(ind_mib, 1), "full_scores_peak_mib": round(lse_mib, 1),
-               "memory_ratio": round(lse_mib / max(ind_mib, 1e-9), 1), "tolerance": MASS_TOL}
+               "memory_ratio": round(lse_mib / max(ind_mib, 1e-9), 1), "tolerance": MASS_TOL,
+               "indicator_warnings": [str(w.message)[:300] for w in caught]}
     failures = [f"{name} masses off by {err:.2e} > {MASS_TOL}" for name, err in
                 (("indicator", err_ind), ("lse", err_lse)) if not err <= MASS_TOL]
     if not ind_mib < lse_mib:
         failures.append(f"the indicator path used {ind_mib:.0f} MiB, not less than full scores ({lse_mib:.0f} MiB)")
-    del q, k, k_full, allowed
-    _release()
-    model_figures, model_failures = _model_masses(tiny_checkpoint(ctx))
-    figures["tiny_model"] = model_figures
-    failures += model_failures
-    return CheckResult(not failures, figures, "; ".join(failures))
+    return figures, failures
 
 
 def _model_masses(ckpt: Path) -> tuple[dict, list[str]]:
@@ -424,8 +437,6 @@ def _model_masses(ckpt: Path) -> tuple[dict, list[str]]:
         figures[f"{kernel}_max_err"] = err
         if not err <= MASS_TOL:
             failures.append(f"tiny model, {kernel} kernel: masses off by {err:.2e} > {MASS_TOL}")
-        del model, mb, out
-        _release()
     return figures, failures
 
 
@@ -551,6 +562,8 @@ def grpo_run(ctx: Context, ckpt: Path, steps: int, dtype: str = "bfloat16", max_
         figures["loss_finite"] = all(math.isfinite(float(r.get("loss", 0.0))) for r in rows)
     ok = code == 0 and len(rows) == steps and figures.get("loss_finite", False)
     reason = "" if ok else f"exit code {code}, {len(rows)} of {steps} steps logged (log: {run_dir}.log)"
+    if not ok:
+        figures["train_log_tail"] = run_dir.with_suffix(".log").read_text(errors="replace").splitlines()[-30:]
     return CheckResult(ok, figures, reason)
 
 
