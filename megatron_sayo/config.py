@@ -49,6 +49,9 @@ class ModelConfig:
     params_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     recompute: Literal["none", "selective", "full"] = "none"
     sequence_parallel: bool = False
+    # train the language model only: the vision tower gets no gradients and no optimizer state (and keeps no
+    # activations for backward); the planner's --freeze-vision models the same run
+    freeze_vision: bool = False
 
 
 @dataclass
