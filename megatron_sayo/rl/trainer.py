@@ -24,6 +24,7 @@ from megatron_sayo.config import RunConfig
 from megatron_sayo.models.lora import adapters_disabled, attach_lora
 from megatron_sayo.data.grounded import decodable_samples
 from megatron_sayo.distributed import runtime
+from megatron_sayo.formats.dtypes import torch_dtype
 from megatron_sayo.rl import rewards as R
 from megatron_sayo.rl.advantages import distributed_group_advantages
 from megatron_sayo.rl.diagnostics import steering_metrics
@@ -34,7 +35,6 @@ from megatron_sayo.rl.rollout import SamplingParams, generate
 from megatron_sayo.rl.scoring import RolloutBatch, completion_logits, reference_logprobs, score_policy
 
 log = logging.getLogger("megatron_sayo.train")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -45,7 +45,7 @@ def build_policy(cfg: RunConfig, hf_dir: str):
     """This rank's policy stage, filled from the HF or megatron checkpoint the config names."""
     from megatron_sayo.models.qwen25vl.model import load_from_hf
 
-    dtype = DTYPES[cfg.model.params_dtype]
+    dtype = torch_dtype(cfg.model.params_dtype)
     kwargs = dict(attention_backend=cfg.model.attention_backend, layer_backend=cfg.model.layer_backend,
                   mass_kernel=cfg.model.region_mass_kernel,
                   recompute=cfg.model.recompute, sequence_parallel=cfg.model.sequence_parallel)
