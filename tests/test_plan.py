@@ -147,23 +147,29 @@ def test_7b_tp2_pp2_stages_by_hand(tmp_path):
     lay = P.Layout(tp=2, pp=2, dp=2)
     s, h, tp, dp = 4096 + 110, 3584, 2, 2
     lm = model.model.language_model
-    first = numel(model.model.visual) + numel(lm.embed_tokens) + sum(numel(l) for l in lm.layers[:14])
+    vision = numel(model.model.visual)                      # replicated on every TP rank: never divided by TP
+    first = vision + (numel(lm.embed_tokens) + sum(numel(l) for l in lm.layers[:14])) / tp
     last = sum(numel(l) for l in lm.layers[14:]) + numel(lm.norm) + numel(model.lm_head)
+    # ViT (depth 32, hidden 1280, SwiGLU 3420) on 1024 image tokens = 4096 patches, bf16: per block 8 tensors
+    # of s x h and 4 of s x I, plus the merger's ~4 of s x h; 2 micro-batches in flight on the first stage
+    patches = 1024 * 4
+    vit = 32 * patches * (16 * 1280 + 8 * 3420) + 8 * patches * 1280
 
     got = P.stage_memory(P.load_arch(path), lay, w, first=True, last=False)
-    assert got.weights == pytest.approx(2 * first / tp)
-    assert got.grads == pytest.approx(4 * first / tp)
-    assert got.optimizer == pytest.approx(12 * first / tp / dp)
-    assert got.reference == pytest.approx(2 * first / tp)
+    assert got.weights == pytest.approx(2 * first)
+    assert got.grads == pytest.approx(4 * first)
+    assert got.optimizer == pytest.approx(12 * first / dp)
+    assert got.reference == pytest.approx(2 * first)
     assert got.activations == pytest.approx(34 * s * h / tp * 14 * 2)  # 14 layers, 2 micro-batches in flight
+    assert got.vision_activations == pytest.approx(2 * vit)
     assert got.logits == 0
     assert got.kv_cache == pytest.approx(2 * 14 * (4 // tp) * 128 * 2 * 16 * s)
-    static = (2 + 4 + 12 / dp + 2) * first / tp
-    assert got.total == pytest.approx(static + max(34 * s * h / tp * 28, 2 * 14 * 2 * 128 * 2 * 16 * s))
+    static = (2 + 4 + 12 / dp + 2) * first
+    assert got.total == pytest.approx(static + max(34 * s * h / tp * 28 + 2 * vit, 2 * 14 * 2 * 128 * 2 * 16 * s))
 
     got = P.stage_memory(P.load_arch(path), lay, w, first=False, last=True)
     assert got.weights == pytest.approx(2 * last / tp)
-    assert got.activations == pytest.approx(34 * s * h / tp * 14)
+    assert got.activations == pytest.approx(34 * s * h / tp * 14) and got.vision_activations == 0
     assert got.logits == pytest.approx(4 * s * 152064 / tp)
 
 
@@ -173,8 +179,23 @@ def test_frozen_vision_keeps_weights_drops_grads_and_optimizer():
     trained = P.stage_memory(arch, lay, P.Workload(), first=True, last=True)
     frozen = P.stage_memory(arch, lay, P.Workload(freeze_vision=True), first=True, last=True)
     assert frozen.weights == trained.weights
-    assert trained.grads - frozen.grads == pytest.approx(4 * vision / 4)
-    assert trained.optimizer - frozen.optimizer == pytest.approx(12 * vision / 4 / 2)
+    assert trained.grads - frozen.grads == pytest.approx(4 * vision)          # replicated: not divided by TP=4
+    assert trained.optimizer - frozen.optimizer == pytest.approx(12 * vision / 2)
+    assert frozen.vision_activations == 0 < trained.vision_activations
+
+
+def test_vision_tower_is_replicated_over_tp():
+    """Going from TP=4 to TP=8 halves the language model's share per GPU, never the vision tower's."""
+    arch = P.load_arch(ROOT / "examples/configs/qwen25vl_72b.config.json")
+    vision, w = P.vision_params(arch.vision), P.Workload()
+    text_first = P.stage_params(arch, 2, first=True, last=False) - vision
+    for tp in (1, 4, 8):
+        got = P.stage_memory(arch, P.Layout(tp, 2, 64 // (2 * tp)), w, first=True, last=False)
+        assert got.weights == pytest.approx(2 * (text_first / tp + vision))
+    # the issue's figure: at TP8 PP2 DP4 the old model undercounted the first stage by about 6 GiB
+    got = P.stage_memory(arch, P.Layout(8, 2, 4), w, first=True, last=False)
+    old_static = (2 + 4 + 12 / 4 + 2) * (text_first + vision) / 8
+    assert 5 * GIB < (got.weights + got.grads + got.optimizer + got.reference) - old_static < 7 * GIB
 
 
 def test_lora_counts_frozen_base_adapter_state_and_no_reference():
@@ -209,10 +230,15 @@ def test_cli_prints_full_and_lora_side_by_side():
 # ---------------------------------------------------------------- recommendation
 
 def test_72b_on_64_gpus_fits_with_tp_at_most_8():
+    """With the vision tower frozen (the 72B example's setting) TP8 PP2 DP4 fits on 80 GB; training the ViT on
+    1024 image tokens per sample does not fit any TP <= 8 layout on 80 GB, and does on 141 GB."""
     arch = P.load_arch(ROOT / "examples/configs/qwen25vl_72b.config.json")
-    rows = P.plan(arch, gpus=64, gpu_memory=80 * GIB)
+    with pytest.raises(P.NoLayoutFits, match="--freeze-vision"):
+        P.recommend(P.plan(arch, gpus=64, gpu_memory=80 * GIB))
+    assert P.recommend(P.plan(arch, gpus=64, gpu_memory=141 * GIB)).fits
+    rows = P.plan(arch, gpus=64, gpu_memory=80 * GIB, w=P.Workload(freeze_vision=True))
     best = P.recommend(rows)
-    assert best.fits and best.layout.tp <= 8
+    assert best.fits and best.layout.tp <= 8 and (best.layout.tp, best.layout.pp) == (8, 2)
     assert best.layout.tp * best.layout.pp * best.layout.dp == 64
     assert best.memory.total <= 0.9 * 80 * GIB
     assert best.layout.model_parallel == min(r.layout.model_parallel for r in rows if r.fits)

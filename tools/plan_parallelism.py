@@ -17,8 +17,9 @@ from dataclasses import asdict
 from megatron_sayo.plan import (GIB, ConfigError, NoLayoutFits, Row, Workload, load_arch, parse_memory,
                                 plan, recommend, text_params, total_params, vision_params)
 
-TERMS = ("weights", "grads", "optimizer", "activations", "logits", "reference", "kv_cache")
-HEADER = ("TP", "PP", "DP", "stage", "weights", "grads", "optim", "activ", "logits", "ref", "kv", "total", "fits")
+TERMS = ("weights", "grads", "optimizer", "activations", "vision_activations", "logits", "reference", "kv_cache")
+HEADER = ("TP", "PP", "DP", "stage", "weights", "grads", "optim", "activ", "vis-act", "logits", "ref", "kv", "total",
+          "fits")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,12 +37,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-sequence-parallel", action="store_true")
     p.add_argument("--no-distributed-optimizer", action="store_true")
     p.add_argument("--no-reference", action="store_true", help="no frozen reference model (KL off)")
-    p.add_argument("--freeze-vision", action="store_true", help="vision tower frozen: bf16 weights only")
+    p.add_argument("--freeze-vision", action="store_true",
+                   help="vision tower frozen (train with model.freeze_vision=true): bf16 weights only")
+    p.add_argument("--image-tokens", type=int, default=1024,
+                   help="LLM tokens of a sample's images (within --seq); the ViT sees 4x as many patches")
     p.add_argument("--lora-rank", type=int, default=0,
                    help="also plan LoRA of this rank on every decoder linear (paper: 16); 0 = full only")
     p.add_argument("--reserve", type=float, default=0.10, help="fraction of GPU memory kept free")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
+    if not 0 <= args.image_tokens <= args.seq:
+        p.error(f"--image-tokens must be in [0, --seq={args.seq}], got {args.image_tokens}")
     for name in ("gpus", "gpus_per_node", "seq", "micro_batch", "group_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -58,7 +64,8 @@ def workload(args: argparse.Namespace, lora_rank: int = 0) -> Workload:
                     group_size=args.group_size, recompute=args.recompute,
                     sequence_parallel=not args.no_sequence_parallel,
                     distributed_optimizer=not args.no_distributed_optimizer,
-                    freeze_vision=args.freeze_vision, reference_model=not args.no_reference)
+                    freeze_vision=args.freeze_vision, reference_model=not args.no_reference,
+                    image_tokens=args.image_tokens)
 
 
 def row_cells(r: Row) -> list[str]:
@@ -124,10 +131,12 @@ def main(argv: list[str] | None = None) -> int:
               f"(language model {counts['text'] / 1e9:.3f}B, vision {counts['vision'] / 1e9:.3f}B)")
         print(f"{args.gpus} GPUs x {memory / GIB:.0f} GiB, {args.reserve:.0%} reserved -> "
               f"{memory * (1 - args.reserve) / GIB:.1f} GiB usable; seq {args.seq}+{args.max_new_tokens}, "
-              f"micro-batch {args.micro_batch}, G={args.group_size}, recompute {args.recompute}\n")
+              f"micro-batch {args.micro_batch}, G={args.group_size}, recompute {args.recompute}, "
+              f"{args.image_tokens} image tokens per sample{', vision frozen' if args.freeze_vision else ''}\n")
         print(format_table(rows))
         print("\nGiB per GPU on the fullest stage; * = uneven layer split (rounded up); "
-              "total = weights+grads+optim+ref + max(activ+logits, kv)")
+              "total = weights+grads+optim+ref + max(activ+vis-act+logits, kv); the vision tower is replicated on "
+              "every TP rank (first stage)")
         if best:
             lay = best.layout
             print(f"\nrecommended: TP={lay.tp} PP={lay.pp} DP={lay.dp} "

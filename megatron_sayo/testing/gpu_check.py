@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from megatron_sayo.checkpoint.files import write_json_atomic
+from megatron_sayo.formats.atomic import write_json_atomic
 
 STATUSES = ("pass", "fail", "skip")
 KILL_GRACE_S = 5.0

@@ -6,10 +6,10 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from pathlib import Path
 
 from megatron_sayo.eval.benchmarks.hub_data import DatasetError
+from megatron_sayo.formats.atomic import write_bytes_atomic
 from megatron_sayo.eval.benchmarks.suite import SuiteSample
 
 
@@ -43,9 +43,9 @@ def load_image(sample: SuiteSample, min_pixels: int, max_pixels: int):
 
 def write_png(image, path: Path) -> None:
     """PNG-encode to path atomically (temporary file in the same directory, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    write_bytes_atomic(path, buf.getvalue(), fsync=False)
 
 
 def byob_rows(samples: list[SuiteSample], image_dir: Path, min_pixels: int, max_pixels: int) -> list[dict]:
@@ -62,6 +62,5 @@ def byob_rows(samples: list[SuiteSample], image_dir: Path, min_pixels: int, max_
 def write_jsonl(rows: list[dict], path: Path) -> None:
     """JSON lines, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"),
+                       fsync=False)
