@@ -136,8 +136,7 @@ def run_suite(args, model: dict, out: Path) -> dict:
     results = {"suite": args.benchmark, "model": model, "decoding": decoding,
                "image_pixels": {"min": min_pixels, "max": max_pixels}, "benchmarks": per_bench,
                "average": average(v["accuracy"] for v in per_bench.values()),
-               "paper_base": {m: {**s, "average": suite.PAPER_BASE_AVERAGE[m]}
-                              for m, s in suite.PAPER_BASE_SCORES.items()}}
+               "paper_base": suite.paper_base_rows()}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "summary.md").write_text(summary_markdown(results))
     return results
