@@ -11,14 +11,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_sayo.formats.jsonfiles import read_json
+from megatron_sayo.config import ConfigError  # noqa: F401  (re-exported: the planner's callers catch it)
+from megatron_sayo.models.qwen25vl.hf_config import Qwen25VLConfig, load_hf_config, parse_hf_config
 
 GIB = 1024**3
 BF16 = 2
-
-
-class ConfigError(ValueError):
-    """A config file that cannot describe a model; the message names the file and the field."""
 
 
 @dataclass(frozen=True)
@@ -52,88 +49,28 @@ class Arch:
     vision: VisionArch | None
 
 
-# ---------------------------------------------------------------- reading the HF config
+# ---------------------------------------------------------------- from the HF config
 
-def _field(cfg: dict, name: str, source: str, default=None, kind=int):
-    """cfg[name] checked to be a positive `kind` (or `default` when absent and given)."""
-    if name not in cfg or cfg[name] is None:
-        if default is None:
-            raise ConfigError(f"{source}: field '{name}' is missing")
-        return default
-    value = cfg[name]
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: field '{name}' must be true or false, got {value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{source}: field '{name}' must be a positive integer, got {value!r}")
-    return value
-
-
-def parse_text(cfg: dict, source: str) -> TextArch:
-    """Language-model architecture from the hub's flat layout or a nested text_config."""
-    nested = cfg.get("text_config") or {}
-    if not isinstance(nested, dict):
-        raise ConfigError(f"{source}: field 'text_config' must be an object")
-    flat = {**cfg, **nested}
-    where = f"{source} (text_config)" if nested else source
-    hidden = _field(flat, "hidden_size", where)
-    heads = _field(flat, "num_attention_heads", where)
-    kv_heads = _field(flat, "num_key_value_heads", where, default=heads)
-    if heads % kv_heads:
-        raise ConfigError(f"{where}: field 'num_key_value_heads' ({kv_heads}) must divide "
-                          f"num_attention_heads ({heads})")
-    tied = cfg.get("tie_word_embeddings", nested.get("tie_word_embeddings", False))
-    return TextArch(
-        hidden=hidden,
-        intermediate=_field(flat, "intermediate_size", where),
-        layers=_field(flat, "num_hidden_layers", where),
-        heads=heads,
-        kv_heads=kv_heads,
-        head_dim=_field(flat, "head_dim", where, default=hidden // heads),
-        vocab=_field(flat, "vocab_size", where),
-        tied=_field({"tie_word_embeddings": tied}, "tie_word_embeddings", source, kind=bool),
-    )
-
-
-def parse_vision(cfg: dict, source: str) -> VisionArch | None:
-    """Vision-tower architecture from vision_config, or None for a text-only config."""
-    vc = cfg.get("vision_config")
-    if vc is None:
-        return None
-    if not isinstance(vc, dict):
-        raise ConfigError(f"{source}: field 'vision_config' must be an object")
-    where = f"{source} (vision_config)"
-    return VisionArch(
-        depth=_field(vc, "depth", where),
-        hidden=_field(vc, "hidden_size", where),
-        intermediate=_field(vc, "intermediate_size", where),
-        heads=_field(vc, "num_heads", where),
-        out_hidden=_field(vc, "out_hidden_size", where),
-        in_channels=_field(vc, "in_channels", where, default=vc.get("in_chans", 3)),
-        patch=_field(vc, "patch_size", where, default=14),
-        temporal_patch=_field(vc, "temporal_patch_size", where, default=2),
-        merge=_field(vc, "spatial_merge_size", where, default=2),
-    )
+def arch_from_config(cfg: Qwen25VLConfig) -> Arch:
+    """The sizes the memory model needs, from the one config reader's typed config."""
+    t, v = cfg.text, cfg.vision
+    return Arch(
+        text=TextArch(hidden=t.hidden_size, intermediate=t.intermediate_size, layers=t.num_layers,
+                      heads=t.num_heads, kv_heads=t.num_kv_heads, head_dim=t.head_dim, vocab=t.vocab_size,
+                      tied=t.tie_word_embeddings),
+        vision=VisionArch(depth=v.depth, hidden=v.hidden_size, intermediate=v.intermediate_size, heads=v.num_heads,
+                          out_hidden=v.out_hidden_size, in_channels=v.in_channels, patch=v.patch_size,
+                          temporal_patch=v.temporal_patch_size, merge=v.spatial_merge_size))
 
 
 def parse_arch(cfg: dict, source: str = "config") -> Arch:
-    """Arch from a config.json dict; `source` names the file in errors."""
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{source}: top level must be a JSON object")
-    return Arch(text=parse_text(cfg, source), vision=parse_vision(cfg, source))
+    """Arch from a config.json dict (any layout transformers writes); `source` names the file in errors."""
+    return arch_from_config(parse_hf_config(cfg, source))
 
 
 def load_arch(path: str | Path) -> Arch:
     """Arch from an HF model directory (its config.json) or a config.json file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    try:
-        cfg = read_json(path, "a Hugging Face config.json", ConfigError)
-    except FileNotFoundError as exc:
-        raise ConfigError(str(exc)) from None
-    return parse_arch(cfg, str(path))
+    return arch_from_config(load_hf_config(path))
 
 
 # ---------------------------------------------------------------- parameter counts

@@ -60,7 +60,8 @@ def tiny_config(tied: bool) -> Qwen2_5_VLConfig:
                      "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 1, 1]}},
         vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 44, "num_heads": 4,
                        "out_hidden_size": 64, "fullatt_block_indexes": [1]},
-        tie_word_embeddings=tied,
+        tie_word_embeddings=tied, image_token_id=290, video_token_id=291, vision_start_token_id=292,
+        vision_end_token_id=293,
     )
 
 
@@ -100,7 +101,7 @@ def test_missing_field_names_file_and_field(tmp_path):
     del cfg["num_attention_heads"]
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
-    with pytest.raises(P.ConfigError, match=r"config\.json.*'num_attention_heads' is missing"):
+    with pytest.raises(P.ConfigError, match=r"config\.json: .*mrope_section.* defaults: .*num_attention_heads"):
         P.load_arch(path)
 
 
@@ -109,7 +110,7 @@ def test_bad_vision_field_names_vision_config(tmp_path):
     cfg["vision_config"]["depth"] = -1
     path = tmp_path / "c.json"
     path.write_text(json.dumps(cfg))
-    with pytest.raises(P.ConfigError, match=r"c\.json \(vision_config\): field 'depth' must be a positive integer"):
+    with pytest.raises(P.ConfigError, match=r"c\.json: vision_config: field 'depth' = -1 must be a positive integer"):
         P.load_arch(path)
 
 
@@ -206,4 +207,4 @@ def test_cli_json_and_errors(tmp_path):
     bad = tmp_path / "config.json"
     bad.write_text(json.dumps({"hidden_size": 64}))
     out = subprocess.run([*tool, "--model", str(bad), "--gpus", "8"], capture_output=True, text=True)
-    assert out.returncode != 0 and str(bad) in out.stderr and "num_attention_heads" in out.stderr
+    assert out.returncode != 0 and str(bad) in out.stderr and "field 'model_type'" in out.stderr

@@ -15,17 +15,22 @@ from megatron_sayo.distributed.groups import resolve_group
 _EPS = LossConfig.advantage_eps
 
 
-def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
-    """(r - mean of its group) / (sample std of its group + eps) for rewards [N], group_ids [N]."""
-    r = rewards.double()
+def group_centred(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values minus their group's mean [N], each group's unbiased sample std, indexed like values [N]), float64."""
+    r = values.double()
     _, index = torch.unique(group_ids, return_inverse=True)
     n_groups = int(index.max()) + 1 if index.numel() else 0
     count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, index, torch.ones_like(r))
     mean = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, index, r) / count
     centred = r - mean[index]
     sq = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, index, centred * centred)
-    std = torch.sqrt(sq / (count - 1).clamp(min=1))
-    return (centred / (std[index] + eps)).to(rewards.dtype)
+    return centred, torch.sqrt(sq / (count - 1).clamp(min=1))[index]
+
+
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
+    """(r - mean of its group) / (sample std of its group + eps) for rewards [N], group_ids [N]."""
+    centred, std = group_centred(rewards, group_ids)
+    return (centred / (std + eps)).to(rewards.dtype)
 
 
 def _all_gather_varlen(local: torch.Tensor, group) -> list[torch.Tensor]:

@@ -25,6 +25,7 @@ from megatron_sayo.models.lora import adapters_disabled, attach_lora
 from megatron_sayo.data.grounded import decodable_samples
 from megatron_sayo.rl import rewards as R
 from megatron_sayo.rl.advantages import distributed_group_advantages
+from megatron_sayo.rl.diagnostics import steering_metrics
 from megatron_sayo.rl.heldout import HeldOutEvaluator
 from megatron_sayo.rl.loss import grpo_loss
 from megatron_sayo.rl.prompts import PromptStream, build_prompt_batch, repeat_images
@@ -211,6 +212,7 @@ class GRPOTrainer:
             group_ids = torch.as_tensor(rows) + first
             advantages = distributed_group_advantages(total, group_ids, eps=cfg.loss.advantage_eps)
             metrics = self._rollout_metrics(terms, total, tas, rollout, scores)
+            metrics.update(steering_metrics(terms["attention"], terms["accuracy"], tas, advantages, group_ids))
         loss_metrics, grad_norm, skipped = self._update(batch, scores, ref_logp, advantages)
         t4 = time.perf_counter()
         self.step += 1

@@ -24,6 +24,8 @@ import torch
 
 from megatron_sayo.data.image_processing import ImageProcessorConfig
 from megatron_sayo.formats.jsonfiles import read_json
+from megatron_sayo.config import ConfigError
+from megatron_sayo.models.qwen25vl.hf_config import parse_hf_config
 from megatron_sayo.models.qwen25vl.name_map import normalize_hf_name
 
 # Qwen2 special tokens in their hub order (151643 + k); the first 14 are special, the rest plain added tokens.
@@ -108,88 +110,41 @@ PRESETS: dict[str, dict] = {
                 "fullatt_block_indexes": [2]}),
 }
 
-TEXT_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
-                 "vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id")
-VISION_REQUIRED = ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size",
-                   "window_size", "fullatt_block_indexes")
-VISION_DEFAULTS = {"in_chans": 3, "hidden_act": "silu", "patch_size": 14, "temporal_patch_size": 2,
-                   "spatial_merge_size": 2, "tokens_per_second": 2}
-
-
 # ------------------------------------------------------------------------------------------ config
 
 def hub_config(raw: dict, source: str = "config.json") -> dict:
-    """Normalise a Qwen2.5-VL config (hub flat or nested text_config layout) to the hub flat layout, validated."""
-    if not isinstance(raw, dict):
-        raise ValueError(f"{source}: expected a JSON object")
-    cfg = copy.deepcopy(raw)
-    if cfg.get("model_type", "qwen2_5_vl") != "qwen2_5_vl":
-        raise ValueError(f"{source}: field 'model_type' must be 'qwen2_5_vl', got {cfg['model_type']!r}")
-    text = cfg.pop("text_config", None) or {}
-    for key, value in text.items():
-        if key not in ("model_type", "architectures"):
-            cfg[key] = value            # the nested text fields describe the language model
-    cfg.pop("rope_parameters", None)
-    cfg.update(_rope_fields({**raw, **text}, source))
-    for key in TEXT_REQUIRED:
-        if key not in cfg:
-            raise ValueError(f"{source}: missing field '{key}' (top level or text_config)")
-    cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
-    vision = cfg.get("vision_config")
-    if not isinstance(vision, dict):
-        raise ValueError(f"{source}: missing object 'vision_config'")
-    for key in VISION_REQUIRED:
-        if key not in vision:
-            raise ValueError(f"{source}: missing field 'vision_config.{key}'")
-    cfg["vision_config"] = {**VISION_DEFAULTS, **vision}
-    cfg["model_type"] = "qwen2_5_vl"
-    cfg["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
-    _validate(cfg, source)
+    """A Qwen2.5-VL config (any layout transformers writes) as a complete hub flat-layout dict.
+
+    Parsed and validated by the one config reader (`hf_config.parse_hf_config`: transformers' defaults for
+    absent fields); the values below are written back from the typed config, so the checkpoint's config.json
+    names every field explicitly. Extra keys of `raw` (bos/pad/vision_token_id, ...) are kept."""
+    parsed = parse_hf_config(raw, source)
+    t, v, ids = parsed.text, parsed.vision, parsed.tokens
+    cfg = {k: copy.deepcopy(val) for k, val in raw.items() if k not in ("text_config", "rope_parameters", "dtype")}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if key not in cfg and key in (raw.get("text_config") or {}):
+            cfg[key] = raw["text_config"][key]
+    cfg.update(
+        model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"],
+        hidden_size=t.hidden_size, intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, vocab_size=t.vocab_size,
+        rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta, max_position_embeddings=t.max_position_embeddings,
+        rope_scaling={"type": "mrope", "mrope_section": list(t.mrope_section)}, hidden_act=t.hidden_act,
+        tie_word_embeddings=t.tie_word_embeddings, image_token_id=ids.image, video_token_id=ids.video,
+        vision_start_token_id=ids.vision_start, vision_end_token_id=ids.vision_end,
+        vision_config={"depth": v.depth, "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+                       "num_heads": v.num_heads, "in_chans": v.in_channels, "hidden_act": v.hidden_act,
+                       "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
+                       "spatial_merge_size": v.spatial_merge_size, "window_size": v.window_size,
+                       "fullatt_block_indexes": list(v.fullatt_block_indexes), "out_hidden_size": v.out_hidden_size,
+                       "tokens_per_second": v.tokens_per_second})
+    cfg.setdefault("eos_token_id", ids.eos[0] if len(ids.eos) == 1 else list(ids.eos))
+    for key in ("vision_token_id", "bos_token_id", "eos_token_id", "pad_token_id"):
+        values = cfg.get(key)
+        for i in values if isinstance(values, list) else [values]:
+            if i is not None and not (isinstance(i, int) and 0 <= i < t.vocab_size):
+                raise ConfigError(f"{source}: field '{key}' = {i!r} must be an id in [0, vocab_size={t.vocab_size})")
     return cfg
-
-
-def _rope_fields(raw: dict, source: str) -> dict:
-    """rope_theta + rope_scaling {type: mrope, mrope_section} from either the hub or the rope_parameters form."""
-    scaling = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
-    section = scaling.get("mrope_section")
-    if not (isinstance(section, list) and len(section) == 3 and all(isinstance(s, int) and s > 0 for s in section)):
-        raise ValueError(f"{source}: field 'rope_scaling.mrope_section' must be a list of 3 positive ints "
-                         f"(t, h, w), got {section!r}")
-    theta = raw.get("rope_theta", scaling.get("rope_theta", 1000000.0))
-    return {"rope_theta": float(theta), "rope_scaling": {"type": "mrope", "mrope_section": list(section)}}
-
-
-def _validate(cfg: dict, source: str) -> None:
-    """Shape rules transformers and megatron both rely on; errors name the field."""
-    def need(ok: bool, msg: str):
-        if not ok:
-            raise ValueError(f"{source}: {msg}")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "intermediate_size", "vocab_size"):
-        need(isinstance(cfg[key], int) and cfg[key] > 0, f"field '{key}' must be a positive int, got {cfg[key]!r}")
-    heads, kv, hidden = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
-    need(hidden % heads == 0, f"hidden_size {hidden} must be divisible by num_attention_heads {heads}")
-    need(heads % kv == 0, f"num_attention_heads {heads} must be divisible by num_key_value_heads {kv}")
-    head_dim = cfg.get("head_dim", hidden // heads)
-    need(head_dim == hidden // heads, f"field 'head_dim' ({head_dim}) must equal hidden_size/num_attention_heads")
-    section = cfg["rope_scaling"]["mrope_section"]
-    need(sum(section) * 2 == head_dim, f"field 'rope_scaling.mrope_section' {section} must sum to head_dim/2 = "
-                                       f"{head_dim // 2}")
-    v = cfg["vision_config"]
-    need(v["hidden_size"] % v["num_heads"] == 0,
-         f"vision_config.hidden_size {v['hidden_size']} must be divisible by vision_config.num_heads {v['num_heads']}")
-    need((v["hidden_size"] // v["num_heads"]) % 4 == 0, "vision head_dim (hidden_size/num_heads) must be a "
-                                                        "multiple of 4 for the 2-D rotary embedding")
-    need(v["out_hidden_size"] == hidden, f"vision_config.out_hidden_size {v['out_hidden_size']} must equal "
-                                         f"hidden_size {hidden}")
-    need(all(0 <= i < v["depth"] for i in v["fullatt_block_indexes"]),
-         f"vision_config.fullatt_block_indexes {v['fullatt_block_indexes']} must lie in [0, depth={v['depth']})")
-    for key in ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id",
-                "vision_token_id", "bos_token_id", "eos_token_id", "pad_token_id"):
-        ids = cfg.get(key)
-        for i in ids if isinstance(ids, list) else [ids]:
-            need(i is None or (isinstance(i, int) and 0 <= i < cfg["vocab_size"]),
-                 f"field '{key}' = {i!r} must be an id in [0, vocab_size={cfg['vocab_size']})")
 
 
 # ------------------------------------------------------------------------------------------ tokens

@@ -7,7 +7,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import Qwen2_5_VLVisionConfig  # noqa: E402
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel  # noqa: E402
 
-from megatron_sayo.models.qwen25vl.hf_config import VisionConfig, VisionConfigError  # noqa: E402
+from megatron_sayo.models.qwen25vl.hf_config import ConfigError, VisionConfig  # noqa: E402
 from megatron_sayo.models.qwen25vl.vision import Qwen25VisionModel  # noqa: E402
 
 TINY = dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64, in_channels=3,
@@ -78,11 +78,11 @@ def test_hub_field_names():
     (dict(fullatt_block_indexes=[1, 4]), r"field 'fullatt_block_indexes' .* outside \[0, depth=4\)"),
     (dict(window_size=100), "field 'window_size' = 100 must be a multiple of"),
     (dict(depth=0), "field 'depth' = 0 must be a positive integer"),
-    (dict(depth=None), "missing field"),
+    (dict(depth="4"), "field 'depth' = '4' must be a positive integer"),
 ])
 def test_bad_vision_config(change, message):
     d = {k: v for k, v in {**TINY, **change}.items() if v is not None}
-    with pytest.raises(VisionConfigError, match=r"ckpt/config.json: vision_config: .*" + message):
+    with pytest.raises(ConfigError, match=r"ckpt/config.json: vision_config: .*" + message):
         VisionConfig.from_hf_dict(d, source="ckpt/config.json: vision_config")
 
 

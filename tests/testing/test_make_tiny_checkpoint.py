@@ -151,11 +151,11 @@ def test_config_json_with_scattered_ids(tmp_path):
 
 
 @pytest.mark.parametrize("mutate,match", [
-    (lambda c: c.update(rope_scaling={"type": "mrope", "mrope_section": [1, 1, 1]}), r"mrope_section.* must sum to head_dim/2"),
-    (lambda c: c.pop("hidden_size"), "missing field 'hidden_size'"),
-    (lambda c: c["vision_config"].pop("depth"), "missing field 'vision_config.depth'"),
+    (lambda c: c.update(rope_scaling={"type": "mrope", "mrope_section": [1, 1, 1]}), r"mrope_section.* sums to 3; expected head_dim/2 = 8"),
+    (lambda c: c.pop("hidden_size"), r"mrope_section.*transformers 5\.24\.0's defaults: hidden_size"),
+    (lambda c: c["vision_config"].pop("out_hidden_size"), r"out_hidden_size 3584 must equal hidden_size 64"),
     (lambda c: c.update(model_type="llama"), "model_type"),
-    (lambda c: c.update(num_key_value_heads=3), "divisible by num_key_value_heads"),
+    (lambda c: c.update(num_key_value_heads=3), "not a multiple of num_key_value_heads 3"),
     (lambda c: c.update(image_token_id=9999), "image_token_id"),
     (lambda c: c["vision_config"].update(fullatt_block_indexes=[7]), "fullatt_block_indexes"),
 ])
