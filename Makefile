@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 EXTRAS ?= test
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo test test-fast gpu-check clean
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -19,11 +19,17 @@ $(VENV)/.installed: pyproject.toml
 demo: venv                      ## the embedded default: tiny Qwen2.5-VL SAYO GRPO run on CPU
 	$(BIN)/python -m megatron_sayo.demo
 
+ablation: venv                  ## accuracy-only vs SAYO GRPO on CPU, three seeds (runs/ablation/summary.md)
+	$(BIN)/python -m megatron_sayo.experiments.ablation --out runs/ablation
+
 test: venv                      ## the whole test suite (what CI runs)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra
 
 test-fast: venv
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow and not slurm"
+
+gpu-check:                      ## GPU acceptance run on a CUDA machine (own venv, <= 8 min): gpu_check.json
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .cache runs

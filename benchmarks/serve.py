@@ -28,17 +28,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_sayo.eval.server_process import http_json, start_server  # noqa: E402
 
 
-def image_url(seed: int) -> str:
-    """A random 112x112 PNG as a data URL."""
+def image(seed: int) -> Image.Image:
+    """A random 112x112 RGB image."""
     rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
+
+
+def image_url(seed: int) -> str:
+    """image(seed) as a PNG data URL."""
     buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(buf, "PNG")
+    image(seed).save(buf, "PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def question(i: int) -> str:
+    return f"Question {i}: what is in the image?"
+
+
 def messages(i: int) -> list[dict]:
+    """Request i in OpenAI form (what a client sends)."""
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url(i % 4)}},
-                                         {"type": "text", "text": f"Question {i}: what is in the image?"}]}]
+                                         {"type": "text", "text": question(i)}]}]
+
+
+def conversation(i: int) -> list[dict]:
+    """Request i as the processor's conversation (what the sequential baseline generates from)."""
+    return [{"role": "user", "content": [{"type": "image", "image": image(i % 4)},
+                                         {"type": "text", "text": question(i)}]}]
 
 
 def run_clients(url: str, key: str, clients: int, total: int, max_tokens: int) -> tuple[float, int]:
@@ -76,18 +92,17 @@ def sequential(hf_dir: str, total: int, max_tokens: int) -> tuple[float, int]:
 
     from megatron_sayo.distributed import runtime
     from megatron_sayo.data.processor import Processor
-    from megatron_sayo.eval.openai_api import convert_messages
     from megatron_sayo.models.qwen25vl.model import load_from_hf
     from megatron_sayo.rl.rollout import SamplingParams, generate
 
     runtime.init_distributed(1, 1, launch=runtime.LaunchEnv(0, 1, 0, "127.0.0.1", runtime.free_port(), "single"))
     model, proc = load_from_hf(hf_dir), Processor.from_pretrained(hf_dir)
     params = SamplingParams(greedy=True, max_new_tokens=max_tokens)
-    generate(model, proc([convert_messages(messages(0))]), params)   # warm-up
+    generate(model, proc([conversation(0)]), params)   # warm-up
     tokens, t0 = 0, time.perf_counter()
     with torch.no_grad():
         for i in range(total):
-            out = generate(model, proc([convert_messages(messages(i))]), params)
+            out = generate(model, proc([conversation(i)]), params)
             tokens += int(out.completion_lengths.sum())
     runtime.shutdown()
     return time.perf_counter() - t0, tokens

@@ -99,6 +99,18 @@ def text_params(t: TextArch) -> int:
     return embedding_params(t) + t.layers * text_layer_params(t) + output_params(t)
 
 
+def training_flops(t: TextArch, sequences: int, seq_length: int) -> float:
+    """Model FLOPs of one forward + backward over `sequences` x `seq_length` tokens, counted as Megatron-LM's
+    `num_floating_point_operations` counts them (dense GPT, gated MLP): 12 * B * s * L * h^2 * (attention
+    (1 + groups/heads + s/h) * (heads * head_dim / h) + MLP (ffn/h) * 3/2 + logits vocab / (2 L h)).
+    The vision tower is not counted (Megatron-LM's formula is the language model's)."""
+    h, layers = t.hidden, t.layers
+    attention = (1 + t.kv_heads / t.heads + seq_length / h) * (t.heads * t.head_dim / h)
+    mlp = (t.intermediate / h) * 3 / 2
+    logits = t.vocab / (2 * layers * h)
+    return 12.0 * sequences * seq_length * layers * h * h * (attention + mlp + logits)
+
+
 def vision_block_params(v: VisionArch) -> int:
     """One ViT block: two RMSNorms, fused qkv and proj with bias, SwiGLU MLP with bias."""
     attn = v.hidden * 3 * v.hidden + 3 * v.hidden + v.hidden * v.hidden + v.hidden
@@ -135,6 +147,8 @@ class Workload:
     distributed_optimizer: bool = True
     freeze_vision: bool = False
     reference_model: bool = True
+    lora_rank: int = 0            # > 0: LoRA on every decoder linear, base frozen, no reference copy
+    image_tokens: int = 1024      # LLM tokens of the sample's images (part of seq); the ViT sees 4x as many patches
 
 
 @dataclass(frozen=True)
@@ -160,12 +174,14 @@ class StageMemory:
     logits: float
     reference: float
     kv_cache: float
+    vision_activations: float = 0.0
 
     @property
     def total(self) -> float:
-        """Static state plus the larger transient: training activations or the rollout KV cache."""
+        """Static state plus the larger transient: training activations (decoder, vision tower, logits) or the
+        rollout KV cache."""
         static = self.weights + self.grads + self.optimizer + self.reference
-        return static + max(self.activations + self.logits, self.kv_cache)
+        return static + max(self.activations + self.vision_activations + self.logits, self.kv_cache)
 
 
 def layers_per_stage(layers: int, pp: int) -> int:
@@ -204,6 +220,27 @@ def kv_cache_bytes(t: TextArch, n_layers: int, tp: int, w: Workload) -> float:
     return per_token * w.group_size * (w.seq + w.max_new_tokens) * w.micro_batch
 
 
+def vision_activation_bytes(v: VisionArch | None, image_tokens: int, micro_batch: int) -> float:
+    """bf16 activations the vision tower keeps for backward, one micro-batch: s = image_tokens * merge^2 patches;
+    per ViT block the two RMSNorm inputs, the qkv input, q/k/v, the attention output and the MLP input (8 x 2sh)
+    and the SwiGLU gate, up, SiLU(gate) and product (4 x 2sI) with a memory-efficient attention kernel (no s^2
+    term); the merger's ln_q input, MLP input and hidden (about 8sh). Not divided by TP: the tower is replicated
+    on every TP rank, and not recomputed (megatron's recompute covers the decoder layers only)."""
+    if v is None or image_tokens <= 0:
+        return 0.0
+    s = image_tokens * v.merge**2 * micro_batch
+    return v.depth * s * (16 * v.hidden + 8 * v.intermediate) + 8 * s * v.hidden
+
+
+def lora_layer_params(t: TextArch, rank: int, tp: int = 1) -> float:
+    """LoRA parameters of one decoder layer on one TP rank, adapters on q/k/v/o/gate/up/down: a column-parallel
+    linear keeps A [r, in] whole and B [out/tp, r]; a row-parallel one A [r, in/tp] and B [out, r] whole."""
+    q, kv, h, ffn = t.heads * t.head_dim, t.kv_heads * t.head_dim, t.hidden, t.intermediate
+    column = rank * (3 * h + (q + 2 * kv) / tp) + rank * (2 * h + 2 * ffn / tp)   # q/k/v, gate/up
+    row = rank * (q / tp + h) + rank * (ffn / tp + h)                             # o, down
+    return column + row
+
+
 def stage_params(a: Arch, pp: int, first: bool, last: bool) -> int:
     """Parameters held by a stage before TP sharding (vision and embedding on the first stage)."""
     t = a.text
@@ -218,27 +255,47 @@ def stage_params(a: Arch, pp: int, first: bool, last: bool) -> int:
 
 
 def stage_memory(a: Arch, layout: Layout, w: Workload, first: bool, last: bool) -> StageMemory:
-    """Per-GPU bytes of one stage of `layout` under workload `w`."""
+    """Per-GPU bytes of one stage of `layout` under workload `w`.
+
+    The language model's parameters are split over TP; the vision tower (first stage) is replicated whole on
+    every TP rank. A frozen vision tower keeps its bf16 weights only (no grads, optimizer state, activations)."""
     t = a.text
     tp, pp = layout.tp, layout.pp
     held = stage_params(a, pp, first, last)
-    vision = vision_params(a.vision) if (first and w.freeze_vision) else 0
-    trainable, frozen = (held - vision) / tp, vision / tp
+    vision = vision_params(a.vision) if first else 0
+    per_gpu = (held - vision) / tp + vision             # parameters one GPU of this stage holds
+    frozen = vision if w.freeze_vision else 0
+    trainable = per_gpu - frozen
     per = state_bytes_per_param(layout.dp, w.distributed_optimizer)
     s, n_layers = w.seq + w.max_new_tokens, layers_per_stage(t.layers, pp)
     in_flight = pp if first else 1  # 1F1B: stage i holds pp - i micro-batches
     act = activation_bytes_per_layer(s, w.micro_batch, t.hidden, t.heads, tp,
                                      w.recompute, w.sequence_parallel)
+    trains_vision = first and not w.freeze_vision and not w.lora_rank
+    vision_act = vision_activation_bytes(a.vision, w.image_tokens, w.micro_batch) * in_flight if trains_vision else 0.0
     name = "only" if first and last else "first" if first else "last"
+    if w.lora_rank:
+        adapters = n_layers * lora_layer_params(t, w.lora_rank, tp)
+        return StageMemory(
+            stage=name,
+            weights=(per_gpu + adapters) * per["weights"],     # the frozen base in bf16, plus the adapters
+            grads=adapters * per["grads"],
+            optimizer=adapters * per["optimizer"],
+            activations=act * n_layers * in_flight,
+            logits=logits_bytes(s, w.micro_batch, t.vocab, tp) if last else 0.0,
+            reference=0.0,                                       # the base with adapters off is the reference
+            kv_cache=kv_cache_bytes(t, n_layers, tp, w),
+        )
     return StageMemory(
         stage=name,
-        weights=(trainable + frozen) * per["weights"],
+        weights=per_gpu * per["weights"],
         grads=trainable * per["grads"],
         optimizer=trainable * per["optimizer"],
         activations=act * n_layers * in_flight,
         logits=logits_bytes(s, w.micro_batch, t.vocab, tp) if last else 0.0,
-        reference=(held / tp) * BF16 if w.reference_model else 0.0,
+        reference=per_gpu * BF16 if w.reference_model else 0.0,
         kv_cache=kv_cache_bytes(t, n_layers, tp, w),
+        vision_activations=vision_act,
     )
 
 
@@ -311,7 +368,8 @@ class NoLayoutFits(RuntimeError):
         hint = (f"; the leanest (TP={best.layout.tp}, PP={best.layout.pp}) needs "
                 f"{best.memory.total / GIB:.1f} GiB per GPU" if best else "; no layout divides the GPU count")
         super().__init__("no TP/PP/DP layout fits" + hint +
-                         " (more GPUs, --recompute full, a shorter --seq or a smaller --group-size)")
+                         " (more GPUs, --freeze-vision, --recompute full, a shorter --seq, fewer --image-tokens or a "
+                         "smaller --group-size)")
         self.rows = rows
 
 

@@ -147,23 +147,29 @@ def test_7b_tp2_pp2_stages_by_hand(tmp_path):
     lay = P.Layout(tp=2, pp=2, dp=2)
     s, h, tp, dp = 4096 + 110, 3584, 2, 2
     lm = model.model.language_model
-    first = numel(model.model.visual) + numel(lm.embed_tokens) + sum(numel(l) for l in lm.layers[:14])
+    vision = numel(model.model.visual)                      # replicated on every TP rank: never divided by TP
+    first = vision + (numel(lm.embed_tokens) + sum(numel(l) for l in lm.layers[:14])) / tp
     last = sum(numel(l) for l in lm.layers[14:]) + numel(lm.norm) + numel(model.lm_head)
+    # ViT (depth 32, hidden 1280, SwiGLU 3420) on 1024 image tokens = 4096 patches, bf16: per block 8 tensors
+    # of s x h and 4 of s x I, plus the merger's ~4 of s x h; 2 micro-batches in flight on the first stage
+    patches = 1024 * 4
+    vit = 32 * patches * (16 * 1280 + 8 * 3420) + 8 * patches * 1280
 
     got = P.stage_memory(P.load_arch(path), lay, w, first=True, last=False)
-    assert got.weights == pytest.approx(2 * first / tp)
-    assert got.grads == pytest.approx(4 * first / tp)
-    assert got.optimizer == pytest.approx(12 * first / tp / dp)
-    assert got.reference == pytest.approx(2 * first / tp)
+    assert got.weights == pytest.approx(2 * first)
+    assert got.grads == pytest.approx(4 * first)
+    assert got.optimizer == pytest.approx(12 * first / dp)
+    assert got.reference == pytest.approx(2 * first)
     assert got.activations == pytest.approx(34 * s * h / tp * 14 * 2)  # 14 layers, 2 micro-batches in flight
+    assert got.vision_activations == pytest.approx(2 * vit)
     assert got.logits == 0
     assert got.kv_cache == pytest.approx(2 * 14 * (4 // tp) * 128 * 2 * 16 * s)
-    static = (2 + 4 + 12 / dp + 2) * first / tp
-    assert got.total == pytest.approx(static + max(34 * s * h / tp * 28, 2 * 14 * 2 * 128 * 2 * 16 * s))
+    static = (2 + 4 + 12 / dp + 2) * first
+    assert got.total == pytest.approx(static + max(34 * s * h / tp * 28 + 2 * vit, 2 * 14 * 2 * 128 * 2 * 16 * s))
 
     got = P.stage_memory(P.load_arch(path), lay, w, first=False, last=True)
     assert got.weights == pytest.approx(2 * last / tp)
-    assert got.activations == pytest.approx(34 * s * h / tp * 14)
+    assert got.activations == pytest.approx(34 * s * h / tp * 14) and got.vision_activations == 0
     assert got.logits == pytest.approx(4 * s * 152064 / tp)
 
 
@@ -173,17 +179,66 @@ def test_frozen_vision_keeps_weights_drops_grads_and_optimizer():
     trained = P.stage_memory(arch, lay, P.Workload(), first=True, last=True)
     frozen = P.stage_memory(arch, lay, P.Workload(freeze_vision=True), first=True, last=True)
     assert frozen.weights == trained.weights
-    assert trained.grads - frozen.grads == pytest.approx(4 * vision / 4)
-    assert trained.optimizer - frozen.optimizer == pytest.approx(12 * vision / 4 / 2)
+    assert trained.grads - frozen.grads == pytest.approx(4 * vision)          # replicated: not divided by TP=4
+    assert trained.optimizer - frozen.optimizer == pytest.approx(12 * vision / 2)
+    assert frozen.vision_activations == 0 < trained.vision_activations
+
+
+def test_vision_tower_is_replicated_over_tp():
+    """Going from TP=4 to TP=8 halves the language model's share per GPU, never the vision tower's."""
+    arch = P.load_arch(ROOT / "examples/configs/qwen25vl_72b.config.json")
+    vision, w = P.vision_params(arch.vision), P.Workload()
+    text_first = P.stage_params(arch, 2, first=True, last=False) - vision
+    for tp in (1, 4, 8):
+        got = P.stage_memory(arch, P.Layout(tp, 2, 64 // (2 * tp)), w, first=True, last=False)
+        assert got.weights == pytest.approx(2 * (text_first / tp + vision))
+    # the issue's figure: at TP8 PP2 DP4 the old model undercounted the first stage by about 6 GiB
+    got = P.stage_memory(arch, P.Layout(8, 2, 4), w, first=True, last=False)
+    old_static = (2 + 4 + 12 / 4 + 2) * (text_first + vision) / 8
+    assert 5 * GIB < (got.weights + got.grads + got.optimizer + got.reference) - old_static < 7 * GIB
+
+
+def test_lora_counts_frozen_base_adapter_state_and_no_reference():
+    arch = P.load_arch(ROOT / "examples/configs/qwen25vl_7b.config.json")
+    lay, t = P.Layout(tp=2, pp=1, dp=4), arch.text
+    full = P.stage_memory(arch, lay, P.Workload(), first=True, last=True)
+    lora = P.stage_memory(arch, lay, P.Workload(lora_rank=16), first=True, last=True)
+    # by hand for 7B (h 3584, 28 heads x 128, 4 kv heads, ffn 18944), r = 16, TP = 2, per layer:
+    # q/k/v A 3 x 16 x 3584, B 16 x (3584 + 2 x 512) / 2; gate/up A 2 x 16 x 3584, B 2 x 16 x 18944 / 2;
+    # o A 16 x 3584 / 2, B 16 x 3584; down A 16 x 18944 / 2, B 16 x 3584
+    per_layer = 16 * (3 * 3584 + 4608 / 2 + 2 * 3584 + 18944 + 3584 / 2 + 3584 + 18944 / 2 + 3584)
+    assert P.lora_layer_params(t, 16, 2) == pytest.approx(per_layer)
+    adapters = 28 * per_layer
+    assert lora.reference == 0 and full.reference > 0
+    assert lora.weights == pytest.approx(full.weights + 2 * adapters)
+    assert lora.grads == pytest.approx(4 * adapters)
+    assert lora.optimizer == pytest.approx(12 * adapters / 4)
+    assert (lora.activations, lora.logits, lora.kv_cache) == (full.activations, full.logits, full.kv_cache)
+    # 7B at TP=1 on 80 GB: full fine-tuning does not fit, LoRA does
+    rows = {(r.layout.tp, r.layout.pp): r for r in P.plan(arch, 8, 80 * GIB, P.Workload(lora_rank=16))}
+    assert rows[(1, 1)].fits and not P.layout_memory(arch, P.Layout(1, 1, 8), P.Workload()).total <= 72 * GIB
+
+
+def test_cli_prints_full_and_lora_side_by_side():
+    out = subprocess.run([sys.executable, str(ROOT / "tools/plan_parallelism.py"), "--model",
+                          str(ROOT / "examples/configs/qwen25vl_7b.config.json"), "--gpus", "8", "--lora-rank", "16"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "full fine-tuning vs LoRA" in out.stdout and "recommended, LoRA" in out.stdout
 
 
 # ---------------------------------------------------------------- recommendation
 
 def test_72b_on_64_gpus_fits_with_tp_at_most_8():
+    """With the vision tower frozen (the 72B example's setting) TP8 PP2 DP4 fits on 80 GB; training the ViT on
+    1024 image tokens per sample does not fit any TP <= 8 layout on 80 GB, and does on 141 GB."""
     arch = P.load_arch(ROOT / "examples/configs/qwen25vl_72b.config.json")
-    rows = P.plan(arch, gpus=64, gpu_memory=80 * GIB)
+    with pytest.raises(P.NoLayoutFits, match="--freeze-vision"):
+        P.recommend(P.plan(arch, gpus=64, gpu_memory=80 * GIB))
+    assert P.recommend(P.plan(arch, gpus=64, gpu_memory=141 * GIB)).fits
+    rows = P.plan(arch, gpus=64, gpu_memory=80 * GIB, w=P.Workload(freeze_vision=True))
     best = P.recommend(rows)
-    assert best.fits and best.layout.tp <= 8
+    assert best.fits and best.layout.tp <= 8 and (best.layout.tp, best.layout.pp) == (8, 2)
     assert best.layout.tp * best.layout.pp * best.layout.dp == 64
     assert best.memory.total <= 0.9 * 80 * GIB
     assert best.layout.model_parallel == min(r.layout.model_parallel for r in rows if r.fits)
@@ -208,3 +263,20 @@ def test_cli_json_and_errors(tmp_path):
     bad.write_text(json.dumps({"hidden_size": 64}))
     out = subprocess.run([*tool, "--model", str(bad), "--gpus", "8"], capture_output=True, text=True)
     assert out.returncode != 0 and str(bad) in out.stderr and "field 'model_type'" in out.stderr
+
+
+def test_training_flops_equal_torch_flop_counter():
+    """Megatron-LM's count against torch's FlopCounterMode over a forward + backward of transformers' Qwen2
+    decoder (eager attention, every weight trainable): the same GEMMs, so the same number."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=500, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM._from_config(cfg, attn_implementation="eager")
+    batch, seq = 3, 40
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids).logits.float().sum().backward()
+    arch = P.TextArch(hidden=64, intermediate=176, layers=3, heads=4, kv_heads=2, head_dim=16, vocab=500, tied=False)
+    assert P.training_flops(arch, batch, seq) == pytest.approx(counter.get_total_flops(), rel=1e-12)

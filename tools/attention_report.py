@@ -278,9 +278,10 @@ def check_args(args) -> Path:
         from megatron_sayo.checkpoint.files import resolve_checkpoint_dir
 
         ckpt = resolve_checkpoint_dir(args.megatron)
-    for name in ("config.json", "tokenizer.json", "preprocessor_config.json"):
-        if not (Path(ckpt) / name).is_file():
-            raise ReportError(f"{ckpt}: missing {name} (the report needs the checkpoint's config and processor files)")
+    for names in (("config.json",), ("tokenizer.json",), ("preprocessor_config.json", "processor_config.json")):
+        if not any((Path(ckpt) / name).is_file() for name in names):
+            raise ReportError(f"{ckpt}: missing {' or '.join(names)} (the report needs the checkpoint's config and "
+                              f"processor files)")
     return Path(ckpt)
 
 

@@ -2,7 +2,7 @@
 """Convert a Hugging Face Qwen2.5-VL checkpoint to a megatron-core dist checkpoint (loads at any TP/PP).
 
     python tools/convert_hf_to_megatron.py --hf HF_DIR --out MEGATRON_DIR --tp N --pp M
-        [--dtype keep|bfloat16|float32] [--overwrite] [--no-progress]
+        [--dtype keep|bfloat16|float32] [--overwrite] [--remove-stale-tmp] [--no-progress]
 
 One process copies each chunk's bytes from the safetensors files into the files megatron's TP x PP save
 would write (no model, no process group, no torch; memory: one 64 MB band). Writes `<out>.tmp-<pid>` and
@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_sayo.checkpoint.files import CheckpointError  # noqa: E402
-from megatron_sayo.convert.converters import convert_hf_to_megatron  # noqa: E402
+from megatron_sayo.convert.converters import Terminated, convert_hf_to_megatron  # noqa: E402
 from megatron_sayo.models.qwen25vl.hf_config import ConfigError  # noqa: E402
 
 
@@ -32,14 +32,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("keep", "bfloat16", "float32"), default="keep",
                     help="parameter dtype in the output (keep = config.json's torch_dtype)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ap.add_argument("--remove-stale-tmp", action="store_true",
+                    help="delete <out>.tmp-<pid> dirs left by conversions whose process is gone (else reported)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:
         summary = convert_hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                                         overwrite=args.overwrite, progress=not args.no_progress)
+                                         overwrite=args.overwrite, progress=not args.no_progress,
+                                         remove_stale=args.remove_stale_tmp)
     except (CheckpointError, ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:      # SIGINT, or SIGTERM (Terminated): the temp dir is already removed
+        print(f"interrupted ({exc or 'SIGINT'}): nothing written", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     print(f"wrote {args.out}: {summary['tensors']} HF tensors, {summary['elements']} elements, "
           f"{summary['seconds']:.1f}s, peak RSS {summary['peak_rss_mb']:.0f} MB")
     return 0

@@ -2,11 +2,15 @@
 """Convert a megatron dist checkpoint (converted, or a GRPO trainer's step / run dir) to Hugging Face format.
 
     python tools/convert_megatron_to_hf.py --megatron DIR --out HF_DIR [--max-shard-size 5GB]
-        [--dtype bfloat16|float32] [--overwrite] [--no-progress]
+        [--dtype bfloat16|float32] [--overwrite] [--remove-stale-tmp] [--no-progress]
+        [--lora merge|adapter [--base DIR]]
 
 One process, no model, no torch: each HF tensor is copied from the checkpoint's chunks (whatever TP/PP wrote
 them) into pre-planned safetensors files with hub names; policy weights only (optimizer state is skipped).
 Output dtype defaults to the original HF dtype. Logic: megatron_sayo.convert.converters.
+A LoRA run's step holds adapters only: `--lora merge` writes the base (the step's pointer, or --base) with the
+adapters merged into its weights; `--lora adapter` writes PEFT's adapter_config.json + adapter_model.safetensors
+(megatron_sayo.convert.lora_export).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_sayo.checkpoint.files import CheckpointError  # noqa: E402
-from megatron_sayo.convert.converters import convert_megatron_to_hf  # noqa: E402
+from megatron_sayo.convert.converters import Terminated, convert_megatron_to_hf  # noqa: E402
+from megatron_sayo.convert.lora_export import MODES, export_lora  # noqa: E402
 from megatron_sayo.models.qwen25vl.hf_config import ConfigError  # noqa: E402
 
 
@@ -31,14 +36,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default=None,
                     help="output dtype (default: the original HF dtype)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ap.add_argument("--remove-stale-tmp", action="store_true",
+                    help="delete <out>.tmp-<pid> dirs left by conversions whose process is gone (else reported)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--lora", choices=MODES, default=None,
+                    help="a LoRA step: 'merge' into the base weights, or 'adapter' (PEFT format)")
+    ap.add_argument("--base", default=None, help="with --lora: the base checkpoint (default: the step's pointer)")
     args = ap.parse_args(argv)
+    if args.base and not args.lora:
+        ap.error("--base needs --lora")
     try:
-        summary = convert_megatron_to_hf(args.megatron, args.out, max_shard_size=args.max_shard_size,
-                                         dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
+        if args.lora == "adapter":
+            summary = export_lora("adapter", args.megatron, args.out, base=args.base, overwrite=args.overwrite)
+        elif args.lora == "merge":
+            summary = export_lora("merge", args.megatron, args.out, base=args.base, max_shard_size=args.max_shard_size,
+                                  dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
+        else:
+            summary = convert_megatron_to_hf(args.megatron, args.out, max_shard_size=args.max_shard_size,
+                                             dtype=args.dtype, overwrite=args.overwrite,
+                                             progress=not args.no_progress, remove_stale=args.remove_stale_tmp)
     except (CheckpointError, ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:      # SIGINT, or SIGTERM (Terminated): the temp dir is already removed
+        print(f"interrupted ({exc or 'SIGINT'}): nothing written", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     print(f"wrote {args.out}: {summary['tensors']} tensors in {summary['files']} file(s), {summary['dtype']}, "
           f"{summary['seconds']:.1f}s, peak RSS {summary['peak_rss_mb']:.0f} MB")
     return 0

@@ -1,11 +1,12 @@
 """Checkpoint directories on disk, without torch: the metadata file, side files (config, tokenizer), atomic
-publishing of a finished directory, and finding a run's newest complete step. The converters use these
+publishing (formats/atomic.py), and finding a run's newest complete step. The converters use these
 alone; checkpoint.py adds saving and loading models and training state.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -19,9 +20,11 @@ FORMAT_VERSION = 1
 # Files of an HF checkpoint other than weights that travel with every conversion (copied when present).
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
               "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.json",
-              "chat_template.jinja", "preprocessor_config.json", "video_preprocessor_config.json")
+              "chat_template.jinja", "preprocessor_config.json", "video_preprocessor_config.json",
+              "processor_config.json")
 STEP_PREFIX = "step_"
 LATEST_FILE = "latest"
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -40,11 +43,6 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON to `path` atomically (write_text_atomic)."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def versions() -> dict[str, str]:
@@ -91,37 +89,73 @@ def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
     return copied
 
 
-def prepare_output(out: str | Path, overwrite: bool) -> Path:
-    """A fresh temp dir `<out>.tmp-<pid>` next to `out`; refuses an existing `out` without overwrite."""
+def check_output_location(out: str | Path, inputs: list[str | Path]) -> None:
+    """Refuse an output that is an input, lies inside one or contains one: publishing it (or --overwrite)
+    would delete what it reads. Links are resolved first."""
+    target = Path(out).resolve()
+    for given in inputs:
+        src = Path(given).resolve()
+        if target == src:
+            how = "is"
+        elif src in target.parents:
+            how = "lies inside"
+        elif target in src.parents:
+            how = "contains"
+        else:
+            continue
+        raise CheckpointError(f"output {out} {how} the input {given}: choose an output outside the input "
+                              f"(refused with or without --overwrite, which would delete the input)")
+
+
+TMP_TAG = ".tmp-"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_temp_dirs(out: str | Path) -> list[Path]:
+    """`<out>.tmp-<pid>` dirs beside `out` whose process is gone (a killed conversion's leftovers)."""
     out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    found = []
+    for p in out.parent.iterdir():
+        pid = p.name[len(out.name) + len(TMP_TAG):]
+        if (p.name.startswith(out.name + TMP_TAG) and pid.isdigit() and p.is_dir() and not p.is_symlink()
+                and int(pid) != os.getpid() and not _pid_alive(int(pid))):
+            found.append(p)
+    return sorted(found)
+
+
+def prepare_output(out: str | Path, overwrite: bool, inputs: list[str | Path] = (),
+                   remove_stale: bool = False) -> Path:
+    """A fresh temp dir `<out>.tmp-<pid>` next to `out`. Refuses an existing `out` without overwrite and an
+    `out` that overlaps an input; reports (or, with remove_stale, deletes) temp dirs of dead conversions."""
+    out = Path(out)
+    check_output_location(out, list(inputs))
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    stale = stale_temp_dirs(out)
+    if stale and remove_stale:
+        for p in stale:
+            shutil.rmtree(p)
+        log.warning("removed %d temp dir(s) of conversions that are no longer running: %s", len(stale),
+                    ", ".join(map(str, stale)))
+    elif stale:
+        log.warning("%d temp dir(s) of conversions that are no longer running: %s (pass --remove-stale-tmp to "
+                    "delete them)", len(stale), ", ".join(map(str, stale)))
+    tmp = out.with_name(f"{out.name}{TMP_TAG}{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
-
-
-def publish(tmp: Path, out: str | Path) -> Path:
-    """Move a finished temp dir onto `out` (replacing an old one only now, when the new one is complete)."""
-    out = Path(out)
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    return out
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
@@ -173,15 +207,25 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     return None
 
 
-def find_resumable(run_dir: str | Path) -> Path | None:
-    """Newest complete checkpoint of a run (the `latest` one first); warns and falls back past corrupt ones."""
-    for ckpt in ordered_checkpoints(Path(run_dir) / "checkpoints"):
+def next_resumable(root: Path, skip=frozenset()) -> tuple[Path | None, list[str]]:
+    """The resume scan: the first step dir in resume order (ordered_checkpoints) not in `skip` that looks
+    complete, and "name: reason" for each one passed over (each also warned about)."""
+    passed = []
+    for ckpt in ordered_checkpoints(root):
+        if ckpt in skip:
+            continue
         problem = checkpoint_problem(ckpt)
         if problem is None:
-            return ckpt
+            return ckpt, passed
         warnings.warn(f"checkpoint {ckpt.name} is not usable ({problem}); falling back to an older one",
                       stacklevel=2)
-    return None
+        passed.append(f"{ckpt.name}: {problem}")
+    return None, passed
+
+
+def find_resumable(run_dir: str | Path) -> Path | None:
+    """Newest complete checkpoint of a run (the `latest` one first); warns and falls back past corrupt ones."""
+    return next_resumable(Path(run_dir) / "checkpoints")[0]
 
 
 def ordered_checkpoints(root: Path) -> list[Path]:

@@ -13,7 +13,6 @@ scheduler + extra), are written under `.tmp` and renamed, and `run_dir/checkpoin
 from __future__ import annotations
 
 import logging
-import os
 import random
 import shutil
 import warnings
@@ -23,14 +22,15 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_sayo.formats.atomic import publish_dir, write_bytes_atomic, write_json_atomic
+from megatron_sayo.formats.dtypes import torch_dtype
+from megatron_sayo.formats.pickle_guard import UnsafePickle, check_checkpoint_pickles
 from megatron_sayo.checkpoint.files import (LATEST_FILE, METADATA_FILE, STEP_PREFIX, CheckpointError,
-                                           checkpoint_problem, copy_side_files, fsync_dir, make_metadata,
-                                           ordered_checkpoints, prune_checkpoints, read_metadata,
-                                           resolve_checkpoint_dir, write_json_atomic)
+                                           copy_side_files, make_metadata, next_resumable, prune_checkpoints,
+                                           read_metadata, resolve_checkpoint_dir)
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ==============================================================================================================
@@ -44,6 +44,29 @@ def _rank() -> int:
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def check_pickles(ckpt_dir: Path) -> None:
+    """Refuse a checkpoint with a pickle naming a global outside the allow-list (UnsafeCheckpoint naming the
+    file and the global), or one that is unreadable (CheckpointError), before torch or megatron unpickles it."""
+    try:
+        check_checkpoint_pickles(ckpt_dir)
+    except UnsafePickle as exc:
+        raise UnsafeCheckpoint(str(exc)) from None
+    except ValueError as exc:          # unreadable: corrupt, not unsafe (resume falls back past it)
+        raise CheckpointError(f"corrupt checkpoint: {exc}") from None
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """A checkpoint whose pickles name globals a checkpoint never needs: refused, never fallen back past."""
+
+
+def parameters_finite(model) -> bool:
+    """Collective: whether every parameter of every rank is finite (a diverged model is never checkpointed)."""
+    ok = torch.tensor([1.0 if all(bool(torch.isfinite(p).all()) for p in model.parameters()) else 0.0])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item() == 1.0)
 
 
 # ==============================================================================================================
@@ -71,6 +94,7 @@ def load_model(model, ckpt_dir: str | Path) -> None:
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "metadata.json").is_file():
         raise CheckpointError(f"{ckpt_dir}: no metadata.json (not a dist_checkpointing checkpoint)")
+    check_pickles(ckpt_dir)
     state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
     model.load_state_dict(state)
 
@@ -90,13 +114,44 @@ def load_model_for_inference(megatron_dir: str | Path, tp: int = 1, pp: int = 1,
     ckpt = resolve_checkpoint_dir(megatron_dir)
     hf = load_hf_config(ckpt)
     if params_dtype is None:
-        params_dtype = DTYPES.get(read_metadata(ckpt).get("dtype", "float32"), torch.float32)
+        params_dtype = torch_dtype(read_metadata(ckpt).get("dtype", "float32"))
+    lora = read_metadata(ckpt).get("lora")
+    if lora is not None:
+        return _load_lora_step(ckpt, lora, tp, pp, params_dtype=params_dtype, config_overrides=config_overrides,
+                               recompute=recompute, sequence_parallel=sequence_parallel, **model_kwargs)
     # initialised before loading: megatron marks TP-sharded parameters (tensor_model_parallel, partition_dim)
     # only while initialising them, and grad norms, clipping and DDP need those marks when this model trains
     config = to_transformer_config(hf, ParallelLayout(tp, pp), params_dtype=params_dtype, recompute=recompute,
                                    sequence_parallel=sequence_parallel, **(config_overrides or {}))
     model = build_model(hf, config, **model_kwargs)
     load_model(model, ckpt)
+    return model.eval()
+
+
+def _load_lora_step(ckpt: Path, lora: dict, tp: int, pp: int, **kwargs):
+    """A LoRA training step: its base (HF or megatron, from the step's pointer) with the step's adapters."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_sayo.models.lora import attach_lora, is_adapter_key
+
+    base = lora.get("base") or {}
+    if base.get("format") not in ("hf", "megatron") or not Path(str(base.get("path"))).exists():
+        raise CheckpointError(f"{ckpt}/{METADATA_FILE}: lora.base = {base!r}: expected {{format: hf|megatron, "
+                              f"path}} naming an existing checkpoint (the weights the adapters apply to)")
+    if base["format"] == "hf":
+        from megatron_sayo.models.qwen25vl.model import load_from_hf
+
+        model = load_from_hf(base["path"], tp=tp, pp=pp, **kwargs)
+    else:
+        model = load_model_for_inference(base["path"], tp, pp, **kwargs)
+    attach_lora(model, model.hf.text, rank=lora["rank"], alpha=lora["alpha"], targets=lora["targets"])
+    template = trained_sharded_state(model)
+    state = dist_checkpointing.load(template, str(ckpt))   # also returns the step's common objects: dropped
+    result = model.load_state_dict({k: state[k] for k in template}, strict=False)
+    missing = [k for k in result.missing_keys if is_adapter_key(k)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{ckpt}: adapters do not match the model (missing {missing[:3]}, unexpected "
+                              f"{result.unexpected_keys[:3]})")
     return model.eval()
 
 
@@ -182,8 +237,10 @@ def _training_sharded_state(model, optimizer, scheduler, step: int, extra: dict,
 
 def save_training_state(run_dir: str | Path, step: int, model, optimizer=None, scheduler=None,
                         extra: dict | None = None, *, keep: int = 2, config_dir: str | Path | None = None,
-                        metadata: dict | None = None) -> Path:
+                        metadata: dict | None = None) -> Path | None:
     """Collective: write step `step` atomically into run_dir/checkpoints/step_XXXXXXX, update `latest`, prune.
+    A model with a non-finite parameter is not written (None, with a warning), so pruning never drops the
+    newest finite checkpoint for a diverged one.
 
     Model + optimizer (megatron's sharded form for a megatron optimizer; per-rank otherwise) + scheduler + RNG of
     every rank + step + `extra` (must be identical on all ranks: data position, counters). `config_dir`: HF
@@ -192,6 +249,10 @@ def save_training_state(run_dir: str | Path, step: int, model, optimizer=None, s
     from megatron.core import dist_checkpointing
 
     root = Path(run_dir) / "checkpoints"
+    if not parameters_finite(model):
+        warnings.warn(f"step {step}: the model has non-finite parameters; checkpoint not written (the older "
+                      f"ones are kept)", stacklevel=2)
+        return None
     final = root / step_dir_name(step)
     tmp = root / (step_dir_name(step) + ".tmp")
     rank, world = _world()
@@ -212,13 +273,8 @@ def save_training_state(run_dir: str | Path, step: int, model, optimizer=None, s
             step=step, world_size=world,
             optimizer="megatron" if _is_megatron_optimizer(optimizer) else ("torch" if optimizer else None),
             **(metadata or {})))
-        fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
-        (root / f".{LATEST_FILE}.tmp").write_text(final.name + "\n")
-        os.replace(root / f".{LATEST_FILE}.tmp", root / LATEST_FILE)
+        publish_dir(tmp, final)
+        write_bytes_atomic(root / LATEST_FILE, (final.name + "\n").encode())
         prune_checkpoints(root, keep)
     _barrier()
     return final
@@ -238,13 +294,13 @@ def _model_dtype(model) -> str:
     return str(p.dtype).replace("torch.", "") if p is not None else "float32"
 
 
-def _broadcast_choice(path: Path | None) -> Path | None:
-    """Rank 0's choice on every rank (all ranks must load the same step)."""
+def _broadcast_choice(path: Path | None, skipped: list[str]) -> tuple[Path | None, list[str]]:
+    """Rank 0's choice (and the checkpoints it skipped) on every rank (all ranks must load the same step)."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return path
-    obj = [str(path) if path is not None else None]
+        return path, skipped
+    obj = [str(path) if path is not None else None, skipped]
     torch.distributed.broadcast_object_list(obj, src=0)
-    return Path(obj[0]) if obj[0] is not None else None
+    return (Path(obj[0]) if obj[0] is not None else None), obj[1]
 
 
 def load_training_state(run_dir: str | Path, model, optimizer=None, scheduler=None, *,
@@ -252,36 +308,36 @@ def load_training_state(run_dir: str | Path, model, optimizer=None, scheduler=No
     """Collective: resume from the newest usable checkpoint of `run_dir` (None when there is none).
 
     Restores model, optimizer, scheduler and (same world size) each rank's RNG; returns
-    {"step", "extra", "path"}. A checkpoint that fails to load is skipped with a warning for the previous one.
+    {"step", "extra", "path"}. A checkpoint that fails to load is skipped with a warning for the previous one;
+    when every one fails, CheckpointError names each with its reason. A checkpoint with an unsafe pickle is
+    refused outright (UnsafeCheckpoint), never skipped.
     """
     root = Path(run_dir) / "checkpoints"
     tried: set[Path] = set()
+    failures: list[str] = []
     while True:
-        choice = None
+        choice, skipped = None, []
         if _rank() == 0:
-            choice = _next_usable(root, tried)
-        choice = _broadcast_choice(choice)
+            choice, skipped = next_resumable(root, tried)
+        choice, skipped = _broadcast_choice(choice, skipped)
+        failures += skipped
+        tried.update(root / s.split(":")[0] for s in skipped)     # every rank skips the same ones
         if choice is None:
+            if failures:
+                raise CheckpointError(f"{root}: no checkpoint could be loaded; tried {len(failures)}: "
+                                      + "; ".join(failures))
             return None
         tried.add(choice)
         try:
+            check_pickles(choice)         # every rank: the refusal must not leave others waiting
             return _load_step(choice, model, optimizer, scheduler, restore_rng)
+        except UnsafeCheckpoint:
+            raise
         except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
+            failures.append(f"{choice.name}: failed to load ({type(exc).__name__}: {str(exc)[:300]})")
             warnings.warn(f"checkpoint {choice.name} failed to load ({type(exc).__name__}: {exc}); "
                           f"falling back to an older one", stacklevel=2)
             _barrier()
-
-
-def _next_usable(root: Path, tried: set[Path]) -> Path | None:
-    """find_resumable, skipping checkpoints already tried."""
-    for ckpt in [c for c in ordered_checkpoints(root) if c not in tried]:
-        problem = checkpoint_problem(ckpt)
-        if problem is None:
-            return ckpt
-        warnings.warn(f"checkpoint {ckpt.name} is not usable ({problem}); falling back to an older one",
-                      stacklevel=3)
-        tried.add(ckpt)
-    return None
 
 
 def _load_step(ckpt: Path, model, optimizer, scheduler, restore_rng: bool) -> dict:

@@ -11,16 +11,20 @@ and every target produced. CLIs: tools/convert_*.py.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_sayo.checkpoint.files import (METADATA_FILE, CheckpointError, copy_side_files, make_metadata,
-                                            prepare_output, publish, read_metadata, resolve_checkpoint_dir,
-                                            write_json_atomic)
+from megatron_sayo.checkpoint.files import (METADATA_FILE, CheckpointError, check_output_location, copy_side_files,
+                                            make_metadata, prepare_output, read_metadata,
+                                            resolve_checkpoint_dir)
+from megatron_sayo.formats.atomic import publish_dir, write_json_atomic
 from megatron_sayo.memory import peak_rss_mb
 from megatron_sayo.models.qwen25vl import dist_layout
 from megatron_sayo.models.qwen25vl.hf_config import ParallelLayout, load_hf_config, validate_layout
@@ -29,7 +33,8 @@ from megatron_sayo.models.qwen25vl.name_map import (RowSpan, hf_names, hf_rows, 
 from megatron_sayo.formats.safetensors_files import INDEX_FILE, Entry, header_bytes, read_header, weight_files
 from megatron_sayo.formats.tensor_copy import (CAST_DTYPES, Piece, StoredMatrix, Writeback, as_matrix, pwrite_all,
                                        write_matrix)
-from megatron_sayo.formats.torch_format import DTYPES, load_dcp_metadata, read_tensor_record
+from megatron_sayo.formats.dtypes import DTYPES
+from megatron_sayo.formats.torch_format import load_dcp_metadata, read_tensor_record
 
 
 # ==============================================================================================================
@@ -66,6 +71,28 @@ def _bytes_fmt(n: float) -> str:
             return f"{n:.1f}{unit}"
         n /= 1024
     return f"{n:.1f}TB"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received: raised in the main thread so the conversion's clean-up runs as for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """While converting, SIGTERM raises Terminated (SIGINT already raises KeyboardInterrupt), so the temp dir
+    is removed instead of left behind; the previous handler is restored after. No-op off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Progress:
@@ -243,8 +270,9 @@ def stream_hf_to_dist(source: HFSource, hf, layout: ParallelLayout, dtype: str, 
 
 def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1,
                            dtype: str = "keep", overwrite: bool = False, progress: bool = True,
-                           _fail_after: int | None = None) -> dict:
-    """HF checkpoint dir -> megatron dist checkpoint laid out for TP x PP (loadable at any). Returns a summary."""
+                           remove_stale: bool = False, _fail_after: int | None = None) -> dict:
+    """HF checkpoint dir -> megatron dist checkpoint laid out for TP x PP (loadable at any). Returns a summary.
+    `remove_stale`: delete `<out>.tmp-<pid>` dirs left by dead conversions (else they are only reported)."""
     from megatron_sayo.formats.dist_writer import TorchDistWriter
 
     start = time.perf_counter()
@@ -261,24 +289,29 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int =
     numel = {name: math.prod(e.shape) for name, e in source.entries.items()}
     targets = dist_layout.targets(hf, tp)
     check_hf_shapes(targets, source, hf)
-    tmp = prepare_output(out_dir, overwrite)
-    writer = TorchDistWriter(tmp)
+    check_output_location(out_dir, [hf_dir])
     total = sum(hf.text.num_layers if t.stacked else 1 for t in targets)
     bar = _Progress(total, "hf->megatron", progress)
     if _fail_after is not None:
         bar = _FailAfter(bar, _fail_after)
+    tmp = writer = None
     try:
-        reads = stream_hf_to_dist(source, hf, layout, dtype_name, writer, bar)
-        elements = verify_consumed(numel, reads)
-        writer.finish()
-        copy_side_files(hf_dir, tmp)
-        write_json_atomic(tmp / METADATA_FILE, make_metadata(
-            "converted", source=str(hf_dir.resolve()), dtype=dtype_name, tp=tp, pp=pp,
-            source_dtype=hf.torch_dtype, hf_tensors=len(numel), hf_elements=elements))
-        publish(tmp, out_dir)
+        with terminate_as_interrupt():
+            tmp = prepare_output(out_dir, overwrite, [hf_dir], remove_stale)
+            writer = TorchDistWriter(tmp)
+            reads = stream_hf_to_dist(source, hf, layout, dtype_name, writer, bar)
+            elements = verify_consumed(numel, reads)
+            writer.finish()
+            copy_side_files(hf_dir, tmp)
+            write_json_atomic(tmp / METADATA_FILE, make_metadata(
+                "converted", source=str(hf_dir.resolve()), dtype=dtype_name, tp=tp, pp=pp,
+                source_dtype=hf.torch_dtype, hf_tensors=len(numel), hf_elements=elements))
+            publish_dir(tmp, out_dir)
     except BaseException:
-        writer.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if writer is not None:
+            writer.close()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         bar.close()
@@ -408,15 +441,19 @@ def parse_size(text: str) -> int:
 
 def convert_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, max_shard_size: str | int = "5GB",
                            dtype: str | None = None, overwrite: bool = False, progress: bool = True,
-                           _fail_after: int | None = None) -> dict:
+                           remove_stale: bool = False, _fail_after: int | None = None) -> dict:
     """Megatron dist checkpoint (converted, or a trainer's step/run dir: policy weights only) -> HF directory.
 
     Streams every HF tensor straight from the checkpoint's records into pre-planned safetensors files.
     Output dtype: `dtype`, else the original HF dtype the checkpoint records, else config.json's.
     """
     start = time.perf_counter()
+    check_output_location(out_dir, [megatron_dir])
     ckpt = resolve_checkpoint_dir(megatron_dir)
     meta = read_metadata(ckpt)
+    if "lora" in meta:
+        raise CheckpointError(f"{ckpt}: a LoRA training step (adapters only, base at {meta['lora'].get('base')}); "
+                              f"export it with --lora merge or --lora adapter")
     if not (ckpt / "config.json").is_file():
         raise CheckpointError(f"{ckpt}: no config.json (needed to name and shape the HF tensors)")
     hf = load_hf_config(ckpt)
@@ -429,16 +466,19 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, max
     if missing:
         raise CheckpointError(f"{ckpt}: checkpoint lacks tensors for {missing[:5]} ({len(missing)} in all)")
     shards = shard_plan(items, out_dtype, parse_size(max_shard_size))
-    tmp = prepare_output(out_dir, overwrite)
+    tmp = None
     try:
-        written = _write_shards(source, shards, out_dtype, hf.text, tmp, progress, _fail_after)
-        if written != len(items) or len({it.hf_name for it in items}) != len(items):
-            raise CheckpointError(f"wrote {written} tensors, planned {len(items)} (duplicate names?)")
-        _check_elements(items, used, hf.text, source.tensors)
-        copy_side_files(ckpt, tmp)
-        publish(tmp, out_dir)
+        with terminate_as_interrupt():
+            tmp = prepare_output(out_dir, overwrite, [megatron_dir, ckpt], remove_stale)
+            written = _write_shards(source, shards, out_dtype, hf.text, tmp, progress, _fail_after)
+            if written != len(items) or len({it.hf_name for it in items}) != len(items):
+                raise CheckpointError(f"wrote {written} tensors, planned {len(items)} (duplicate names?)")
+            _check_elements(items, used, hf.text, source.tensors)
+            copy_side_files(ckpt, tmp)
+            publish_dir(tmp, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         source.close()

@@ -30,6 +30,9 @@ from megatron_sayo.data.regions import RegionError, boxes_to_cells, image_grid
 log = logging.getLogger(__name__)
 
 FIELDS = {"id": str, "image": (str, bytes), "question": str, "answer": str, "boxes": list}
+# Optional: the short answer beside a full-sentence `answer` (GQA as the SAYO authors prepare it); docs/data.md.
+OPTIONAL_FIELDS = {"short_answer": str}
+ANSWER_FIELDS = ("answer", "short_answer")
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 
 
@@ -44,6 +47,13 @@ class GroundedSample:
     image_size: tuple[int, int]
     image_path: Path | None = None
     image_bytes: bytes | None = field(default=None, repr=False)
+    short_answer: str | None = None
+
+    def reference(self, answer_field: str = "answer") -> str:
+        """The answer the accuracy reward/evaluator matches: `answer`, or `short_answer` where the row has one."""
+        if answer_field not in ANSWER_FIELDS:
+            raise ValueError(f"answer field must be one of {ANSWER_FIELDS}, got {answer_field!r}")
+        return self.short_answer if answer_field == "short_answer" and self.short_answer else self.answer
 
     def open_image(self) -> Image.Image:
         """The image as an RGB PIL image."""
@@ -88,6 +98,9 @@ def _check_fields(row: Any) -> None:
     for name in ("id", "image", "question", "answer"):
         if isinstance(row[name], str) and not row[name].strip():
             raise RowError(name, "a non-empty string", row[name])
+    short = row.get("short_answer")
+    if short is not None and (not isinstance(short, str) or not short.strip()):
+        raise RowError("short_answer", "a non-empty string or null", short)
 
 
 def _image_source(value: Any, base_dir: Path) -> Path | bytes:
@@ -164,7 +177,7 @@ def validate_row(row: Any, base_dir: Path) -> GroundedSample:
     _check_region(boxes, size, row["id"])
     return GroundedSample(id=row["id"], question=row["question"], answer=row["answer"], boxes=boxes,
                           image_size=size, image_path=src if isinstance(src, Path) else None,
-                          image_bytes=src if isinstance(src, bytes) else None)
+                          image_bytes=src if isinstance(src, bytes) else None, short_answer=row.get("short_answer"))
 
 
 # ---------------------------------------------------------------- files
@@ -309,6 +322,7 @@ def save_parquet(samples: Sequence[GroundedSample], path: str | Path) -> Path:
         "question": [s.question for s in samples],
         "answer": [s.answer for s in samples],
         "boxes": pa.array([s.boxes for s in samples], type=pa.list_(pa.list_(pa.float64()))),
+        "short_answer": pa.array([s.short_answer for s in samples], type=pa.string()),
     })
     pq.write_table(table, path)
     return Path(path)
@@ -331,7 +345,8 @@ def write_jsonl(rows: Sequence[dict], path: str | Path) -> list[DataError]:
                 errors.append(DataError(path, i, exc, row.get("id") if isinstance(row, dict) else None))
                 continue
             seen.add(row["id"])
-            f.write(json.dumps({k: row[k] for k in FIELDS}, ensure_ascii=False) + "\n")
+            kept = {k: row[k] for k in FIELDS} | {k: row[k] for k in OPTIONAL_FIELDS if row.get(k) is not None}
+            f.write(json.dumps(kept, ensure_ascii=False) + "\n")
     return errors
 
 

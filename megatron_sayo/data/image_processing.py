@@ -114,11 +114,23 @@ class ImageProcessorConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ImageProcessorConfig":
-        """Load a preprocessor_config.json file (or a directory holding one)."""
+        """Load a preprocessor_config.json file, or a checkpoint directory in any layout transformers writes:
+        preprocessor_config.json (4.x) or processor_config.json with the settings under "image_processor" (5.x)."""
         path = Path(path)
-        if path.is_dir():
-            path = path / "preprocessor_config.json"
-        return cls.from_dict(read_json(path, "a preprocessor_config.json"), source=str(path))
+        if not path.is_dir():
+            return cls.from_dict(read_json(path, "a preprocessor_config.json"), source=str(path))
+        legacy, combined = path / "preprocessor_config.json", path / "processor_config.json"
+        if legacy.is_file():
+            return cls.from_dict(read_json(legacy, "a preprocessor_config.json"), source=str(legacy))
+        if combined.is_file():
+            raw = read_json(combined, "a processor_config.json")
+            inner = raw.get("image_processor") if isinstance(raw, dict) else None
+            if not isinstance(inner, dict):
+                raise ValueError(f"{combined}: field 'image_processor' must be an object with the image processor "
+                                 f"settings (transformers 5.x layout), got {inner!r}")
+            return cls.from_dict(inner, source=f"{combined}: image_processor")
+        raise FileNotFoundError(f"{path}: no preprocessor_config.json (transformers 4.x) or processor_config.json "
+                                f"(5.x): the checkpoint has no image processor settings")
 
     def to_dict(self) -> dict:
         """The preprocessor_config.json content for this config (hub field names)."""

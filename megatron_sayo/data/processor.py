@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_sayo.data.chat_template import ChatTemplate, find_chat_template
 from megatron_sayo.data.image_processing import ImageProcessorConfig, process_image
 from megatron_sayo.data.tokenizer import (IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START,
                                           Tokenizer)
@@ -87,21 +88,24 @@ def conversation_images(messages: list[dict], where: str = "conversation") -> li
 class Processor:
     """Tokenizer + image processor of one checkpoint, producing Qwen2.5-VL model inputs."""
 
-    def __init__(self, tokenizer: Tokenizer, image_config: ImageProcessorConfig):
+    def __init__(self, tokenizer: Tokenizer, image_config: ImageProcessorConfig,
+                 chat_template: ChatTemplate | None = None):
         self.tokenizer = tokenizer
         self.image_config = image_config
+        self.chat_template = chat_template   # None: the built-in Qwen2.5-VL template (render_chat)
 
     @classmethod
     def from_pretrained(cls, hf_dir: str | Path, min_pixels: int | None = None,
                         max_pixels: int | None = None) -> "Processor":
-        """Load tokenizer.json, tokenizer_config.json and preprocessor_config.json from a checkpoint dir;
-        min/max_pixels (when given) override the file's image size bounds."""
+        """Load the tokenizer, the image processor settings and the chat template from a checkpoint dir in any
+        layout transformers writes (4.x: preprocessor_config.json, chat_template.json; 5.x: processor_config.json,
+        chat_template.jinja); min/max_pixels (when given) override the file's image size bounds."""
         hf_dir = Path(hf_dir)
         image_config = ImageProcessorConfig.from_json(hf_dir)
         bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
         if bounds:
             image_config = dataclasses.replace(image_config, **bounds)
-        return cls(Tokenizer.from_pretrained(hf_dir), image_config)
+        return cls(Tokenizer.from_pretrained(hf_dir), image_config, find_chat_template(hf_dir))
 
     def image_token_count(self, grid_thw) -> int:
         """LLM tokens of one image: grid_t * grid_h * grid_w / merge_size**2."""
@@ -110,7 +114,9 @@ class Processor:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
                             add_vision_id: bool = False) -> str:
-        """Conversation -> prompt text (one <|image_pad|> per image)."""
+        """Conversation -> prompt text (one <|image_pad|> per image), with the checkpoint's template."""
+        if self.chat_template is not None:
+            return self.chat_template.render(messages, add_generation_prompt, add_vision_id)
         return render_chat(messages, add_generation_prompt, add_vision_id)
 
     def encode_prompt(self, text: str, images: list,
@@ -164,7 +170,7 @@ class Processor:
             where = f"conversation {b}"
             found = conversation_images(messages, where)
             imgs = found if images is None else list(images[b])
-            text = render_chat(messages, add_generation_prompt, add_vision_id)
+            text = self.apply_chat_template(messages, add_generation_prompt, add_vision_id)
             ids, pix, grid = self.encode_prompt(text, imgs, where)
             seqs.append(ids)
             if pix is not None:

@@ -33,6 +33,9 @@ def parse_args(argv=None):
                    "pixels (default: the authors' 5000000)")
     p.add_argument("--out", required=True, help="output dir")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N samples")
+    p.add_argument("--answer-field", choices=("answer", "short_answer"), default="answer",
+                   help="grounded: the field the answer is matched against ('short_answer' where a row has one, "
+                        "e.g. the GQA rows of the SAYO mix; else 'answer')")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the server")
     p.add_argument("--compare", metavar="OTHER_DIR", help="second checkpoint (HF or megatron) to compare with")
     p.add_argument("--temperature", type=float, default=D.PAPER_DECODING["temperature"])

@@ -21,14 +21,15 @@ PROMPT = "<image_url>{image_url}</image_url>{question}\n{instruction}"
 DATASET_ENV = "SAYO_GROUNDED_BYOB_DATASET"
 
 
-def byob_rows(samples, instruction: str, match: str) -> list[dict]:
-    """BYOB dataset rows for grounded samples: the fields PROMPT needs, the target and our metadata."""
+def byob_rows(samples, instruction: str, match: str, answer_field: str = "answer") -> list[dict]:
+    """BYOB dataset rows for grounded samples: the fields PROMPT needs, the target (`answer`, or `short_answer`
+    where a row has one, as the training reward's reward.accuracy_target) and our metadata."""
     rows = []
     for s in samples:
         if s.image_path is None:
             raise ValueError(f"sample {s.id}: the grounded benchmark needs images as files (JSONL), not bytes")
         rows.append({"id": s.id, "image_url": str(s.image_path.resolve()), "question": s.question,
-                     "instruction": instruction, "answer": s.answer, "boxes": s.boxes, "match": match})
+                     "instruction": instruction, "answer": s.reference(answer_field), "boxes": s.boxes, "match": match})
     return rows
 
 

@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_sayo.formats.torch_format import DTYPES
+from megatron_sayo.formats.dtypes import DTYPES
 
 BY_CODE = {d.safetensors: name for name, d in DTYPES.items()}
 MAX_HEADER = 100 << 20          # safetensors' own limit
@@ -42,25 +42,53 @@ def read_header(path: str | Path) -> dict[str, Entry]:
         (n,) = struct.unpack("<Q", head)
         if n > min(MAX_HEADER, size - 8):
             raise ValueError(f"header length {n} exceeds the file ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"header is not JSON ({exc})") from None
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"header is not JSON ({exc})") from None
+    return check_header(header, size - 8 - n, 8 + n)
+
+
+def _is_count(x) -> bool:
+    """A JSON non-negative integer (not a bool, float or string)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def check_header(header, data_size: int, data_start: int = 0) -> dict[str, Entry]:
+    """The tensors of a parsed header, checked as the safetensors library checks them: known dtype, integer
+    shape and offsets, tensors sorted by offset tile the data exactly (from 0, contiguous, no overlap, to its
+    end), and each one's size is elements x dtype size. `data_start` is added to make offsets absolute."""
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
-    header.pop("__metadata__", None)
-    data_size, entries = size - 8 - n, {}
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError("__metadata__ is not a JSON object of strings")
+    spans = []
     for name, info in header.items():
-        try:
-            dtype, shape, (start, stop) = BY_CODE[info["dtype"]], tuple(int(d) for d in info["shape"]), \
-                info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"tensor '{name}': bad header entry {info} (dtypes {sorted(BY_CODE)})") from None
-        if stop - start != math.prod(shape) * DTYPES[dtype].itemsize or start < 0:
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or info.get("dtype") not in BY_CODE:
+            raise ValueError(f"tensor '{name}': bad header entry {info!r:.200} (dtypes {sorted(BY_CODE)})")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+            raise ValueError(f"tensor '{name}': shape {shape!r:.100} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise ValueError(f"tensor '{name}': data_offsets {offsets!r:.100} are not two non-negative integers")
+        spans.append((offsets[0], offsets[1], name, BY_CODE[info["dtype"]], tuple(shape)))
+    entries, pos = {}, 0
+    for start, stop, name, dtype, shape in sorted(spans):
+        if start != pos or stop < start:
+            raise ValueError(f"tensor '{name}': data_offsets {[start, stop]} do not start where the previous "
+                             f"tensor ends (byte {pos}): offsets must be sorted, contiguous and not overlap")
+        if stop - start != math.prod(shape) * DTYPES[dtype].itemsize:
             raise ValueError(f"tensor '{name}': data_offsets {[start, stop]} do not hold {list(shape)} {dtype}")
         if stop > data_size:
             raise ValueError(f"tensor '{name}' ends at byte {stop} of {data_size} data bytes (truncated file)")
-        entries[name] = Entry(dtype, shape, 8 + n + start, stop - start)
+        entries[name] = Entry(dtype, shape, data_start + start, stop - start)
+        pos = stop
+    if pos != data_size:
+        raise ValueError(f"tensors hold {pos} bytes but the file has {data_size} data bytes after the header")
     return entries
 
 

@@ -2,7 +2,10 @@
 
 A checkpoint converter must start in a tenth of a second (importing torch takes 1.3 s) and copies tensor bytes
 in-kernel, so it needs each record's framing (zip headers, data.pkl) apart from the tensor's raw bytes.
-Standard library only: this module never imports torch.
+Records are read with the standard library's zipfile; they are written here (torch's framing, with zeros for
+the telemetry-only serialization id). The `.metadata` emitter writes torch's DCP classes by name: it is proven
+(tests/formats/test_torch_format.py: torch unpickles it, DCP and megatron load the result) for torch 2.13,
+the version pyproject allows. Standard library only: this module never imports torch.
 """
 
 from __future__ import annotations
@@ -15,42 +18,15 @@ import os
 import pickle
 import pickletools
 import struct
+import zipfile
 from dataclasses import dataclass
 from typing import Any
 
-
-@dataclass(frozen=True)
-class DType:
-    """A torch dtype as torch.save and safetensors name it."""
-
-    name: str           # torch's name: "bfloat16"
-    itemsize: int       # bytes per element
-    storage: str        # storage class in torch.save pickles; "UntypedStorage" for dtypes torch saves via v3
-    safetensors: str    # safetensors' name: "BF16"
+from megatron_sayo.formats.dtypes import DTYPES, DType, dtype
 
 
-DTYPES: dict[str, DType] = {d.name: d for d in (
-    DType("float64", 8, "DoubleStorage", "F64"),
-    DType("float32", 4, "FloatStorage", "F32"),
-    DType("bfloat16", 2, "BFloat16Storage", "BF16"),
-    DType("float16", 2, "HalfStorage", "F16"),
-    DType("int64", 8, "LongStorage", "I64"),
-    DType("int32", 4, "IntStorage", "I32"),
-    DType("int16", 2, "ShortStorage", "I16"),
-    DType("int8", 1, "CharStorage", "I8"),
-    DType("uint8", 1, "ByteStorage", "U8"),
-    DType("bool", 1, "BoolStorage", "BOOL"),
-    DType("float8_e4m3fn", 1, "UntypedStorage", "F8_E4M3"),
-    DType("float8_e5m2", 1, "UntypedStorage", "F8_E5M2"),
-)}
 _BY_STORAGE = {d.storage: d for d in DTYPES.values() if d.storage != "UntypedStorage"}
-
-
-def _dtype(name: str) -> DType:
-    """The DType called `name`, or ValueError."""
-    if name not in DTYPES:
-        raise ValueError(f"dtype {name!r} is not supported (known: {', '.join(DTYPES)})")
-    return DTYPES[name]
+_dtype = dtype
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -238,28 +214,9 @@ _U32 = 0xFFFFFFFF
 _ALIGNMENT = 64                 # torch.utils.serialization.config.save.storage_alignment default
 _LOCAL_SIZE, _CENTRAL_SIZE, _END_SIZE, _LOCATOR_SIZE, _ZIP64_END_SIZE = 30, 46, 22, 20, 56
 
-# torch's .data/serialization_id is the name hash of the records written (libstdc++ std::hash folded with
-# c10::hash_combine; values as torch 2.x on Linux writes them) followed by the CRC32s folded the same way.
-_NAME_HASHES = {
-    frozenset({"data.pkl", ".format_version", ".storage_alignment", "byteorder", "data/0", "version"}):
-        15728199511854643026,
-    frozenset({"data.pkl", ".format_version", ".storage_alignment", "byteorder", "version"}):
-        2908468677762923104,
-}
-
-
-def _hash_combine(seed: int, value: int) -> int:
-    """c10::hash_combine on 64-bit size_t."""
-    mask = (1 << 64) - 1
-    return seed ^ ((value + 0x9E3779B9 + ((seed << 6) & mask) + (seed >> 2)) & mask)
-
-
-def _serialization_id(names: list[str], descriptors: int) -> bytes:
-    """The 40-digit id torch writes with compute_crc32 off (the CRC32 in each data descriptor is 0)."""
-    crcs = 0
-    for _ in range(descriptors):
-        crcs = _hash_combine(crcs, 0)
-    return f"{_NAME_HASHES.get(frozenset(names), 0):020d}{crcs:020d}".encode()
+# torch writes a 40-digit `.data/serialization_id` (a hash of the record names and CRCs, used for telemetry
+# only; torch.load ignores it). We write zeros: the framing stays torch's, the id is not reproduced.
+_SERIALIZATION_ID = b"0" * 40
 
 
 def _zip64_extra(size: int | None, offset: int | None, local: bool = False) -> bytes:
@@ -290,7 +247,6 @@ class _ZipWriter:
         self.out = bytearray()
         self.pos = 0                # archive offset of the end of self.out plus any external data
         self.entries: list[tuple[str, int, int]] = []
-        self.descriptors = 0
 
     def header(self, name: str, size: int) -> None:
         """Local header of `name`, padded with an "FB" extra field so its data starts 64-byte aligned."""
@@ -306,7 +262,6 @@ class _ZipWriter:
     def descriptor(self) -> None:
         """Data descriptor after the last entry's data (CRC32 left 0, as with compute_crc32 off); none if empty."""
         _, offset, size = self.entries[-1]
-        self.descriptors += size > 0
         if not size:
             return
         if _big(size) is not None or _big(offset) is not None:
@@ -325,7 +280,7 @@ class _ZipWriter:
 
     def finish(self) -> None:
         """serialization_id, central directory, zip64 end record and locator, end record."""
-        self.record(".data/serialization_id", _serialization_id([n for n, _, _ in self.entries], self.descriptors))
+        self.record(".data/serialization_id", _SERIALIZATION_ID)
         cd_offset = self.pos
         for name, offset, size in self.entries:
             full = (self.prefix + name).encode()
@@ -423,131 +378,85 @@ class TensorRecord:
     nbytes: int
 
 
-class _Range:
-    """pread within [offset, offset+length) of fd, served from one head and one tail block when possible."""
-
-    BLOCK = 4096
+class RecordFile(io.RawIOBase):
+    """A read-only, seekable view of bytes [offset, offset+length) of open file descriptor `fd`, so the
+    standard library's zipfile reads one torch.save record stored inside a bigger file (a `.distcp`)."""
 
     def __init__(self, fd: int, offset: int, length: int):
         if offset < 0 or length < 0:
             raise ValueError(f"byte range {offset}+{length} is negative")
-        self.fd, self.offset, self.length = fd, offset, length
-        self.head = self._pread(0, min(length, self.BLOCK))
-        self.tail_start = max(0, length - self.BLOCK)
-        self.tail = self.head if self.tail_start == 0 else self._pread(self.tail_start, length - self.tail_start)
+        if offset + length > os.fstat(fd).st_size:
+            raise ValueError(f"record at {offset} of {length} bytes runs past the end of the file")
+        self.fd, self.offset, self.length, self.pos = fd, offset, length, 0
 
-    def _pread(self, pos: int, n: int) -> bytes:
-        data = _pread_all(self.fd, n, self.offset + pos)
-        if len(data) != n:
-            raise ValueError(f"record at {self.offset} of {self.length} bytes runs past the end of the file")
-        return data
+    def readable(self) -> bool:
+        return True
 
-    def read(self, pos: int, n: int, what: str) -> bytes:
-        if pos < 0 or n < 0 or pos + n > self.length:
-            raise ValueError(f"{what} at {pos}+{n} lies outside the {self.length}-byte record")
-        if pos + n <= len(self.head):
-            return self.head[pos:pos + n]
-        if pos >= self.tail_start:
-            return self.tail[pos - self.tail_start:pos - self.tail_start + n]
-        return self._pread(pos, n)
+    def seekable(self) -> bool:
+        return True
 
+    def tell(self) -> int:
+        return self.pos
 
-def _pread_all(fd: int, n: int, pos: int) -> bytes:
-    """os.pread until n bytes or end of file."""
-    chunks = []
-    while n > 0:
-        chunk = os.pread(fd, n, pos)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        n -= len(chunk)
-        pos += len(chunk)
-    return b"".join(chunks)
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = max(0, (pos, self.pos + pos, self.length + pos)[whence])
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        n = max(0, min(len(buf), self.length - self.pos))
+        data = os.pread(self.fd, n, self.offset + self.pos)
+        buf[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
 
 
-@dataclass(frozen=True)
-class _Entry:
-    name: str
-    local_offset: int
-    size: int
-    method: int
+def open_record(fd: int, offset: int, length: int) -> tuple[zipfile.ZipFile, RecordFile]:
+    """The torch.save record at [offset, offset+length) of `fd` as a ZipFile (ValueError when it is not one)."""
+    view = RecordFile(fd, offset, length)
+    try:
+        return zipfile.ZipFile(view), view
+    except (zipfile.BadZipFile, OSError, EOFError, struct.error) as exc:
+        raise ValueError(f"not a torch.save record: no readable zip directory ({exc})") from None
 
 
-def _end_of_central_dir(r: _Range) -> tuple[int, int, int]:
-    """(central directory offset, size, entry count) from the end record, or the zip64 one it points to."""
-    tail, base = r.tail, r.tail_start
-    pos = tail.rfind(_END)
-    while pos >= 0 and (pos + _END_SIZE > len(tail)
-                        or pos + _END_SIZE + struct.unpack_from("<H", tail, pos + 20)[0] != len(tail)):
-        pos = tail.rfind(_END, 0, pos)
-    if pos < 0:
-        raise ValueError("no zip end-of-central-directory record (not a torch.save record, or truncated)")
-    _, _, _, count, cd_size, cd_offset, _ = struct.unpack_from("<HHHHIIH", tail, pos + 4)
-    pos += base
-    if pos >= _LOCATOR_SIZE and r.read(pos - _LOCATOR_SIZE, 4, "zip64 locator") == _ZIP64_LOCATOR:
-        _, z64_end, _ = struct.unpack("<IQI", r.read(pos - _LOCATOR_SIZE + 4, 16, "zip64 locator"))
-        rec = r.read(z64_end, _ZIP64_END_SIZE, "zip64 end record")
-        if rec[:4] != _ZIP64_END:
-            raise ValueError(f"zip64 end record expected at {z64_end}")
-        count, _, cd_size, cd_offset = struct.unpack_from("<QQQQ", rec, 24)
-    return cd_offset, cd_size, count
-
-
-def _zip64_values(extra: bytes, wanted: list[bool]) -> list[int | None]:
-    """Values of the zip64 field in `extra`, for the wanted slots (uncompressed, compressed, offset)."""
-    pos = 0
-    while pos + 4 <= len(extra):
-        tag, n = struct.unpack_from("<HH", extra, pos)
-        if tag == 1:
-            values, at = [], pos + 4
-            for w in wanted:
-                if w:
-                    if at + 8 > pos + 4 + n:
-                        raise ValueError("zip64 extra field is too short")
-                    values.append(struct.unpack_from("<Q", extra, at)[0])
-                    at += 8
-                else:
-                    values.append(None)
-            return values
-        pos += 4 + n
-    if any(wanted):
-        raise ValueError("zip64 extra field missing")
-    return [None] * len(wanted)
-
-
-def _central_directory(r: _Range) -> dict[str, _Entry]:
-    cd_offset, cd_size, count = _end_of_central_dir(r)
-    if cd_size > 1 << 20 or count > 10000:
-        raise ValueError(f"central directory of {count} entries ({cd_size} bytes) is too big for a torch.save "
-                         f"record")
-    cd = r.read(cd_offset, cd_size, "central directory")
-    entries, pos = {}, 0
-    for _ in range(count):
-        if cd[pos:pos + 4] != _CENTRAL or pos + _CENTRAL_SIZE > len(cd):
-            raise ValueError(f"bad central directory entry at {cd_offset + pos}")
-        (_, _, _, method, _, _, _, comp, size, name_len, extra_len, comment_len, _, _, _,
-         offset) = struct.unpack_from("<HHHHHHIIIHHHHHII", cd, pos + 4)
-        name = cd[pos + _CENTRAL_SIZE:pos + _CENTRAL_SIZE + name_len].decode("utf-8", "replace")
-        extra = cd[pos + _CENTRAL_SIZE + name_len:pos + _CENTRAL_SIZE + name_len + extra_len]
-        big_size, big_comp, big_offset = _zip64_values(extra, [size == _U32, comp == _U32, offset == _U32])
-        entries[name] = _Entry(name, offset if big_offset is None else big_offset,
-                               size if big_size is None else big_size, method)
-        pos += _CENTRAL_SIZE + name_len + extra_len + comment_len
-    return entries
-
-
-def _data_start(r: _Range, e: _Entry) -> int:
-    """Offset of an entry's data: after its local header, name and extra fields (the "FB" padding)."""
-    hdr = r.read(e.local_offset, _LOCAL_SIZE, f"local header of {e.name}")
-    if hdr[:4] != _LOCAL:
-        raise ValueError(f"no local header for {e.name} at {e.local_offset}")
+def member_start(z: zipfile.ZipFile, view: RecordFile, name: str) -> int:
+    """Offset in the record of member `name`'s data: after its local header, name and extra field (torch's
+    "FB" alignment padding). Refuses compressed members: torch.save stores them as they are."""
+    info = z.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise ValueError(f"{name} is compressed (method {info.compress_type}); torch.save stores records "
+                         f"uncompressed")
+    view.seek(info.header_offset)
+    hdr = view.read(_LOCAL_SIZE)
+    if len(hdr) != _LOCAL_SIZE or hdr[:4] != _LOCAL:
+        raise ValueError(f"no local header for {name} at {info.header_offset}")
     name_len, extra_len = struct.unpack_from("<HH", hdr, 26)
-    if e.method != 0:
-        raise ValueError(f"{e.name} is compressed (method {e.method}); torch.save stores records uncompressed")
-    start = e.local_offset + _LOCAL_SIZE + name_len + extra_len
-    if start + e.size > r.length:
-        raise ValueError(f"{e.name} ({e.size} bytes at {start}) runs past the {r.length}-byte record")
+    start = info.header_offset + _LOCAL_SIZE + name_len + extra_len
+    if start + info.file_size > view.length:
+        raise ValueError(f"{name} ({info.file_size} bytes at {start}) runs past the {view.length}-byte record")
     return start
+
+
+def read_member(z: zipfile.ZipFile, view: RecordFile, name: str, limit: int = 1 << 20) -> bytes:
+    """Member `name`'s bytes (at most `limit`). Its CRC32 is checked unless it is 0: torch writes 0 with
+    compute_crc32 off, as our own writer does."""
+    info = z.getinfo(name)
+    if info.file_size > limit:
+        raise ValueError(f"{name} of {info.file_size} bytes is bigger than the {limit} a record needs")
+    start = member_start(z, view, name)
+    view.seek(start)
+    data = view.read(info.file_size)
+    if info.CRC and zipfile.crc32(data) != info.CRC:
+        raise ValueError(f"{name} fails its CRC-32 check (corrupt record)")
+    return data
+
+
+def data_pickle(z: zipfile.ZipFile) -> str:
+    """The name of the record's one `<archive>/data.pkl`."""
+    names = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(names) != 1:
+        raise ValueError(f"no single <archive>/data.pkl among {sorted(z.namelist())[:10]}")
+    return names[0]
 
 
 @dataclass(frozen=True)
@@ -642,34 +551,30 @@ def _record_dtype(t: _Rebuilt) -> tuple[DType, int]:
 
 
 def read_tensor_record(fd: int, offset: int, length: int) -> TensorRecord:
-    """Parse the torch.save record stored at [offset, offset+length) of open file `fd` (os.pread only, reading
-    the zip end records/central directory from the tail and data.pkl; never the tensor data)."""
-    r = _Range(fd, offset, length)
-    entries = _central_directory(r)
-    pkl_names = [n for n in entries if n.endswith("/data.pkl") and n.count("/") == 1]
-    if len(pkl_names) != 1:
-        raise ValueError(f"no single <archive>/data.pkl among {sorted(entries)[:10]}")
-    prefix = pkl_names[0][:-len("data.pkl")]
-    pkl_entry = entries[pkl_names[0]]
-    if pkl_entry.size > 1 << 20:
-        raise ValueError(f"data.pkl of {pkl_entry.size} bytes is too big for a single tensor")
-    t = _unpickle_tensor(r.read(_data_start(r, pkl_entry), pkl_entry.size, "data.pkl"))
-    order = entries.get(prefix + "byteorder")
-    if order is not None and r.read(_data_start(r, order), min(order.size, 16), "byteorder") != b"little":
-        raise ValueError("record is big-endian")
-    dt, storage_nbytes = _record_dtype(t)
-    data = entries.get(f"{prefix}data/{t.storage.key}")
-    if data is None:
-        raise ValueError(f"storage {t.storage.key!r} has no {prefix}data/{t.storage.key} entry")
-    if data.size != storage_nbytes:
-        raise ValueError(f"storage {t.storage.key!r} holds {data.size} bytes, data.pkl says {storage_nbytes}")
-    if not _is_contiguous(t.shape, t.stride):
-        raise ValueError(f"tensor of shape {list(t.shape)} has non-contiguous strides {list(t.stride)}")
-    nbytes = math.prod(t.shape) * dt.itemsize
-    if t.offset < 0 or t.offset * dt.itemsize + nbytes > storage_nbytes:
-        raise ValueError(f"tensor at element {t.offset} of {nbytes} bytes exceeds its {storage_nbytes}-byte "
-                         f"storage")
-    return TensorRecord(dt.name, t.shape, _data_start(r, data) + t.offset * dt.itemsize, nbytes)
+    """Parse the torch.save record stored at [offset, offset+length) of open file `fd` (zipfile over a view of
+    that range: the central directory, the local headers and data.pkl are read; never the tensor data)."""
+    z, view = open_record(fd, offset, length)
+    with z:
+        pkl = data_pickle(z)
+        prefix = pkl[:-len("data.pkl")]
+        t = _unpickle_tensor(read_member(z, view, pkl))
+        names = set(z.namelist())
+        if prefix + "byteorder" in names and read_member(z, view, prefix + "byteorder", 16) != b"little":
+            raise ValueError("record is big-endian")
+        dt, storage_nbytes = _record_dtype(t)
+        data = f"{prefix}data/{t.storage.key}"
+        if data not in names:
+            raise ValueError(f"storage {t.storage.key!r} has no {data} entry")
+        size = z.getinfo(data).file_size
+        if size != storage_nbytes:
+            raise ValueError(f"storage {t.storage.key!r} holds {size} bytes, data.pkl says {storage_nbytes}")
+        if not _is_contiguous(t.shape, t.stride):
+            raise ValueError(f"tensor of shape {list(t.shape)} has non-contiguous strides {list(t.stride)}")
+        nbytes = math.prod(t.shape) * dt.itemsize
+        if t.offset < 0 or t.offset * dt.itemsize + nbytes > storage_nbytes:
+            raise ValueError(f"tensor at element {t.offset} of {nbytes} bytes exceeds its {storage_nbytes}-byte "
+                             f"storage")
+        return TensorRecord(dt.name, t.shape, member_start(z, view, data) + t.offset * dt.itemsize, nbytes)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -844,6 +749,10 @@ def _storage_location(info, what: str) -> tuple[str, int, int]:
     file, offset, length = f.get("relative_path"), f.get("offset"), f.get("length")
     if not (isinstance(file, str) and isinstance(offset, int) and isinstance(length, int)):
         raise ValueError(f"{what}: storage info lacks relative_path/offset/length: {f!r}")
+    if f.get("transform_descriptors"):
+        raise ValueError(f"{what}: stored through transforms {list(f['transform_descriptors'])} (a DCP "
+                         f"extension such as compression); only plain torch_dist checkpoints are supported: "
+                         f"save without transforms")
     return file, offset, length
 
 

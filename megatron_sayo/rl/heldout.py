@@ -106,7 +106,7 @@ class HeldOutEvaluator:
         scores = score_policy(policy, batch, cfg.train.micro_batch, temperature)
         if scores is None:
             return rollout, None
-        return rollout, score_completions(rollout, batch, scores, [s.answer for s in chunk],
+        return rollout, score_completions(rollout, batch, scores, [s.reference(cfg.reward.accuracy_target) for s in chunk],
                                           self.processor.tokenizer, cfg.reward)
 
     def evaluate(self, policy) -> dict:

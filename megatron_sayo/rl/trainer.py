@@ -23,6 +23,8 @@ from megatron.core import parallel_state
 from megatron_sayo.config import RunConfig
 from megatron_sayo.models.lora import adapters_disabled, attach_lora
 from megatron_sayo.data.grounded import decodable_samples
+from megatron_sayo.distributed import runtime
+from megatron_sayo.formats.dtypes import torch_dtype
 from megatron_sayo.rl import rewards as R
 from megatron_sayo.rl.advantages import distributed_group_advantages
 from megatron_sayo.rl.diagnostics import steering_metrics
@@ -33,7 +35,6 @@ from megatron_sayo.rl.rollout import SamplingParams, generate
 from megatron_sayo.rl.scoring import RolloutBatch, completion_logits, reference_logprobs, score_policy
 
 log = logging.getLogger("megatron_sayo.train")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -44,7 +45,7 @@ def build_policy(cfg: RunConfig, hf_dir: str):
     """This rank's policy stage, filled from the HF or megatron checkpoint the config names."""
     from megatron_sayo.models.qwen25vl.model import load_from_hf
 
-    dtype = DTYPES[cfg.model.params_dtype]
+    dtype = torch_dtype(cfg.model.params_dtype)
     kwargs = dict(attention_backend=cfg.model.attention_backend, layer_backend=cfg.model.layer_backend,
                   mass_kernel=cfg.model.region_mass_kernel,
                   recompute=cfg.model.recompute, sequence_parallel=cfg.model.sequence_parallel)
@@ -56,6 +57,19 @@ def build_policy(cfg: RunConfig, hf_dir: str):
                                         params_dtype=dtype, config_overrides=overrides, **kwargs)
     return load_from_hf(hf_dir, tp=cfg.parallel.tp, pp=cfg.parallel.pp, params_dtype=dtype,
                         config_overrides=overrides, **kwargs)
+
+
+def freeze_vision_tower(model) -> int:
+    """Turn off requires_grad on this stage's vision tower (before DDP and the optimizer are built, so neither
+    holds gradient buffers or optimizer state for it); returns the number of parameters frozen (0 off stage 1)."""
+    vision = getattr(model, "vision", None)
+    if vision is None:
+        return 0
+    frozen = 0
+    for p in vision.parameters():
+        p.requires_grad_(False)
+        frozen += p.numel()
+    return frozen
 
 
 def base_pointer(cfg: RunConfig, init_from: Path | None) -> dict:
@@ -143,6 +157,8 @@ class GRPOTrainer:
         if cfg.lora.enabled:   # before DDP and the optimizer: only the adapters train
             attach_lora(self.policy, self.hf.text, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
                         dropout=cfg.lora.dropout, targets=cfg.lora.targets, seed=cfg.lora.seed)
+        if cfg.model.freeze_vision:   # before DDP and the optimizer: the vision tower gets no grads/state
+            freeze_vision_tower(self.policy)
         self.ddp, self.optimizer, self.scheduler = wrap_for_training(cfg, self.policy)
         # with LoRA the reference policy is the same model with its adapters off: no second copy
         self.reference = (self._load(init_from).eval() if cfg.loss.kl_beta > 0 and not cfg.lora.enabled
@@ -186,7 +202,9 @@ class GRPOTrainer:
                                                     hf.tokens.vision_end),
                                 seed=cfg.train.seed * 1_000_003 + self.step * 1009 + self.dp_rank)
         self.policy.eval()
-        rollout = generate(self.policy, prompts.inputs, params, num_return_sequences=g)
+        inputs = {k: (v.to(runtime.device()) if isinstance(v, torch.Tensor) else v)
+                  for k, v in prompts.inputs.items()}
+        rollout = generate(self.policy, inputs, params, num_return_sequences=g)
         t1 = time.perf_counter()
 
         rows = rollout.group_ids.tolist()
@@ -209,7 +227,7 @@ class GRPOTrainer:
         if last:
             terms, tas, texts = self._rewards(rollout, scores, [local[r] for r in rows])
             total = R.total_reward(terms, cfg.reward.weights)
-            group_ids = torch.as_tensor(rows) + first
+            group_ids = torch.as_tensor(rows, device=total.device) + first
             advantages = distributed_group_advantages(total, group_ids, eps=cfg.loss.advantage_eps)
             metrics = self._rollout_metrics(terms, total, tas, rollout, scores)
             metrics.update(steering_metrics(terms["attention"], terms["accuracy"], tas, advantages, group_ids))
@@ -222,7 +240,10 @@ class GRPOTrainer:
             metrics.update(step=self.step, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
                            tokens_per_s=n_tokens / (t4 - t0), skipped=skipped,
                            time_rollout=t1 - t0, time_score=t2 - t1, time_reference=t3 - t2, time_update=t4 - t3,
-                           time_step=t4 - t0, sample_completion=texts[0][:200])
+                           time_step=t4 - t0, sample_completion=texts[0][:200],
+                           sequences=len(rows) * self.dp, sequence_length=s)
+            if torch.cuda.is_available():
+                metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return StepResult(metrics, skipped)
 
     def _reference_logprobs(self, batch: RolloutBatch, mb: int):
@@ -239,7 +260,7 @@ class GRPOTrainer:
     def _rewards(self, rollout, scores, samples):
         """Per-completion reward terms (attention, format, accuracy) and TAS, on the last stage."""
         cfg = self.cfg.reward
-        start = torch.full((rollout.sequences.shape[0],), rollout.prompt_length)
+        start = torch.full((rollout.sequences.shape[0],), rollout.prompt_length, device=rollout.sequences.device)
         attn, tas, _, _ = R.sequence_attention_reward(scores.region_mass, scores.image_mass, scores.entropy, start,
                                                       rollout.completion_mask, cfg.top_entropy_ratio,
                                                       cfg.attention_form, cfg.eps)
@@ -249,8 +270,10 @@ class GRPOTrainer:
             text = tok.decode(rollout.completion_ids[row, :n].tolist(), skip_special_tokens=True)
             texts.append(text)
             fmt.append(R.format_reward(text, n, cfg.format_long_bound, cfg.format_short_bound, cfg.format_factor))
-            acc.append(R.accuracy_reward(R.extract_answer(text), samples[row].answer, cfg.accuracy_match))
-        terms = {"attention": attn.float(), "format": torch.tensor(fmt), "accuracy": torch.tensor(acc)}
+            acc.append(R.accuracy_reward(R.extract_answer(text), samples[row].reference(cfg.accuracy_target),
+                                          cfg.accuracy_match))
+        terms = {"attention": attn.float(), "format": torch.tensor(fmt, device=attn.device),
+                 "accuracy": torch.tensor(acc, device=attn.device)}
         return terms, tas, texts
 
     def _rollout_metrics(self, terms, total, tas, rollout, scores) -> dict:

@@ -141,3 +141,105 @@ def test_find_resumable_skips_tmp_and_broken_metadata(tmp_path):
         warnings.simplefilter("always")
         assert find_resumable(tmp_path) is None
     assert any("metadata unreadable" in str(w.message) for w in caught)
+
+
+class _RunsACommand:
+    """Unpickling this runs a shell command (what a crafted checkpoint would carry)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _guard_scenario(hf_dir: str, run_dir: str, marker: str):
+    """1 rank, TP=1: finite check on save (14.3), all-corrupt error (14.4), unsafe pickles refused (14.5)."""
+    import pickle
+    import shutil
+
+    from megatron_sayo.checkpoint import state as checkpoint
+    from megatron_sayo.checkpoint.files import CheckpointError
+    from megatron_sayo.distributed import runtime
+    from megatron_sayo.models.qwen25vl.model import load_from_hf
+
+    runtime.init_distributed(1, 1)
+    out = {}
+
+    def build():
+        model = load_from_hf(hf_dir, tp=1, pp=1).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    model, opt, sched = build()
+    root = Path(run_dir) / "checkpoints"
+    for step in (1, 2):
+        checkpoint.save_training_state(run_dir, step, model, opt, sched, {"data_position": step}, keep=1,
+                                       config_dir=hf_dir)
+    good = _params(model)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out["diverged_save"] = checkpoint.save_training_state(run_dir, 3, model, opt, sched, {"data_position": 3},
+                                                              keep=1)
+    out["diverged_warning"] = [str(w.message) for w in caught if "non-finite" in str(w.message)]
+    out["kept"] = sorted(p.name for p in root.iterdir())
+    out["latest"] = (root / "latest").read_text().strip()
+    model, opt, sched = build()
+    out["resumed_step"] = checkpoint.load_training_state(run_dir, model, opt, sched)["step"]
+    out["resumed_equal"] = all(torch.equal(good[k], v) for k, v in _params(model).items())
+
+    # 14.5: a crafted .metadata / common.pt is refused before torch or megatron unpickles it
+    for name in (".metadata", "common.pt"):
+        evil_run = Path(run_dir + "-evil-" + name.strip("."))
+        step_dir = evil_run / "checkpoints" / "step_0000002"
+        shutil.copytree(root / "step_0000002", step_dir)
+        if name == ".metadata":      # the real metadata (our own file), carrying the command in planner_data
+            md = pickle.loads((step_dir / name).read_bytes())
+            md.planner_data = _RunsACommand(marker)
+            (step_dir / name).write_bytes(pickle.dumps(md))
+        else:
+            torch.save({"x": _RunsACommand(marker)}, step_dir / name)
+        for what, load in (("resume", lambda: checkpoint.load_training_state(evil_run, *build())),
+                           ("inference", lambda: checkpoint.load_model_for_inference(step_dir))):
+            try:
+                load()
+                out[f"{name} {what}"] = "loaded"
+            except CheckpointError as exc:
+                out[f"{name} {what}"] = f"{type(exc).__name__}: {exc}"
+    out["marker_exists"] = Path(marker).exists()
+
+    # 14.4: every checkpoint corrupt -> one clear error naming each
+    checkpoint.save_training_state(run_dir, 4, model, opt, sched, {"data_position": 4}, keep=2)
+    next((root / "step_0000004").glob("*.distcp")).unlink()                 # looks incomplete: skipped
+    data = next((root / "step_0000002").glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:100])                                # truncated: fails to load
+    model, opt, sched = build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            checkpoint.load_training_state(run_dir, model, opt, sched)
+            out["all_corrupt"] = "loaded"
+        except CheckpointError as exc:
+            out["all_corrupt"] = str(exc)
+    return out
+
+
+def test_diverged_unsafe_and_all_corrupt_checkpoints(tiny_ckpt, tmp_path):
+    marker = tmp_path / "PWNED"
+    (r,) = spawn_local(_guard_scenario, 1, str(tiny_ckpt), str(tmp_path / "run"), str(marker))
+    # 14.3: the diverged model is not written; the newest finite checkpoint is neither replaced nor pruned
+    assert r["diverged_save"] is None and r["diverged_warning"]
+    assert r["kept"] == ["latest", "step_0000002"] and r["latest"] == "step_0000002"
+    assert r["resumed_step"] == 2 and r["resumed_equal"]
+    # 14.5: refused, naming the file and the global; the command never ran
+    assert not r["marker_exists"] and not marker.exists()
+    for name in (".metadata", "common.pt"):
+        for what in ("resume", "inference"):
+            msg = r[f"{name} {what}"]
+            assert msg.startswith("UnsafeCheckpoint") and name in msg and "posix.system" in msg, msg
+    # 14.4: a clear error naming every checkpoint tried, not a KeyError from half-filled state
+    msg = r["all_corrupt"]
+    assert "no checkpoint could be loaded" in msg and "step_0000004" in msg and "step_0000002" in msg, msg

@@ -355,3 +355,83 @@ def test_dtype_change_rounds_as_torch_does(tiny_ckpt, tmp_path):
         norm = k.endswith(("layernorm.weight", "model.norm.weight"))
         want = t if norm else t.to(torch.bfloat16).to(torch.float32)
         assert b[k].dtype == torch.float32 and torch.equal(b[k], want), k
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_output_overlapping_the_input_is_refused(tiny_ckpt, converted_tp2pp2, tmp_path, overwrite):
+    """An output that is the input, contains it or lies inside it is refused, --overwrite or not; the input
+    stays whole (issue 14.2: `--out RUN --overwrite` deleted the run)."""
+    hf = _copy(tiny_ckpt, tmp_path / "parent" / "hf")
+    run = tmp_path / "run"
+    _copy(converted_tp2pp2, run / "checkpoints" / "step_0000001")
+    (run / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "link").symlink_to(hf)
+    before = {p: p.read_bytes() for d in (hf, run) for p in sorted(d.rglob("*")) if p.is_file()}
+    for out in (hf, hf / "sub", hf.parent, tmp_path / "link"):
+        with pytest.raises(CheckpointError, match=r"the input .*refused with or without --overwrite"):
+            convert_hf_to_megatron(hf, out, overwrite=overwrite, progress=False)
+    for out in (run, run / "checkpoints", run / "checkpoints" / "step_0000001", run / "hf", tmp_path):
+        with pytest.raises(CheckpointError, match=r"the input .*refused with or without --overwrite"):
+            convert_megatron_to_hf(run, out, overwrite=overwrite, progress=False)
+    after = {p: p.read_bytes() for d in (hf, run) for p in sorted(d.rglob("*")) if p.is_file()}
+    assert after == before
+    assert not list(tmp_path.rglob("*.tmp-*"))
+
+
+def _slow_cli(tool: str, args: list[str]) -> str:
+    """python -c source running a converter CLI with each progress step slowed (the tiny conversion takes
+    0.1 s, too quick for a signal to land mid-write)."""
+    return (f"import sys, time; sys.path.insert(0, {str(ROOT / 'tools')!r}); import {tool} as cli; "
+            "import megatron_sayo.convert.converters as c; step = c._Progress.update; "
+            "c._Progress.update = lambda self, n: (time.sleep(0.05), step(self, n)); "
+            f"sys.exit(cli.main({args!r}))")
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_signalled_cli_removes_its_temp_dir(tiny_ckpt, tmp_path, signame):
+    """SIGTERM / SIGINT mid-write: the CLI removes `<out>.tmp-<pid>` and exits 143 / 130 (issue 14.16)."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "meg"
+    cli = _slow_cli("convert_hf_to_megatron", ["--hf", str(tiny_ckpt), "--out", str(out), "--no-progress"])
+    proc = subprocess.Popen([sys.executable, "-c", cli], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("meg.tmp-*/__*.distcp")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the conversion ended before it could be signalled"
+        time.sleep(0.02)
+    proc.send_signal(getattr(signal, signame))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == (143 if signame == "SIGTERM" else 130), err
+    assert "interrupted" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_temp_dirs_of_dead_conversions_reported_then_removed(tiny_ckpt, tmp_path, caplog):
+    """Leftover `<out>.tmp-<pid>` dirs of dead processes are reported; with remove_stale only those go, never
+    a live process's, another name's or a non-matching one."""
+    import logging
+    import os
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "meg"
+    stale = tmp_path / f"meg.tmp-{dead.pid}"
+    keep = [tmp_path / "meg.tmp-1", tmp_path / f"meg.tmp-{os.getppid()}", tmp_path / "meg.tmp-x1",
+            tmp_path / f"other.tmp-{dead.pid}"]
+    for d in [stale, *keep]:
+        d.mkdir()
+        (d / "f").write_text("x")
+    with caplog.at_level(logging.WARNING):
+        convert_hf_to_megatron(tiny_ckpt, out, progress=False)
+    import re
+    assert re.findall(r"/[^ ,]*\.tmp-[^ ,]*", caplog.text) == [str(stale)]
+    assert "--remove-stale-tmp" in caplog.text
+    assert stale.exists()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        convert_hf_to_megatron(tiny_ckpt, out, overwrite=True, remove_stale=True, progress=False)
+    assert not stale.exists() and all((k / "f").exists() for k in keep)
+    assert "removed 1 temp dir" in caplog.text

@@ -261,3 +261,17 @@ def test_image_that_stops_decoding_after_loading(data_dir, caplog):
     (data_dir / "img.png").unlink()
     with pytest.raises(ValueError, match="no sample image decodes"):
         decodable_samples(samples, [0], on_error="skip")
+
+
+def test_short_answer_is_optional_validated_and_selectable(data_dir):
+    path = data_dir / "short.jsonl"
+    path.write_text("\n".join([_row(1, answer="It is a cup.", short_answer="cup"), _row(2),
+                               _row(3, short_answer=""), _row(4, short_answer=7)]) + "\n")
+    good, errors = check_file(path)
+    assert [(e.line, e.row_error.field) for e in errors] == [(3, "short_answer"), (4, "short_answer")]
+    assert [(s.reference("answer"), s.reference("short_answer")) for s in good] == [("It is a cup.", "cup"),
+                                                                                    ("a", "a")]
+    with pytest.raises(ValueError, match="answer field must be one of"):
+        good[0].reference("fullAnswer")
+    back = load_grounded(save_parquet(good, data_dir / "short.parquet"))
+    assert [s.short_answer for s in back] == ["cup", None]

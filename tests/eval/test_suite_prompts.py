@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -75,7 +77,7 @@ def authors_image(source, from_file: bool, min_pixels: int, max_pixels: int) -> 
 @pytest.mark.parametrize("bounds", [(262144, 5000000), (100, 400), (100, 10**7)], ids=["up", "down", "kept"])
 def test_images_are_sent_as_the_authors_send_them(fixture_root, tmp_path, name, bounds):
     """The pixels the server decodes (it converts to RGB, as the authors' vLLM server did) equal those of the
-    authors' rescaled PNG; an image the rescale leaves alone is sent as published (a file in place)."""
+    authors' rescaled PNG; an image the rescale leaves alone is sent as published (its file hard-linked)."""
     root, _ = fixture_root
     samples = suite.BY_NAME[name].samples(root)
     rows = prepare.byob_rows(samples, tmp_path / "img", *bounds)
@@ -87,8 +89,9 @@ def test_images_are_sent_as_the_authors_send_them(fixture_root, tmp_path, name, 
         with Image.open(png) as sent, Image.open(row["image_url"]) as ours:
             assert ours.size == sent.size
             assert ours.convert("RGB").tobytes() == sent.convert("RGB").tobytes()
+        assert Path(row["image_url"]).parent == (tmp_path / "img").resolve()   # the server's one media folder
         if bounds == (100, 10**7) and sample.image.path:
-            assert row["image_url"] == str(sample.image.path)
+            assert os.path.samefile(row["image_url"], sample.image.path)       # hard link, no second copy
         assert row["question"] == sample.question and row["answer"] == sample.answer
 
 

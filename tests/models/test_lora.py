@@ -15,21 +15,11 @@ from megatron_sayo.data.processor import Processor
 from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
 from megatron_sayo.models.qwen25vl.lora_names import (TARGETS, adapter_entries, param_name, peft_key,
                                                       peft_target_regex)
+from megatron_sayo.testing.fixed_rollout import random_adapters
 from megatron_sayo.testing.parity import INPUT_KEYS, compare_logits
 
 RANK, ALPHA = 4, 8.0
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]
-
-
-def random_adapters(ckpt, seed=0, targets=tuple(TARGETS)) -> dict[str, torch.Tensor]:
-    """Full (TP=1, HF-shaped) A and B matrices for every adapter, by megatron name; B non-zero."""
-    text = load_hf_config(ckpt).text
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for target, module, layer, a, b in adapter_entries(text, targets, RANK):
-        out[param_name(target, module, "A", layer)] = torch.randn(a, generator=g) / a[1] ** 0.5
-        out[param_name(target, module, "B", layer)] = torch.randn(b, generator=g) * 0.05
-    return out
 
 
 def to_peft(ckpt, adapters: dict[str, torch.Tensor], targets=tuple(TARGETS)) -> dict[str, torch.Tensor]:
@@ -70,7 +60,7 @@ def _rank_logits(ckpt, tp, pp, batch, adapters):
 
     from megatron_sayo.distributed import runtime
     from megatron_sayo.distributed.schedule import run_forward
-    from megatron_sayo.models.lora import adapters_disabled, attach_lora, load_full_adapters
+    from megatron_sayo.models.lora import adapters_disabled, attach_lora, load_full_adapters, trainable_parameters
     from megatron_sayo.models.qwen25vl.attention import AttentionState, KVCache
     from megatron_sayo.models.qwen25vl.model import load_from_hf, model_inputs
 
@@ -85,6 +75,7 @@ def _rank_logits(ckpt, tp, pp, batch, adapters):
     base = logits()
     attach_lora(model, model.hf.text, rank=RANK, alpha=ALPHA)
     load_full_adapters(model, adapters)
+    counts = (trainable_parameters(model), len(model.decoder.layers))
     on = logits()
     with adapters_disabled(model):
         off = logits()
@@ -94,14 +85,14 @@ def _rank_logits(ckpt, tp, pp, batch, adapters):
             state = AttentionState(kv_cache=KVCache(max_len=inputs["input_ids"].shape[1]))
             cached = model.full_logits(model(**inputs, state=state))
     if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
-        return base, on, off, cached
+        return base, on, off, cached, counts
     return None
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_ckpt, make_image):
     batch = batch_for(tiny_ckpt, make_image)
-    adapters = random_adapters(tiny_ckpt)
+    adapters = random_adapters(load_hf_config(tiny_ckpt).text, RANK)
     return batch, adapters, peft_reference_logits(str(tiny_ckpt), batch, adapters)
 
 
@@ -111,8 +102,12 @@ def test_adapted_logits_match_peft(tiny_ckpt, reference, tp, pp):
 
     batch, adapters, ref = reference
     plain = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k in INPUT_KEYS}
-    base, on, off, cached = next(r for r in spawn_local(_rank_logits, tp * pp, str(tiny_ckpt), tp, pp, plain,
-                                                        adapters) if r is not None)
+    from megatron_sayo.plan import load_arch, lora_layer_params
+
+    base, on, off, cached, (trainable, layers) = next(
+        r for r in spawn_local(_rank_logits, tp * pp, str(tiny_ckpt), tp, pp, plain, adapters) if r is not None)
+    # the planner's per-rank adapter count is what the model really trains
+    assert trainable == layers * lora_layer_params(load_arch(tiny_ckpt).text, RANK, tp)
     mask = batch["attention_mask"].numpy()
     report = compare_logits(on.numpy(), ref, mask)
     assert report.rel <= 1e-4, str(report)

@@ -62,11 +62,12 @@ def test_train_scripts_are_preemptible(name):
 
 
 def test_72b_layout_is_the_planners_recommendation():
+    cfg = yaml.safe_load((ROOT / "examples/qwen25vl_72b.yaml").read_text())
+    frozen = ["--freeze-vision"] if cfg["model"].get("freeze_vision") else []
     out = subprocess.run([sys.executable, str(ROOT / "tools/plan_parallelism.py"), "--model",
                           str(ROOT / "examples/configs/qwen25vl_72b.config.json"), "--gpus", "64",
-                          "--gpu-memory", "80GB", "--json"], capture_output=True, text=True, check=True)
+                          "--gpu-memory", "80GB", "--json", *frozen], capture_output=True, text=True, check=True)
     rec = json.loads(out.stdout)["recommended"]
-    cfg = yaml.safe_load((ROOT / "examples/qwen25vl_72b.yaml").read_text())
     assert (cfg["parallel"]["tp"], cfg["parallel"]["pp"]) == (rec["tp"], rec["pp"])
     header = TRAIN_72B.read_text()
     nodes = int(re.search(r"^#SBATCH --nodes=(\d+)$", header, re.M).group(1))

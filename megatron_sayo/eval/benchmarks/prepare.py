@@ -7,10 +7,12 @@ import io
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 from megatron_sayo.eval.benchmarks.hub_data import DatasetError
 from megatron_sayo.eval.benchmarks.suite import SuiteSample
+from megatron_sayo.formats.atomic import write_bytes_atomic
 
 
 def authors_size(width: int, height: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -42,36 +44,44 @@ def load_image(sample: SuiteSample, min_pixels: int, max_pixels: int):
     return (image.resize(size), True) if size != image.size else (image, False)
 
 
-def write_atomic(path: Path, write) -> None:
-    """write(tmp_path), then rename onto path (a reader never sees a partial file)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_png(image, path: Path) -> None:
     """PNG-encode to path atomically (modes PNG cannot hold, e.g. CMYK, as RGB: what the server sees anyway)."""
     if image.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
         image = image.convert("RGB")
-    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    write_bytes_atomic(path, buf.getvalue(), fsync=False)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """dst as a hard link to src (no extra disk), or a copy across file systems; replaced atomically."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def image_url(sample: SuiteSample, index: int, image_dir: Path, min_pixels: int, max_pixels: int) -> str:
-    """The path the server reads the sample's image from.
+    """The path under image_dir the server reads the sample's image from (the server opens local files only
+    inside the one directory holding them all).
 
     A rescaled image is written as PNG (the authors' encoding). An image the rescale leaves alone decodes to the
     same pixels as the authors' PNG of it (the server converts to RGB, as the authors' server did), so it is sent
-    as published: a file in place, or the dataset's own encoded bytes written once. That keeps the disk cost of a
-    full run near the datasets' own size instead of a PNG of every high-resolution photo."""
+    as published: its file hard-linked (copied across file systems), or the dataset's encoded bytes. That keeps
+    the disk cost of a full run near the datasets' own size instead of a PNG of every high-resolution photo."""
     image, rescaled = load_image(sample, min_pixels, max_pixels)
     if rescaled:
         path = image_dir / f"{index:06d}.png"
         write_png(image, path)
     elif sample.image.path is not None:
-        return str(sample.image.path)
+        path = image_dir / f"{index:06d}{sample.image.path.suffix.lower()}"
+        link_or_copy(sample.image.path, path)
     else:
         path = image_dir / f"{index:06d}.{(image.format or 'img').lower()}"
-        write_atomic(path, lambda tmp: tmp.write_bytes(sample.image.data))
+        write_bytes_atomic(path, sample.image.data, fsync=False)
     return str(path.resolve())
 
 
@@ -85,5 +95,5 @@ def byob_rows(samples: list[SuiteSample], image_dir: Path, min_pixels: int, max_
 def write_jsonl(rows: list[dict], path: Path) -> None:
     """JSON lines, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_bytes_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"),
+                       fsync=False)

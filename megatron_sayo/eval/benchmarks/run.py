@@ -21,7 +21,7 @@ from megatron_sayo.eval.benchmarks import prepare, suite
 from megatron_sayo.eval.benchmarks.hub_data import DatasetError
 from megatron_sayo.eval.driver import decoding_params, read_jsonl
 from megatron_sayo.eval.errors import EvalError
-from megatron_sayo.eval.server_process import start_server
+from megatron_sayo.eval.server_process import local_media_root, start_server
 
 BYOB_MODULE = "megatron_sayo.eval.benchmarks.byob_suite"
 ATTEMPTS = 3   # nemo-evaluator runs per benchmark while requests fail (answered ones come from its cache)
@@ -143,7 +143,12 @@ def run_suite(args, model: dict, out: Path) -> dict:
              for b in benchmarks}
     decoding = decoding_params(args)
     per_bench = {}
-    server = start_server(model.get("hf"), model.get("megatron"), args.tp, out / "server.log")
+    # local media confined to the prepared images; they were rescaled into [min_pixels, max_pixels], and the
+    # server's header check allows twice that (rounding), whatever the checkpoint's processor says
+    images = [row["image_url"] for _, rows in prepared.values() for row in rows]
+    server = start_server(model.get("hf"), model.get("megatron"), args.tp, out / "server.log",
+                          extra_args=["--allowed-local-media-path", local_media_root(images),
+                                      "--max-image-pixels", str(2 * max(max_pixels, min_pixels))])
     try:
         with nemo_glue.nemo_environment(server.api_key, (package,)):
             for b in benchmarks:

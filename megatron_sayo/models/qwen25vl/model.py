@@ -89,6 +89,10 @@ class Qwen25VLModel(LanguageModule):
         """input_ids [b, s], position_ids [3, b, s], attention_mask bool [b, 1, s, sk] (True = masked) or None
         for plain causal. Returns vocab-parallel logits [s, b, V/tp] on the last stage, hidden [s, b, h] before.
         `logits_from`: compute logits only for positions [logits_from:] (prefill and scoring need no more)."""
+        device = self.inv_freq.device  # callers may hand CPU batches to a GPU model: move them once, here
+        input_ids, position_ids, attention_mask, pixel_values, image_grid_thw = (
+            t.to(device) if t is not None else None
+            for t in (input_ids, position_ids, attention_mask, pixel_values, image_grid_thw))
         state = state or AttentionState()
         for core in self.core_attentions():
             core.state = state
