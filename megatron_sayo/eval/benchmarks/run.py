@@ -2,7 +2,7 @@
 nemo-evaluator against one server.
 
   1. every selected benchmark is read from ROOT/<folder> and its rows checked (all before any model work);
-  2. images are rescaled as the authors do and written as PNGs, rows as a BYOB dataset (OUT/<name>/byob/);
+  2. images are rescaled as the authors do and put in OUT/<name>/byob/images/, rows as a BYOB dataset there;
   3. byob_suite.py is compiled with nemo-evaluator's BYOB compiler into OUT/byob_package/;
   4. one server starts; nemo-evaluator's `evaluate` runs each task against it (the runner prompts, our scorer
      scores); OUT/<name>/{results.json,samples.jsonl};
@@ -134,6 +134,10 @@ def run_suite(args, model: dict, out: Path) -> dict:
     benchmarks = suite.select(args.benchmark)
     if not args.data_root:
         raise EvalError(f"--benchmark {args.benchmark} needs --data-root DIR (see docs/eval.md)")
+    for b in benchmarks:
+        if (out / b.name / "nemo_evaluator").exists():
+            raise EvalError(f"{out / b.name / 'nemo_evaluator'} exists from an earlier run: nemo-evaluator would "
+                            f"answer from its response cache there; choose a new --out (nothing is deleted)")
     try:
         prepared = prepare_all(benchmarks, Path(args.data_root), out, args.limit, min_pixels, max_pixels)
     except DatasetError as exc:
