@@ -2,7 +2,7 @@
 warm-up, and how TAS depends on the answer word, on the first 64 held-out questions (greedy, then 4 samples
 at temperature 1 / top-p 0.9 per question).
 
-    python scripts/ablation_selected_tokens.py --out DIR     # DIR: the ablation's --out (warm-up in DIR/warmup)
+    python -m megatron_sayo.experiments.selected_tokens --out DIR     # DIR: the ablation's --out
 """
 
 from __future__ import annotations
@@ -34,10 +34,13 @@ def inside_answer(tok, ids: list[int], j: int) -> bool:
     return "<answer>" in before and "<" not in upto.split("<answer>", 1)[1]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, type=Path)
-    out = p.parse_args().out.resolve()
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m megatron_sayo.experiments.selected_tokens",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, type=Path, help="the ablation's --out (warm-up in OUT/warmup)")
+    out = p.parse_args(argv).out.resolve()
+    if not (out / "warmup" / "metadata.json").is_file():
+        raise SystemExit(f"{out / 'warmup'}: no warm-up checkpoint (run the ablation with --out {out} first)")
     cfg = load_config(str(A.CONFIG), A.arm_overrides(out, "sayo", 0, []))
     runtime.init_distributed(1, 1)
     model = build_policy(cfg, cfg.model.hf_path)
