@@ -1,5 +1,5 @@
 """Checkpoint directories on disk, without torch: the metadata file, side files (config, tokenizer), atomic
-publishing of a finished directory, and finding a run's newest complete step. The converters use these
+publishing (formats/atomic.py), and finding a run's newest complete step. The converters use these
 alone; checkpoint.py adds saving and loading models and training state.
 """
 
@@ -43,11 +43,6 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON to `path` atomically (write_text_atomic)."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def versions() -> dict[str, str]:
@@ -163,28 +158,6 @@ def prepare_output(out: str | Path, overwrite: bool, inputs: list[str | Path] = 
     return tmp
 
 
-def publish(tmp: Path, out: str | Path) -> Path:
-    """Move a finished temp dir onto `out` (replacing an old one only now, when the new one is complete)."""
-    out = Path(out)
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    return out
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
-
-
 def resolve_checkpoint_dir(path: str | Path) -> Path:
     """A model/step checkpoint dir as given, or the newest complete one of a run dir (or its checkpoints/)."""
     path = Path(path)
@@ -234,15 +207,25 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     return None
 
 
-def find_resumable(run_dir: str | Path) -> Path | None:
-    """Newest complete checkpoint of a run (the `latest` one first); warns and falls back past corrupt ones."""
-    for ckpt in ordered_checkpoints(Path(run_dir) / "checkpoints"):
+def next_resumable(root: Path, skip=frozenset()) -> tuple[Path | None, list[str]]:
+    """The resume scan: the first step dir in resume order (ordered_checkpoints) not in `skip` that looks
+    complete, and "name: reason" for each one passed over (each also warned about)."""
+    passed = []
+    for ckpt in ordered_checkpoints(root):
+        if ckpt in skip:
+            continue
         problem = checkpoint_problem(ckpt)
         if problem is None:
-            return ckpt
+            return ckpt, passed
         warnings.warn(f"checkpoint {ckpt.name} is not usable ({problem}); falling back to an older one",
                       stacklevel=2)
-    return None
+        passed.append(f"{ckpt.name}: {problem}")
+    return None, passed
+
+
+def find_resumable(run_dir: str | Path) -> Path | None:
+    """Newest complete checkpoint of a run (the `latest` one first); warns and falls back past corrupt ones."""
+    return next_resumable(Path(run_dir) / "checkpoints")[0]
 
 
 def ordered_checkpoints(root: Path) -> list[Path]:

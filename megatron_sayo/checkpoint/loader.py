@@ -16,7 +16,8 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_sayo.checkpoint.files import METADATA_FILE, CheckpointError, read_metadata, resolve_checkpoint_dir
-from megatron_sayo.checkpoint.state import DTYPES, load_model, trained_sharded_state
+from megatron_sayo.checkpoint.state import load_model, trained_sharded_state
+from megatron_sayo.formats.dtypes import FLOAT_DTYPES, torch_dtype
 from megatron_sayo.models.qwen25vl.hf_config import ParallelLayout, load_hf_config
 from megatron_sayo.models.qwen25vl.model import Qwen25VLModel, build_model
 from megatron_sayo.models.qwen25vl.transformer_config import to_transformer_config
@@ -37,11 +38,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, kind: str, directory: Path) -
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None:
-        recorded = read_metadata(directory).get("dtype") if kind == "megatron" else None
-        return DTYPES.get(recorded, torch.float32)
-    if dtype not in DTYPES:
-        raise ValueError(f"{directory}: parameter dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
+        dtype = (read_metadata(directory).get("dtype") if kind == "megatron" else None) or "float32"
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{directory}: parameter dtype {dtype!r} is not one of {FLOAT_DTYPES}")
+    return torch_dtype(dtype)
 
 
 def load_model_stage(hf_dir: str | Path | None = None, megatron_dir: str | Path | None = None, *, tp: int = 1,

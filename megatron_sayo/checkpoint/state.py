@@ -13,7 +13,6 @@ scheduler + extra), are written under `.tmp` and renamed, and `run_dir/checkpoin
 from __future__ import annotations
 
 import logging
-import os
 import random
 import shutil
 import warnings
@@ -23,15 +22,14 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_sayo.formats.atomic import publish_dir, write_bytes_atomic, write_json_atomic
 from megatron_sayo.formats.pickle_guard import UnsafePickle, check_checkpoint_pickles
 from megatron_sayo.checkpoint.files import (LATEST_FILE, METADATA_FILE, STEP_PREFIX, CheckpointError,
-                                           checkpoint_problem, copy_side_files, fsync_dir, make_metadata,
-                                           ordered_checkpoints, prune_checkpoints, read_metadata,
-                                           write_json_atomic)
+                                           copy_side_files, make_metadata, next_resumable, prune_checkpoints,
+                                           read_metadata)
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ==============================================================================================================
@@ -218,13 +216,8 @@ def save_training_state(run_dir: str | Path, step: int, model, optimizer=None, s
             step=step, world_size=world,
             optimizer="megatron" if _is_megatron_optimizer(optimizer) else ("torch" if optimizer else None),
             **(metadata or {})))
-        fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
-        (root / f".{LATEST_FILE}.tmp").write_text(final.name + "\n")
-        os.replace(root / f".{LATEST_FILE}.tmp", root / LATEST_FILE)
+        publish_dir(tmp, final)
+        write_bytes_atomic(root / LATEST_FILE, (final.name + "\n").encode())
         prune_checkpoints(root, keep)
     _barrier()
     return final
@@ -268,10 +261,10 @@ def load_training_state(run_dir: str | Path, model, optimizer=None, scheduler=No
     while True:
         choice, skipped = None, []
         if _rank() == 0:
-            choice, skipped = _next_usable(root, tried)
+            choice, skipped = next_resumable(root, tried)
         choice, skipped = _broadcast_choice(choice, skipped)
         failures += skipped
-        tried.update(root / s.split(":")[0] for s in skipped)
+        tried.update(root / s.split(":")[0] for s in skipped)     # every rank skips the same ones
         if choice is None:
             if failures:
                 raise CheckpointError(f"{root}: no checkpoint could be loaded; tried {len(failures)}: "
@@ -288,20 +281,6 @@ def load_training_state(run_dir: str | Path, model, optimizer=None, scheduler=No
             warnings.warn(f"checkpoint {choice.name} failed to load ({type(exc).__name__}: {exc}); "
                           f"falling back to an older one", stacklevel=2)
             _barrier()
-
-
-def _next_usable(root: Path, tried: set[Path]) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint not tried yet that looks complete, and "name: reason" of those skipped."""
-    skipped = []
-    for ckpt in [c for c in ordered_checkpoints(root) if c not in tried]:
-        problem = checkpoint_problem(ckpt)
-        if problem is None:
-            return ckpt, skipped
-        warnings.warn(f"checkpoint {ckpt.name} is not usable ({problem}); falling back to an older one",
-                      stacklevel=3)
-        skipped.append(f"{ckpt.name}: {problem}")
-        tried.add(ckpt)
-    return None, skipped
 
 
 def _load_step(ckpt: Path, model, optimizer, scheduler, restore_rng: bool) -> dict:

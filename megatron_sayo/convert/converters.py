@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_sayo.checkpoint.files import (METADATA_FILE, CheckpointError, check_output_location, copy_side_files,
-                                            make_metadata, prepare_output, publish, read_metadata,
-                                            resolve_checkpoint_dir, write_json_atomic)
+                                            make_metadata, prepare_output, read_metadata,
+                                            resolve_checkpoint_dir)
+from megatron_sayo.formats.atomic import publish_dir, write_json_atomic
 from megatron_sayo.memory import peak_rss_mb
 from megatron_sayo.models.qwen25vl import dist_layout
 from megatron_sayo.models.qwen25vl.hf_config import ParallelLayout, load_hf_config, validate_layout
@@ -32,7 +33,8 @@ from megatron_sayo.models.qwen25vl.name_map import (RowSpan, hf_names, hf_rows, 
 from megatron_sayo.formats.safetensors_files import INDEX_FILE, Entry, header_bytes, read_header, weight_files
 from megatron_sayo.formats.tensor_copy import (CAST_DTYPES, Piece, StoredMatrix, Writeback, as_matrix, pwrite_all,
                                        write_matrix)
-from megatron_sayo.formats.torch_format import DTYPES, load_dcp_metadata, read_tensor_record
+from megatron_sayo.formats.dtypes import DTYPES
+from megatron_sayo.formats.torch_format import load_dcp_metadata, read_tensor_record
 
 
 # ==============================================================================================================
@@ -304,7 +306,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int =
             write_json_atomic(tmp / METADATA_FILE, make_metadata(
                 "converted", source=str(hf_dir.resolve()), dtype=dtype_name, tp=tp, pp=pp,
                 source_dtype=hf.torch_dtype, hf_tensors=len(numel), hf_elements=elements))
-            publish(tmp, out_dir)
+            publish_dir(tmp, out_dir)
     except BaseException:
         if writer is not None:
             writer.close()
@@ -473,7 +475,7 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, max
                 raise CheckpointError(f"wrote {written} tensors, planned {len(items)} (duplicate names?)")
             _check_elements(items, used, hf.text, source.tensors)
             copy_side_files(ckpt, tmp)
-            publish(tmp, out_dir)
+            publish_dir(tmp, out_dir)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_sayo.checkpoint.files import (CheckpointError, copy_side_files, fsync_dir, prepare_output, publish,
-                                            read_metadata, resolve_checkpoint_dir, write_json_atomic)
+from megatron_sayo.checkpoint.files import (CheckpointError, copy_side_files, prepare_output, read_metadata,
+                                            resolve_checkpoint_dir)
+from megatron_sayo.formats.atomic import fsync_dir, publish_dir, write_json_atomic
 from megatron_sayo.convert.converters import DistSource, convert_megatron_to_hf
 from megatron_sayo.formats.safetensors_files import header_bytes, read_header, weight_files
 from megatron_sayo.formats.tensor_copy import BAND_BYTES, cast, pwrite_all
-from megatron_sayo.formats.torch_format import DTYPES
+from megatron_sayo.formats.dtypes import DTYPES
 from megatron_sayo.memory import peak_rss_mb
 from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
 from megatron_sayo.models.qwen25vl.lora_names import (TARGETS, adapter_entries, hf_weight_name, lora_scale,
@@ -124,7 +125,7 @@ def export_adapter(megatron_dir, out_dir, *, base: str | None = None, overwrite:
         _write_safetensors(tmp / ADAPTER_WEIGHTS, tensors)
         write_json_atomic(tmp / ADAPTER_CONFIG, config)
         fsync_dir(tmp)
-        publish(tmp, out_dir)
+        publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -219,7 +220,7 @@ def export_merged(megatron_dir, out_dir, *, base: str | None = None, max_shard_s
                                   f"({ckpt}/config.json)")
         merged = merge_into(tmp, adapters, lora_scale(lora["rank"], lora["alpha"]))
         fsync_dir(tmp)
-        publish(tmp, out_dir)
+        publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -14,7 +14,8 @@ import pickle
 import zipfile
 from pathlib import Path
 
-from megatron_sayo.formats.torch_format import DTYPES, data_pickle, load_dcp_metadata, open_record, read_member
+from megatron_sayo.formats.dtypes import DTYPES
+from megatron_sayo.formats.torch_format import data_pickle, load_dcp_metadata, open_record, read_member
 
 _MD = "torch.distributed.checkpoint.metadata"
 _NUMPY = ("numpy.core.multiarray", "numpy._core.multiarray")

@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_sayo.formats.torch_format import DTYPES
+from megatron_sayo.formats.dtypes import DTYPES
 
 BY_CODE = {d.safetensors: name for name, d in DTYPES.items()}
 MAX_HEADER = 100 << 20          # safetensors' own limit

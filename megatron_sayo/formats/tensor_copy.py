@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_sayo.formats.torch_format import DTYPES
+from megatron_sayo.formats.dtypes import DTYPES, FLOAT_DTYPES
 
-CAST_DTYPES = ("float32", "bfloat16", "float16")   # what cast() converts between
+CAST_DTYPES = FLOAT_DTYPES     # what cast() converts between
 BAND_BYTES = 64 << 20          # the most a strided or casting copy holds in memory at once
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 

@@ -9,6 +9,9 @@ the last stage, then PP broadcast from it), so every stage feeds the same ids at
 
 `Rollout.logprobs` are log softmax(logits / temperature) of the chosen ids over the vocabulary they were drawn
 from (suppressed ids removed, before top-p truncation; temperature 1 when greedy).
+With `top_logprobs=k` the rollout also keeps the model's own distribution (log softmax of the raw logits, no
+temperature, no top-p; what OpenAI-style `logprobs` report): the chosen ids' log-probs and the k most likely.
+`on_step` lets a caller end rows early (stop strings) and watch tokens as they come (streaming).
 
 Capture (`capture_region` given, docs/spec.md §3): the rollout also records what a teacher-forced scoring pass
 would compute, as `Rollout.scores` (CompletionScores, last pipeline stage): per new token its log-prob and the
@@ -20,6 +23,7 @@ for exactly the rows it draws for without capture, so the same seed gives the sa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -68,8 +72,11 @@ class Rollout:
     completion_lengths: torch.Tensor  # [N]
     group_ids: torch.Tensor         # [N] prompt index of each row
     logprobs: torch.Tensor          # [N, T] log p(token) under softmax(logits / T); 0 where masked
-    finished: torch.Tensor          # [N] True where a stop token ended the row (False: length stop)
-    scores: CompletionScores | None = None  # captured at decode (last pipeline stage, capture on)
+    finished: torch.Tensor          # [N] True where a stop token (or on_step) ended the row (False: length stop)
+    raw_logprobs: torch.Tensor | None = None   # [N, T] log softmax(raw logits) of the chosen ids (top_logprobs set)
+    top_ids: torch.Tensor | None = None        # [N, T, k] the k most likely ids under the raw logits
+    top_logprobs: torch.Tensor | None = None   # [N, T, k] their raw log-probs
+    scores: CompletionScores | None = None     # captured at decode (last pipeline stage, capture on)
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -127,12 +134,18 @@ def _is_sampler() -> bool:
     return parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
 
 
-def share_rows(values: torch.Tensor | None, rows: int, n: int, device) -> torch.Tensor:
-    """The sampler's [rows, n] values (ids, log-probs, ...) on every rank of its model-parallel group (TP
-    broadcast on the last stage, then PP broadcast from it), as float64 (exact for ids and float32)."""
-    packed = torch.empty(rows, n, dtype=torch.float64, device=device)
-    if values is not None:
-        packed.copy_(values)
+def raw_top(logits: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """[1 + 2k, n] float64: log softmax(raw logits) of `ids`, then the top-k ids, then their log-probs."""
+    logp = logits.float().log_softmax(dim=-1)
+    top = logp.topk(k, dim=-1) if k else None
+    rows = [logp.gather(-1, ids[:, None]).T.double()]
+    if top is not None:
+        rows += [top.indices.T.double(), top.values.T.double()]
+    return torch.cat(rows)
+
+
+def share_from_sampler(packed: torch.Tensor) -> torch.Tensor:
+    """`packed` as filled on the sampler, on every rank of its model-parallel group (TP, then PP broadcast)."""
     if parallel_state.is_pipeline_last_stage():
         tp_group = parallel_state.get_tensor_model_parallel_group()
         if _world(tp_group) > 1:
@@ -197,16 +210,25 @@ def stop_ids_tensor(model, params: SamplingParams, device) -> torch.Tensor:
     return torch.tensor(list(ids), dtype=torch.long, device=device)
 
 
+StepHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
 def generate(model, batch: dict, params: SamplingParams, *, num_return_sequences: int = 1,
-             compact: bool = True, capture_region: torch.Tensor | None = None) -> Rollout:
+             compact: bool = True, top_logprobs: int | None = None, on_step: StepHook | None = None,
+             capture_region: torch.Tensor | None = None) -> Rollout:
     """G = num_return_sequences completions per prompt of a left-padded processor batch (every rank calls it).
 
     `compact` drops finished rows from the KV cache as they stop (cheaper steps, same result).
+    `top_logprobs` (k >= 0): also record the raw-logit log-probs of the chosen ids and the k most likely ids.
+    `on_step(rows, tokens, lengths)`: after each step, with the rows that just got a token, the [N, T] token
+    buffer and the lengths; it returns a bool mask over `rows` of those to end now (or None). It runs on
+    every rank with the same inputs and must decide the same there.
     `capture_region`: bool [prompts, P] region keys of each prompt; given, the rollout captures the scores
     (see the module docstring) into `Rollout.scores`.
     """
     with sequence_parallel_off(model):
-        return _generate(model, batch, params, num_return_sequences, compact, capture_region)
+        return _generate(model, batch, params, num_return_sequences, compact, top_logprobs, on_step,
+                         capture_region)
 
 
 def prefill(model, batch: dict, prompt_mask: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor | None,
@@ -256,7 +278,8 @@ class _Capture:
 
 
 def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: int, compact: bool,
-              capture_region: torch.Tensor | None) -> Rollout:
+              top_k: int | None = None, on_step: StepHook | None = None,
+              capture_region: torch.Tensor | None = None) -> Rollout:
     """generate's body (sequence parallelism already off)."""
     input_ids = batch["input_ids"]
     device = input_ids.device
@@ -286,34 +309,52 @@ def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: 
     if capture_region is not None:
         capture = _Capture(model, capture_region.to(device).bool()[rows], (input_ids == model.hf.tokens.image)[rows],
                            n, steps, 1.0 if params.greedy else params.temperature)
-    shared = 2 if capture is None else 4
+    shared = 2 + (0 if capture is None else 2) + (0 if top_k is None else 1 + 2 * top_k)
 
     tokens = torch.full((n, steps), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(n, steps, dtype=torch.float32, device=device)
     lengths = torch.zeros(n, dtype=torch.long, device=device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
+    if top_k is not None:
+        raw = torch.zeros(n, steps, dtype=torch.float32, device=device)
+        top_ids = torch.zeros(n, steps, top_k, dtype=torch.long, device=device)
+        top_lp = torch.zeros(n, steps, top_k, dtype=torch.float32, device=device)
     active = torch.arange(n, device=device)          # rows still in the cache, in cache order
     for step in range(steps):
         # without capture (compact) every cached row is unfinished; with it, rows that stopped last step were
         # fed once more and are skipped here, so the generator draws for the same rows either way
         drawn = ~finished[active] if compact else torch.ones_like(active, dtype=torch.bool)
-        values = None
+        packed = torch.zeros(shared, int(drawn.sum()), dtype=torch.float64, device=device)
         if _is_sampler():
             sub = logits[drawn]
             ids, logp = sample_tokens(sub, params, generator)
-            values = torch.stack([ids.double(), logp.double()] +
-                                 ([] if capture is None else [v.double() for v in token_stats(
-                                     sub, ids, capture.temperature)]))
+            parts = [ids.double()[None], logp.double()[None]]
+            if capture is not None:
+                parts.append(torch.stack(token_stats(sub, ids, capture.temperature)).double())
+            if top_k is not None:
+                parts.append(raw_top(sub, ids, top_k))
+            packed = torch.cat(parts)
+        drawn_values = share_from_sampler(packed)
         packed = torch.zeros(shared, active.numel(), dtype=torch.float64, device=device)
-        packed[:, drawn] = share_rows(values, shared, int(drawn.sum()), device)
+        packed[:, drawn] = drawn_values
         live = ~finished[active]
         ids = torch.where(live, packed[0].long(), torch.full_like(active, pad_id))
         tokens[active, step] = ids
         logprobs[active, step] = torch.where(live, packed[1].float(), torch.zeros(()))
         if capture is not None:
-            capture.values[:2, active, step] = torch.where(live, packed[2:].float(), torch.zeros(()))
+            capture.values[:2, active, step] = torch.where(live, packed[2:4].float(), torch.zeros(()))
+        if top_k is not None:
+            first = 4 if capture is not None else 2
+            raw[active, step] = packed[first].float()
+            top_ids[active, step] = packed[first + 1:first + 1 + top_k].T.long()
+            top_lp[active, step] = packed[first + 1 + top_k:].T.float()
         lengths[active] += live.long()
         finished[active] |= live & torch.isin(ids, stop_ids)
+        if on_step is not None and bool(live.any()):
+            stepped = active[live]
+            halt = on_step(stepped, tokens, lengths)
+            if halt is not None:
+                finished[stepped[halt]] = True
         last = step == steps - 1 or bool(finished.all())
         if last and capture is None:
             break
@@ -339,4 +380,6 @@ def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: 
                    attention_mask=torch.cat([prompt_mask[rows].long(), completion_mask], dim=1),
                    prompt_length=p, completion_ids=completion_ids, completion_mask=completion_mask,
                    completion_lengths=lengths, group_ids=rows.clone(), logprobs=logprobs[:, :t],
-                   finished=finished, scores=None if capture is None else capture.scores(completion_mask))
+                   finished=finished, scores=None if capture is None else capture.scores(completion_mask),
+                   **({} if top_k is None else dict(raw_logprobs=raw[:, :t], top_ids=top_ids[:, :t],
+                                                    top_logprobs=top_lp[:, :t])))

@@ -23,8 +23,9 @@ from megatron_sayo.rl.prompts import PromptStream
 
 def run_warmup(cfg: RunConfig, hf_dir: str, samples: list) -> Path:
     """Train `warmup.steps` supervised steps from the config's checkpoint and save to warmup.cache_dir."""
-    from megatron_sayo.checkpoint.files import make_metadata, publish
     from megatron_sayo.checkpoint.state import save_model
+    from megatron_sayo.checkpoint.files import make_metadata
+    from megatron_sayo.formats.atomic import publish_dir
     from megatron_sayo.data.processor import Processor
     from megatron_sayo.rl.optimizer import wrap_for_training
     from megatron_sayo.rl.trainer import build_policy
@@ -54,7 +55,7 @@ def run_warmup(cfg: RunConfig, hf_dir: str, samples: list) -> Path:
                                           tp=cfg.parallel.tp, pp=cfg.parallel.pp, warmup_steps=w.steps,
                                           warmup=fingerprint(cfg, hf_dir)))
     if torch.distributed.get_rank() == 0:
-        publish(tmp, out)  # complete caches only: a killed warm-up leaves just the .tmp directory
+        publish_dir(tmp, out)  # complete caches only: a killed warm-up leaves just the .tmp directory
     torch.distributed.barrier()
     return out
 

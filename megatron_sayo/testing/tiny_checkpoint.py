@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 from megatron_sayo.data.image_processing import ImageProcessorConfig
+from megatron_sayo.formats.atomic import publish_dir
+from megatron_sayo.formats.dtypes import torch_dtype
 from megatron_sayo.formats.jsonfiles import read_json
 from megatron_sayo.config import ConfigError
 from megatron_sayo.models.qwen25vl.hf_config import parse_hf_config
@@ -303,7 +305,7 @@ def hub_state_dict(model, tied: bool, dtype: torch.dtype) -> dict[str, torch.Ten
 
 # ------------------------------------------------------------------------------------------ writer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "bfloat16")    # what a tiny checkpoint is written in
 
 
 def load_config_json(path: str | Path) -> dict:
@@ -317,7 +319,7 @@ def make_tiny_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 
     """Write a complete HF Qwen2.5-VL checkpoint directory with random weights; returns its path."""
     from safetensors.torch import save_file
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     if config_json is not None:
         cfg = load_config_json(config_json)
     elif preset in PRESETS:
@@ -334,7 +336,7 @@ def make_tiny_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         model = build_hf_model(cfg, seed)
-        save_file(hub_state_dict(model, cfg["tie_word_embeddings"], DTYPES[dtype]), tmp / "model.safetensors",
+        save_file(hub_state_dict(model, cfg["tie_word_embeddings"], torch_dtype(dtype)), tmp / "model.safetensors",
                   metadata={"format": "pt"})
         build_tokenizer(ids, seed).save(str(tmp / "tokenizer.json"))
         tok_cfg = tokenizer_config(ids, cfg)
@@ -349,19 +351,8 @@ def make_tiny_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 
         for name, content in files.items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
         os.chmod(tmp, 0o755)
-        _swap_into_place(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished temp dir onto `out`, replacing an old directory only after the new one is whole."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

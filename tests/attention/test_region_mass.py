@@ -396,3 +396,15 @@ def test_decode_probe_matches_naive_softmax(with_lse):
     torch.testing.assert_close(probe.result.image_mean.double(), torch.tensor(want_v, dtype=torch.float64),
                                atol=1e-6, rtol=0)
     assert probe.result.region_mean[2] == 0
+
+
+def test_lse_of_bf16_inputs_is_computed_in_float32():
+    """The materialising path (bf16 on CPU, or lse on CUDA): the LSE of the bf16 q/k as given, to float32
+    accuracy (bf16-rounded scores would be ~1e-2 off in log space)."""
+    q, k, v, allowed, region, image = random_case(9, d=64)
+    q, k, v = (t.mul(2.0).bfloat16() for t in (q, k, v))
+    scale = 1 / math.sqrt(q.shape[-1])
+    _, lse = attention_with_lse(q, k, v, allowed, scale, "sdpa")
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    ref = torch.logsumexp(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    assert torch.allclose(lse.double(), ref, atol=1e-5, rtol=0)

@@ -20,7 +20,8 @@ from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkSt
                                                    TensorStorageMetadata)
 from torch.utils.serialization import config
 
-from megatron_sayo.formats.torch_format import (DTYPES, DcpMetadata, DcpTensor, StoredChunk, dump_dcp_metadata,
+from megatron_sayo.formats.dtypes import DTYPES
+from megatron_sayo.formats.torch_format import (DcpMetadata, DcpTensor, StoredChunk, dump_dcp_metadata,
                                         load_dcp_metadata, object_record, read_tensor_record, tensor_record)
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,8 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_sayo.config import config_from_dict
-from megatron_sayo.testing.fixed_rollout import fixed_rollout
+from megatron_sayo.testing.fixed_rollout import fixed_rollout, rollout_batch, update_config
 
 LAYOUTS = {"tp2": (2, 1, 2), "pp2": (1, 2, 2), "dp2": (1, 1, 2)}
 
@@ -19,26 +18,20 @@ def _rank_grads(hf_dir, tp, pp, data):
     from megatron.core import parallel_state
 
     from megatron_sayo.distributed import runtime
-    from megatron_sayo.rl.batch import ScoringBatch
     from megatron_sayo.rl.loss import grpo_token_loss
     from megatron_sayo.rl.optimizer import wrap_for_training
     from megatron_sayo.rl.trainer import build_policy
     from megatron_sayo.rl.update import accumulate_gradients
 
     runtime.init_distributed(tp, pp)
-    cfg = config_from_dict({"model": {"hf_path": hf_dir, "params_dtype": "float32"},
-                            "data": {"train_file": "unused.jsonl"}, "parallel": {"tp": tp, "pp": pp},
-                            "rollout": {"temperature": 0.7}, "loss": {"kl_beta": 0.05, "clip_eps": 0.2},
-                            "train": {"micro_batch": 1}})
+    cfg = update_config(hf_dir, tp, pp)
     model = build_policy(cfg, hf_dir)
     ddp, optimizer, _ = wrap_for_training(model, cfg.optim, cfg.train.steps)
     dp, r = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     mine = slice(r * 4 // dp, (r + 1) * 4 // dp)
-    batch = ScoringBatch(data["sequences"][mine], data["attention_mask"][mine], data["prompt_length"],
-                         data["completion_mask"][mine], data["pixel_values"][mine], data["image_grid_thw"][mine],
-                         torch.zeros_like(data["sequences"][mine], dtype=torch.bool))
     loss = grpo_token_loss(data["old_logp"][mine], data["ref_logp"][mine], data["advantages"][mine], cfg.loss)
-    accumulate_gradients(ddp, optimizer, batch, cfg.train.micro_batch, cfg.rollout.temperature, loss)
+    accumulate_gradients(ddp, optimizer, rollout_batch(data, mine), cfg.train.micro_batch, cfg.rollout.temperature,
+                         loss)
     grads = {model.global_param_name(n): p.main_grad.clone() for n, p in model.named_parameters()}
     return parallel_state.get_tensor_model_parallel_rank(), r, grads
 
