@@ -211,6 +211,8 @@ class SuiteConfig:
                           "final answer MUST BE put in \\boxed{}.")
     min_pixels: int = _f(262144, gt=0)
     max_pixels: int = _f(5000000, gt=0)
+    # The paper's Table 1 base models and their nine-benchmark averages (docs/spec.md §6), printed beside ours.
+    paper_base_average: dict[str, float] = _f({"Qwen3-VL-8B": 59.64, "Qwen3-VL-4B": 59.15, "InternVL3.5-8B": 50.49})
 
 
 @dataclass

@@ -39,7 +39,7 @@ def run_train(ckpt, train_file, run_dir, steps):
             "train.global_batch=2", "train.micro_batch=2", "rollout.group_size=2", "rollout.max_new_tokens=6",
             "checkpoint.interval=2", "checkpoint.keep=3", "log.tensorboard=false", "warmup.steps=0",
             "optim.warmup_steps=0", "optim.lr=2e-2", "loss.kl_beta=0.05", "lora.enabled=true", "lora.rank=4",
-            "lora.alpha=8"]
+            "lora.alpha=8", "eval.interval=0"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "megatron_sayo.train", "--config", str(CONFIG), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
@@ -179,3 +179,30 @@ def test_bad_lora_metadata_names_file_and_field(tmp_path):
     (tmp_path / "checkpoint_metadata.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"lora.targets"):
         lora_settings(tmp_path)
+
+
+def test_merge_onto_a_megatron_base_equals_the_hf_base(runs, tiny_ckpt, tmp_path):
+    """--base pointing at the same weights converted to megatron (as a warm-up checkpoint is) merges to the same
+    tensors as the HF base (float32 round trips are exact)."""
+    from safetensors.torch import load_file
+
+    from megatron_sayo.convert.converters import convert_hf_to_megatron
+    from megatron_sayo.models.qwen25vl.name_map import normalize_hf_name
+
+    meg = tmp_path / "meg"
+    convert_hf_to_megatron(tiny_ckpt, meg, tp=2, pp=1, progress=False)
+    from_hf = export("merge", runs[0], tmp_path / "from_hf")
+    done = subprocess.run([sys.executable, str(ROOT / "tools/convert_megatron_to_hf.py"), "--megatron",
+                           str(runs[0]), "--out", str(tmp_path / "from_meg"), "--lora", "merge", "--base", str(meg),
+                           "--no-progress"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    def tensors(d):
+        out = {}
+        for f in sorted(Path(d).glob("*.safetensors")):
+            out.update({normalize_hf_name(k): v for k, v in load_file(f).items()})
+        return out
+
+    a, b = tensors(from_hf), tensors(tmp_path / "from_meg")
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
