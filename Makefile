@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 demo: venv                      ## the embedded default: tiny Qwen2.5-VL SAYO GRPO run on CPU
 	$(BIN)/python -m megatron_sayo.demo
 
+ablation: venv                  ## accuracy-only vs SAYO GRPO on CPU, three seeds (runs/ablation/summary.md)
+	$(BIN)/python -m megatron_sayo.experiments.ablation --out runs/ablation
+
 test: venv                      ## the whole test suite (what CI runs)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra
 

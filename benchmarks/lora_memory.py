@@ -28,13 +28,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def _rank_update(hf_dir: str, mode: str, rank: int, data: dict) -> dict:
     """One update on this rank in `mode` ('full' or 'lora'); peak RSS in MB and phase times."""
-    import torch
-
     from megatron_sayo.config import config_from_dict
     from megatron_sayo.distributed import runtime
     from megatron_sayo.memory import peak_rss_mb, reset_peak_rss, rss_mb
     from megatron_sayo.models.lora import adapters_disabled, attach_lora, trainable_parameters
-    from megatron_sayo.rl.scoring import RolloutBatch, reference_logprobs
+    from megatron_sayo.rl.scoring import reference_logprobs
+    from megatron_sayo.testing.fixed_rollout import rollout_batch
     from megatron_sayo.rl.trainer import accumulate_policy_gradients, build_policy, wrap_for_training
 
     runtime.init_distributed(2, 1)
@@ -52,9 +51,7 @@ def _rank_update(hf_dir: str, mode: str, rank: int, data: dict) -> dict:
         for p in reference.parameters():
             p.requires_grad_(False)
     ddp, optimizer, _ = wrap_for_training(cfg, model)
-    batch = RolloutBatch(data["sequences"], data["attention_mask"], data["prompt_length"], data["completion_mask"],
-                         data["pixel_values"], data["image_grid_thw"],
-                         torch.zeros_like(data["sequences"], dtype=torch.bool))
+    batch = rollout_batch(data)
     gc.collect()
     load_peak = peak_rss_mb()          # includes the transient of reading the HF files
     if not reset_peak_rss():

@@ -3,15 +3,17 @@
     python benchmarks/serve.py [--hf DIR] [--requests 32] [--max-tokens 16] [--clients 1 4 16]
 
 Without --hf a tiny random checkpoint is made in a temp dir. The server runs as a subprocess
-(python -m megatron_sayo.eval.serve); "sequential" is one `generate` call per request in this process on the same
-checkpoint (no HTTP, no batching). Each client sends greedy image+text requests back to back with fixed
-max_tokens and no stop token (ignore_eos is emulated by a tiny model that rarely stops; tokens are counted from
-usage). Prints a table with the batching gain = server tokens/s / sequential tokens/s.
+(python -m megatron_sayo.eval.serve); "sequential" is processor + one `generate` call per request in this process on the
+same checkpoint (no HTTP, no batching). Each client sends greedy image+text requests (bodies built beforehand)
+back to back with fixed max_tokens and no stop token (a tiny random model rarely stops; tokens are counted from
+usage). The modes are interleaved over --rounds rounds and each round's ratio server tokens/s / sequential
+tokens/s is taken against that round's sequential run (the shared machine's load drifts); medians are printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import base64
 import io
 import sys
@@ -28,22 +30,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_sayo.eval.server_process import http_json, start_server  # noqa: E402
 
 
-def image_url(seed: int) -> str:
-    """A random 112x112 PNG as a data URL."""
+def image(seed: int) -> Image.Image:
+    """A random 112x112 RGB image."""
     rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
+
+
+def image_url(seed: int) -> str:
+    """image(seed) as a PNG data URL."""
     buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(buf, "PNG")
+    image(seed).save(buf, "PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def question(i: int) -> str:
+    return f"Question {i}: what is in the image?"
+
+
 def messages(i: int) -> list[dict]:
+    """Request i in OpenAI form (what a client sends)."""
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url(i % 4)}},
-                                         {"type": "text", "text": f"Question {i}: what is in the image?"}]}]
+                                         {"type": "text", "text": question(i)}]}]
 
 
-def run_clients(url: str, key: str, clients: int, total: int, max_tokens: int) -> tuple[float, int]:
-    """(seconds, completion tokens) for `total` requests spread over `clients` threads."""
-    counter, lock, tokens, errors = iter(range(total)), threading.Lock(), [0], []
+def conversation(i: int) -> list[dict]:
+    """Request i as the processor's conversation (what the sequential baseline generates from)."""
+    return [{"role": "user", "content": [{"type": "image", "image": image(i % 4)},
+                                         {"type": "text", "text": question(i)}]}]
+
+
+def run_clients(url: str, key: str, clients: int, bodies: list[dict]) -> tuple[float, int]:
+    """(seconds, completion tokens) for the request bodies (built beforehand) spread over `clients` threads."""
+    counter, lock, tokens, errors = iter(range(len(bodies))), threading.Lock(), [0], []
 
     def client():
         while True:
@@ -51,8 +69,7 @@ def run_clients(url: str, key: str, clients: int, total: int, max_tokens: int) -
                 i = next(counter, None)
             if i is None:
                 return
-            status, body = http_json(url + "/chat/completions", {"messages": messages(i), "max_tokens": max_tokens,
-                                                                  "temperature": 0}, key)
+            status, body = http_json(url + "/chat/completions", bodies[i], key)
             if status != 200:
                 errors.append(body)
                 return
@@ -70,27 +87,31 @@ def run_clients(url: str, key: str, clients: int, total: int, max_tokens: int) -
     return time.perf_counter() - t0, tokens[0]
 
 
-def sequential(hf_dir: str, total: int, max_tokens: int) -> tuple[float, int]:
-    """(seconds, tokens) of one in-process generate call per request (the no-server, no-batching baseline)."""
-    import torch
+class Sequential:
+    """The no-server, no-batching baseline: one in-process `generate` call per request on the same checkpoint."""
 
-    from megatron_sayo.distributed import runtime
-    from megatron_sayo.data.processor import Processor
-    from megatron_sayo.eval.openai_api import convert_messages
-    from megatron_sayo.models.qwen25vl.model import load_from_hf
-    from megatron_sayo.rl.rollout import SamplingParams, generate
+    def __init__(self, hf_dir: str, max_tokens: int):
+        from megatron_sayo.data.processor import Processor
+        from megatron_sayo.distributed import runtime
+        from megatron_sayo.models.qwen25vl.model import load_from_hf
+        from megatron_sayo.rl.rollout import SamplingParams
 
-    runtime.init_distributed(1, 1, launch=runtime.LaunchEnv(0, 1, 0, "127.0.0.1", runtime.free_port(), "single"))
-    model, proc = load_from_hf(hf_dir), Processor.from_pretrained(hf_dir)
-    params = SamplingParams(greedy=True, max_new_tokens=max_tokens)
-    generate(model, proc([convert_messages(messages(0))]), params)   # warm-up
-    tokens, t0 = 0, time.perf_counter()
-    with torch.no_grad():
-        for i in range(total):
-            out = generate(model, proc([convert_messages(messages(i))]), params)
-            tokens += int(out.completion_lengths.sum())
-    runtime.shutdown()
-    return time.perf_counter() - t0, tokens
+        runtime.init_distributed(1, 1, launch=runtime.LaunchEnv(0, 1, 0, "127.0.0.1", runtime.free_port(), "single"))
+        self.model, self.proc = load_from_hf(hf_dir), Processor.from_pretrained(hf_dir)
+        self.params = SamplingParams(greedy=True, max_new_tokens=max_tokens)
+        self.run([conversation(0)])   # warm-up
+
+    def run(self, conversations: list) -> tuple[float, int]:
+        """(seconds, tokens): processor + generate per conversation."""
+        import torch
+
+        from megatron_sayo.rl.rollout import generate
+
+        tokens, t0 = 0, time.perf_counter()
+        with torch.no_grad():
+            for conv in conversations:
+                tokens += int(generate(self.model, self.proc([conv]), self.params).completion_lengths.sum())
+        return time.perf_counter() - t0, tokens
 
 
 def main(argv=None) -> int:
@@ -100,6 +121,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--threads", type=int, default=1, help="torch threads, here and in the server (fair comparison)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (sequential, then each client count)")
     args = p.parse_args(argv)
     import os
 
@@ -113,22 +135,37 @@ def main(argv=None) -> int:
         from megatron_sayo.testing.tiny_checkpoint import make_tiny_checkpoint
 
         hf = str(make_tiny_checkpoint(Path(tmp.name) / "tiny", preset="tiny", seed=0))
-    seq_s, seq_tok = sequential(hf, args.requests, args.max_tokens)
-    rows = [("sequential generate", 1, args.requests / seq_s, seq_tok / seq_s, 1.0)]
+    n = args.requests
+    bodies = [{"messages": messages(i), "max_tokens": args.max_tokens, "temperature": 0} for i in range(n)]
+    conversations = [conversation(i) for i in range(n)]
+    baseline = Sequential(hf, args.max_tokens)
     server = start_server(hf, None, 1, Path(tmp.name) / "server.log", extra_args=["--max-batch", "16"])
+    modes = ["sequential"] + [f"server, {c} clients" for c in args.clients]
+    rates: dict[str, list[float]] = {m: [] for m in modes}     # tokens/s per round
+    rps: dict[str, list[float]] = {m: [] for m in modes}       # requests/s per round
+    ratios: dict[str, list[float]] = {m: [] for m in modes}    # vs the sequential run of the same round
     try:
-        run_clients(server.url, server.api_key, 2, 4, args.max_tokens)   # warm-up
-        for c in args.clients:
-            s, tok = run_clients(server.url, server.api_key, c, args.requests, args.max_tokens)
-            rows.append((f"server, {c} clients", c, args.requests / s, tok / s, (tok / s) / (seq_tok / seq_s)))
-        stats = http_json(server.url.removesuffix("/v1") + "/health")[1]
+        run_clients(server.url, server.api_key, 2, bodies[:4])   # warm-up
+        for _ in range(args.rounds):                             # interleaved: every mode once per round
+            s, tok = baseline.run(conversations)
+            rates["sequential"].append(tok / s)
+            rps["sequential"].append(n / s)
+            for c in args.clients:
+                s, tok = run_clients(server.url, server.api_key, c, bodies)
+                rates[f"server, {c} clients"].append(tok / s)
+                rps[f"server, {c} clients"].append(n / s)
+            for m in modes:
+                ratios[m].append(rates[m][-1] / rates["sequential"][-1])
+        stats = http_json(server.health_url)[1]
     finally:
         server.stop()
-    print(f"{args.requests} requests x {args.max_tokens} new tokens (greedy, image 112x112), model {Path(hf).name}, "
-          f"{args.threads} torch thread(s)")
-    print("| mode | clients | requests/s | tokens/s | tokens/s vs sequential |\n|---|---|---|---|---|")
-    for name, c, rps, tps, gain in rows:
-        print(f"| {name} | {c} | {rps:.2f} | {tps:.1f} | {gain:.2f}x |")
+    print(f"{n} requests x {args.max_tokens} new tokens (greedy, image 112x112), model {Path(hf).name}, "
+          f"{args.threads} torch thread(s), {args.rounds} interleaved rounds (medians)")
+    print("| mode | requests/s | tokens/s | tokens/s vs sequential (same round) |\n|---|---|---|---|")
+    for m in modes:
+        tps = statistics.median(rates[m])
+        print(f"| {m} | {statistics.median(rps[m]):.2f} | {tps:.1f} | {statistics.median(ratios[m]):.2f}x "
+              f"({min(ratios[m]):.2f}-{max(ratios[m]):.2f}) |")
     print(f"server: {stats['batches']} batches for {stats['requests']} requests, largest {stats['max_batch_requests']}")
     return 0
 

@@ -21,6 +21,8 @@ def png(w: int, h: int, seed: int, mode: str = "RGB") -> bytes:
     rng = np.random.default_rng(seed)
     img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
     img = img.convert(mode)
+    if mode == "RGBA":   # a real alpha channel: converting before or after the rescale then differs
+        img.putalpha(Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), "L"))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()

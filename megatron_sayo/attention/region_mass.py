@@ -231,10 +231,11 @@ class RegionMassProbe:
 
     def __init__(self, rows: torch.Tensor, region_mask: torch.Tensor, image_mask: torch.Tensor,
                  group="default", chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, key_weights: bool = False):
-        region_mask, image_mask = torch.as_tensor(region_mask).bool(), torch.as_tensor(image_mask).bool()
+        # bookkeeping lives on the CPU whatever device the batch came from (the kernels move what they need)
+        region_mask, image_mask = torch.as_tensor(region_mask).bool().cpu(), torch.as_tensor(image_mask).bool().cpu()
         _check_masks(region_mask, image_mask)
-        self.pairs = query_row_pairs(rows, region_mask.shape[0])
-        self.region_mask, self.image_mask = region_mask.cpu(), image_mask.cpu()
+        self.pairs = query_row_pairs(torch.as_tensor(rows).cpu(), region_mask.shape[0])
+        self.region_mask, self.image_mask = region_mask, image_mask
         self.group = group
         self.chunk_elements = chunk_elements
         self.key_weights = key_weights
@@ -307,7 +308,7 @@ def score_region_mass(model, microbatches: list[dict], collect=None, key_weights
         if mass is None:
             raise RuntimeError(f"the region-mass probe did not run on layer {num_layers} of the last stage")
         b, s = mb["inputs"]["input_ids"].shape
-        a, v = mass.dense(b, s)
+        a, v = (x.to(logits.device) for x in mass.dense(b, s))  # beside the log-probs collect() returns
         return ScoredMicrobatch(output=collect(logits, mb) if collect else None, mass=mass, region_mass=a,
                                 image_mass=v)
 

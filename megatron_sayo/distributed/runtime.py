@@ -88,7 +88,8 @@ def init_distributed(tp: int = 1, pp: int = 1, *, launch: LaunchEnv | None = Non
     else:
         _install_cpu_shims()
     if not dist.is_initialized():
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        # on GPUs, NCCL for CUDA tensors and gloo for the CPU-side flags and metrics the trainer all-reduces
+        backend = backend or ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(backend=backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
                                 rank=launch.rank, world_size=launch.world_size,
                                 timeout=datetime.timedelta(minutes=timeout_minutes))

@@ -15,12 +15,11 @@ Grounded benchmark flow:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from megatron_sayo.eval import nemo_glue, reports
 from megatron_sayo.eval.errors import EvalError
-from megatron_sayo.eval.server_process import ServerProcess, http_json, start_server
+from megatron_sayo.eval.server_process import ServerProcess, http_json, local_media_root, start_server
 
 __all__ = ["EvalError", "PAPER_DECODING", "run_grounded", "run_harness", "model_spec", "detect_checkpoint"]
 
@@ -67,11 +66,6 @@ def sample_records(rows: list[dict], predictions: list[dict], server: ServerProc
     return records
 
 
-def media_dir(rows: list[dict]) -> str:
-    """The deepest directory holding every row's image: the only local media the server may open."""
-    return os.path.commonpath([str(Path(r["image_url"]).parent) for r in rows])
-
-
 def run_grounded(args, model: dict, out: Path) -> dict:
     """The grounded benchmark for one checkpoint; writes out/ and returns results.json's content."""
     from megatron_sayo.config import DataConfig, RewardConfig
@@ -93,7 +87,8 @@ def run_grounded(args, model: dict, out: Path) -> dict:
                                                    bg.TASK)
     nemo_out = out / "nemo_evaluator"
     decoding = decoding_params(args)
-    server = start_server(model.get("hf"), model.get("megatron"), args.tp, out / "server.log")
+    server = start_server(model.get("hf"), model.get("megatron"), args.tp, out / "server.log",
+                          extra_args=["--allowed-local-media-path", local_media_root(r["image_url"] for r in rows)])
     try:
         with nemo_glue.nemo_environment(server.api_key, (byob_dir / "package",)) as nemo_evaluator:
             result = nemo_glue.run_evaluation(eval_type, nemo_out, server.url + "/chat/completions",

@@ -5,7 +5,8 @@ list of jobs (rank 0 broadcasts it), so all ranks run `generate` / `score_policy
 
 A job is a plain dict (picklable, broadcast as an object):
   chat: {"kind": "chat", "ids": [int], "pixel_values": Tensor|None, "image_grid_thw": Tensor|None,
-         "params": (temperature, top_p, greedy, max_tokens, n, seed), "stop": [str]}
+         "params": (temperature, top_p, greedy, max_tokens, n, seed), "stop": [str],
+         "logprobs": None | top-k, "stream": bool, "include_usage": bool}
   tas:  {"kind": "tas", "ids": [int], "completion_ids": [int], "pixel_values", "image_grid_thw",
          "region_mask": bool Tensor [P], "temperature": float}
 """
@@ -51,15 +52,21 @@ def processor_dir(hf_dir: str | None, megatron_dir: str | None) -> Path:
 
 
 def chat_key(job: dict) -> tuple:
-    """Jobs with equal keys share one `generate` call (same sampling settings and n)."""
+    """Jobs with equal keys share one `generate` call (same sampling settings, n and log-prob request)."""
     temperature, top_p, greedy, _max_tokens, n, seed = job["params"]
-    return (temperature, top_p, greedy, n, seed)
+    return (temperature, top_p, greedy, n, seed, job.get("logprobs") is not None)
 
 
-def truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """`text` cut before the earliest stop string; (text, whether a stop string was found)."""
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+@dataclass
+class RowState:
+    """One completion row of a generate call: its job, choice index, limits and what was streamed."""
+
+    job: int
+    choice: int
+    limit: int
+    stops: list[str]
+    stream: bool
+    sent: str = ""
 
 
 @dataclass
@@ -99,8 +106,9 @@ class Engine:
         """Longest prompt + completion the model accepts (its max_position_embeddings)."""
         return int(self.hf.text.max_position_embeddings)
 
-    def run_batch(self, jobs: list[dict]) -> list[dict]:
-        """Results for `jobs` in order: chat jobs grouped by sampling key, TAS jobs one by one."""
+    def run_batch(self, jobs: list[dict], sink=None) -> list[dict]:
+        """Results for `jobs` in order: chat jobs grouped by sampling key, TAS jobs one by one.
+        `sink(job index, choice, text)` (rank 0 only) receives streamed text of jobs that asked for it."""
         results: list[dict | None] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
@@ -109,7 +117,8 @@ class Engine:
             else:
                 results[i] = self.score_tas(job)
         for idx in groups.values():
-            for i, res in zip(idx, self.generate_chat([jobs[i] for i in idx])):
+            local = None if sink is None else (lambda j, c, text, idx=idx: sink(idx[j], c, text))
+            for i, res in zip(idx, self.generate_chat([jobs[i] for i in idx], local)):
                 results[i] = res
         return results
 
@@ -122,40 +131,86 @@ class Engine:
         return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat(pix) if pix else None,
                 "image_grid_thw": torch.cat(grids) if grids else None}
 
-    def generate_chat(self, jobs: list[dict]) -> list[dict]:
-        """One `generate` call for jobs sharing a sampling key; each gets n choices cut at its own limits."""
-        from megatron_sayo.rl.rollout import SamplingParams, generate
+    def generate_chat(self, jobs: list[dict], sink=None) -> list[dict]:
+        """One `generate` call for jobs sharing a sampling key; each gets n choices cut at its own limits.
+
+        Rows end at their job's max_tokens or stop string (every rank decides the same from the shared ids);
+        `sink(job, choice, text)` (rank 0) receives streamed text as it settles."""
         from megatron_sayo.distributed.runtime import device
+        from megatron_sayo.rl.rollout import SamplingParams, generate
 
         temperature, top_p, greedy, _, n, seed = jobs[0]["params"]
-        max_new = max(j["params"][3] for j in jobs)
+        k = max((j.get("logprobs") or 0) for j in jobs) if jobs[0].get("logprobs") is not None else None
+        rows = [RowState(j, c, job["params"][3], job.get("stop") or [], bool(job.get("stream")) and sink is not None)
+                for j, job in enumerate(jobs) for c in range(n)]
         params = SamplingParams(temperature=temperature if not greedy else 1.0, top_p=top_p,
-                                max_new_tokens=max_new, greedy=greedy, seed=seed)
-        batch = {k: (v.to(device()) if torch.is_tensor(v) else v) for k, v in self.batch_inputs(jobs).items()}
-        rollout = generate(self.model, batch, params, num_return_sequences=n)
+                                max_new_tokens=max(r.limit for r in rows), greedy=greedy, seed=seed)
+        batch = {key: (v.to(device()) if torch.is_tensor(v) else v) for key, v in self.batch_inputs(jobs).items()}
+        rollout = generate(self.model, batch, params, num_return_sequences=n, top_logprobs=k,
+                           on_step=lambda live, tokens, lengths: self._step(rows, live, tokens, lengths, sink))
         self.stats.batches += 1
         self.stats.requests += len(jobs)
         self.stats.max_batch_requests = max(self.stats.max_batch_requests, len(jobs))
         out = []
         for j, job in enumerate(jobs):
-            choices = [self._choice(rollout, j * n + k, k, job) for k in range(n)]
+            choices = [self._choice(rollout, j * n + c, c, job) for c in range(n)]
             out.append({"choices": choices, "prompt_tokens": len(job["ids"]),
                         "completion_tokens": sum(c["tokens"] for c in choices)})
         self.stats.generated_tokens += sum(r["completion_tokens"] for r in out)
         return out
 
+    def _step(self, rows: list[RowState], live: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
+              sink) -> torch.Tensor:
+        """generate's on_step: end rows at their max_tokens or stop string; stream their settled text."""
+        from megatron_sayo.eval.textstream import settled_text, truncate_at_stop
+
+        halt = torch.zeros(live.numel(), dtype=torch.bool)
+        for i, r in enumerate(live.tolist()):
+            row, length = rows[r], int(lengths[r])
+            halt[i] = length >= row.limit
+            if not (row.stops or row.stream):
+                continue
+            text = self.processor.tokenizer.decode(tokens[r, :length].tolist(), skip_special_tokens=True)
+            if row.stops and truncate_at_stop(text, row.stops)[1]:
+                halt[i] = True
+            if row.stream:
+                settled = settled_text(text, row.stops)
+                if len(settled) > len(row.sent) and settled.startswith(row.sent):
+                    sink(row.job, row.choice, settled[len(row.sent):])
+                    row.sent = settled
+        return halt.to(live.device)
+
     def _choice(self, rollout, row: int, index: int, job: dict) -> dict:
-        """One OpenAI choice from rollout row `row`, limited to the job's max_tokens and stop strings."""
+        """One OpenAI choice from rollout row `row`: text cut at the stop string, finish reason, log-probs."""
+        from megatron_sayo.eval.textstream import truncate_at_stop
+
         limit = job["params"][3]
-        length = int(rollout.completion_lengths[row])
-        ids = rollout.completion_ids[row, :min(length, limit)].tolist()
-        stopped = bool(rollout.finished[row]) and length <= limit
+        length = min(int(rollout.completion_lengths[row]), limit)
+        ids = rollout.completion_ids[row, :length].tolist()
         text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
         text, hit = truncate_at_stop(text, job.get("stop") or [])
+        eos = bool(ids) and ids[-1] in self.hf.tokens.eos
         if not hit:
-            self.remember(job["ids"], text, rollout.completion_ids[row, :min(length, limit)].tolist())
-        return {"index": index, "text": text, "finish_reason": "stop" if stopped or hit else "length",
-                "tokens": len(ids)}
+            self.remember(job["ids"], text, ids)
+        choice = {"index": index, "text": text, "finish_reason": "stop" if hit or eos else "length",
+                  "tokens": length}
+        if job.get("logprobs") is not None:
+            choice["logprobs"] = self._logprobs(rollout, row, ids, job["logprobs"])
+        return choice
+
+    def _logprobs(self, rollout, row: int, ids: list[int], k: int) -> list[dict]:
+        """OpenAI `logprobs.content`: per generated token its text, bytes, log-prob and the top-k alternatives."""
+        def entry(token_id: int, logprob: float) -> dict:
+            text = self.processor.tokenizer.decode([token_id])
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        out = []
+        for t, token_id in enumerate(ids):
+            item = entry(token_id, float(rollout.raw_logprobs[row, t]))
+            item["top_logprobs"] = [entry(int(a), float(b)) for a, b in
+                                    zip(rollout.top_ids[row, t, :k].tolist(), rollout.top_logprobs[row, t, :k].tolist())]
+            out.append(item)
+        return out
 
     # ------------------------------------------------------------------------------------------------ TAS
     def score_tas(self, job: dict) -> dict:

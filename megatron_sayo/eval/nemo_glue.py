@@ -102,9 +102,18 @@ def compile_grounded_package(root: Path, module: str, task: str) -> str:
     import yaml
 
     require_nemo_evaluator()
+    from nemo_evaluator.contrib.byob import decorators
     from nemo_evaluator.contrib.byob.compiler import compile_benchmark
 
-    fdf = compile_benchmark(module)[task]
+    # compile_benchmark clears BYOB's process-wide registry, imports `module` and drops it from sys.modules
+    # again while its benchmarks stay registered: a later ordinary import would then register them twice.
+    # Put the registry back as it was.
+    registered = dict(decorators._BENCHMARK_REGISTRY)
+    try:
+        fdf = compile_benchmark(module)[task]
+    finally:
+        decorators._BENCHMARK_REGISTRY.clear()
+        decorators._BENCHMARK_REGISTRY.update(registered)
     pkg = root / "nemo_evaluator" / f"byob_{task}"
     pkg.mkdir(parents=True, exist_ok=True)
     (pkg / "__init__.py").write_text("")

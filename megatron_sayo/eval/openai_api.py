@@ -1,134 +1,132 @@
 """OpenAI chat-completions request parsing and validation (pure functions; no model, no HTTP).
 
-Images arrive as content parts {"type": "image_url", "image_url": {"url": URL}} with URL a base64 data URL
-(data:image/png;base64,...), a file:// URL or a local path. Extension for text-only clients (nemo-evaluator's
-BYOB runner sends plain text prompts): inside a user text part, `<image_url>URL</image_url>` is an image part at
-that place. Every problem raises ApiError, which the server turns into OpenAI-style error JSON.
+Images arrive as content parts {"type": "image_url", "image_url": {"url": URL}} with URL a base64 data URL or,
+when the server allows local media, a file:// URL or local path (media.py decides). Extension for text-only
+clients (nemo-evaluator's BYOB runner sends plain text prompts): inside a user text part,
+`<image_url>URL</image_url>` is an image part at that place, under the same media policy. Role `developer`
+is a system message (as OpenAI's newer models name it). Every problem raises ApiError, which the server turns
+into OpenAI-style error JSON.
+
+The cheap checks come first: parameters, message structure, the number of images and the amount of text are
+all checked before any image is decoded or any text tokenized.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
-from PIL import Image
+from megatron_sayo.config import ServeConfig
+from megatron_sayo.eval.errors import ApiError
+from megatron_sayo.eval.media import MediaPolicy, load_image
 
-ROLES = ("system", "user", "assistant")
+__all__ = ["ApiError", "Limits", "parse_chat_request", "parse_tas_request"]
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 IMAGE_TAG = re.compile(r"<image_url>(.*?)</image_url>", re.DOTALL)
-MAX_N = 16
-MAX_STOP = 4
-
-
-class ApiError(Exception):
-    """An OpenAI-style client error: HTTP status, message, type, offending parameter, code."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.message, self.param, self.code, self.status, self.type = message, param, code, status, type
-
-    def body(self) -> dict:
-        """{"error": {message, type, param, code}}."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format")
+_D = ServeConfig()
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Server-side bounds: longest prompt + completion, the largest max_tokens, default max_tokens."""
+    """Server-side bounds of one request (defaults: config.ServeConfig)."""
 
-    max_len: int
-    max_tokens: int = 2048
-    default_max_tokens: int = 256
+    max_len: int                                    # prompt + completion tokens
+    max_tokens: int = _D.max_tokens_limit
+    default_max_tokens: int = _D.default_max_tokens
+    max_images: int = _D.max_images_per_request
+    max_prompt_chars: int = _D.max_prompt_chars
+    max_n: int = _D.max_n
+    max_stop: int = _D.max_stop
+    max_top_logprobs: int = _D.max_top_logprobs
+    media: MediaPolicy = MediaPolicy()
 
 
-def decode_image(url: str, param: str) -> Image.Image:
-    """A data URL (base64), file:// URL or local path -> RGB PIL image; ApiError if it cannot be read."""
-    if not isinstance(url, str) or not url:
-        raise ApiError("image_url.url must be a non-empty string", param, "invalid_image")
-    try:
-        if url.startswith("data:"):
-            header, _, payload = url.partition(",")
-            if ";base64" not in header:
-                raise ApiError("image data URLs must be base64 encoded (data:image/...;base64,...)", param,
-                               "invalid_image")
-            source = io.BytesIO(base64.b64decode(payload, validate=True))
-        elif url.startswith(("http://", "https://")):
-            raise ApiError("remote image URLs are not fetched by this server: send a base64 data URL or a "
-                           "local path", param, "invalid_image")
+# ------------------------------------------------------------------------------------------------ messages
+
+def _parts(content, role: str, param: str) -> list[tuple[str, str, str]]:
+    """A message's content as (kind, value, param) with kind 'text' or 'image' (URL not opened yet)."""
+    if isinstance(content, str):
+        content = [{"type": "text", "text": content}]
+    elif not isinstance(content, list) or not content:
+        raise ApiError("message content must be a string or a non-empty list of parts", param)
+    out = []
+    for k, part in enumerate(content):
+        where = f"{param}[{k}]" if param.endswith("content") else param
+        if not isinstance(part, dict) or "type" not in part:
+            raise ApiError("each content part must be an object with a 'type'", where)
+        kind = part["type"]
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise ApiError("a text part needs a string 'text'", where + ".text")
+            out += _split_tags(part["text"], where) if role == "user" else [("text", part["text"], where)]
+        elif kind == "image_url":
+            image_url = part.get("image_url")
+            url = image_url.get("url") if isinstance(image_url, dict) else image_url
+            if not isinstance(url, str) or not url:
+                raise ApiError("image_url.url must be a non-empty string", where + ".image_url", "invalid_image")
+            out.append(("image", url, where + ".image_url"))
         else:
-            path = Path(url[len("file://"):] if url.startswith("file://") else url)
-            if not path.is_file():
-                raise ApiError(f"image file not found: {path}", param, "invalid_image")
-            source = path
-        with Image.open(source) as im:
-            return im.convert("RGB")
-    except ApiError:
-        raise
-    except (binascii.Error, ValueError) as exc:
-        raise ApiError(f"image data URL is not valid base64: {exc}", param, "invalid_image") from None
-    except (OSError, Image.DecompressionBombError) as exc:
-        raise ApiError(f"could not decode image: {exc}", param, "invalid_image") from None
+            raise ApiError(f"unsupported content part type {kind!r} (use 'text' or 'image_url')", where + ".type")
+    return out
 
 
-def split_image_tags(text: str, param: str) -> list[dict]:
-    """A text with <image_url>URL</image_url> tags -> our content items (text and decoded images) in order."""
+def _split_tags(text: str, param: str) -> list[tuple[str, str, str]]:
+    """A user text with <image_url>URL</image_url> tags -> text and image items in order."""
     items, pos = [], 0
     for m in IMAGE_TAG.finditer(text):
         if m.start() > pos:
-            items.append({"type": "text", "text": text[pos:m.start()]})
-        items.append({"type": "image", "image": decode_image(m.group(1).strip(), param)})
+            items.append(("text", text[pos:m.start()], param))
+        items.append(("image", m.group(1).strip(), param))
         pos = m.end()
     if pos < len(text):
-        items.append({"type": "text", "text": text[pos:]})
+        items.append(("text", text[pos:], param))
     return items
 
 
-def convert_part(part, param: str, role: str) -> list[dict]:
-    """One OpenAI content part -> our content items (text / image)."""
-    if not isinstance(part, dict) or "type" not in part:
-        raise ApiError("each content part must be an object with a 'type'", param)
-    kind = part["type"]
-    if kind == "text":
-        if not isinstance(part.get("text"), str):
-            raise ApiError("a text part needs a string 'text'", param + ".text")
-        return split_image_tags(part["text"], param) if role == "user" else [{"type": "text", "text": part["text"]}]
-    if kind == "image_url":
-        image_url = part.get("image_url")
-        url = image_url.get("url") if isinstance(image_url, dict) else image_url
-        return [{"type": "image", "image": decode_image(url, param + ".image_url")}]
-    raise ApiError(f"unsupported content part type {kind!r} (use 'text' or 'image_url')", param + ".type")
-
-
-def convert_messages(messages) -> list[dict]:
-    """OpenAI messages -> our conversation (transformers format, images decoded)."""
+def scan_messages(messages, limits: Limits) -> list[tuple[str, list]]:
+    """Structure checked, images counted and text measured, nothing opened: [(role, items)]."""
     if not isinstance(messages, list) or not messages:
-        raise ApiError("'messages' must be a non-empty list", "messages", "missing_required_parameter"
-                       if messages is None else None)
-    out = []
+        raise ApiError("'messages' must be a non-empty list", "messages",
+                       "missing_required_parameter" if messages is None else None)
+    scanned, images, chars = [], 0, 0
     for i, msg in enumerate(messages):
         param = f"messages[{i}]"
         if not isinstance(msg, dict):
             raise ApiError("each message must be an object with 'role' and 'content'", param)
-        role, content = msg.get("role"), msg.get("content")
-        if role not in ROLES:
+        role = msg.get("role")
+        if not isinstance(role, str) or role not in ROLES:
             raise ApiError(f"role must be one of {list(ROLES)}, got {role!r}", param + ".role")
-        if isinstance(content, str):
-            items = split_image_tags(content, param + ".content") if role == "user" else None
-            out.append({"role": role, "content": items if items and any(x["type"] == "image" for x in items)
-                        else content})
-        elif isinstance(content, list) and content:
-            items = [x for k, part in enumerate(content) for x in convert_part(part, f"{param}.content[{k}]", role)]
-            out.append({"role": role, "content": items})
-        else:
-            raise ApiError("message content must be a string or a non-empty list of parts", param + ".content")
-    if out[-1]["role"] != "user":
-        raise ApiError("the last message must come from the user", f"messages[{len(out) - 1}].role")
+        items = _parts(msg.get("content"), ROLES[role], param + ".content")
+        images += sum(kind == "image" for kind, _, _ in items)
+        chars += sum(len(value) for kind, value, _ in items if kind == "text")
+        if images > limits.max_images:
+            raise ApiError(f"more than {limits.max_images} images in one request (--max-images-per-request)",
+                           "messages", "too_many_images")
+        if chars > limits.max_prompt_chars:
+            raise ApiError(f"the messages hold more than {limits.max_prompt_chars} characters of text "
+                           f"(--max-prompt-chars)", "messages", "context_length_exceeded")
+        scanned.append((ROLES[role], items))
+    if scanned[-1][0] != "user":
+        raise ApiError("the last message must come from the user", f"messages[{len(scanned) - 1}].role")
+    return scanned
+
+
+def convert_messages(messages, limits: Limits) -> list[dict]:
+    """OpenAI messages -> our conversation (transformers format, images opened under the media policy)."""
+    out = []
+    for role, items in scan_messages(messages, limits):
+        if all(kind == "text" for kind, _, _ in items):
+            out.append({"role": role, "content": "".join(value for _, value, _ in items)})
+            continue
+        out.append({"role": role, "content": [
+            {"type": "text", "text": value} if kind == "text" else
+            {"type": "image", "image": load_image(value, limits.media, param)} for kind, value, param in items]})
     return out
 
+
+# ------------------------------------------------------------------------------------------------ parameters
 
 def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool = False):
     """body[name] (or default) checked to be a number in [lo, hi]."""
@@ -151,22 +149,66 @@ def sampling_params(body: dict, limits: Limits) -> tuple:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", limits.default_max_tokens, 1, limits.max_tokens,
                          integer=True)
-    n = _number(body, "n", 1, 1, MAX_N, integer=True)
+    n = _number(body, "n", 1, 1, limits.max_n, integer=True)
     seed = _number(body, "seed", 0, 0, 2 ** 63 - 1, integer=True)
     return (temperature, top_p, temperature == 0.0, max_tokens, n, seed)
 
 
-def stop_strings(body: dict) -> list[str]:
-    """The 'stop' parameter as a list of at most MAX_STOP non-empty strings."""
+def stop_strings(body: dict, limits: Limits) -> list[str]:
+    """The 'stop' parameter as a list of at most max_stop non-empty strings."""
     stop = body.get("stop")
     if stop is None:
         return []
     stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
-        raise ApiError(f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them", "stop",
+    if not isinstance(stops, list) or len(stops) > limits.max_stop or not all(isinstance(s, str) and s
+                                                                               for s in stops):
+        raise ApiError(f"'stop' must be a non-empty string or a list of at most {limits.max_stop} of them", "stop",
                        "invalid_value")
     return stops
 
+
+def logprobs_param(body: dict, limits: Limits) -> int | None:
+    """None when log-probs are not asked for, else how many top alternatives per token (0..max_top_logprobs)."""
+    want = body.get("logprobs")
+    if want is not None and not isinstance(want, bool):
+        raise ApiError("'logprobs' must be a boolean", "logprobs", "invalid_value")
+    top = body.get("top_logprobs")
+    if top is not None:
+        top = _number(body, "top_logprobs", 0, 0, limits.max_top_logprobs, integer=True)
+        if not want:
+            raise ApiError("'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
+    return (top or 0) if want else None
+
+
+def stream_params(body: dict) -> tuple[bool, bool]:
+    """(stream, include_usage) from 'stream' and 'stream_options'."""
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise ApiError("'stream' must be a boolean", "stream", "invalid_value")
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not stream:
+        raise ApiError("'stream_options' is only allowed with 'stream': true", "stream_options", "invalid_value")
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise ApiError("'stream_options' must be an object like {\"include_usage\": true}", "stream_options",
+                       "invalid_value")
+    return stream, bool(options.get("include_usage", False))
+
+
+def refuse_unsupported(body: dict) -> None:
+    """400 naming the parameter for features this server does not implement (rather than ignoring them)."""
+    for name in UNSUPPORTED:
+        value = body.get(name)
+        if value is None or value == [] or (name == "response_format" and value == {"type": "text"}):
+            continue
+        raise ApiError(f"'{name}' is not supported by this server (no tool calling or structured output)", name,
+                       "unsupported_parameter")
+
+
+# ------------------------------------------------------------------------------------------------ requests
 
 def encode_conversation(processor, conversation: list[dict]) -> tuple[list[int], object, object]:
     """Prompt ids (image pads expanded), pixel_values and image_grid_thw of one conversation."""
@@ -186,21 +228,27 @@ def check_length(n_prompt: int, max_tokens: int, limits: Limits) -> None:
                        f"tokens and max_tokens is {max_tokens}", "messages", "context_length_exceeded")
 
 
-def parse_chat_request(body, processor, limits: Limits) -> dict:
-    """A validated chat job (see engine.py) from a decoded JSON body."""
+def check_body(body) -> None:
+    """A JSON object with 'messages'."""
     if not isinstance(body, dict):
         raise ApiError("the request body must be a JSON object")
     if "messages" not in body:
         raise ApiError("missing required parameter: 'messages'", "messages", "missing_required_parameter")
-    if body.get("stream"):
-        raise ApiError("streaming is not supported by this server", "stream", "unsupported_parameter")
+
+
+def parse_chat_request(body, processor, limits: Limits) -> dict:
+    """A validated chat job (see engine.py) from a decoded JSON body."""
+    check_body(body)
+    refuse_unsupported(body)
     params = sampling_params(body, limits)
-    stops = stop_strings(body)
-    conversation = convert_messages(body["messages"])
+    stops = stop_strings(body, limits)
+    top_logprobs = logprobs_param(body, limits)
+    stream, include_usage = stream_params(body)
+    conversation = convert_messages(body["messages"], limits)
     ids, pix, grid = encode_conversation(processor, conversation)
     check_length(len(ids), params[3], limits)
     return {"kind": "chat", "ids": ids, "pixel_values": pix, "image_grid_thw": grid, "params": params,
-            "stop": stops}
+            "stop": stops, "logprobs": top_logprobs, "stream": stream, "include_usage": include_usage}
 
 
 def parse_tas_request(body, processor, limits: Limits, image_token_id: int, merge_size: int,
@@ -209,19 +257,21 @@ def parse_tas_request(body, processor, limits: Limits, image_token_id: int, merg
     from megatron_sayo.data.processor import conversation_images
     from megatron_sayo.data.regions import RegionError, RegionSpec, batch_region_mask
 
-    if not isinstance(body, dict):
-        raise ApiError("the request body must be a JSON object")
-    for name in ("messages", "completion", "boxes"):
+    check_body(body)
+    for name in ("completion", "boxes"):
         if name not in body:
             raise ApiError(f"missing required parameter: {name!r}", name, "missing_required_parameter")
     if not isinstance(body["completion"], str) or not body["completion"]:
         raise ApiError("'completion' must be a non-empty string", "completion", "invalid_value")
+    if len(body["completion"]) > limits.max_prompt_chars:
+        raise ApiError(f"'completion' is longer than {limits.max_prompt_chars} characters", "completion",
+                       "context_length_exceeded")
     boxes = body["boxes"]
     if (not isinstance(boxes, list) or not boxes or not all(isinstance(b, list) and len(b) == 4 and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in b) for b in boxes)):
         raise ApiError("'boxes' must be a non-empty list of [x1, y1, x2, y2]", "boxes", "invalid_value")
     temperature = float(_number(body, "temperature", 1.0, 1e-3, 10.0))
-    conversation = convert_messages(body["messages"])
+    conversation = convert_messages(body["messages"], limits)
     images = conversation_images(conversation)
     if len(images) != 1:
         raise ApiError(f"TAS needs exactly one image in the messages, got {len(images)}", "messages")

@@ -66,6 +66,11 @@ def source_args(hf: str | None, megatron: str | None) -> list[str]:
     return ["--hf", str(hf)] if hf else ["--megatron", str(megatron)]
 
 
+def local_media_root(image_paths) -> str:
+    """The deepest directory holding every image: the only local media the server is allowed to open."""
+    return os.path.commonpath([str(Path(p).resolve().parent) for p in image_paths])
+
+
 def tail(path: Path, n: int = 20) -> str:
     """The last n lines of a text file."""
     try:

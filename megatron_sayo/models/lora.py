@@ -116,13 +116,13 @@ def fuse_outputs(target: LoRATarget, parts: list[torch.Tensor], query_groups: in
 # Attaching to a model, switching off, freezing
 # ----------------------------------------------------------------------------------------------------------
 
-def _add_delta(linear, args, output):
+def _add_delta(linear, args, kwargs, output):
     """Forward hook on a megatron linear: output (y, bias) -> (y + adapter(x), bias)."""
     adapter = linear.__dict__["lora_adapter"]
     if not adapter.enabled:
         return output
     y, bias = output
-    return y + adapter(args[0]), bias
+    return y + adapter(args[0] if args else kwargs["input_"]), bias
 
 
 def attach_lora(model, text, *, rank: int, alpha: float, dropout: float = 0.0, targets=tuple(TARGETS),
@@ -149,7 +149,7 @@ def attach_lora(model, text, *, rank: int, alpha: float, dropout: float = 0.0, t
             parent.add_module(target.adapter_name, adapter)
             linear = getattr(parent, target.linear)
             linear.__dict__["lora_adapter"] = adapter      # not a submodule: the parent owns it
-            linear.register_forward_hook(_add_delta)
+            linear.register_forward_hook(_add_delta, with_kwargs=True)
             adapters.append(adapter)
     return adapters
 

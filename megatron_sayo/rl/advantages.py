@@ -20,10 +20,10 @@ def group_centred(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.
     r = values.double()
     _, index = torch.unique(group_ids, return_inverse=True)
     n_groups = int(index.max()) + 1 if index.numel() else 0
-    count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, index, torch.ones_like(r))
-    mean = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, index, r) / count
+    count = torch.zeros(n_groups, dtype=torch.float64, device=r.device).index_add_(0, index, torch.ones_like(r))
+    mean = torch.zeros(n_groups, dtype=torch.float64, device=r.device).index_add_(0, index, r) / count
     centred = r - mean[index]
-    sq = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, index, centred * centred)
+    sq = torch.zeros(n_groups, dtype=torch.float64, device=r.device).index_add_(0, index, centred * centred)
     return centred, torch.sqrt(sq / (count - 1).clamp(min=1))[index]
 
 

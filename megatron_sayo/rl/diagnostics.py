@@ -13,7 +13,7 @@ def mean_group_std(values: torch.Tensor, group_ids: torch.Tensor) -> float:
     """Mean over groups of the unbiased within-group standard deviation of `values` [N]."""
     _, std = group_centred(values, group_ids)
     _, index = torch.unique(group_ids, return_inverse=True)
-    per_group = torch.zeros(int(index.max()) + 1, dtype=torch.float64).index_copy_(0, index, std)
+    per_group = torch.zeros(int(index.max()) + 1, dtype=torch.float64, device=std.device).index_copy_(0, index, std)
     return float(per_group.mean())
 
 

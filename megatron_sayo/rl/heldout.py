@@ -58,7 +58,7 @@ class SampleScores:
 def score_completions(rollout: Rollout, batch: RolloutBatch, scores, answers: list[str], tokenizer,
                       reward: RewardConfig) -> SampleScores:
     """Accuracy, format, TAS and attention reward of each completion row, from the scoring pass's arrays."""
-    start = torch.full((rollout.sequences.shape[0],), rollout.prompt_length)
+    start = torch.full((rollout.sequences.shape[0],), rollout.prompt_length, device=rollout.sequences.device)
     attn, tas, _, _ = R.sequence_attention_reward(scores.region_mass, scores.image_mass, scores.entropy, start,
                                                   batch.completion_mask, reward.top_entropy_ratio,
                                                   reward.attention_form, reward.eps)

@@ -9,10 +9,14 @@ the last stage, then PP broadcast from it), so every stage feeds the same ids at
 
 `Rollout.logprobs` are log softmax(logits / temperature) of the chosen ids over the whole vocabulary (before
 top-p truncation; temperature 1 when greedy): what a scoring pass at the same temperature recomputes.
+With `top_logprobs=k` the rollout also keeps the model's own distribution (log softmax of the raw logits, no
+temperature, no top-p; what OpenAI-style `logprobs` report): the chosen ids' log-probs and the k most likely.
+`on_step` lets a caller end rows early (stop strings) and watch tokens as they come (streaming).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -59,7 +63,10 @@ class Rollout:
     completion_lengths: torch.Tensor  # [N]
     group_ids: torch.Tensor         # [N] prompt index of each row
     logprobs: torch.Tensor          # [N, T] log p(token) under softmax(logits / T); 0 where masked
-    finished: torch.Tensor          # [N] True where a stop token ended the row (False: length stop)
+    finished: torch.Tensor          # [N] True where a stop token (or on_step) ended the row (False: length stop)
+    raw_logprobs: torch.Tensor | None = None   # [N, T] log softmax(raw logits) of the chosen ids (top_logprobs set)
+    top_ids: torch.Tensor | None = None        # [N, T, k] the k most likely ids under the raw logits
+    top_logprobs: torch.Tensor | None = None   # [N, T, k] their raw log-probs
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -114,6 +121,22 @@ def share_tokens(ids: torch.Tensor | None, logp: torch.Tensor | None, n: int, de
     packed = torch.empty(2, n, dtype=torch.float64, device=device)
     if ids is not None:
         packed[0], packed[1] = ids.double(), logp.double()
+    packed = share_from_sampler(packed)
+    return packed[0].long(), packed[1].float()
+
+
+def raw_top(logits: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """[1 + 2k, n] float64: log softmax(raw logits) of `ids`, then the top-k ids, then their log-probs."""
+    logp = logits.float().log_softmax(dim=-1)
+    top = logp.topk(k, dim=-1) if k else None
+    rows = [logp.gather(-1, ids[:, None]).T.double()]
+    if top is not None:
+        rows += [top.indices.T.double(), top.values.T.double()]
+    return torch.cat(rows)
+
+
+def share_from_sampler(packed: torch.Tensor) -> torch.Tensor:
+    """`packed` as filled on the sampler, on every rank of its model-parallel group (TP, then PP broadcast)."""
     if parallel_state.is_pipeline_last_stage():
         tp_group = parallel_state.get_tensor_model_parallel_group()
         if _world(tp_group) > 1:
@@ -121,7 +144,7 @@ def share_tokens(ids: torch.Tensor | None, logp: torch.Tensor | None, n: int, de
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     if _world(pp_group) > 1:
         dist.broadcast(packed, parallel_state.get_pipeline_model_parallel_last_rank(), group=pp_group)
-    return packed[0].long(), packed[1].float()
+    return packed
 
 
 def _last_logits(model, parallel_logits: torch.Tensor) -> torch.Tensor:
@@ -178,14 +201,21 @@ def stop_ids_tensor(model, params: SamplingParams, device) -> torch.Tensor:
     return torch.tensor(list(ids), dtype=torch.long, device=device)
 
 
+StepHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
 def generate(model, batch: dict, params: SamplingParams, *, num_return_sequences: int = 1,
-             compact: bool = True) -> Rollout:
+             compact: bool = True, top_logprobs: int | None = None, on_step: StepHook | None = None) -> Rollout:
     """G = num_return_sequences completions per prompt of a left-padded processor batch (every rank calls it).
 
     `compact` drops finished rows from the KV cache as they stop (cheaper steps, same result).
+    `top_logprobs` (k >= 0): also record the raw-logit log-probs of the chosen ids and the k most likely ids.
+    `on_step(rows, tokens, lengths)`: after each step, with the rows that just got a token, the [N, T] token
+    buffer and the lengths; it returns a bool mask over `rows` of those to end now (or None). It runs on
+    every rank with the same inputs and must decide the same there.
     """
     with sequence_parallel_off(model):
-        return _generate(model, batch, params, num_return_sequences, compact)
+        return _generate(model, batch, params, num_return_sequences, compact, top_logprobs, on_step)
 
 
 def prefill(model, batch: dict, prompt_mask: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor | None,
@@ -203,7 +233,8 @@ def prefill(model, batch: dict, prompt_mask: torch.Tensor, cache: KVCache) -> tu
     return logits, deltas.reshape(-1).to(prompt_mask.device)
 
 
-def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: int, compact: bool) -> Rollout:
+def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: int, compact: bool,
+              top_k: int | None = None, on_step: StepHook | None = None) -> Rollout:
     """generate's body (sequence parallelism already off)."""
     input_ids = batch["input_ids"]
     device = input_ids.device
@@ -232,9 +263,21 @@ def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: 
     logprobs = torch.zeros(n, steps, dtype=torch.float32, device=device)
     lengths = torch.zeros(n, dtype=torch.long, device=device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
+    if top_k is not None:
+        raw = torch.zeros(n, steps, dtype=torch.float32, device=device)
+        top_ids = torch.zeros(n, steps, top_k, dtype=torch.long, device=device)
+        top_lp = torch.zeros(n, steps, top_k, dtype=torch.float32, device=device)
     active = torch.arange(n, device=device)          # rows still in the cache, in cache order
     for step in range(steps):
         ids, logp = sample_tokens(logits, params, generator) if _is_sampler() else (None, None)
+        if top_k is not None:
+            packed = torch.empty(1 + 2 * top_k, active.numel(), dtype=torch.float64, device=device)
+            if ids is not None:
+                packed = raw_top(logits, ids, top_k)
+            packed = share_from_sampler(packed)
+            raw[active, step] = packed[0].float()
+            top_ids[active, step] = packed[1:1 + top_k].T.long()
+            top_lp[active, step] = packed[1 + top_k:].T.float()
         ids, logp = share_tokens(ids, logp, active.numel(), device)
         live = ~finished[active]
         ids = torch.where(live, ids, torch.full_like(ids, pad_id))
@@ -242,6 +285,11 @@ def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: 
         logprobs[active, step] = torch.where(live, logp, torch.zeros_like(logp))
         lengths[active] += live.long()
         finished[active] |= live & torch.isin(ids, stop_ids)
+        if on_step is not None and bool(live.any()):
+            stepped = active[live]
+            halt = on_step(stepped, tokens, lengths)
+            if halt is not None:
+                finished[stepped[halt]] = True
         if step == steps - 1 or bool(finished.all()):
             break
         if compact and bool(finished[active].any()):
@@ -260,4 +308,5 @@ def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: 
                    attention_mask=torch.cat([prompt_mask[rows].long(), completion_mask], dim=1),
                    prompt_length=p, completion_ids=completion_ids, completion_mask=completion_mask,
                    completion_lengths=lengths, group_ids=rows.clone(), logprobs=logprobs[:, :t],
-                   finished=finished)
+                   finished=finished, **({} if top_k is None else dict(
+                       raw_logprobs=raw[:, :t], top_ids=top_ids[:, :t], top_logprobs=top_lp[:, :t])))

@@ -227,7 +227,7 @@ class GRPOTrainer:
         if last:
             terms, tas, texts = self._rewards(rollout, scores, [local[r] for r in rows])
             total = R.total_reward(terms, cfg.reward.weights)
-            group_ids = torch.as_tensor(rows) + first
+            group_ids = torch.as_tensor(rows, device=total.device) + first
             advantages = distributed_group_advantages(total, group_ids, eps=cfg.loss.advantage_eps)
             metrics = self._rollout_metrics(terms, total, tas, rollout, scores)
             metrics.update(steering_metrics(terms["attention"], terms["accuracy"], tas, advantages, group_ids))
@@ -260,7 +260,7 @@ class GRPOTrainer:
     def _rewards(self, rollout, scores, samples):
         """Per-completion reward terms (attention, format, accuracy) and TAS, on the last stage."""
         cfg = self.cfg.reward
-        start = torch.full((rollout.sequences.shape[0],), rollout.prompt_length)
+        start = torch.full((rollout.sequences.shape[0],), rollout.prompt_length, device=rollout.sequences.device)
         attn, tas, _, _ = R.sequence_attention_reward(scores.region_mass, scores.image_mass, scores.entropy, start,
                                                       rollout.completion_mask, cfg.top_entropy_ratio,
                                                       cfg.attention_form, cfg.eps)
@@ -272,7 +272,8 @@ class GRPOTrainer:
             fmt.append(R.format_reward(text, n, cfg.format_long_bound, cfg.format_short_bound, cfg.format_factor))
             acc.append(R.accuracy_reward(R.extract_answer(text), samples[row].reference(cfg.accuracy_target),
                                           cfg.accuracy_match))
-        terms = {"attention": attn.float(), "format": torch.tensor(fmt), "accuracy": torch.tensor(acc)}
+        terms = {"attention": attn.float(), "format": torch.tensor(fmt, device=attn.device),
+                 "accuracy": torch.tensor(acc, device=attn.device)}
         return terms, tas, texts
 
     def _rollout_metrics(self, terms, total, tas, rollout, scores) -> dict:

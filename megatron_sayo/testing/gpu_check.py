@@ -78,7 +78,7 @@ CHECKS: tuple[Check, ...] = (
     Check("region_mass", f"{_G}:region_mass", 90, "region/image masses on CUDA vs eager softmax, right-padded "
           "uneven batch (indicator kernel and LSE path), kernel and tiny model; memory vs full scores"),
     Check("checkpoint_05b", f"{_G}:checkpoint_05b", 120, "write the ~0.5B random Qwen2.5-VL checkpoint the "
-          "next checks share", needs_cuda=False),
+          "next checks share (only they need it)"),
     Check("parity_05b", f"{_G}:parity_05b", 120, "~0.5B random config: our logits vs transformers on the "
           "same GPU, fp32 and bf16, local spec (and TE spec when installed)", needs=("checkpoint_05b",)),
     Check("rollout", f"{_G}:rollout", 120, "rollout tokens/s: our KV-cached generate vs transformers' "

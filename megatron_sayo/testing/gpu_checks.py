@@ -210,7 +210,11 @@ def nccl_startup(ctx: Context) -> CheckResult:
                "tp": parallel_state.get_tensor_model_parallel_world_size(),
                "pp": parallel_state.get_pipeline_model_parallel_world_size(),
                "dp": parallel_state.get_data_parallel_world_size(), "device": str(runtime.device())}
-    ok = backend == "nccl" and torch.equal(x.cpu(), torch.arange(4.0)) and figures["tp"] == figures["dp"] == 1
+    flag = torch.ones(1)                                   # CPU tensors (the trainer's flags) go through gloo
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    figures["cpu_all_reduce"] = flag.item() == 1.0
+    ok = ("nccl" in backend and torch.equal(x.cpu(), torch.arange(4.0)) and figures["tp"] == figures["dp"] == 1
+          and figures["cpu_all_reduce"])
     runtime.shutdown()
     figures["shutdown_clean"] = not dist.is_initialized()
     return CheckResult(ok and figures["shutdown_clean"], figures,
@@ -485,7 +489,8 @@ def rollout_throughput(ckpt: Path, batch_size: int, new_tokens: int, dtype) -> C
     tokens = batch_size * new_tokens
     shapes_ok = all(t.shape == (batch_size, new_tokens) for t in new.values())
     figures = {"batch": batch_size, "new_tokens": new_tokens, "prompt_tokens": p, "dtype": str(dtype),
-               "ours_tokens_per_s": tokens / seconds["ours"], "transformers_tokens_per_s": tokens / seconds["transformers"],
+               "ours_tokens_per_s": tokens / seconds["ours"],
+               "transformers_tokens_per_s": tokens / seconds["transformers"],
                "speedup_vs_transformers": seconds["transformers"] / seconds["ours"]}
     if shapes_ok:
         same = new["ours"] == new["transformers"]

@@ -359,3 +359,15 @@ def test_mass_kernel_resolution():
     assert resolve_mass_kernel("indicator", torch.device("cpu")) == "indicator"
     with pytest.raises(ValueError, match="region_mass_kernel"):
         resolve_mass_kernel("fast", torch.device("cpu"))
+
+
+def test_lse_of_bf16_inputs_is_computed_in_float32():
+    """The materialising path (bf16 on CPU, or lse on CUDA): the LSE of the bf16 q/k as given, to float32
+    accuracy (bf16-rounded scores would be ~1e-2 off in log space)."""
+    q, k, v, allowed, region, image = random_case(9, d=64)
+    q, k, v = (t.mul(2.0).bfloat16() for t in (q, k, v))
+    scale = 1 / math.sqrt(q.shape[-1])
+    _, lse = attention_with_lse(q, k, v, allowed, scale, "sdpa")
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    ref = torch.logsumexp(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    assert torch.allclose(lse.double(), ref, atol=1e-5, rtol=0)

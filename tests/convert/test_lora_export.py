@@ -39,7 +39,7 @@ def run_train(ckpt, train_file, run_dir, steps):
             "train.global_batch=2", "train.micro_batch=2", "rollout.group_size=2", "rollout.max_new_tokens=6",
             "checkpoint.interval=2", "checkpoint.keep=3", "log.tensorboard=false", "warmup.steps=0",
             "optim.warmup_steps=0", "optim.lr=2e-2", "loss.kl_beta=0.05", "lora.enabled=true", "lora.rank=4",
-            "lora.alpha=8"]
+            "lora.alpha=8", "eval.interval=0"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "megatron_sayo.train", "--config", str(CONFIG), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
@@ -141,3 +141,68 @@ def test_merged_export_matches_our_model_and_peft_matches_merged(runs, tiny_ckpt
     report = compare_logits(peft_logits, ref_merged, mask)
     assert report.rel <= 1e-5, str(report)
     assert np.isfinite(peft_logits).all()
+
+
+def test_merge_into_bfloat16_weights_rounds_as_torch(tmp_path):
+    """In-place merge of a bf16 weight (two bands) equals torch's (W.float() + s * B @ A).to(bfloat16)."""
+    from safetensors.torch import load_file, save_file
+
+    from megatron_sayo.convert import lora_export
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(70, 48, generator=g).to(torch.bfloat16)
+    other = torch.randn(5, generator=g)
+    save_file({"model.layers.0.self_attn.o_proj.weight": w, "x": other}, tmp_path / "model.safetensors")
+    a, b = torch.randn(4, 48, generator=g), torch.randn(70, 4, generator=g)
+    old_band = lora_export.BAND_BYTES
+    lora_export.BAND_BYTES = 40 * 48 * 4          # 40 rows per band: two bands, the second partial
+    try:
+        n = lora_export.merge_into(tmp_path, {("linear_proj", "o_proj", 0): (a.numpy(), b.numpy())}, 2.0)
+    finally:
+        lora_export.BAND_BYTES = old_band
+    got = load_file(tmp_path / "model.safetensors")
+    assert n == 1 and torch.equal(got["x"], other)
+    assert torch.equal(got["model.layers.0.self_attn.o_proj.weight"], (w.float() + 2.0 * (b @ a)).to(torch.bfloat16))
+
+
+def test_bad_lora_metadata_names_file_and_field(tmp_path):
+    from megatron_sayo.checkpoint.files import CheckpointError
+    from megatron_sayo.convert.lora_export import lora_settings
+
+    (tmp_path / "metadata.json").write_text("{}")
+    meta = {"kind": "trained policy", "lora": {"rank": 0, "alpha": 32, "targets": ["linear_qkv"],
+                                               "base": {"format": "hf", "path": "/x"}}}
+    (tmp_path / "checkpoint_metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"checkpoint_metadata.json: lora.rank = 0"):
+        lora_settings(tmp_path)
+    meta["lora"].update(rank=4, targets=["q_proj"])
+    (tmp_path / "checkpoint_metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"lora.targets"):
+        lora_settings(tmp_path)
+
+
+def test_merge_onto_a_megatron_base_equals_the_hf_base(runs, tiny_ckpt, tmp_path):
+    """--base pointing at the same weights converted to megatron (as a warm-up checkpoint is) merges to the same
+    tensors as the HF base (float32 round trips are exact)."""
+    from safetensors.torch import load_file
+
+    from megatron_sayo.convert.converters import convert_hf_to_megatron
+    from megatron_sayo.models.qwen25vl.name_map import normalize_hf_name
+
+    meg = tmp_path / "meg"
+    convert_hf_to_megatron(tiny_ckpt, meg, tp=2, pp=1, progress=False)
+    from_hf = export("merge", runs[0], tmp_path / "from_hf")
+    done = subprocess.run([sys.executable, str(ROOT / "tools/convert_megatron_to_hf.py"), "--megatron",
+                           str(runs[0]), "--out", str(tmp_path / "from_meg"), "--lora", "merge", "--base", str(meg),
+                           "--no-progress"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    def tensors(d):
+        out = {}
+        for f in sorted(Path(d).glob("*.safetensors")):
+            out.update({normalize_hf_name(k): v for k, v in load_file(f).items()})
+        return out
+
+    a, b = tensors(from_hf), tensors(tmp_path / "from_meg")
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)

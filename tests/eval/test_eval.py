@@ -146,3 +146,22 @@ def test_eval_package_does_not_touch_import_path():
     for path in pathlib.Path(pkg.__file__).parent.glob("*.py"):
         text = path.read_text()
         assert "PYTHONPATH" not in text and "sys.path" not in text and "parents[2]" not in text, path.name
+
+
+def test_compiling_a_benchmark_leaves_byob_registry_as_it_was(tmp_path):
+    """nemo-evaluator's compiler clears and refills BYOB's registry and unloads the module: our glue restores
+    the registry, so importing the module afterwards registers its benchmark once, without an error."""
+    import importlib
+    import sys
+
+    from nemo_evaluator.contrib.byob import decorators
+
+    from megatron_sayo.eval import nemo_glue
+
+    before = dict(decorators._BENCHMARK_REGISTRY)
+    nemo_glue.compile_grounded_package(tmp_path, "megatron_sayo.eval.byob_grounded", "sayo_grounded")
+    assert dict(decorators._BENCHMARK_REGISTRY) == before
+    sys.modules.pop("megatron_sayo.eval.byob_grounded", None)
+    decorators._BENCHMARK_REGISTRY.pop("sayo_grounded", None)
+    importlib.import_module("megatron_sayo.eval.byob_grounded")
+    assert "sayo_grounded" in decorators._BENCHMARK_REGISTRY

@@ -1,6 +1,7 @@
-"""OpenAI-compatible server: good requests, every bad request (4xx + OpenAI error JSON, still serving after),
-API key, concurrent requests batched (server stats) with the same greedy answers as one by one, and /v1/tas
-against a direct score_policy computation built through the trainer's prompt path."""
+"""OpenAI-compatible server, driven by the official `openai` client where a client would be used: good
+requests, streaming (SSE deltas, finish_reason, [DONE], include_usage), log-probs against transformers, stop
+strings, every bad request (4xx + OpenAI error JSON, still serving after), API key, continuous batching with
+the same greedy answers as one by one, and /v1/tas against a direct score_policy computation."""
 
 from __future__ import annotations
 
@@ -12,16 +13,16 @@ import threading
 import urllib.error
 import urllib.request
 
+import openai
 import pytest
 import torch
 
-from megatron_sayo.eval.openai_api import Limits
 
 TEXT = [{"role": "user", "content": "Say something."}]
 
 
 def request(url: str, body=None, raw: bytes | None = None, key: str | None = None, method=None):
-    """(status, JSON body) of one HTTP call."""
+    """(status, JSON body) of one HTTP call (for what a client library would refuse to send)."""
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     req = urllib.request.Request(url, data=data, headers=headers, method=method or ("GET" if data is None else "POST"))
@@ -38,95 +39,154 @@ def png_data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-@pytest.fixture(scope="module")
-def server(tiny_ckpt):
-    """An in-process server (rank 0 of a 1-process group) on a free loopback port; yields (base URL, engine)."""
-    from megatron_sayo.distributed import runtime
-    from megatron_sayo.data.processor import Processor
-    from megatron_sayo.eval.engine import Engine
-    from megatron_sayo.eval.serve import Scheduler, ServerState, start_http
-    from megatron_sayo.models.qwen25vl.model import load_from_hf
-
-    runtime.init_distributed(1, 1, launch=runtime.LaunchEnv(0, 1, 0, "127.0.0.1", runtime.free_port(), "single"))
-    engine = Engine(load_from_hf(tiny_ckpt), Processor.from_pretrained(tiny_ckpt))
-    scheduler = Scheduler(engine, window_s=0.1, max_batch=16)
-    worker = threading.Thread(target=scheduler.serve_forever, daemon=True)
-    worker.start()
-    limits = Limits(max_len=engine.max_len, max_tokens=64, default_max_tokens=8)
-    httpd = start_http(ServerState(scheduler, engine.processor, limits, "tiny", None), "127.0.0.1", 0)
-    keyed = start_http(ServerState(scheduler, engine.processor, limits, "tiny", "sekrit"), "127.0.0.1", 0)
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", engine, f"http://127.0.0.1:{keyed.server_address[1]}"
-    scheduler.stopped.set()
-    worker.join(timeout=30)
-    httpd.shutdown()
-    keyed.shutdown()
-    runtime.shutdown()
-
-
-def chat(url, messages, **params):
-    return request(url + "/v1/chat/completions", {"model": "tiny", "messages": messages, **params})
+def chat(server, messages, **params):
+    return server.client.chat.completions.create(model="tiny", messages=messages, **params)
 
 
 # ------------------------------------------------------------------------------------------------ good requests
 
 def test_text_request_has_openai_shape(server):
-    url, _, _ = server
-    status, body = chat(url, TEXT, max_tokens=5, temperature=0)
-    assert status == 200, body
-    assert body["object"] == "chat.completion" and body["model"] == "tiny"
-    (choice,) = body["choices"]
-    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
-    assert choice["finish_reason"] in ("stop", "length")
-    usage = body["usage"]
-    assert 1 <= usage["completion_tokens"] <= 5 and usage["prompt_tokens"] > 5
-    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    out = chat(server, TEXT, max_tokens=5, temperature=0)
+    assert out.object == "chat.completion" and out.model == "tiny"
+    (choice,) = out.choices
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length") and choice.logprobs is None
+    assert 1 <= out.usage.completion_tokens <= 5 and out.usage.prompt_tokens > 5
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
 
 
-def test_image_as_data_url_path_file_url_and_tag_agree(server, make_image, tmp_path):
-    """One image sent four ways gives the same prompt, hence the same greedy completion."""
-    url, _, _ = server
+def test_image_as_data_url_path_file_url_and_tag_agree(server, make_image, media_dir):
+    """One image sent four ways (local ones inside the allowed dir) gives the same prompt and completion."""
     image = make_image(60, 44, seed=3)
-    path = tmp_path / "im.png"
+    path = media_dir / "im.png"
     image.save(path)
     outs = []
-    for ref in (png_data_url(image), str(path), f"file://{path}"):
+    for ref in (png_data_url(image), str(path), f"file://{path}", "im.png"):
         msg = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ref}},
                                             {"type": "text", "text": "What is it?"}]}]
-        status, body = chat(url, msg, max_tokens=6, temperature=0)
-        assert status == 200, body
-        outs.append((body["choices"][0]["message"]["content"], body["usage"]["prompt_tokens"]))
-    status, body = chat(url, [{"role": "user", "content": f"<image_url>{path}</image_url>What is it?"}],
-                        max_tokens=6, temperature=0)
-    assert status == 200, body
-    outs.append((body["choices"][0]["message"]["content"], body["usage"]["prompt_tokens"]))
+        out = chat(server, msg, max_tokens=6, temperature=0)
+        outs.append((out.choices[0].message.content, out.usage.prompt_tokens))
+    out = chat(server, [{"role": "user", "content": f"<image_url>{path}</image_url>What is it?"}], max_tokens=6,
+               temperature=0)
+    outs.append((out.choices[0].message.content, out.usage.prompt_tokens))
     assert len(set(outs)) == 1, outs
     assert outs[0][1] > 20   # the image's pad tokens are in the prompt
 
 
-def test_n_choices_stop_and_system_message(server, make_image):
-    url, _, _ = server
+def test_n_choices_and_sampling(server, make_image):
     msg = [{"role": "system", "content": "Be brief."},
            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(make_image(56, 56))}},
                                         {"type": "text", "text": "Describe."}]}]
-    status, body = chat(url, msg, n=3, max_tokens=6, temperature=0.9, top_p=0.9, seed=7)
-    assert status == 200, body
-    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
-    status, greedy = chat(url, TEXT, max_tokens=8, temperature=0)
-    text = greedy["choices"][0]["message"]["content"]
-    stop = text[2:4] if len(text) >= 4 else None
-    if stop:
-        status, body = chat(url, TEXT, max_tokens=8, temperature=0, stop=[stop])
-        assert status == 200
-        assert body["choices"][0]["message"]["content"] == text[:text.find(stop)]
-        assert body["choices"][0]["finish_reason"] == "stop"
+    out = chat(server, msg, n=3, max_tokens=6, temperature=0.9, top_p=0.9, seed=7)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert 3 <= out.usage.completion_tokens <= 18
 
 
-def test_models_and_health(server):
-    url, _, _ = server
-    status, body = request(url + "/v1/models")
-    assert status == 200 and body["data"][0]["id"] == "tiny"
-    status, body = request(url + "/health")
+def test_developer_role_is_system(server):
+    """OpenAI's `developer` role gives exactly the prompt (and greedy answer) of a system message."""
+    as_system = chat(server, [{"role": "system", "content": "Be brief."}, *TEXT], max_tokens=6, temperature=0)
+    as_developer = chat(server, [{"role": "developer", "content": "Be brief."}, *TEXT], max_tokens=6, temperature=0)
+    assert as_developer.usage.prompt_tokens == as_system.usage.prompt_tokens
+    assert as_developer.choices[0].message.content == as_system.choices[0].message.content
+
+
+def test_models_list_retrieve_and_unknown(server):
+    assert [m.id for m in server.client.models.list().data] == ["tiny"]
+    assert server.client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError) as exc:
+        server.client.models.retrieve("gpt-4o")
+    assert exc.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError) as exc:
+        server.client.chat.completions.create(model="gpt-4o", messages=TEXT, max_tokens=2)
+    assert exc.value.code == "model_not_found" and exc.value.body["param"] == "model"
+    status, body = request(server.url + "/health")
     assert status == 200 and body["status"] == "ok" and "batches" in body
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+
+def test_stream_matches_non_stream_at_temperature_zero(server, make_image):
+    msg = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(make_image(56, 56))}},
+                                        {"type": "text", "text": "Describe the picture in detail."}]}]
+    plain = chat(server, msg, max_tokens=24, temperature=0)
+    chunks = list(chat(server, msg, max_tokens=24, temperature=0, stream=True,
+                       stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(deltas) == plain.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == plain.choices[0].finish_reason and set(finishes[:-1]) == {None}
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == plain.usage.model_dump()
+    assert len({c.id for c in chunks}) == 1 and all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_stream_wire_format_ends_with_done(server):
+    """The raw SSE body: 'data: {json}' events, no usage chunk unless asked, then 'data: [DONE]'."""
+    import httpx
+
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": TEXT, "max_tokens": 4, "temperature": 0, "stream": True}) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in resp.iter_lines() if line]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+    payloads = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    assert all(p["choices"] for p in payloads) and "usage" not in payloads[-1]
+
+
+def test_stream_several_choices(server):
+    chunks = list(chat(server, TEXT, max_tokens=6, temperature=0.8, seed=3, n=2, stream=True))
+    plain = chat(server, TEXT, max_tokens=6, temperature=0.8, seed=3, n=2)
+    for k in range(2):
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == k)
+        assert text == plain.choices[k].message.content
+
+
+# ------------------------------------------------------------------------------------------------ logprobs, stop
+
+def test_logprobs_match_transformers(server, tiny_ckpt):
+    """logprobs/top_logprobs (temperature 0) equal transformers' float32 eager log-softmax on the same ids."""
+    from megatron_sayo.testing.parity import hf_logits
+
+    out = chat(server, TEXT, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens
+    proc = server.engine.processor
+    prompt = proc.tokenizer.encode(proc.apply_chat_template([{"role": "user", "content": "Say something."}],
+                                                            add_generation_prompt=True))
+    assert len(prompt) == out.usage.prompt_tokens
+    generated = server.engine.generated_ids(prompt, out.choices[0].message.content)
+    assert generated is not None and len(generated) == len(content)
+    ids = torch.tensor([prompt + generated])
+    ref = torch.from_numpy(hf_logits(str(tiny_ckpt), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
+    ref = ref[0, len(prompt) - 1:-1].double().log_softmax(-1)
+    for t, item in enumerate(content):
+        assert item.token == proc.tokenizer.decode([generated[t]])
+        assert math.isclose(item.logprob, float(ref[t, generated[t]]), rel_tol=1e-4, abs_tol=1e-5)
+        top = ref[t].topk(3)
+        assert [proc.tokenizer.decode([i]) for i in top.indices.tolist()] == [a.token for a in item.top_logprobs]
+        for alt, want in zip(item.top_logprobs, top.values.tolist()):
+            assert math.isclose(alt.logprob, want, rel_tol=1e-4, abs_tol=1e-5)
+    assert content[0].top_logprobs[0].logprob >= content[0].logprob - 1e-6   # greedy: the argmax
+
+
+def test_stop_string_stops_generation(server):
+    """A stop string ends generation where it appears: text cut before it, usage counts only generated tokens."""
+    tok = server.engine.processor.tokenizer
+    full = chat(server, TEXT, max_tokens=16, temperature=0)
+    text = full.choices[0].message.content
+    proc = server.engine.processor
+    prompt = tok.encode(proc.apply_chat_template(TEXT, add_generation_prompt=True))
+    ids = server.engine.generated_ids(prompt, text)
+    assert ids is not None and len(text) >= 6, text
+    stop = text[3:5]
+    needed = next(t for t in range(1, len(ids) + 1) if stop in tok.decode(ids[:t], skip_special_tokens=True))
+    out = chat(server, TEXT, max_tokens=16, temperature=0, stop=[stop, "\x00never"])
+    assert out.choices[0].message.content == text[:text.find(stop)]
+    assert out.choices[0].finish_reason == "stop"
+    assert out.usage.completion_tokens == needed < 16
+    streamed = "".join(c.choices[0].delta.content or "" for c in chat(server, TEXT, max_tokens=16, temperature=0,
+                                                                      stop=[stop], stream=True) if c.choices)
+    assert streamed == text[:text.find(stop)]
 
 
 # ------------------------------------------------------------------------------------------------ bad requests
@@ -136,77 +196,102 @@ def _img(url):
 
 
 BAD = [
-    ("malformed JSON", None, b"{not json", 400, "invalid_json"),
-    ("empty body", None, b"", 400, None),
-    ("body not an object", [1, 2], None, 400, None),
-    ("missing messages", {"model": "tiny"}, None, 400, "missing_required_parameter"),
-    ("messages not a list", {"messages": "hi"}, None, 400, None),
-    ("empty messages", {"messages": []}, None, 400, None),
-    ("bad role", {"messages": [{"role": "robot", "content": "hi"}]}, None, 400, None),
-    ("missing content", {"messages": [{"role": "user"}]}, None, 400, None),
+    ("malformed JSON", None, b"{not json", 400, "invalid_json", None),
+    ("empty body", None, b"", 400, None, None),
+    ("body not an object", [1, 2], None, 400, None, None),
+    ("missing messages", {"model": "tiny"}, None, 400, "missing_required_parameter", "messages"),
+    ("messages not a list", {"messages": "hi"}, None, 400, None, "messages"),
+    ("empty messages", {"messages": []}, None, 400, None, "messages"),
+    ("bad role", {"messages": [{"role": "robot", "content": "hi"}]}, None, 400, None, "messages[0].role"),
+    ("missing content", {"messages": [{"role": "user"}]}, None, 400, None, None),
     ("last not user", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
-     None, 400, None),
-    ("bad part type", {"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]}, None, 400, None),
+     None, 400, None, None),
+    ("bad part type", {"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]}, None, 400, None,
+     None),
     ("undecodable image", {"messages": _img("data:image/png;base64," + base64.b64encode(b"not a png").decode())},
-     None, 400, "invalid_image"),
-    ("bad base64", {"messages": _img("data:image/png;base64,@@@@")}, None, 400, "invalid_image"),
-    ("missing image file", {"messages": _img("/nonexistent/x.png")}, None, 400, "invalid_image"),
-    ("remote image url", {"messages": _img("http://example.com/x.png")}, None, 400, "invalid_image"),
-    ("negative temperature", {"messages": TEXT, "temperature": -1}, None, 400, "invalid_value"),
-    ("string temperature", {"messages": TEXT, "temperature": "hot"}, None, 400, "invalid_value"),
-    ("top_p zero", {"messages": TEXT, "top_p": 0}, None, 400, "invalid_value"),
-    ("max_tokens zero", {"messages": TEXT, "max_tokens": 0}, None, 400, "invalid_value"),
-    ("max_tokens over limit", {"messages": TEXT, "max_tokens": 10_000}, None, 400, "invalid_value"),
-    ("n zero", {"messages": TEXT, "n": 0}, None, 400, "invalid_value"),
-    ("n float", {"messages": TEXT, "n": 1.5}, None, 400, "invalid_value"),
-    ("bad stop", {"messages": TEXT, "stop": ["a", "b", "c", "d", "e"]}, None, 400, "invalid_value"),
-    ("stream", {"messages": TEXT, "stream": True}, None, 400, "unsupported_parameter"),
+     None, 400, "invalid_image", None),
+    ("bad base64", {"messages": _img("data:image/png;base64,@@@@")}, None, 400, "invalid_image", None),
+    ("remote image url", {"messages": _img("http://example.com/x.png")}, None, 400, "invalid_image", None),
+    ("negative temperature", {"messages": TEXT, "temperature": -1}, None, 400, "invalid_value", "temperature"),
+    ("string temperature", {"messages": TEXT, "temperature": "hot"}, None, 400, "invalid_value", "temperature"),
+    ("top_p zero", {"messages": TEXT, "top_p": 0}, None, 400, "invalid_value", "top_p"),
+    ("max_tokens zero", {"messages": TEXT, "max_tokens": 0}, None, 400, "invalid_value", "max_tokens"),
+    ("max_tokens over limit", {"messages": TEXT, "max_tokens": 10_000}, None, 400, "invalid_value", "max_tokens"),
+    ("n zero", {"messages": TEXT, "n": 0}, None, 400, "invalid_value", "n"),
+    ("n float", {"messages": TEXT, "n": 1.5}, None, 400, "invalid_value", "n"),
+    ("bad stop", {"messages": TEXT, "stop": ["a", "b", "c", "d", "e"]}, None, 400, "invalid_value", "stop"),
+    ("stream not bool", {"messages": TEXT, "stream": "yes"}, None, 400, "invalid_value", "stream"),
+    ("stream_options without stream", {"messages": TEXT, "stream_options": {"include_usage": True}}, None, 400,
+     "invalid_value", "stream_options"),
+    ("top_logprobs without logprobs", {"messages": TEXT, "top_logprobs": 2}, None, 400, "invalid_value",
+     "top_logprobs"),
+    ("top_logprobs too many", {"messages": TEXT, "logprobs": True, "top_logprobs": 21}, None, 400, "invalid_value",
+     "top_logprobs"),
+    ("response_format json", {"messages": TEXT, "response_format": {"type": "json_object"}}, None, 400,
+     "unsupported_parameter", "response_format"),
+    ("tools", {"messages": TEXT, "tools": [{"type": "function", "function": {"name": "f"}}]}, None, 400,
+     "unsupported_parameter", "tools"),
     ("over-long prompt", {"messages": [{"role": "user", "content": "zq " * 5000}]}, None, 400,
-     "context_length_exceeded"),
+     "context_length_exceeded", "messages"),
+    # issue 14.12: a deeply nested body used to get no response at all (uncaught RecursionError)
+    ("100000-deep nesting", None, b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json", None),
 ]
 
 
-@pytest.mark.parametrize("name,body,raw,status,code", BAD, ids=[b[0] for b in BAD])
-def test_bad_request_gets_openai_error_and_server_keeps_serving(server, name, body, raw, status, code):
-    url, _, _ = server
-    got, err = request(url + "/v1/chat/completions", body, raw=raw, method="POST")
+@pytest.mark.parametrize("name,body,raw,status,code,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_request_gets_openai_error_and_server_keeps_serving(server, name, body, raw, status, code, param):
+    got, err = request(server.url + "/v1/chat/completions", body, raw=raw, method="POST")
     assert got == status, (name, err)
     assert set(err["error"]) == {"message", "type", "param", "code"} and err["error"]["message"]
     assert err["error"]["type"] == "invalid_request_error"
     if code:
         assert err["error"]["code"] == code, err
-    ok, body = chat(url, TEXT, max_tokens=2)
-    assert ok == 200, body
+    if param:
+        assert err["error"]["param"] == param, err
+    assert chat(server, TEXT, max_tokens=2).choices
+
+
+def test_unsupported_parameters_through_the_client(server):
+    with pytest.raises(openai.BadRequestError) as exc:
+        chat(server, TEXT, max_tokens=2, response_format={"type": "json_object"})
+    assert exc.value.body["param"] == "response_format"
+    with pytest.raises(openai.BadRequestError) as exc:
+        chat(server, TEXT, max_tokens=2, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert exc.value.body["param"] == "tools"
 
 
 def test_unknown_route_is_404_json(server):
-    url, _, _ = server
-    status, err = request(url + "/v1/completions", {"prompt": "x"})
+    status, err = request(server.url + "/v1/completions", {"prompt": "x"})
     assert status == 404 and err["error"]["code"] == "not_found"
 
 
 def test_api_key_checked(server):
-    _, _, keyed = server
-    assert request(keyed + "/v1/models")[0] == 401
-    status, err = request(keyed + "/v1/chat/completions", {"messages": TEXT}, key="wrong")
-    assert status == 401 and err["error"]["type"] == "authentication_error"
-    assert request(keyed + "/v1/chat/completions", {"messages": TEXT, "max_tokens": 2}, key="sekrit")[0] == 200
-    assert request(keyed + "/health")[0] == 200
+    assert request(server.keyed + "/v1/models")[0] == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.keyed + "/v1", api_key="wrong", max_retries=0).chat.completions.create(
+            model="tiny", messages=TEXT, max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.keyed + "/v1", api_key=server.key + "x" * 100, max_retries=0).models.list()
+    assert server.keyed_client.chat.completions.create(model="tiny", messages=TEXT, max_tokens=2).choices
+    assert request(server.keyed + "/health")[0] == 200
 
 
 # ------------------------------------------------------------------------------------------------ concurrency
 
 def test_concurrent_requests_are_batched_and_match_sequential(server):
-    url, engine, _ = server
+    """Requests arriving while a batch runs are generated together next (continuous batching), with the same
+    greedy answers as one by one."""
+    url, engine = server.url, server.engine
     prompts = [[{"role": "user", "content": f"Count to {i}, then say {'x' * i}."}] for i in range(6)]
-    sequential = [chat(url, p, max_tokens=6, temperature=0)[1]["choices"][0]["message"]["content"] for p in prompts]
+    sequential = [chat(server, p, max_tokens=6, temperature=0).choices[0].message.content for p in prompts]
     before = (engine.stats.batches, engine.stats.requests)
     results: dict = {}
     barrier = threading.Barrier(6)
 
     def worker(i):
         barrier.wait()
-        results[i] = chat(url, prompts[i], max_tokens=6, temperature=0)
+        results[i] = request(url + "/v1/chat/completions", {"messages": prompts[i], "max_tokens": 6,
+                                                            "temperature": 0})
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
     for t in threads:
@@ -222,7 +307,7 @@ def test_concurrent_requests_are_batched_and_match_sequential(server):
 
 # ------------------------------------------------------------------------------------------------ TAS
 
-def test_tas_matches_direct_score_policy(server, tmp_path):
+def test_tas_matches_direct_score_policy(server, media_dir):
     """/v1/tas on a generated answer == score_policy + sequence_attention_reward on the trainer's prompt batch."""
     from megatron_sayo.config import DataConfig, RewardConfig
     from megatron_sayo.data.grounded import load_grounded
@@ -232,14 +317,12 @@ def test_tas_matches_direct_score_policy(server, tmp_path):
     from megatron_sayo.rl.rewards import sequence_attention_reward
     from megatron_sayo.rl.scoring import RolloutBatch, score_policy
 
-    url, engine, _ = server
-    sample = load_grounded(make_synthetic(tmp_path / "syn", 1))[0]
+    url, engine = server.url, server.engine
+    sample = load_grounded(make_synthetic(media_dir / "syn", 1))[0]
     instruction = DataConfig().instruction
     row = byob_rows([sample], instruction, "normalized")[0]
     messages = [{"role": "user", "content": prompt_text(row)}]
-    status, body = chat(url, messages, max_tokens=12, temperature=0)
-    assert status == 200
-    answer = body["choices"][0]["message"]["content"]
+    answer = chat(server, messages, max_tokens=12, temperature=0).choices[0].message.content
     status, got = request(url + "/v1/tas", {"messages": messages, "completion": answer, "boxes": sample.boxes})
     assert status == 200, got
     assert got["completion_source"] == "generated"
@@ -269,12 +352,12 @@ def test_tas_matches_direct_score_policy(server, tmp_path):
     ({"completion": "x", "boxes": [[0, 0, 5, 5]]}, "messages"),
     ({"messages": TEXT, "completion": "x", "boxes": [[0, 0, 5, 5]]}, "messages"),     # no image
     ({"messages": _img("/nonexistent.png"), "completion": "x", "boxes": [[0, 0, 5, 5]]}, None),
+    ({"messages": TEXT, "completion": "x" * 30_000, "boxes": [[0, 0, 5, 5]]}, "completion"),
     ({"messages": TEXT, "completion": "", "boxes": [[0, 0, 5, 5]]}, "completion"),
     ({"messages": TEXT, "completion": "x", "boxes": [[0, 0, 5]]}, "boxes"),
 ])
 def test_tas_bad_requests(server, body, param):
-    url, _, _ = server
-    status, err = request(url + "/v1/tas", body)
+    status, err = request(server.url + "/v1/tas", body)
     assert status == 400, err
     if param:
         assert err["error"]["param"] == param

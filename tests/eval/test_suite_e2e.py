@@ -45,7 +45,7 @@ def test_suite_end_to_end(tiny_ckpt, tmp_path):
     accs = []
     for name in names:
         bench = results["benchmarks"][name]
-        assert bench["num_samples"] == 1
+        assert bench["num_samples"] == 1 and bench["failed_requests"] == 0
         question, answer = authors_item(name, raw[name][0])
         # what nemo-evaluator sent: the authors' system prompt, then the image and their question
         (req,) = sent_requests(out / name / "nemo_evaluator")
@@ -78,3 +78,7 @@ def test_suite_needs_data_root(tiny_ckpt, tmp_path, capsys):
                "--out", str(tmp_path / "o")])
     assert rc == 2 and "ai2d: no such directory" in capsys.readouterr().err
     assert not (tmp_path / "o" / "server.log").exists()      # failed before starting a server
+    (tmp_path / "o" / "ai2d" / "nemo_evaluator").mkdir(parents=True)   # an earlier run's response cache
+    rc = main(["--hf", str(tiny_ckpt), "--benchmark", "sayo-ai2d", "--data-root", str(tmp_path / "none"),
+               "--out", str(tmp_path / "o")])
+    assert rc == 2 and "exists from an earlier run" in capsys.readouterr().err

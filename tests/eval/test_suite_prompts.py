@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import io
 import math
+import os
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from suite_fixtures import authors_item, write_suite
+from suite_fixtures import AUTHORS_SYSTEM_PROMPT, authors_item, write_suite
 
 from megatron_sayo.eval.benchmarks import prepare, suite
 from megatron_sayo.eval.benchmarks.hub_data import DatasetError
@@ -72,17 +74,24 @@ def authors_image(source, from_file: bool, min_pixels: int, max_pixels: int) -> 
 
 
 @pytest.mark.parametrize("name", ["mme-realworld", "vstar", "mmstar", "mathvision"])
-@pytest.mark.parametrize("bounds", [(262144, 5000000), (100, 400)])
+@pytest.mark.parametrize("bounds", [(262144, 5000000), (100, 400), (100, 10**7)], ids=["up", "down", "kept"])
 def test_images_are_sent_as_the_authors_send_them(fixture_root, tmp_path, name, bounds):
+    """The pixels the server decodes (it converts to RGB, as the authors' vLLM server did) equal those of the
+    authors' rescaled PNG; an image the rescale leaves alone is sent as published (its file hard-linked)."""
     root, _ = fixture_root
     samples = suite.BY_NAME[name].samples(root)
     rows = prepare.byob_rows(samples, tmp_path / "img", *bounds)
     for sample, row in zip(samples, rows):
         src = sample.image.path if sample.image.path else io.BytesIO(sample.image.data)
         ref = authors_image(src, name in ("mme-realworld", "vstar"), *bounds)
-        with Image.open(row["image_url"]) as ours:
-            assert ours.size == ref.size and ours.mode == ref.mode
-            assert ours.tobytes() == ref.tobytes()
+        png = io.BytesIO()
+        ref.save(png, format="PNG")
+        with Image.open(png) as sent, Image.open(row["image_url"]) as ours:
+            assert ours.size == sent.size
+            assert ours.convert("RGB").tobytes() == sent.convert("RGB").tobytes()
+        assert Path(row["image_url"]).parent == (tmp_path / "img").resolve()   # the server's one media folder
+        if bounds == (100, 10**7) and sample.image.path:
+            assert os.path.samefile(row["image_url"], sample.image.path)       # hard link, no second copy
         assert row["question"] == sample.question and row["answer"] == sample.answer
 
 
@@ -106,6 +115,18 @@ def test_bad_datasets_name_file_and_field(fixture_root, tmp_path):
             suite.BY_NAME["vstar"].samples(root)
     finally:
         (tmp_path / "moved.jpg").rename(root / "vstar_bench" / raw["vstar"][1]["image"])
+
+
+def test_system_prompt_renders_to_the_authors():
+    """BYOB renders the system prompt with str.format: braces in \\boxed{} must survive it."""
+    pytest.importorskip("nemo_evaluator")
+    from nemo_evaluator.contrib.byob.eval_logic import render_prompt
+
+    from megatron_sayo.config import SuiteConfig
+    from megatron_sayo.eval.benchmarks.byob_suite import template
+
+    row = {"image_url": "/x.png", "question": "Q {0}", "answer": "A", "id": "1"}
+    assert render_prompt(template(SuiteConfig().system_prompt), row) == AUTHORS_SYSTEM_PROMPT
 
 
 def test_select():

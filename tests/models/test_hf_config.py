@@ -244,7 +244,7 @@ def test_diff_only_config_through_check_plan_and_converter(tmp_path):
     (good / "config.json").write_text(json.dumps(diff_only_72b()))
     validate_layout(load_hf_config(good), ParallelLayout(tp=8, pp=2))
     done = subprocess.run([sys.executable, str(ROOT / "tools/plan_parallelism.py"), "--model", str(good),
-                           "--gpus", "64"], capture_output=True, text=True, timeout=120)
+                           "--gpus", "64", "--freeze-vision"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "73.411B parameters" in done.stdout, done.stderr
     bad = tmp_path / "bad"
     bad.mkdir()

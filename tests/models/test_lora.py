@@ -15,21 +15,11 @@ from megatron_sayo.data.processor import Processor
 from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
 from megatron_sayo.models.qwen25vl.lora_names import (TARGETS, adapter_entries, param_name, peft_key,
                                                       peft_target_regex)
+from megatron_sayo.testing.fixed_rollout import random_adapters
 from megatron_sayo.testing.parity import INPUT_KEYS, compare_logits
 
 RANK, ALPHA = 4, 8.0
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]
-
-
-def random_adapters(ckpt, seed=0, targets=tuple(TARGETS)) -> dict[str, torch.Tensor]:
-    """Full (TP=1, HF-shaped) A and B matrices for every adapter, by megatron name; B non-zero."""
-    text = load_hf_config(ckpt).text
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for target, module, layer, a, b in adapter_entries(text, targets, RANK):
-        out[param_name(target, module, "A", layer)] = torch.randn(a, generator=g) / a[1] ** 0.5
-        out[param_name(target, module, "B", layer)] = torch.randn(b, generator=g) * 0.05
-    return out
 
 
 def to_peft(ckpt, adapters: dict[str, torch.Tensor], targets=tuple(TARGETS)) -> dict[str, torch.Tensor]:
@@ -102,7 +92,7 @@ def _rank_logits(ckpt, tp, pp, batch, adapters):
 @pytest.fixture(scope="module")
 def reference(tiny_ckpt, make_image):
     batch = batch_for(tiny_ckpt, make_image)
-    adapters = random_adapters(tiny_ckpt)
+    adapters = random_adapters(load_hf_config(tiny_ckpt).text, RANK)
     return batch, adapters, peft_reference_logits(str(tiny_ckpt), batch, adapters)
 
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_sayo.config import config_from_dict
-from megatron_sayo.testing.fixed_rollout import fixed_rollout
+from megatron_sayo.testing.fixed_rollout import fixed_rollout, rollout_batch, update_config
 
 LAYOUTS = {"tp2": (2, 1, 2), "pp2": (1, 2, 2), "dp2": (1, 1, 2)}
 
@@ -19,23 +18,16 @@ def _rank_grads(hf_dir, tp, pp, data):
     from megatron.core import parallel_state
 
     from megatron_sayo.distributed import runtime
-    from megatron_sayo.rl.scoring import RolloutBatch
     from megatron_sayo.rl.trainer import accumulate_policy_gradients, build_policy, wrap_for_training
 
     runtime.init_distributed(tp, pp)
-    cfg = config_from_dict({"model": {"hf_path": hf_dir, "params_dtype": "float32"},
-                            "data": {"train_file": "unused.jsonl"}, "parallel": {"tp": tp, "pp": pp},
-                            "rollout": {"temperature": 0.7}, "loss": {"kl_beta": 0.05, "clip_eps": 0.2},
-                            "train": {"micro_batch": 1}})
+    cfg = update_config(hf_dir, tp, pp)
     model = build_policy(cfg, hf_dir)
     ddp, optimizer, _ = wrap_for_training(cfg, model)
     dp, r = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     mine = slice(r * 4 // dp, (r + 1) * 4 // dp)
-    batch = RolloutBatch(data["sequences"][mine], data["attention_mask"][mine], data["prompt_length"],
-                         data["completion_mask"][mine], data["pixel_values"][mine], data["image_grid_thw"][mine],
-                         torch.zeros_like(data["sequences"][mine], dtype=torch.bool))
-    accumulate_policy_gradients(ddp, optimizer, batch, data["old_logp"][mine], data["ref_logp"][mine],
-                                data["advantages"][mine], cfg, model.vocab_size)
+    accumulate_policy_gradients(ddp, optimizer, rollout_batch(data, mine), data["old_logp"][mine],
+                                data["ref_logp"][mine], data["advantages"][mine], cfg, model.vocab_size)
     grads = {model.global_param_name(n): p.main_grad.clone() for n, p in model.named_parameters()}
     return parallel_state.get_tensor_model_parallel_rank(), r, grads
 

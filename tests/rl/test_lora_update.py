@@ -6,24 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_sayo.config import config_from_dict
-from megatron_sayo.testing.fixed_rollout import fixed_rollout
+from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
+from megatron_sayo.testing.fixed_rollout import fixed_rollout, random_adapters, rollout_batch, update_config
 
 LAYOUTS = {"tp2": (2, 1, 2), "pp2": (1, 2, 2)}
 RANK, ALPHA = 4, 8.0
-
-
-def full_adapters(ckpt) -> dict[str, torch.Tensor]:
-    """Random full adapters with non-zero B (with B = 0 every A gradient is zero and proves nothing)."""
-    from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
-    from megatron_sayo.models.qwen25vl.lora_names import TARGETS, adapter_entries, param_name
-
-    g = torch.Generator().manual_seed(3)
-    out = {}
-    for target, module, layer, a, b in adapter_entries(load_hf_config(ckpt).text, TARGETS, RANK):
-        out[param_name(target, module, "A", layer)] = torch.randn(a, generator=g) / a[1] ** 0.5
-        out[param_name(target, module, "B", layer)] = torch.randn(b, generator=g) * 0.05
-    return out
 
 
 def _rank_grads(hf_dir, tp, pp, data, adapters):
@@ -31,23 +18,16 @@ def _rank_grads(hf_dir, tp, pp, data, adapters):
 
     from megatron_sayo.distributed import runtime
     from megatron_sayo.models.lora import attach_lora, load_full_adapters, local_adapters
-    from megatron_sayo.rl.scoring import RolloutBatch
     from megatron_sayo.rl.trainer import accumulate_policy_gradients, build_policy, wrap_for_training
 
     runtime.init_distributed(tp, pp)
-    cfg = config_from_dict({"model": {"hf_path": hf_dir, "params_dtype": "float32"},
-                            "data": {"train_file": "unused.jsonl"}, "parallel": {"tp": tp, "pp": pp},
-                            "rollout": {"temperature": 0.7}, "loss": {"kl_beta": 0.05, "clip_eps": 0.2},
-                            "train": {"micro_batch": 1}})
+    cfg = update_config(hf_dir, tp, pp)
     model = build_policy(cfg, hf_dir)
     attach_lora(model, model.hf.text, rank=RANK, alpha=ALPHA)
     load_full_adapters(model, adapters)
     ddp, optimizer, _ = wrap_for_training(cfg, model)
-    batch = RolloutBatch(data["sequences"], data["attention_mask"], data["prompt_length"], data["completion_mask"],
-                         data["pixel_values"], data["image_grid_thw"],
-                         torch.zeros_like(data["sequences"], dtype=torch.bool))
-    accumulate_policy_gradients(ddp, optimizer, batch, data["old_logp"], data["ref_logp"], data["advantages"], cfg,
-                                model.vocab_size)
+    accumulate_policy_gradients(ddp, optimizer, rollout_batch(data), data["old_logp"], data["ref_logp"],
+                                data["advantages"], cfg, model.vocab_size)
     mine = local_adapters(model)
     base_with_grad = [n for n, p in model.named_parameters() if n not in {k for k in mine}
                       and (p.requires_grad or getattr(p, "main_grad", None) is not None or p.grad is not None)]
@@ -81,7 +61,7 @@ def _full(results):
 def reference(tiny_ckpt, make_image):
     from megatron_sayo.distributed.runtime import spawn_local
 
-    data, adapters = fixed_rollout(tiny_ckpt, make_image), full_adapters(tiny_ckpt)
+    data, adapters = fixed_rollout(tiny_ckpt, make_image), random_adapters(load_hf_config(tiny_ckpt).text, RANK, 3)
     results = spawn_local(_rank_grads, 1, str(tiny_ckpt), 1, 1, data, adapters)
     return data, adapters, results
 

@@ -176,7 +176,7 @@ def check_cmd(*args, env_world=None):
 def test_check_fails_on_missing_or_empty_data_file(assets, tmp_path):
     ckpt, train = assets
     base = [f"model.hf_path={ckpt}", "model.make_tiny_if_missing=false", "data.synthetic_n=0",
-            "data.eval_file=null", f"run_dir={tmp_path / 'run'}"]
+            "data.eval_file=null", "eval.interval=0", f"run_dir={tmp_path / 'run'}"]
     missing = tmp_path / "nope.jsonl"
     done = check_cmd(*base, f"data.train_file={missing}", "--world-size", "2")
     assert done.returncode == 2 and f"data.train_file: {missing}: no such file" in done.stderr, done.stderr
@@ -192,10 +192,32 @@ def test_check_fails_on_missing_or_empty_data_file(assets, tmp_path):
 def test_check_world_size_option_and_environment(assets, tmp_path):
     ckpt, train = assets
     base = [f"model.hf_path={ckpt}", "model.make_tiny_if_missing=false", "data.synthetic_n=0",
-            "data.eval_file=null", f"data.train_file={train}", f"run_dir={tmp_path / 'run'}"]
+            "data.eval_file=null", "eval.interval=0", f"data.train_file={train}", f"run_dir={tmp_path / 'run'}"]
     done = check_cmd(*base, "--world-size", "3")           # tp=2 in the tiny config
     assert done.returncode == 2 and "world size 3 is not divisible by tp*pp" in done.stderr, done.stderr
     done = check_cmd(*base, env_world=3)
     assert done.returncode == 2 and "world size 3 is not divisible" in done.stderr, done.stderr
     done = check_cmd(*base, "--world-size", "4", env_world=3)  # the option wins over the environment
     assert done.returncode == 0 and "world size 4" in done.stdout, done.stderr
+
+
+def test_check_accepts_a_diff_only_vision_config(assets, tmp_path):
+    """The 72B-AWQ config.json (transformers 4.49: vision_config with only non-default fields) passes --check
+    at the 72B layout; a vision field no Qwen2.5-VL can have fails with the field named."""
+    _, train = assets
+    cfg = json.loads((ROOT / "examples/configs/qwen25vl_72b.config.json").read_text())
+    cfg["vision_config"] = {"hidden_size": 1280, "in_chans": 3, "intermediate_size": 3456, "model_type": "qwen2_5_vl",
+                            "out_hidden_size": 8192, "spatial_patch_size": 14, "tokens_per_second": 2}
+    hf = tmp_path / "awq"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(cfg))
+    base = [f"model.hf_path={hf}", "model.make_tiny_if_missing=false", "data.synthetic_n=0", "data.eval_file=null",
+            "eval.interval=0",
+            f"data.train_file={train}", "parallel.tp=8", "parallel.pp=2", f"run_dir={tmp_path / 'run'}"]
+    done = check_cmd(*base, "--world-size", "16")
+    assert done.returncode == 0 and "world size 16" in done.stdout, done.stderr
+    cfg["vision_config"]["num_heads"] = 7
+    (hf / "config.json").write_text(json.dumps(cfg))
+    done = check_cmd(*base, "--world-size", "16")
+    assert done.returncode == 2 and "vision_config: field 'hidden_size' = 1280 is not divisible by num_heads = 7" \
+        in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -106,16 +106,15 @@ def test_gpu_checks_skip_with_the_reason_without_cuda(tmp_path):
     check still runs and reports the versions."""
     ok, reason = G.cuda_status()
     assert not ok and "CUDA is not available" in reason and "torch" in reason
-    checks = [dataclasses.replace(c, limit_s=600) for c in G.select(G.CHECKS, [], ["checkpoint_05b"])]  # busy CI
+    checks = [dataclasses.replace(c, limit_s=600) for c in G.CHECKS]  # a busy CI machine imports slowly
     summary = G.run_checks(checks, tmp_path / "gpu_check.json", tmp_path / "w", budget_s=300)
     by = {e["name"]: e for e in summary["checks"]}
     assert by["environment"]["status"] == "pass"
     assert by["environment"]["figures"]["cuda_available"] is False
     assert by["environment"]["figures"]["torch"].startswith("2.")
-    for name in ("nccl_startup", "parity_tiny", "region_mass"):
+    for name in ("nccl_startup", "parity_tiny", "region_mass", "checkpoint_05b", "parity_05b", "rollout",
+                 "grpo_steps"):                            # CUDA is checked before prerequisites
         assert by[name]["status"] == "skip" and by[name]["reason"] == reason
-    for name in ("parity_05b", "rollout", "grpo_steps"):       # CUDA is checked before prerequisites
-        assert by[name]["status"] == "skip" and "CUDA is not available" in by[name]["reason"]
     assert summary["fail"] == 0 and summary["cuda"] is False
 
 

@@ -11,7 +11,7 @@ from nemo_evaluator.contrib.byob import ScorerInput, benchmark, scorer
 
 from megatron_sayo.config import SuiteConfig
 from megatron_sayo.eval.benchmarks.scoring import is_correct
-from megatron_sayo.eval.benchmarks.suite import BENCHMARKS, task_name
+from megatron_sayo.eval.benchmarks.suite import BENCHMARKS
 
 PROMPT = "<image_url>{image_url}</image_url>{question}"
 

@@ -1,0 +1,85 @@
+"""Which completion tokens the TAS selection (top 30 % entropy, docs/spec.md §3) picks after an ablation's
+warm-up, and how TAS depends on the answer word, on the first 64 held-out questions (greedy, then 4 samples
+at temperature 1 / top-p 0.9 per question).
+
+    python -m megatron_sayo.experiments.selected_tokens --out DIR     # DIR: the ablation's --out
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+from pathlib import Path
+
+import torch
+
+from megatron_sayo.checkpoint.state import load_model
+from megatron_sayo.config import load_config
+from megatron_sayo.data.grounded import load_grounded
+from megatron_sayo.data.processor import Processor
+from megatron_sayo.distributed import runtime
+from megatron_sayo.experiments import ablation as A
+from megatron_sayo.rl import rewards as R
+from megatron_sayo.rl.heldout import rollout_batch
+from megatron_sayo.rl.prompts import build_prompt_batch
+from megatron_sayo.rl.rollout import SamplingParams, generate
+from megatron_sayo.rl.scoring import score_policy
+from megatron_sayo.rl.trainer import build_policy
+
+
+def inside_answer(tok, ids: list[int], j: int) -> bool:
+    """Token j lies between '<answer>' and the closing tag (the answer words hold no '<')."""
+    before, upto = tok.decode(ids[:j]), tok.decode(ids[:j + 1])
+    return "<answer>" in before and "<" not in upto.split("<answer>", 1)[1]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m megatron_sayo.experiments.selected_tokens",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, type=Path, help="the ablation's --out (warm-up in OUT/warmup)")
+    out = p.parse_args(argv).out.resolve()
+    if not (out / "warmup" / "metadata.json").is_file():
+        raise SystemExit(f"{out / 'warmup'}: no warm-up checkpoint (run the ablation with --out {out} first)")
+    cfg = load_config(str(A.CONFIG), A.arm_overrides(out, "sayo", 0, []))
+    runtime.init_distributed(1, 1)
+    model = build_policy(cfg, cfg.model.hf_path)
+    load_model(model, out / "warmup")
+    model.eval()
+    proc = Processor.from_pretrained(cfg.model.hf_path, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    samples = load_grounded(cfg.data.eval_file)[:64]
+    hf, tok, r = model.hf, proc.tokenizer, cfg.reward
+    suppress = (hf.tokens.image, hf.tokens.video, hf.tokens.vision_start, hf.tokens.vision_end)
+    for name, g, params in (("greedy", 1, SamplingParams(greedy=True, max_new_tokens=24, suppress_token_ids=suppress)),
+                            ("T=1, 4 per question", 4, SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=24,
+                                                                      suppress_token_ids=suppress))):
+        picked, inside, total = collections.Counter(), 0, 0
+        by_word, by_correct = collections.defaultdict(list), collections.defaultdict(list)
+        for start in range(0, len(samples), 16):
+            chunk = samples[start:start + 16]
+            prompts = build_prompt_batch(proc, chunk, hf.tokens.image, hf.vision.spatial_merge_size,
+                                         hf.vision.patch_size, cfg.data.instruction)
+            ro = generate(model, prompts.inputs, params, num_return_sequences=g)
+            batch = rollout_batch(prompts, ro)
+            sc = score_policy(model, batch, 16, params.temperature)
+            first = torch.full((ro.sequences.shape[0],), ro.prompt_length)
+            _, tas, selected, _ = R.sequence_attention_reward(sc.region_mass, sc.image_mass, sc.entropy, first,
+                                                              batch.completion_mask, r.top_entropy_ratio,
+                                                              r.attention_form, r.eps)
+            for row in range(ro.sequences.shape[0]):
+                ids = ro.completion_ids[row, :int(ro.completion_lengths[row])].tolist()
+                answer = R.extract_answer(tok.decode(ids, skip_special_tokens=True)) or "<none>"
+                by_word[answer].append(float(tas[row]))
+                by_correct[answer == chunk[row // g].answer].append(float(tas[row]))
+                for j in torch.nonzero(selected[row]).flatten().tolist():
+                    picked[tok.decode([ids[j]])] += 1
+                    inside += inside_answer(tok, ids, j)
+                    total += 1
+        mean = {k: (len(v), round(statistics.fmean(v), 4)) for k, v in sorted(by_word.items(), key=lambda kv: -len(kv[1]))}
+        print(f"== {name}: {total} selected tokens, {inside} inside the answer word; most picked {picked.most_common(10)}")
+        print(f"   TAS by answer word (count, mean): {mean}")
+        print(f"   TAS of correct / wrong answers: {dict((k, (len(v), round(statistics.fmean(v), 4))) for k, v in by_correct.items())}")
+
+
+if __name__ == "__main__":
+    main()
