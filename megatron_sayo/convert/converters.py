@@ -28,8 +28,8 @@ from megatron_sayo.formats.atomic import publish_dir, write_json_atomic
 from megatron_sayo.memory import peak_rss_mb
 from megatron_sayo.models.qwen25vl import dist_layout
 from megatron_sayo.models.qwen25vl.hf_config import ParallelLayout, load_hf_config, validate_layout
-from megatron_sayo.models.qwen25vl.name_map import (RowSpan, hf_names, hf_rows, match_hf, match_megatron,
-                                                    normalize_hf_name, row_map)
+from megatron_sayo.models.qwen25vl.name_map import (RowSpan, Rule, hf_names, hf_rows, match_hf, normalize_hf_name,
+                                                    row_map)
 from megatron_sayo.formats.safetensors_files import INDEX_FILE, Entry, header_bytes, read_header, weight_files
 from megatron_sayo.formats.tensor_copy import (CAST_DTYPES, Piece, StoredMatrix, Writeback, as_matrix, pwrite_all,
                                        write_matrix)
@@ -333,7 +333,7 @@ class ExportItem:
     key: str                 # dist checkpoint key
     layer: int | None        # index on the stacked leading axis, None when not stacked
     part: int                # which of the rule's HF tensors
-    megatron_name: str
+    rule: Rule
 
 
 class DistSource:
@@ -382,33 +382,32 @@ class DistSource:
         self._fds.clear()
 
 
-def plan_export(tensors: dict, text, kind: str) -> tuple[list[ExportItem], dict[str, int]]:
+def plan_export(tensors: dict, hf, kind: str) -> tuple[list[ExportItem], dict[str, int]]:
     """HF tensors to write, layer-major, from the checkpoint's tensors; + source elements per key used.
 
-    Keys that map to no rule are an error for converted checkpoints and skipped (optimizer state etc.) for
-    trained ones.
+    Each checkpoint key is looked up among the layout's targets (dist_layout.targets: the key, its rule and
+    per-layer HF names). Keys that are no target are an error for converted checkpoints and skipped
+    (optimizer state, adapters...) for trained ones.
     """
+    text = hf.text
+    by_key = {t.key: t for t in dist_layout.targets(hf, 1)}
     items, used = [], {}
     for key in sorted(tensors):
         shape = tensors[key].shape
-        stacked = key.startswith(dist_layout.STACKED)
-        if stacked and shape[0] != text.num_layers:
+        target = by_key.get(key)
+        if target is None:
+            if key.startswith("optimizer") or kind != "converted" or (
+                    key == "output_layer.weight" and text.tie_word_embeddings):   # tied: the hub omits lm_head
+                continue
+            raise CheckpointError(f"checkpoint tensor '{key}' has no HF counterpart")
+        if target.stacked and shape[0] != text.num_layers:
             raise CheckpointError(f"checkpoint tensor '{key}' stacks {shape[0]} layers; config.json has "
                                   f"num_hidden_layers={text.num_layers}")
-        try:
-            match_megatron(key.replace("decoder.layers.", "decoder.layers.0.", 1) if stacked else key)
-        except KeyError:
-            if key.startswith("optimizer") or kind != "converted":
-                continue
-            raise CheckpointError(f"checkpoint tensor '{key}' has no HF counterpart") from None
-        full = shape[1:] if stacked else shape
-        for layer in (range(shape[0]) if stacked else [None]):
-            name = key.replace("decoder.layers.", f"decoder.layers.{layer}.", 1) if stacked else key
-            rule, fields = match_megatron(name)
-            if rule.megatron == "output_layer.weight" and text.tie_word_embeddings:
-                continue  # the hub omits lm_head when embeddings are tied; save_pretrained does too
-            for part, (hf_name, rows) in enumerate(zip(hf_names(rule, fields), hf_rows(rule, text, full[0]))):
-                items.append(ExportItem(hf_name, (rows, *full[1:]), key, layer, part, name))
+        full = shape[1:] if target.stacked else shape
+        for layer in (range(shape[0]) if target.stacked else [None]):
+            names = hf_names(target.rule, target.fields(layer))
+            for part, (hf_name, rows) in enumerate(zip(names, hf_rows(target.rule, text, full[0]))):
+                items.append(ExportItem(hf_name, (rows, *full[1:]), key, layer, part, target.rule))
         used[key] = math.prod(shape)
     items.sort(key=lambda it: (it.layer is not None, it.layer or 0))  # layer-major, like the hub's files
     return items, used
@@ -461,7 +460,7 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, max
     if out_dtype not in CAST_DTYPES:
         raise CheckpointError(f"output dtype {out_dtype!r} is not one of {list(CAST_DTYPES)}")
     source = DistSource(ckpt)
-    items, used = plan_export(source.tensors, hf.text, meta.get("kind", "converted"))
+    items, used = plan_export(source.tensors, hf, meta.get("kind", "converted"))
     missing = _missing_hf_tensors(items, hf)
     if missing:
         raise CheckpointError(f"{ckpt}: checkpoint lacks tensors for {missing[:5]} ({len(missing)} in all)")
@@ -487,32 +486,20 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, max
 
 
 def _missing_hf_tensors(items: list[ExportItem], hf) -> list[str]:
-    """Expected HF names (from the config) that the plan does not produce."""
+    """HF names the config implies (every target's, every layer) that the plan does not produce."""
     have = {it.hf_name for it in items}
-    t = hf.text
-    want = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if t.tie_word_embeddings else ["lm_head.weight"])
-    for i in range(t.num_layers):
-        want += [f"model.layers.{i}.{n}" for n in (
-            "input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
-            "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.bias",
-            "self_attn.v_proj.bias", "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-            "mlp.down_proj.weight")]
-    missing = [n for n in want if n not in have]
-    if not any(n.startswith("visual.") for n in have):
-        missing.append("visual.*")
-    return missing
+    want = [name for t in dist_layout.targets(hf, 1)
+            for layer in (range(hf.text.num_layers) if t.stacked else [None])
+            for name in hf_names(t.rule, t.fields(layer))]
+    return [n for n in want if n not in have]
 
 
 def _check_elements(items: list[ExportItem], used: dict[str, int], text, tensors) -> None:
-    """Every consumed source element accounted for in the output (minus vocab padding and tied copies)."""
+    """Every consumed source element accounted for in the output (minus the vocabulary's padding rows)."""
     out = sum(math.prod(it.shape) for it in items)
-    src = 0
-    for key, n in used.items():
-        if key in ("embedding.word_embeddings.weight", "output_layer.weight"):
-            if key == "output_layer.weight" and text.tie_word_embeddings:
-                continue
-            n = text.vocab_size * math.prod(tensors[key].shape[1:])
-        src += n
+    padded = {it.key for it in items if it.rule.kind.padded}
+    src = sum(text.vocab_size * math.prod(tensors[key].shape[1:]) if key in padded else n
+              for key, n in used.items())
     if out != src:
         raise CheckpointError(f"element totals differ: output {out}, checkpoint {src}")
 
@@ -521,7 +508,7 @@ def export_pieces(item: ExportItem, source: DistSource, text, chunks) -> list[Pi
     """Pieces of the checkpoint's chunks that make HF tensor `item` (its rows of the TP=1 tensor)."""
     shape = source.tensors[item.key].shape
     full = shape[1:] if item.layer is not None else shape
-    rule, _ = match_megatron(item.megatron_name)
+    rule = item.rule
     pieces, pos = [], 0
     for s in row_map(rule, text, hf_rows(rule, text, full[0]), full[0]):
         if s.source == item.part:

@@ -213,23 +213,34 @@ def test_killed_cli_leaves_no_final_dir(tiny_ckpt, tmp_path):
     """SIGKILL mid-run (after the temp dir appears): the final name never exists."""
     import os
     import signal
-    import time
 
     out = tmp_path / "meg"
-    # the tiny conversion takes ~0.1 s: the CLI runs with each progress step slowed so the kill lands mid-write
-    cli = (f"import sys, time; sys.path.insert(0, {str(ROOT / 'tools')!r}); import convert_hf_to_megatron as cli; "
-           "import megatron_sayo.convert.converters as c; step = c._Progress.update; "
-           "c._Progress.update = lambda self, n: (time.sleep(0.05), step(self, n)); "
-           f"cli.main(['--hf', {str(tiny_ckpt)!r}, '--out', {str(out)!r}, '--no-progress'])")
+    cli = _slow_cli("convert_hf_to_megatron", ["--hf", str(tiny_ckpt), "--out", str(out), "--no-progress"])
     proc = subprocess.Popen([sys.executable, "-c", cli], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not list(tmp_path.glob("meg.tmp-*/__*.distcp")) and time.monotonic() < deadline:
-        assert proc.poll() is None, "the conversion ended before it could be killed"
-        time.sleep(0.02)
+    _wait_until_writing(proc, tmp_path)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists()
+
+
+def _slow_cli(tool: str, args: list[str]) -> str:
+    """python -c source running a converter CLI with each progress step slowed (the tiny conversion takes
+    0.1 s, too quick for a signal to land mid-write)."""
+    return (f"import sys, time; sys.path.insert(0, {str(ROOT / 'tools')!r}); import {tool} as cli; "
+            "import megatron_sayo.convert.converters as c; step = c._Progress.update; "
+            "c._Progress.update = lambda self, n: (time.sleep(0.05), step(self, n)); "
+            f"sys.exit(cli.main({args!r}))")
+
+
+def _wait_until_writing(proc, tmp_path: Path) -> None:
+    """Wait until the conversion has written a data file into its `meg.tmp-<pid>` dir."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("meg.tmp-*/__*.distcp")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the conversion ended before it could be signalled"
+        time.sleep(0.02)
 
 
 def test_cli_roundtrip_and_error_exit(tiny_tied_ckpt, tmp_path):
@@ -378,30 +389,16 @@ def test_output_overlapping_the_input_is_refused(tiny_ckpt, converted_tp2pp2, tm
     assert not list(tmp_path.rglob("*.tmp-*"))
 
 
-def _slow_cli(tool: str, args: list[str]) -> str:
-    """python -c source running a converter CLI with each progress step slowed (the tiny conversion takes
-    0.1 s, too quick for a signal to land mid-write)."""
-    return (f"import sys, time; sys.path.insert(0, {str(ROOT / 'tools')!r}); import {tool} as cli; "
-            "import megatron_sayo.convert.converters as c; step = c._Progress.update; "
-            "c._Progress.update = lambda self, n: (time.sleep(0.05), step(self, n)); "
-            f"sys.exit(cli.main({args!r}))")
-
-
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
 def test_signalled_cli_removes_its_temp_dir(tiny_ckpt, tmp_path, signame):
     """SIGTERM / SIGINT mid-write: the CLI removes `<out>.tmp-<pid>` and exits 143 / 130 (issue 14.16)."""
-    import os
     import signal
-    import time
 
     out = tmp_path / "meg"
     cli = _slow_cli("convert_hf_to_megatron", ["--hf", str(tiny_ckpt), "--out", str(out), "--no-progress"])
     proc = subprocess.Popen([sys.executable, "-c", cli], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
-    deadline = time.monotonic() + 60
-    while not list(tmp_path.glob("meg.tmp-*/__*.distcp")) and time.monotonic() < deadline:
-        assert proc.poll() is None, "the conversion ended before it could be signalled"
-        time.sleep(0.02)
+    _wait_until_writing(proc, tmp_path)
     proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == (143 if signame == "SIGTERM" else 130), err

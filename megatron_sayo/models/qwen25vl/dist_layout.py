@@ -70,11 +70,11 @@ def full_shape(rule: Rule, hf: Qwen25VLConfig, padded_vocab: int) -> tuple[int, 
     t = hf.text
     qkv_rows = (t.num_heads + 2 * t.num_kv_heads) * t.head_dim
     name = rule.megatron
-    if rule.kind == "vocab":
+    if rule.kind.padded:
         return (padded_vocab, t.hidden_size)
-    if rule.kind == "qkv":
+    if rule.kind.name == "qkv":
         return (qkv_rows, t.hidden_size) if name.endswith("weight") else (qkv_rows,)
-    if rule.kind == "gate_up":
+    if rule.kind.name == "gate_up":
         return (2 * t.intermediate_size, t.hidden_size)
     if name.endswith("linear_proj.weight"):
         return (t.hidden_size, t.num_heads * t.head_dim)
@@ -132,27 +132,18 @@ def _stage(layer: int | None, target: Target, layers: int, pp: int) -> int:
 
 
 def chunks(target: Target, layout: ParallelLayout, layers: int) -> list[Chunk]:
-    """How TP x PP ranks would store `target`: per layer, per TP rank (gate and up apart for fc1)."""
-    tp = 1 if target.rule.kind == "replicated" else layout.tp
+    """How TP x PP ranks would store `target`: per layer, per TP rank, one chunk per rectangle the rank holds
+    (rule.kind.tp_pieces: gate and up apart for fc1)."""
+    kind = target.rule.kind
+    tp = 1 if kind.split_dim is None else layout.tp
     out = []
     for layer in (range(layers) if target.stacked else [None]):
         lead = (layer,) if layer is not None else ()
         one = target.shape[1:] if layer is not None else target.shape
         for r in range(tp):
             file_rank = _stage(layer, target, layers, layout.pp) * layout.tp + r
-            if target.rule.kind == "row":
-                per = one[1] // tp
-                offs, sizes = [(0, r * per)], (one[0], per)
-                parts = [None]
-            elif target.rule.kind == "gate_up":
-                per = one[0] // 2 // tp
-                offs, sizes = [(r * per, 0), (one[0] // 2 + r * per, 0)], (per, *one[1:])
-                parts = [0, 1]
-            else:                     # split on dim 0 (column, vocab, qkv) or replicated (tp = 1)
-                per = one[0] // tp
-                offs, sizes = [(r * per,) + (0,) * (len(one) - 1)], (per, *one[1:])
-                parts = [None]
-            for part, off in zip(parts, offs):
-                size = (1, *sizes) if layer is not None else tuple(sizes)
-                out.append(Chunk(layer, r, part, lead + tuple(off), size, file_rank))
+            pieces = kind.tp_pieces(tuple(one), tp, r)
+            for part, (offsets, sizes) in enumerate(pieces):
+                out.append(Chunk(layer, r, part if len(pieces) > 1 else None, lead + offsets,
+                                 ((1,) if layer is not None else ()) + sizes, file_rank))
     return out

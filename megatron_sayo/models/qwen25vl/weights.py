@@ -21,7 +21,7 @@ from megatron_sayo.formats.safetensors_files import weight_files
 def hf_to_full(rule: Rule, tensors: list[torch.Tensor], text: TextConfig, padded_vocab: int) -> torch.Tensor:
     """The TP=1 megatron tensor from its HF tensors."""
     rows = [t.shape[0] for t in tensors]
-    full_rows = padded_vocab if rule.kind == "vocab" else sum(rows)
+    full_rows = padded_vocab if rule.kind.padded else sum(rows)
     w = tensors[0]
     return torch.cat([tensors[s.source][s.start:s.start + s.rows] if s.source is not None
                       else w.new_zeros(s.rows, *w.shape[1:]) for s in row_map(rule, text, rows, full_rows)])
@@ -37,32 +37,31 @@ def full_to_hf(rule: Rule, full: torch.Tensor, text: TextConfig) -> list[torch.T
     return [torch.cat(parts[i]) for i in sorted(parts)]
 
 
+def _block(t: torch.Tensor, offsets: tuple[int, ...], sizes: tuple[int, ...]):
+    """The view of `t` at the rectangle (offsets, sizes)."""
+    return t[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))]
+
+
 def shard(rule: Rule, full: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
-    """This TP rank's slice of a TP=1 megatron tensor."""
-    if tp == 1 or rule.kind == "replicated":
-        return full
-    if rule.kind in ("column", "vocab", "qkv"):  # qkv is packed by query group, so contiguous groups split
-        return full.chunk(tp, dim=0)[tp_rank]
-    if rule.kind == "row":
-        return full.chunk(tp, dim=1)[tp_rank]
-    if rule.kind == "gate_up":
-        gate, up = full.chunk(2, dim=0)
-        return torch.cat([gate.chunk(tp, dim=0)[tp_rank], up.chunk(tp, dim=0)[tp_rank]], dim=0)
-    raise ValueError(f"unknown split kind {rule.kind!r}")
+    """This TP rank's slice of a TP=1 megatron tensor: its rectangles (rule.kind.tp_pieces) stacked on dim 0."""
+    pieces = rule.kind.tp_pieces(tuple(full.shape), tp, tp_rank)
+    return torch.cat([_block(full, o, n) for o, n in pieces]) if len(pieces) > 1 else _block(full, *pieces[0])
 
 
 def unshard(rule: Rule, shards: list[torch.Tensor]) -> torch.Tensor:
     """The TP=1 megatron tensor from every TP rank's slice, in rank order (inverse of shard)."""
-    if len(shards) == 1 or rule.kind == "replicated":
+    kind, tp = rule.kind, len(shards)
+    if kind.split_dim is None or tp == 1:
         return shards[0]
-    if rule.kind in ("column", "vocab", "qkv"):
-        return torch.cat(shards, dim=0)
-    if rule.kind == "row":
-        return torch.cat(shards, dim=1)
-    if rule.kind == "gate_up":
-        halves = [s.chunk(2, dim=0) for s in shards]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
-    raise ValueError(f"unknown split kind {rule.kind!r}")
+    shape = list(shards[0].shape)
+    shape[kind.split_dim] *= tp
+    full = shards[0].new_empty(shape)
+    for rank, s in enumerate(shards):
+        pos = 0
+        for offsets, sizes in kind.tp_pieces(tuple(shape), tp, rank):
+            _block(full, offsets, sizes).copy_(s[pos:pos + sizes[0]])
+            pos += sizes[0]
+    return full
 
 
 # ---------------------------------------------------------------------------------------------------------
