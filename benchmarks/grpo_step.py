@@ -71,7 +71,7 @@ def run(name: str, ckpt: Path, data: Path, steps: int, skip: int, tp: int) -> No
 
     with tempfile.TemporaryDirectory() as run_dir:
         overrides = [f"model.hf_path={ckpt}", "model.make_tiny_if_missing=false", f"data.train_file={data}",
-                     "data.eval_file=null", "data.synthetic_n=0", "warmup.steps=0", "log.tensorboard=false",
+                     "data.eval_file=null", "data.synthetic_n=0", "eval.interval=0", "warmup.steps=0", "log.tensorboard=false",
                      "checkpoint.interval=0", f"train.steps={steps}", f"parallel.tp={tp}"]
         results = spawn_local(_rank, tp, overrides, run_dir, steps, timeout_s=3600)
     report(name, next(r for r in results if r is not None), skip)
