@@ -32,9 +32,12 @@ def _rank_update(hf_dir: str, mode: str, rank: int, data: dict) -> dict:
     from megatron_sayo.distributed import runtime
     from megatron_sayo.memory import peak_rss_mb, reset_peak_rss, rss_mb
     from megatron_sayo.models.lora import adapters_disabled, attach_lora, trainable_parameters
+    from megatron_sayo.rl.loss import grpo_token_loss
+    from megatron_sayo.rl.optimizer import wrap_for_training
     from megatron_sayo.rl.scoring import reference_logprobs
+    from megatron_sayo.rl.trainer import build_policy
+    from megatron_sayo.rl.update import accumulate_gradients
     from megatron_sayo.testing.fixed_rollout import rollout_batch
-    from megatron_sayo.rl.trainer import accumulate_policy_gradients, build_policy, wrap_for_training
 
     runtime.init_distributed(2, 1)
     start_mb = rss_mb()
@@ -50,7 +53,7 @@ def _rank_update(hf_dir: str, mode: str, rank: int, data: dict) -> dict:
         reference = build_policy(cfg, hf_dir).eval()
         for p in reference.parameters():
             p.requires_grad_(False)
-    ddp, optimizer, _ = wrap_for_training(cfg, model)
+    ddp, optimizer, _ = wrap_for_training(model, cfg.optim, cfg.train.steps)
     batch = rollout_batch(data)
     gc.collect()
     load_peak = peak_rss_mb()          # includes the transient of reading the HF files
@@ -63,8 +66,8 @@ def _rank_update(hf_dir: str, mode: str, rank: int, data: dict) -> dict:
     else:
         with adapters_disabled(model):
             ref = reference_logprobs(model, batch, 2, 1.0)
-    accumulate_policy_gradients(ddp, optimizer, batch, data["old_logp"], ref, data["advantages"], cfg,
-                                model.vocab_size)
+    accumulate_gradients(ddp, optimizer, batch, cfg.train.micro_batch, cfg.rollout.temperature,
+                         grpo_token_loss(data["old_logp"], ref, data["advantages"], cfg.loss))
     optimizer.step()
     return {"peak_mb": peak_rss_mb(), "start_mb": start_mb, "held_mb": held_mb, "load_peak_mb": load_peak,
             "seconds": time.perf_counter() - t0, "trainable": trainable_parameters(model)}

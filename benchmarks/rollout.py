@@ -113,12 +113,12 @@ def main(argv=None) -> dict:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from megatron_sayo.distributed import runtime
-    from megatron_sayo.models.qwen25vl.model import load_from_hf
+    from megatron_sayo.checkpoint.loader import load_model_stage
 
     ckpt = ensure_checkpoint(args.ckpt)
     batch = make_batch(ckpt, args.batch)
     runtime.init_distributed(1, 1)
-    ours = load_from_hf(ckpt)
+    ours = load_model_stage(ckpt)
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32,
                                                             attn_implementation="sdpa").eval()
     n_params = sum(p.numel() for p in ours.parameters())

@@ -93,11 +93,11 @@ class Sequential:
     def __init__(self, hf_dir: str, max_tokens: int):
         from megatron_sayo.data.processor import Processor
         from megatron_sayo.distributed import runtime
-        from megatron_sayo.models.qwen25vl.model import load_from_hf
+        from megatron_sayo.checkpoint.loader import load_model_stage
         from megatron_sayo.rl.rollout import SamplingParams
 
         runtime.init_distributed(1, 1, launch=runtime.LaunchEnv(0, 1, 0, "127.0.0.1", runtime.free_port(), "single"))
-        self.model, self.proc = load_from_hf(hf_dir), Processor.from_pretrained(hf_dir)
+        self.model, self.proc = load_model_stage(hf_dir), Processor.from_pretrained(hf_dir)
         self.params = SamplingParams(greedy=True, max_new_tokens=max_tokens)
         self.run([conversation(0)])   # warm-up
 

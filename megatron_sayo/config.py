@@ -87,6 +87,8 @@ class RolloutConfig:
     temperature: float = _f(1.0, gt=0.0)
     top_p: float = _f(0.9, gt=0.0, le=1.0)
     max_new_tokens: int = _f(110, ge=1)
+    capture_scores: bool = True    # log-probs, entropies, region masses taken at decode (no scoring pass)
+    capture_check: bool = False    # debug: score teacher-forced too, log mean |captured - teacher-forced|
 
 
 @dataclass

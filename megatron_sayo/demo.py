@@ -6,7 +6,6 @@ SAYO GRPO at TP=2 on two local gloo ranks into runs/demo/, then a short summary 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -14,13 +13,9 @@ from importlib.resources import files
 from pathlib import Path
 
 from megatron_sayo.rl import plots
+from megatron_sayo.rl.metrics import METRICS_FILE, read_metrics
 
 DEFAULT_CONFIG = files("megatron_sayo") / "configs" / "tiny.yaml"
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def window_mean(rows: list[dict], key: str, first: bool, n: int = 5) -> float:
@@ -45,10 +40,13 @@ def heldout_lines(rows: list[dict]) -> list[str]:
 
 def summary(run_dir: Path) -> str:
     """Start-vs-end rewards and TAS, and where the checkpoint, metrics and plots are."""
-    rows = read_metrics(run_dir)
+    try:
+        rows = read_metrics(run_dir / METRICS_FILE)
+    except (OSError, ValueError) as exc:
+        return f"no metrics to summarise: {exc}"
     steps = [r for r in rows if "reward_total" in r]
     if not steps:
-        return f"no metrics in {run_dir}/metrics.jsonl"
+        return f"no training steps in {run_dir / METRICS_FILE}"
     lines = [f"SAYO GRPO demo: {len(steps)} steps logged in {run_dir}", "",
              f"{'metric':<18}{'first 5 steps':>15}{'last 5 steps':>15}"]
     for key in ("reward_total", "reward_attention", "reward_format", "reward_accuracy", "tas", "entropy",

@@ -134,7 +134,8 @@ def main(argv=None) -> int:
 
     install_signal_handlers()  # before the slow start-up, so an early preemption signal is not fatal
     from megatron_sayo.data.grounded import load_grounded
-    from megatron_sayo.rl.trainer import GRPOTrainer, MetricsLogger, Preempted
+    from megatron_sayo.rl.metrics import MetricsLogger
+    from megatron_sayo.rl.trainer import GRPOTrainer, Preempted
     from megatron_sayo.rl.warmup import warmed_up
 
     runtime.init_distributed(cfg.parallel.tp, cfg.parallel.pp, launch=launch)

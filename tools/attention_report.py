@@ -76,17 +76,6 @@ def build_sample(processor, hf, image, prompt: str, box: list[float]) -> Sample:
 
 # ----------------------------------------------------------------------------------------------- ranks
 
-def _load(hf_dir, megatron_dir, tp: int, pp: int):
-    """This rank's model stage from an HF or a megatron checkpoint."""
-    if megatron_dir:
-        from megatron_sayo.checkpoint.state import load_model_for_inference
-
-        return load_model_for_inference(megatron_dir, tp=tp, pp=pp)
-    from megatron_sayo.models.qwen25vl.model import load_from_hf
-
-    return load_from_hf(hf_dir, tp=tp, pp=pp)
-
-
 def _generate(model, sample: Sample, steps: int, temperature: float, top_p: float, seed: int) -> list[int]:
     """Sample `steps` tokens at most with the KV-cached rollout (every rank calls it; ids are shared)."""
     from megatron_sayo.rl.rollout import SamplingParams, generate
@@ -100,59 +89,46 @@ def _generate(model, sample: Sample, steps: int, temperature: float, top_p: floa
 
 
 def _rank_scores(hf_dir, megatron_dir, tp, pp, sample: Sample, completion, generate_n, temperature, top_p, seed):
-    """On every rank: (generate,) score; the last stage's TP rank 0 returns the arrays the report needs."""
+    """On every rank: (generate,) score; the last stage's TP rank 0 returns (sequence, CompletionScores)."""
     from megatron.core import parallel_state
 
     from megatron_sayo.distributed import runtime
-    from megatron_sayo.attention.region_mass import score_region_mass
-    from megatron_sayo.models.qwen25vl.model import model_inputs
-    from megatron_sayo.rl.logprobs import vocab_parallel_entropy
+    from megatron_sayo.checkpoint.loader import load_model_stage
+    from megatron_sayo.rl.batch import ScoringBatch
+    from megatron_sayo.rl.scoring import score_policy
 
     runtime.init_distributed(tp, pp)
-    model = _load(hf_dir, megatron_dir, tp, pp)
+    model = load_model_stage(hf_dir, megatron_dir, tp=tp, pp=pp)
     if generate_n:
         completion = _generate(model, sample, generate_n, temperature, top_p, seed)
     if not completion:
         raise ReportError("the completion is empty (nothing to score)")
-    p = sample.input_ids.shape[1]
-    seq = torch.cat([sample.input_ids, torch.tensor([completion])], dim=1)
-    s = seq.shape[1]
-    rows = torch.zeros(1, s, dtype=torch.bool)
-    rows[0, p:] = True
-    region = torch.zeros(1, s, dtype=torch.bool)
-    region[0, sample.region_positions] = True
-    mb = dict(inputs=model_inputs(model.hf, seq, torch.ones_like(seq), sample.pixel_values, sample.image_grid_thw),
-              query_rows=rows, region_mask=region, image_mask=seq == model.hf.tokens.image)
-
-    def entropy(logits, _mb):
-        return vocab_parallel_entropy(logits.transpose(0, 1).float(), temperature=temperature,
-                                      vocab_size=model.vocab_size)
-
-    out = score_region_mass(model, [mb], entropy, key_weights=True)
+    prompt = sample.input_ids[0].tolist()
+    region = torch.zeros(len(prompt), dtype=torch.bool)
+    region[sample.region_positions] = True
+    batch = ScoringBatch.from_completion(model.hf, prompt, completion, sample.pixel_values, sample.image_grid_thw,
+                                         region)
+    scores = score_policy(model, batch, micro_batch=1, temperature=temperature, key_weights=True)
     if not (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0):
         return None
-    scored = out[0]
-    return dict(sequence=seq[0].tolist(), entropy=scored.output[0].numpy(), region_mass=scored.region_mass[0].numpy(),
-                image_mass=scored.image_mass[0].numpy(), key_weights=scored.mass.key_weights.numpy())
+    return batch.sequences[0].tolist(), scores
 
 
 # ----------------------------------------------------------------------------------------------- report
 
-def build_report(scores: dict, sample: Sample, temperature: float, ratio: float, eps: float) -> dict:
-    """report.json content (issue 5's fields) from the scoring arrays, through rl/rewards."""
-    from megatron_sayo.rl.rewards import align_completion, attention_reward, select_top_entropy
+def build_report(sequence: list[int], scores, sample: Sample, temperature: float, ratio: float, eps: float) -> dict:
+    """report.json content (issue 5's fields) from the completion's CompletionScores, through rl/rewards."""
+    from megatron_sayo.rl.rewards import attention_reward, select_top_entropy
 
     p = sample.input_ids.shape[1]
-    n = len(scores["sequence"]) - p
-    arrays = [torch.from_numpy(scores[k])[None] for k in ("region_mass", "image_mass", "entropy")]
-    tokens = align_completion(*arrays, torch.tensor([p]), torch.ones(1, n, dtype=torch.bool))
-    selected = select_top_entropy(tokens.entropy, tokens.mask, ratio)
-    paper, tas = attention_reward(tokens.region_mass, tokens.image_mass, selected, "paper", eps)
-    code, _ = attention_reward(tokens.region_mass, tokens.image_mass, selected, "code", eps)
-    per_token = [dict(position=int(tokens.positions[0, j]), token_id=int(scores["sequence"][p + j]),
-                      entropy=float(tokens.entropy[0, j]), region_mass=float(tokens.region_mass[0, j]),
-                      image_mass=float(tokens.image_mass[0, j]), selected=bool(selected[0, j])) for j in range(n)]
-    return dict(input_ids=list(scores["sequence"]), image_token_positions=sample.image_positions,
+    n = len(sequence) - p
+    selected = select_top_entropy(scores.entropy, scores.mask, ratio)
+    paper, tas = attention_reward(scores.region_mass, scores.image_mass, selected, "paper", eps)
+    code, _ = attention_reward(scores.region_mass, scores.image_mass, selected, "code", eps)
+    per_token = [dict(position=p + j, token_id=int(sequence[p + j]), entropy=float(scores.entropy[0, j]),
+                      region_mass=float(scores.region_mass[0, j]), image_mass=float(scores.image_mass[0, j]),
+                      selected=bool(selected[0, j])) for j in range(n)]
+    return dict(input_ids=list(sequence), image_token_positions=sample.image_positions,
                 region_token_positions=sample.region_positions, temperature=temperature, top_entropy_ratio=ratio,
                 tokens=per_token, tas=float(tas[0]), reward_paper=float(paper[0]), reward_code=float(code[0]))
 
@@ -309,11 +285,11 @@ def main(argv=None) -> int:
     results = spawn_local(_rank_scores, args.tp * args.pp, str(args.hf) if args.hf else None,
                           str(ckpt) if args.megatron else None, args.tp, args.pp, sample, completion, args.generate,
                           args.temperature, args.top_p, args.seed)
-    scores = next(r for r in results if r is not None)
-    report = build_report(scores, sample, args.temperature, args.top_entropy_ratio, args.eps)
+    sequence, scores = next(r for r in results if r is not None)
+    report = build_report(sequence, scores, sample, args.temperature, args.top_entropy_ratio, args.eps)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
-    draw_heatmap(image, selected_attention_grid(scores["key_weights"], report, sample.grid), box, report,
+    draw_heatmap(image, selected_attention_grid(scores.key_weights[0].numpy(), report, sample.grid), box, report,
                  processor.tokenizer, args.out / "heatmap.png")
     print(f"tas {report['tas']:.4f}  reward_paper {report['reward_paper']:.4f}  reward_code {report['reward_code']:.4f}"
           f"  ({len(report['tokens'])} completion tokens) -> {args.out}/report.json, heatmap.png")

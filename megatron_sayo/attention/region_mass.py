@@ -260,16 +260,74 @@ class RegionMassProbe:
             else:
                 sums = local_head_mass_sums(query, key, lse, scale, self.pairs, self.region_mask,
                                             self.image_mask, self.chunk_elements, self.key_weights)
-            group = resolve_group(self.group, "tp")
-            tp = 1
-            if group is not None and dist.get_world_size(group) > 1:
-                dist.all_reduce(sums, group=group)
-                tp = dist.get_world_size(group)
-            sums /= query.shape[1] * tp
+            sums = head_mean_over_tp(sums, query.shape[1], self.group)
         b = self.pairs[:, 0]
         self.result = RegionMass(batch=b, query=self.pairs[:, 1], region_sum=sums[0].cpu(), image_sum=sums[1].cpu(),
                                  region_count=self.region_mask.sum(1)[b], image_count=self.image_mask.sum(1)[b],
                                  key_weights=sums[2:].T.cpu() if self.key_weights else None)
+
+
+def head_mean_over_tp(sums: torch.Tensor, local_heads: int, group="default") -> torch.Tensor:
+    """Local-head sums -> the mean over all heads: one all-reduce over the TP group, divided by the head count."""
+    group = resolve_group(group, "tp")
+    tp = 1
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(sums, group=group)
+        tp = dist.get_world_size(group)
+    return sums / (local_heads * tp)
+
+
+def decode_mass_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, allowed: torch.Tensor | None,
+                     scale: float, region_mask: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+    """[2, n] float32 local-head sums of the softmax weights on region / image keys for ONE new query per row.
+
+    The KV-cached decode step: q [n, h, 1, d], k [n, h or kv groups, sk, d] (all rows at once, no per-row
+    loop); region_mask, image_mask bool [n, m] over the first m <= sk keys (the prompt: image keys are prompt
+    tokens, all visible to the new query). With the attention's row log-sum-exp `lse` [n, h, 1] the weights
+    are exp(scale q.k - lse); without it they are the softmax over the keys `allowed` (True = attend) lets in.
+    """
+    n, h, sq, d = q.shape
+    if sq != 1:
+        raise ValueError(f"decode_mass_sums measures one new query per row, got {sq}")
+    groups, m = k.shape[1], region_mask.shape[1]
+    scores = torch.matmul(q.float().reshape(n, groups, h // groups, d), k.float().transpose(-1, -2))
+    scores = scores.reshape(n, h, k.shape[2]).mul_(scale)       # head j uses kv group j // (h / groups)
+    if lse is None:
+        if allowed is not None:
+            scores.masked_fill_(~allowed.reshape(allowed.shape[0], 1, -1).expand_as(scores), float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    weights = (scores[..., :m] - lse.float().reshape(n, h, 1)).exp_().sum(1)   # [n, m], summed over local heads
+    return torch.stack([(weights * region_mask.to(weights)).sum(-1), (weights * image_mask.to(weights)).sum(-1)])
+
+
+class DecodeMassProbe:
+    """AttentionProbe for one KV-cached decode step: the region/image mass of every row's new token.
+
+    region_mask, image_mask: bool [n, m] over the prompt keys (region inside image). The attention's output
+    takes its ordinary path (needs_lse False); `.result` is a RegionMass with query 0 for each row.
+    """
+
+    needs_lse = False
+
+    def __init__(self, region_mask: torch.Tensor, image_mask: torch.Tensor, group="default"):
+        region_mask, image_mask = torch.as_tensor(region_mask).bool(), torch.as_tensor(image_mask).bool()
+        _check_masks(region_mask, image_mask)
+        self.region_mask, self.image_mask, self.group = region_mask, image_mask, group
+        self.result: RegionMass | None = None
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor | None, scale: float,
+                 allowed: torch.Tensor | None = None) -> None:
+        if key.shape[0] != self.image_mask.shape[0] or key.shape[2] < self.image_mask.shape[1]:
+            raise ValueError(f"prompt key masks are {tuple(self.image_mask.shape)} but the attention has batch "
+                             f"{key.shape[0]} and {key.shape[2]} keys")
+        with torch.no_grad():
+            sums = decode_mass_sums(query, key, lse, allowed, scale, self.region_mask.to(query.device),
+                                    self.image_mask.to(query.device))
+            sums = head_mean_over_tp(sums, query.shape[1], self.group)
+        n = query.shape[0]
+        self.result = RegionMass(batch=torch.arange(n), query=torch.zeros(n, dtype=torch.long),
+                                 region_sum=sums[0].cpu(), image_sum=sums[1].cpu(),
+                                 region_count=self.region_mask.sum(1).cpu(), image_count=self.image_mask.sum(1).cpu())
 
 
 def probe_state(probe: RegionMassProbe, num_layers: int, kv_cache=None) -> AttentionState:

@@ -23,11 +23,10 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_sayo.formats.atomic import publish_dir, write_bytes_atomic, write_json_atomic
-from megatron_sayo.formats.dtypes import torch_dtype
 from megatron_sayo.formats.pickle_guard import UnsafePickle, check_checkpoint_pickles
 from megatron_sayo.checkpoint.files import (LATEST_FILE, METADATA_FILE, STEP_PREFIX, CheckpointError,
                                            copy_side_files, make_metadata, next_resumable, prune_checkpoints,
-                                           read_metadata, resolve_checkpoint_dir)
+                                           read_metadata)
 
 log = logging.getLogger(__name__)
 
@@ -97,62 +96,6 @@ def load_model(model, ckpt_dir: str | Path) -> None:
     check_pickles(ckpt_dir)
     state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
     model.load_state_dict(state)
-
-
-def load_model_for_inference(megatron_dir: str | Path, tp: int = 1, pp: int = 1, *,
-                             params_dtype: torch.dtype | None = None, config_overrides: dict | None = None,
-                             recompute: str | None = None, sequence_parallel: bool = False, **model_kwargs):
-    """Build this rank's stage from the config.json stored in the checkpoint and load its weights (eval mode).
-
-    parallel_state must be initialised by the caller. `megatron_dir` may be a converted checkpoint, a training
-    step dir, or a run dir (newest complete step). dtype defaults to the one the checkpoint was written in.
-    """
-    from megatron_sayo.models.qwen25vl.hf_config import ParallelLayout, load_hf_config
-    from megatron_sayo.models.qwen25vl.transformer_config import to_transformer_config
-    from megatron_sayo.models.qwen25vl.model import build_model
-
-    ckpt = resolve_checkpoint_dir(megatron_dir)
-    hf = load_hf_config(ckpt)
-    if params_dtype is None:
-        params_dtype = torch_dtype(read_metadata(ckpt).get("dtype", "float32"))
-    lora = read_metadata(ckpt).get("lora")
-    if lora is not None:
-        return _load_lora_step(ckpt, lora, tp, pp, params_dtype=params_dtype, config_overrides=config_overrides,
-                               recompute=recompute, sequence_parallel=sequence_parallel, **model_kwargs)
-    # initialised before loading: megatron marks TP-sharded parameters (tensor_model_parallel, partition_dim)
-    # only while initialising them, and grad norms, clipping and DDP need those marks when this model trains
-    config = to_transformer_config(hf, ParallelLayout(tp, pp), params_dtype=params_dtype, recompute=recompute,
-                                   sequence_parallel=sequence_parallel, **(config_overrides or {}))
-    model = build_model(hf, config, **model_kwargs)
-    load_model(model, ckpt)
-    return model.eval()
-
-
-def _load_lora_step(ckpt: Path, lora: dict, tp: int, pp: int, **kwargs):
-    """A LoRA training step: its base (HF or megatron, from the step's pointer) with the step's adapters."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_sayo.models.lora import attach_lora, is_adapter_key
-
-    base = lora.get("base") or {}
-    if base.get("format") not in ("hf", "megatron") or not Path(str(base.get("path"))).exists():
-        raise CheckpointError(f"{ckpt}/{METADATA_FILE}: lora.base = {base!r}: expected {{format: hf|megatron, "
-                              f"path}} naming an existing checkpoint (the weights the adapters apply to)")
-    if base["format"] == "hf":
-        from megatron_sayo.models.qwen25vl.model import load_from_hf
-
-        model = load_from_hf(base["path"], tp=tp, pp=pp, **kwargs)
-    else:
-        model = load_model_for_inference(base["path"], tp, pp, **kwargs)
-    attach_lora(model, model.hf.text, rank=lora["rank"], alpha=lora["alpha"], targets=lora["targets"])
-    template = trained_sharded_state(model)
-    state = dist_checkpointing.load(template, str(ckpt))   # also returns the step's common objects: dropped
-    result = model.load_state_dict({k: state[k] for k in template}, strict=False)
-    missing = [k for k in result.missing_keys if is_adapter_key(k)]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"{ckpt}: adapters do not match the model (missing {missing[:3]}, unexpected "
-                              f"{result.unexpected_keys[:3]})")
-    return model.eval()
 
 
 # ==============================================================================================================

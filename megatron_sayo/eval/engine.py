@@ -16,30 +16,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 
 from megatron_sayo.config import RewardConfig
 
-if TYPE_CHECKING:
-    from megatron_sayo.rl.scoring import RolloutBatch
-
 
 GENERATED_CACHE = 20_000
-
-
-def load_model(hf_dir: str | None, megatron_dir: str | None, tp: int = 1, pp: int = 1):
-    """This rank's model stage from an HF or a megatron checkpoint (parallel_state initialised)."""
-    if (hf_dir is None) == (megatron_dir is None):
-        raise ValueError("give exactly one of --hf DIR or --megatron DIR")
-    if megatron_dir is not None:
-        from megatron_sayo.checkpoint.state import load_model_for_inference
-
-        return load_model_for_inference(megatron_dir, tp, pp)
-    from megatron_sayo.models.qwen25vl.model import load_from_hf
-
-    return load_from_hf(hf_dir, tp=tp, pp=pp)
 
 
 def processor_dir(hf_dir: str | None, megatron_dir: str | None) -> Path:
@@ -215,34 +197,19 @@ class Engine:
     # ------------------------------------------------------------------------------------------------ TAS
     def score_tas(self, job: dict) -> dict:
         """Teacher-force a completion after its prompt: TAS and attention reward (docs/spec.md §3) of that sample."""
+        from megatron_sayo.distributed.runtime import device
+        from megatron_sayo.rl.batch import ScoringBatch
         from megatron_sayo.rl.rewards import sequence_attention_reward
         from megatron_sayo.rl.scoring import score_policy
-        from megatron_sayo.distributed.runtime import device
 
-        batch = tas_batch(job, device())
+        batch = ScoringBatch.from_completion(self.hf, job["ids"], job["completion_ids"], job["pixel_values"],
+                                             job["image_grid_thw"], job["region_mask"], device())
         scores = score_policy(self.model, batch, micro_batch=1, temperature=job["temperature"])
         self.stats.tas_requests += 1
         if scores is None:
             return {}
         cfg = self.reward
-        start = torch.tensor([batch.prompt_length])
-        reward, tas, selected, tokens = sequence_attention_reward(
-            scores.region_mass, scores.image_mass, scores.entropy, start, batch.completion_mask,
-            cfg.top_entropy_ratio, cfg.attention_form, cfg.eps)
+        reward, tas, selected = sequence_attention_reward(scores, cfg.top_entropy_ratio, cfg.attention_form, cfg.eps)
         return {"tas": float(tas[0]), "reward_attention": float(reward[0]),
-                "completion_tokens": int(batch.completion_mask.sum()), "selected_tokens": int(selected.sum()),
+                "completion_tokens": int(scores.mask.sum()), "selected_tokens": int(selected.sum()),
                 "region_tokens": int(batch.region_mask.sum()), "completion_source": job.get("source", "tokenized")}
-
-
-def tas_batch(job: dict, dev) -> RolloutBatch:
-    """A one-row RolloutBatch: prompt ids + completion ids, the prompt's region mask, its pixels."""
-    from megatron_sayo.rl.scoring import RolloutBatch
-
-    prompt, completion = list(job["ids"]), list(job["completion_ids"])
-    seq = torch.tensor([prompt + completion], dtype=torch.long, device=dev)
-    region = torch.zeros_like(seq, dtype=torch.bool)
-    region[0, :len(prompt)] = job["region_mask"].to(dev)
-    return RolloutBatch(sequences=seq, attention_mask=torch.ones_like(seq), prompt_length=len(prompt),
-                        completion_mask=torch.ones(1, len(completion), dtype=torch.long, device=dev),
-                        pixel_values=[job["pixel_values"].to(dev)], image_grid_thw=[job["image_grid_thw"].to(dev)],
-                        region_mask=region)

@@ -106,9 +106,10 @@ def start_http(state, host: str, port: int, *, backlog: int = D.backlog, max_con
 def build_engine(args):
     """Model + processor of this rank (parallel_state initialised)."""
     from megatron_sayo.data.processor import Processor
-    from megatron_sayo.eval.engine import Engine, load_model, processor_dir
+    from megatron_sayo.eval.engine import Engine, processor_dir
+    from megatron_sayo.checkpoint.loader import load_model_stage
 
-    model = load_model(args.hf, args.megatron, args.tp, args.pp)
+    model = load_model_stage(args.hf, args.megatron, tp=args.tp, pp=args.pp)
     return Engine(model, Processor.from_pretrained(processor_dir(args.hf, args.megatron)))
 
 

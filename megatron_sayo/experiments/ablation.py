@@ -54,6 +54,8 @@ SETTINGS: tuple[tuple[str, str], ...] = (
     ("eval.num_samples=64", "64 held-out questions per evaluation"),
     ("eval.decoding=greedy", "deterministic held-out answers: differences between evaluations are the policy's"),
     ("log.tensorboard=false", "metrics.jsonl is what the ablation reads"),
+    ("rollout.capture_scores=false", "a teacher-forced scoring pass, so the report can time the mass probe in it "
+                                     "against the reference pass without it"),
 )
 
 

@@ -1,6 +1,7 @@
 """Held-out evaluation during GRPO: decode on data.eval_file, then score the completions with the training
-path (one no-grad pass for entropies and last-layer region/image masses, the same reward functions), so
-eval_tas and eval_reward_attention mean exactly what tas and reward_attention mean in training.
+path (entropies and last-layer region/image masses captured at decode, or one teacher-forced no-grad pass
+with rollout.capture_scores false; the same reward functions), so eval_tas and eval_reward_attention mean
+exactly what tas and reward_attention mean in training.
 
 Decoding is greedy or the paper's evaluation sampling (temperature 0.1, top_p 0.1, fixed seed, so every
 evaluation draws the same way). Token selection for TAS ranks entropies at the decoding temperature
@@ -18,9 +19,10 @@ from megatron.core import parallel_state
 
 from megatron_sayo.config import EvalConfig, RewardConfig, RunConfig
 from megatron_sayo.rl import rewards as R
-from megatron_sayo.rl.prompts import PromptBatch, build_prompt_batch, repeat_images
+from megatron_sayo.rl.batch import CompletionScores, ScoringBatch
+from megatron_sayo.rl.prompts import build_prompt_batch
 from megatron_sayo.rl.rollout import Rollout, SamplingParams, generate
-from megatron_sayo.rl.scoring import RolloutBatch, score_policy
+from megatron_sayo.rl.scoring import score_policy
 
 METRIC_KEYS = ("eval_accuracy", "eval_format", "eval_tas", "eval_reward_attention")
 
@@ -34,16 +36,6 @@ def eval_sampling(cfg: EvalConfig, max_new_tokens: int, suppress: tuple[int, ...
     return params, params.temperature
 
 
-def rollout_batch(prompts: PromptBatch, rollout: Rollout) -> RolloutBatch:
-    """The scoring pass's inputs for a rollout: every row with its prompt's pixels and region mask."""
-    rows = rollout.group_ids.tolist()
-    pix, grids = repeat_images(prompts.inputs["pixel_values"], prompts.inputs["image_grid_thw"], rows)
-    region = torch.zeros(len(rows), rollout.sequences.shape[1], dtype=torch.bool)
-    region[:, :rollout.prompt_length] = prompts.region_mask[torch.as_tensor(rows)]
-    return RolloutBatch(rollout.sequences, rollout.attention_mask, rollout.prompt_length, rollout.completion_mask,
-                        list(torch.split(pix, grids.prod(-1).tolist())), [g[None] for g in grids], region)
-
-
 @dataclass(frozen=True)
 class SampleScores:
     """Per completion of one scored batch: the reward terms and TAS (last pipeline stage)."""
@@ -55,13 +47,10 @@ class SampleScores:
     texts: list[str]
 
 
-def score_completions(rollout: Rollout, batch: RolloutBatch, scores, answers: list[str], tokenizer,
+def score_completions(rollout: Rollout, scores: CompletionScores, answers: list[str], tokenizer,
                       reward: RewardConfig) -> SampleScores:
-    """Accuracy, format, TAS and attention reward of each completion row, from the scoring pass's arrays."""
-    start = torch.full((rollout.sequences.shape[0],), rollout.prompt_length, device=rollout.sequences.device)
-    attn, tas, _, _ = R.sequence_attention_reward(scores.region_mass, scores.image_mass, scores.entropy, start,
-                                                  batch.completion_mask, reward.top_entropy_ratio,
-                                                  reward.attention_form, reward.eps)
+    """Accuracy, format, TAS and attention reward of each completion row, from its CompletionScores."""
+    attn, tas, _ = R.sequence_attention_reward(scores, reward.top_entropy_ratio, reward.attention_form, reward.eps)
     texts, fmt, acc = [], [], []
     for row, n in enumerate(rollout.completion_lengths.tolist()):
         text = tokenizer.decode(rollout.completion_ids[row, :n].tolist(), skip_special_tokens=True)
@@ -101,12 +90,17 @@ class HeldOutEvaluator:
         params, temperature = self.sampling(policy)
         prompts = build_prompt_batch(self.processor, chunk, hf.tokens.image, hf.vision.spatial_merge_size,
                                      hf.vision.patch_size, cfg.data.instruction)
-        rollout = generate(policy, prompts.inputs, params, num_return_sequences=1)
-        batch = rollout_batch(prompts, rollout)
-        scores = score_policy(policy, batch, cfg.train.micro_batch, temperature)
+        capture = cfg.rollout.capture_scores
+        rollout = generate(policy, prompts.inputs, params, num_return_sequences=1,
+                           capture_region=prompts.region_mask if capture else None)
+        if capture:
+            scores = rollout.scores
+        else:
+            scores = score_policy(policy, ScoringBatch.from_rollout(rollout, prompts, hf), cfg.train.micro_batch,
+                                  temperature)
         if scores is None:
             return rollout, None
-        return rollout, score_completions(rollout, batch, scores, [s.reference(cfg.reward.accuracy_target) for s in chunk],
+        return rollout, score_completions(rollout, scores, [s.reference(cfg.reward.accuracy_target) for s in chunk],
                                           self.processor.tokenizer, cfg.reward)
 
     def evaluate(self, policy) -> dict:

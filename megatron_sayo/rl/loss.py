@@ -1,29 +1,19 @@
-"""GRPO loss (docs/spec.md §5): PPO clipped ratio + beta * k3 KL, token-level mean over the global batch.
+"""Per-token losses of the update, in megatron's per-token-loss contract (docs/spec.md §5).
 
-Each rank sums its valid tokens' losses and divides by the valid-token count of the whole global batch
-(all micro-batches, all data-parallel ranks: `global_token_count`). Summing the ranks' gradients then
-gives the gradient of the global token mean. megatron's DDP *averages* gradients over DP by default, so
-the caller either scales this loss by the DP size or configures DDP to sum.
+Every loss here returns the SUM of its per-token terms over this rank's valid tokens, and the caller hands
+megatron that sum with the token count (the model is built with `calculate_per_token_loss`): DDP then sums
+gradients over data-parallel ranks and `finalize_model_grads` divides them by the token count of the whole
+global batch, i.e. the gradient of a token-level mean over the global batch. Metrics are sums over the same
+tokens (divide by the all-reduced token count to report them).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from megatron_sayo.config import LossConfig
-from megatron_sayo.distributed.groups import resolve_group
 
 _L = LossConfig
-
-
-def global_token_count(mask: torch.Tensor, dp_group="default") -> torch.Tensor:
-    """Number of valid tokens in `mask` summed over the DP group (int64 scalar tensor)."""
-    group = resolve_group(dp_group, "dp")
-    count = mask.bool().sum().to(torch.int64).reshape(1)
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(count, group=group)
-    return count[0]
 
 
 def k3_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -34,12 +24,12 @@ def k3_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
               advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float = _L.clip_eps,
-              kl_beta: float = _L.kl_beta, global_token_count: torch.Tensor | float = 1.0):
-    """(loss, metrics) for log-probs [B, T], advantages [B], mask [B, T]; loss = sum over valid / global count.
+              kl_beta: float = _L.kl_beta):
+    """(loss, metrics): PPO clipped ratio + kl_beta * k3 KL summed over valid tokens, for log-probs [B, T],
+    advantages [B], mask [B, T].
 
-    Metrics are detached. pg_loss, kl, clip_fraction, ratio_mean are local sums over the same global count
-    (all-reduce SUM over DP gives the global mean); ratio_min/ratio_max are local (reduce with MIN/MAX);
-    tokens is the local valid count; a count of 0 is read as 1. clip_fraction counts tokens where the clipped branch is taken.
+    Metrics are detached: pg_loss, kl, clip_fraction (tokens where the clipped branch is taken), ratio_mean are
+    sums over valid tokens; ratio_min/ratio_max are local extremes; tokens is the valid count.
     """
     mask = mask.bool()
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
@@ -54,12 +44,11 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     if ref_logp is not None and kl_beta != 0:
         kl = k3_kl(torch.where(mask, ref_logp, zero), logp)
         per_token = pg + kl_beta * kl
-    count = torch.as_tensor(global_token_count, dtype=logp.dtype, device=logp.device).clamp(min=1)
-    loss = torch.where(mask, per_token, zero).sum() / count
+    loss = torch.where(mask, per_token, zero).sum()
 
     with torch.no_grad():
         def masked_sum(x):
-            return torch.where(mask, x, zero).sum() / count
+            return torch.where(mask, x, zero).sum()
 
         taken = ((ratio < 1.0 - clip_eps) & (adv < 0)) | ((ratio > 1.0 + clip_eps) & (adv > 0))
         metrics = {
@@ -70,3 +59,19 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
             "tokens": mask.sum(),
         }
     return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def nll_loss(logp: torch.Tensor, mask: torch.Tensor):
+    """(loss, metrics): next-token negative log-likelihood summed over valid tokens (the supervised warm-up)."""
+    mask = mask.bool()
+    nll = -torch.where(mask, logp, torch.zeros((), dtype=logp.dtype, device=logp.device)).sum()
+    return nll, {"nll": nll.detach(), "tokens": mask.sum()}
+
+
+def grpo_token_loss(old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
+                    cfg: LossConfig):
+    """grpo_loss bound to a batch's old/ref log-probs [N, T] and advantages [N]: (logp, rows, mask) -> (loss, m)."""
+    def token_loss(logp: torch.Tensor, rows: slice, mask: torch.Tensor):
+        return grpo_loss(logp, old_logp[rows], None if ref_logp is None else ref_logp[rows], advantages[rows],
+                         mask, cfg.clip_eps, cfg.kl_beta)
+    return token_loss

@@ -8,10 +8,11 @@ skipped; a missing or empty metrics.jsonl is an error.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
+
+from megatron_sayo.rl.metrics import METRICS_FILE, read_metrics
 
 GROUPS = {
     "rewards": ("Rewards", ["reward_total", "reward_attention", "reward_format", "reward_accuracy"], "reward"),
@@ -23,25 +24,6 @@ GROUPS = {
     "loss": ("Policy loss", ["loss", "pg_loss"], "loss per token"),
     "grad_norm": ("Gradient norm (before clipping)", ["grad_norm"], "L2 norm"),
 }
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """Rows of metrics.jsonl (a torn last line, e.g. from a killed run, is ignored)."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no metrics file (is this a run dir?)")
-    rows = []
-    lines = path.read_text().splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
-    if not rows:
-        raise ValueError(f"{path}: no metrics rows")
-    return rows
 
 
 def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -98,7 +80,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None, smooth: int = 0) -> lis
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(Path(run_dir) / "metrics.jsonl")
+    rows = read_metrics(Path(run_dir) / METRICS_FILE)
     out_dir = Path(out_dir or Path(run_dir) / "plots")
     out_dir.mkdir(parents=True, exist_ok=True)
     smooth = smooth or max(1, len(rows) // 20)

@@ -54,19 +54,3 @@ def build_prompt_batch(processor, samples: list[GroundedSample], image_token_id:
     region = batch_region_mask(inputs["input_ids"], inputs["image_grid_thw"], image_token_id, specs,
                                merge_size=merge_size, patch_size=patch_size)
     return PromptBatch(samples, inputs, region)
-
-
-def image_rows(image_grid_thw: torch.Tensor) -> list[slice]:
-    """pixel_values rows of each image (t*h*w patches each), in order."""
-    counts = image_grid_thw.prod(-1).tolist()
-    starts = np.cumsum([0] + counts)
-    return [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
-
-
-def repeat_images(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, rows: list[int]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixels and grids for a batch whose row i is prompt rows[i] (one image per prompt)."""
-    slices = image_rows(image_grid_thw)
-    if len(slices) <= int(max(rows)):
-        raise ValueError(f"{len(slices)} images for prompts up to index {max(rows)}: one image per prompt expected")
-    return (torch.cat([pixel_values[slices[r]] for r in rows]), image_grid_thw[torch.as_tensor(rows)])

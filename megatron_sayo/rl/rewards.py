@@ -1,10 +1,7 @@
 """SAYO rewards (docs/spec.md §3-4): attention reward from region/image attention mass, format+length, accuracy.
 
-Pure functions. Index conventions, for a completion token t at sequence position p:
-- its attention row is query position p (`region_mass[b, p]`, `image_mass[b, p]`);
-- its entropy is the distribution it was sampled from, i.e. logits position p - 1 (`entropy[b, p - 1]`).
-`align_completion` applies this once; everything after works on per-completion-token arrays [B, T]
-(T = completion width, `mask` marks real completion tokens).
+Pure functions on per-completion-token arrays [B, T] (T = completion width, `mask` marks real tokens): the
+attention reward reads a CompletionScores (rl/batch.py, where the position rule lives) and nothing else.
 """
 
 from __future__ import annotations
@@ -12,13 +9,13 @@ from __future__ import annotations
 import math
 import re
 import string
-from dataclasses import dataclass
 from fractions import Fraction
 from typing import Mapping
 
 import torch
 
 from megatron_sayo.config import RewardConfig, RewardWeights
+from megatron_sayo.rl.batch import CompletionScores
 
 _R = RewardConfig  # defaults below come from the config dataclass (one source of truth)
 
@@ -26,39 +23,6 @@ _R = RewardConfig  # defaults below come from the config dataclass (one source o
 # --------------------------------------------------------------------------------------------------------------
 # Attention reward
 # --------------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CompletionTokens:
-    """Per-completion-token views [B, T] of full-sequence arrays; entries where `mask` is False are 0."""
-
-    positions: torch.Tensor     # sequence position p of completion token j (start + j)
-    region_mass: torch.Tensor   # a(t): attention row p, mean over heads and region keys
-    image_mass: torch.Tensor    # v(t): attention row p, mean over heads and image keys
-    entropy: torch.Tensor       # entropy of logits position p - 1 (the distribution t was sampled from)
-    mask: torch.Tensor          # bool, real completion tokens
-
-
-def align_completion(region_mass: torch.Tensor, image_mass: torch.Tensor, entropy: torch.Tensor,
-                     completion_start: torch.Tensor, completion_mask: torch.Tensor) -> CompletionTokens:
-    """Completion token j of sample b sits at p = completion_start[b] + j: masses from row p, entropy from p - 1.
-
-    region_mass, image_mass: [B, S] indexed by query position; entropy: [B, S] indexed by logits position;
-    completion_start: [B] (the prompt length of each sample, padding included); completion_mask: [B, T].
-    """
-    batch, seq = region_mass.shape
-    mask = completion_mask.bool()
-    positions = completion_start.long().view(-1, 1) + torch.arange(mask.shape[1], device=mask.device)
-    real_pos = positions[mask]
-    if real_pos.numel() and (real_pos.min() < 1 or real_pos.max() >= seq):
-        raise ValueError(f"completion positions must lie in [1, {seq - 1}] (a non-empty prompt, inside S={seq})")
-    index = positions.clamp(1, seq - 1)
-
-    def pick(values, idx):
-        return torch.where(mask, values.gather(1, idx), torch.zeros((), dtype=values.dtype))
-
-    return CompletionTokens(positions=positions, region_mass=pick(region_mass, index),
-                            image_mass=pick(image_mass, index), entropy=pick(entropy, index - 1), mask=mask)
-
 
 def top_k_count(n: int, ratio: float) -> int:
     """k = max(1, floor(ratio * n)) for n > 0 (0 for n = 0); ratio read as the decimal it was written as."""
@@ -85,7 +49,7 @@ def attention_reward(region_mass: torch.Tensor, image_mass: torch.Tensor, select
     """(R_attn [B], TAS [B]): pool a and v over the selected tokens, x = (A + eps)/(V + eps), then the form.
 
     form 'paper': x^2 / (1 + x^2) = (1 + tanh(log x)) / 2; 'code': tanh(log x). TAS is x.
-    Inputs are docs/spec.md §3's per-key means a(t), v(t) (not head- or key-summed masses).
+    Inputs are the per-key means a(t), v(t) of docs/spec.md §3 (not head- or key-summed masses).
     A row with no selected token pools to A = V = 0, so x = 1.
     """
     sel = selected.to(torch.float64)
@@ -200,12 +164,11 @@ def total_reward(components: Mapping[str, torch.Tensor], weights: RewardWeights 
     return total
 
 
-def sequence_attention_reward(region_mass: torch.Tensor, image_mass: torch.Tensor, entropy: torch.Tensor,
-                              completion_start: torch.Tensor, completion_mask: torch.Tensor,
-                              ratio: float = _R.top_entropy_ratio, form: str = _R.attention_form,
-                              eps: float = _R.eps):
-    """align -> select -> reward in one call: (reward [B], tas [B], selected [B, T], CompletionTokens)."""
-    tokens = align_completion(region_mass, image_mass, entropy, completion_start, completion_mask)
-    selected = select_top_entropy(tokens.entropy, tokens.mask, ratio)
-    reward, tas = attention_reward(tokens.region_mass, tokens.image_mass, selected, form, eps)
-    return reward, tas, selected, tokens
+def sequence_attention_reward(scores: CompletionScores, ratio: float = _R.top_entropy_ratio,
+                              form: str = _R.attention_form, eps: float = _R.eps):
+    """select -> reward in one call: (reward [B], tas [B], selected [B, T]) from a scoring's masses/entropies."""
+    if scores.region_mass is None or scores.image_mass is None:
+        raise ValueError("the attention reward needs region and image masses (score with the region probe)")
+    selected = select_top_entropy(scores.entropy, scores.mask, ratio)
+    reward, tas = attention_reward(scores.region_mass, scores.image_mass, selected, form, eps)
+    return reward, tas, selected

@@ -7,11 +7,18 @@ channels). The last pipeline stage gathers the last position's vocab-parallel lo
 (temperature, then top-p), and the new ids travel to every rank of the model-parallel group (TP broadcast on
 the last stage, then PP broadcast from it), so every stage feeds the same ids at the next step.
 
-`Rollout.logprobs` are log softmax(logits / temperature) of the chosen ids over the whole vocabulary (before
-top-p truncation; temperature 1 when greedy): what a scoring pass at the same temperature recomputes.
+`Rollout.logprobs` are log softmax(logits / temperature) of the chosen ids over the vocabulary they were drawn
+from (suppressed ids removed, before top-p truncation; temperature 1 when greedy).
 With `top_logprobs=k` the rollout also keeps the model's own distribution (log softmax of the raw logits, no
 temperature, no top-p; what OpenAI-style `logprobs` report): the chosen ids' log-probs and the k most likely.
 `on_step` lets a caller end rows early (stop strings) and watch tokens as they come (streaming).
+
+Capture (`capture_region` given, docs/spec.md §3): the rollout also records what a teacher-forced scoring pass
+would compute, as `Rollout.scores` (CompletionScores, last pipeline stage): per new token its log-prob and the
+entropy of the full distribution softmax(logits / temperature) it was sampled from (logits column p - 1),
+and the last layer's region / image attention mass of its own row (query column p), measured while the token
+is fed in the next decode step (a row that stops is fed once more, then leaves the cache). The sampler draws
+for exactly the rows it draws for without capture, so the same seed gives the same completions.
 """
 
 from __future__ import annotations
@@ -24,8 +31,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from megatron_sayo.attention.region_mass import DecodeMassProbe
 from megatron_sayo.models.qwen25vl.attention import AttentionState, KVCache, build_attention_mask
 from megatron_sayo.models.qwen25vl.rope import get_rope_index
+from megatron_sayo.rl.batch import CompletionScores
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,7 @@ class Rollout:
     raw_logprobs: torch.Tensor | None = None   # [N, T] log softmax(raw logits) of the chosen ids (top_logprobs set)
     top_ids: torch.Tensor | None = None        # [N, T, k] the k most likely ids under the raw logits
     top_logprobs: torch.Tensor | None = None   # [N, T, k] their raw log-probs
+    scores: CompletionScores | None = None     # captured at decode (last pipeline stage, capture on)
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -87,7 +97,7 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 def sample_tokens(logits: torch.Tensor, params: SamplingParams,
                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [n], log-probs [n]) from full-vocab logits [n, V]: argmax or temperature + top-p sampling."""
-    scaled = logits.float() if params.greedy else logits.float() / params.temperature
+    scaled = logits.float() / (1.0 if params.greedy else params.temperature)   # a new tensor: edited below
     if not bool(torch.isfinite(scaled.amax(dim=-1)).all()):  # a NaN or inf somewhere, or a row of -inf
         # a diverged policy: keep the rollout going (every rank waits for these ids); the trainer then sees
         # the non-finite loss and skips the step
@@ -104,6 +114,15 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
     return ids, logp
 
 
+def token_stats(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(ids), entropy) of the full distribution softmax(logits / temperature) [n, V], in float32: what
+    teacher-forced scoring computes for the same tokens (no suppression, no top-p)."""
+    z = logits.float() / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    p = torch.exp(z - lse[:, None])
+    return z.gather(-1, ids[:, None]).squeeze(-1) - lse, lse - (p * z).sum(-1)
+
+
 # ------------------------------------------------------------------------------------------ parallel plumbing
 
 def _world(group) -> int:
@@ -113,16 +132,6 @@ def _world(group) -> int:
 def _is_sampler() -> bool:
     """Last pipeline stage, TP rank 0: the rank that draws the tokens."""
     return parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-
-
-def share_tokens(ids: torch.Tensor | None, logp: torch.Tensor | None, n: int, device) -> tuple[torch.Tensor,
-                                                                                              torch.Tensor]:
-    """The sampler's (ids, logp) on every rank of its model-parallel group (TP, then PP broadcast)."""
-    packed = torch.empty(2, n, dtype=torch.float64, device=device)
-    if ids is not None:
-        packed[0], packed[1] = ids.double(), logp.double()
-    packed = share_from_sampler(packed)
-    return packed[0].long(), packed[1].float()
 
 
 def raw_top(logits: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
@@ -205,7 +214,8 @@ StepHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | 
 
 
 def generate(model, batch: dict, params: SamplingParams, *, num_return_sequences: int = 1,
-             compact: bool = True, top_logprobs: int | None = None, on_step: StepHook | None = None) -> Rollout:
+             compact: bool = True, top_logprobs: int | None = None, on_step: StepHook | None = None,
+             capture_region: torch.Tensor | None = None) -> Rollout:
     """G = num_return_sequences completions per prompt of a left-padded processor batch (every rank calls it).
 
     `compact` drops finished rows from the KV cache as they stop (cheaper steps, same result).
@@ -213,9 +223,12 @@ def generate(model, batch: dict, params: SamplingParams, *, num_return_sequences
     `on_step(rows, tokens, lengths)`: after each step, with the rows that just got a token, the [N, T] token
     buffer and the lengths; it returns a bool mask over `rows` of those to end now (or None). It runs on
     every rank with the same inputs and must decide the same there.
+    `capture_region`: bool [prompts, P] region keys of each prompt; given, the rollout captures the scores
+    (see the module docstring) into `Rollout.scores`.
     """
     with sequence_parallel_off(model):
-        return _generate(model, batch, params, num_return_sequences, compact, top_logprobs, on_step)
+        return _generate(model, batch, params, num_return_sequences, compact, top_logprobs, on_step,
+                         capture_region)
 
 
 def prefill(model, batch: dict, prompt_mask: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor | None,
@@ -233,8 +246,40 @@ def prefill(model, batch: dict, prompt_mask: torch.Tensor, cache: KVCache) -> tu
     return logits, deltas.reshape(-1).to(prompt_mask.device)
 
 
+class _Capture:
+    """Per-token arrays [n, steps] the capture fills: log-prob, entropy, region and image mass."""
+
+    def __init__(self, model, region: torch.Tensor, image: torch.Tensor, n: int, steps: int, temperature: float):
+        self.region, self.image = region, image          # bool [n, P] per rollout row
+        self.temperature = temperature
+        self.num_layers = model.config.num_layers
+        self.values = torch.zeros(4, n, steps, dtype=torch.float32, device=region.device)
+        self.probe: DecodeMassProbe | None = None
+
+    def state(self, cache: KVCache, active: torch.Tensor) -> AttentionState:
+        """The decode step's attention state: the cache and a probe over the fed rows' prompt keys."""
+        self.probe = DecodeMassProbe(self.region[active], self.image[active])
+        return AttentionState(kv_cache=cache, probe=self.probe, probe_layer=self.num_layers)
+
+    def record_masses(self, active: torch.Tensor, live: torch.Tensor, step: int) -> None:
+        result = self.probe.result if self.probe is not None else None
+        if result is not None:   # the last pipeline stage
+            zero = torch.zeros((), dtype=torch.float32)
+            self.values[2, active, step] = torch.where(live, result.region_mean.to(self.values), zero)
+            self.values[3, active, step] = torch.where(live, result.image_mean.to(self.values), zero)
+
+    def scores(self, completion_mask: torch.Tensor) -> CompletionScores | None:
+        if not parallel_state.is_pipeline_last_stage():
+            return None
+        t = completion_mask.shape[1]
+        logp, entropy, region, image = self.values[:, :, :t]
+        return CompletionScores(logprobs=logp, entropy=entropy, region_mass=region, image_mass=image,
+                                mask=completion_mask)
+
+
 def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: int, compact: bool,
-              top_k: int | None = None, on_step: StepHook | None = None) -> Rollout:
+              top_k: int | None = None, on_step: StepHook | None = None,
+              capture_region: torch.Tensor | None = None) -> Rollout:
     """generate's body (sequence parallelism already off)."""
     input_ids = batch["input_ids"]
     device = input_ids.device
@@ -244,6 +289,8 @@ def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: 
         raise ValueError("generate: prompts must be left-padded (the last column has padding)")
     g, steps = num_return_sequences, params.max_new_tokens
     b, p = input_ids.shape
+    if capture_region is not None and tuple(capture_region.shape) != (b, p):
+        raise ValueError(f"generate: capture_region is {tuple(capture_region.shape)}, the prompts are {(b, p)}")
     pad_id = model.hf.tokens.pad if model.hf.tokens.pad is not None else model.hf.tokens.eos[0]
     cache = KVCache(max_len=p + steps)
     state = AttentionState(kv_cache=cache)
@@ -258,6 +305,11 @@ def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: 
     next_pos = prompt_mask[rows].sum(-1) + deltas[rows]       # M-RoPE position of the first new token
     stop_ids = stop_ids_tensor(model, params, device)
     generator = torch.Generator(device=device).manual_seed(params.seed)
+    capture = None
+    if capture_region is not None:
+        capture = _Capture(model, capture_region.to(device).bool()[rows], (input_ids == model.hf.tokens.image)[rows],
+                           n, steps, 1.0 if params.greedy else params.temperature)
+    shared = 2 + (0 if capture is None else 2) + (0 if top_k is None else 1 + 2 * top_k)
 
     tokens = torch.full((n, steps), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(n, steps, dtype=torch.float32, device=device)
@@ -269,20 +321,33 @@ def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: 
         top_lp = torch.zeros(n, steps, top_k, dtype=torch.float32, device=device)
     active = torch.arange(n, device=device)          # rows still in the cache, in cache order
     for step in range(steps):
-        ids, logp = sample_tokens(logits, params, generator) if _is_sampler() else (None, None)
-        if top_k is not None:
-            packed = torch.empty(1 + 2 * top_k, active.numel(), dtype=torch.float64, device=device)
-            if ids is not None:
-                packed = raw_top(logits, ids, top_k)
-            packed = share_from_sampler(packed)
-            raw[active, step] = packed[0].float()
-            top_ids[active, step] = packed[1:1 + top_k].T.long()
-            top_lp[active, step] = packed[1 + top_k:].T.float()
-        ids, logp = share_tokens(ids, logp, active.numel(), device)
+        # without capture (compact) every cached row is unfinished; with it, rows that stopped last step were
+        # fed once more and are skipped here, so the generator draws for the same rows either way
+        drawn = ~finished[active] if compact else torch.ones_like(active, dtype=torch.bool)
+        packed = torch.zeros(shared, int(drawn.sum()), dtype=torch.float64, device=device)
+        if _is_sampler():
+            sub = logits[drawn]
+            ids, logp = sample_tokens(sub, params, generator)
+            parts = [ids.double()[None], logp.double()[None]]
+            if capture is not None:
+                parts.append(torch.stack(token_stats(sub, ids, capture.temperature)).double())
+            if top_k is not None:
+                parts.append(raw_top(sub, ids, top_k))
+            packed = torch.cat(parts)
+        drawn_values = share_from_sampler(packed)
+        packed = torch.zeros(shared, active.numel(), dtype=torch.float64, device=device)
+        packed[:, drawn] = drawn_values
         live = ~finished[active]
-        ids = torch.where(live, ids, torch.full_like(ids, pad_id))
+        ids = torch.where(live, packed[0].long(), torch.full_like(active, pad_id))
         tokens[active, step] = ids
-        logprobs[active, step] = torch.where(live, logp, torch.zeros_like(logp))
+        logprobs[active, step] = torch.where(live, packed[1].float(), torch.zeros(()))
+        if capture is not None:
+            capture.values[:2, active, step] = torch.where(live, packed[2:4].float(), torch.zeros(()))
+        if top_k is not None:
+            first = 4 if capture is not None else 2
+            raw[active, step] = packed[first].float()
+            top_ids[active, step] = packed[first + 1:first + 1 + top_k].T.long()
+            top_lp[active, step] = packed[first + 1 + top_k:].T.float()
         lengths[active] += live.long()
         finished[active] |= live & torch.isin(ids, stop_ids)
         if on_step is not None and bool(live.any()):
@@ -290,16 +355,23 @@ def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: 
             halt = on_step(stepped, tokens, lengths)
             if halt is not None:
                 finished[stepped[halt]] = True
-        if step == steps - 1 or bool(finished.all()):
+        last = step == steps - 1 or bool(finished.all())
+        if last and capture is None:
             break
-        if compact and bool(finished[active].any()):
-            keep = ~finished[active]
-            cache.select(keep.nonzero().squeeze(-1))
-            active, ids = active[keep], ids[keep]
+        if compact:
+            keep = live if capture is not None else ~finished[active]
+            if not bool(keep.all()):
+                cache.select(keep.nonzero().squeeze(-1))
+                active, ids, live = active[keep], ids[keep], live[keep]
         width = p + step + 1
         logits = forward_last(model, dict(
             input_ids=ids[:, None], position_ids=(next_pos[active] + step).view(1, -1, 1).expand(3, -1, -1),
-            attention_mask=decode_mask(real[active, :width]), state=state))
+            attention_mask=decode_mask(real[active, :width]),
+            state=state if capture is None else capture.state(cache, active)))
+        if capture is not None:
+            capture.record_masses(active, live, step)
+        if last:
+            break
 
     t = int(lengths.max()) if n else 0
     completion_ids = tokens[:, :t]
@@ -308,5 +380,6 @@ def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: 
                    attention_mask=torch.cat([prompt_mask[rows].long(), completion_mask], dim=1),
                    prompt_length=p, completion_ids=completion_ids, completion_mask=completion_mask,
                    completion_lengths=lengths, group_ids=rows.clone(), logprobs=logprobs[:, :t],
-                   finished=finished, **({} if top_k is None else dict(
-                       raw_logprobs=raw[:, :t], top_ids=top_ids[:, :t], top_logprobs=top_lp[:, :t])))
+                   finished=finished, scores=None if capture is None else capture.scores(completion_mask),
+                   **({} if top_k is None else dict(raw_logprobs=raw[:, :t], top_ids=top_ids[:, :t],
+                                                    top_logprobs=top_lp[:, :t])))

@@ -1,14 +1,11 @@
-"""SAYO GRPO on megatron-core: rollout -> scoring (entropy, log-probs, region masses) -> rewards ->
-group advantages across DP -> reference log-probs -> one clipped + KL policy update -> metrics, checkpoint.
-
-Gradients: each rank's loss is the SUM over its valid completion tokens; megatron's
-`calculate_per_token_loss` makes DDP sum gradients over data-parallel ranks and `finalize_model_grads`
-divide them by the token count of the whole global batch, i.e. a token-level mean over the global batch.
+"""SAYO GRPO on megatron-core, the loop and the step: rollout -> scoring (entropy, log-probs, region masses)
+-> rewards -> group advantages across DP -> reference log-probs -> one clipped + KL policy update -> metrics,
+checkpoint. The loss contract (megatron's per-token loss) is stated in rl/loss.py; the optimizer set-up is
+rl/optimizer.py, the metrics file rl/metrics.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
@@ -24,15 +21,18 @@ from megatron_sayo.config import RunConfig
 from megatron_sayo.models.lora import adapters_disabled, attach_lora
 from megatron_sayo.data.grounded import decodable_samples
 from megatron_sayo.distributed import runtime
-from megatron_sayo.formats.dtypes import torch_dtype
 from megatron_sayo.rl import rewards as R
 from megatron_sayo.rl.advantages import distributed_group_advantages
+from megatron_sayo.rl.batch import CompletionScores, ScoringBatch
 from megatron_sayo.rl.diagnostics import steering_metrics
 from megatron_sayo.rl.heldout import HeldOutEvaluator
-from megatron_sayo.rl.loss import grpo_loss
-from megatron_sayo.rl.prompts import PromptStream, build_prompt_batch, repeat_images
+from megatron_sayo.rl.loss import grpo_token_loss
+from megatron_sayo.rl.metrics import MetricsLogger
+from megatron_sayo.rl.optimizer import wrap_for_training
+from megatron_sayo.rl.prompts import PromptStream, build_prompt_batch
 from megatron_sayo.rl.rollout import SamplingParams, generate
-from megatron_sayo.rl.scoring import RolloutBatch, completion_logits, reference_logprobs, score_policy
+from megatron_sayo.rl.scoring import reference_logprobs, score_policy
+from megatron_sayo.rl.update import accumulate_gradients
 
 log = logging.getLogger("megatron_sayo.train")
 
@@ -42,21 +42,14 @@ log = logging.getLogger("megatron_sayo.train")
 # ----------------------------------------------------------------------------------------------------------
 
 def build_policy(cfg: RunConfig, hf_dir: str):
-    """This rank's policy stage, filled from the HF or megatron checkpoint the config names."""
-    from megatron_sayo.models.qwen25vl.model import load_from_hf
+    """This rank's policy stage, for training, from the HF or megatron checkpoint the config names."""
+    from megatron_sayo.checkpoint.loader import load_model_stage
 
-    dtype = torch_dtype(cfg.model.params_dtype)
-    kwargs = dict(attention_backend=cfg.model.attention_backend, layer_backend=cfg.model.layer_backend,
-                  mass_kernel=cfg.model.region_mass_kernel,
-                  recompute=cfg.model.recompute, sequence_parallel=cfg.model.sequence_parallel)
-    overrides = dict(calculate_per_token_loss=True)
-    if cfg.model.megatron_path:
-        from megatron_sayo.checkpoint.state import load_model_for_inference
-
-        return load_model_for_inference(cfg.model.megatron_path, cfg.parallel.tp, cfg.parallel.pp,
-                                        params_dtype=dtype, config_overrides=overrides, **kwargs)
-    return load_from_hf(hf_dir, tp=cfg.parallel.tp, pp=cfg.parallel.pp, params_dtype=dtype,
-                        config_overrides=overrides, **kwargs)
+    m = cfg.model
+    return load_model_stage(None if m.megatron_path else hf_dir, m.megatron_path, tp=cfg.parallel.tp,
+                            pp=cfg.parallel.pp, params_dtype=m.params_dtype, for_training=True,
+                            attention_backend=m.attention_backend, layer_backend=m.layer_backend,
+                            mass_kernel=m.region_mass_kernel, recompute=m.recompute, sequence_parallel=m.sequence_parallel)
 
 
 def freeze_vision_tower(model) -> int:
@@ -80,32 +73,6 @@ def base_pointer(cfg: RunConfig, init_from: Path | None) -> dict:
     if cfg.model.megatron_path:
         return {"format": "megatron", "path": str(Path(cfg.model.megatron_path).resolve())}
     return {"format": "hf", "path": str(Path(cfg.model.hf_path).resolve())}
-
-
-def wrap_for_training(cfg: RunConfig, model):
-    """megatron DDP + optimizer (distributed on GPU when asked) + LR scheduler with linear warmup."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    config = model.config
-    distributed_opt = cfg.optim.distributed_optimizer and torch.cuda.is_available()
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_opt), model)
-    o = cfg.optim
-    optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=o.lr, min_lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
-        adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.grad_clip, bf16=config.bf16, fp16=config.fp16,
-        params_dtype=config.params_dtype, use_distributed_optimizer=distributed_opt), [ddp])
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.lr,
-        lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(cfg.train.steps, o.warmup_steps + 1),
-        lr_decay_style="constant", start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=1,
-        wd_incr_style="constant")
-    config.no_sync_func = ddp.no_sync
-    config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = optimizer.scale_loss
-    return ddp, optimizer, scheduler
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -159,7 +126,7 @@ class GRPOTrainer:
                         dropout=cfg.lora.dropout, targets=cfg.lora.targets, seed=cfg.lora.seed)
         if cfg.model.freeze_vision:   # before DDP and the optimizer: the vision tower gets no grads/state
             freeze_vision_tower(self.policy)
-        self.ddp, self.optimizer, self.scheduler = wrap_for_training(cfg, self.policy)
+        self.ddp, self.optimizer, self.scheduler = wrap_for_training(self.policy, cfg.optim, cfg.train.steps)
         # with LoRA the reference policy is the same model with its adapters off: no second copy
         self.reference = (self._load(init_from).eval() if cfg.loss.kl_beta > 0 and not cfg.lora.enabled
                           else None)
@@ -204,19 +171,21 @@ class GRPOTrainer:
         self.policy.eval()
         inputs = {k: (v.to(runtime.device()) if isinstance(v, torch.Tensor) else v)
                   for k, v in prompts.inputs.items()}
-        rollout = generate(self.policy, inputs, params, num_return_sequences=g)
+        capture = cfg.rollout.capture_scores
+        rollout = generate(self.policy, inputs, params, num_return_sequences=g,
+                           capture_region=prompts.region_mask if capture else None)
         t1 = time.perf_counter()
 
         rows = rollout.group_ids.tolist()
-        pix, grids = repeat_images(prompts.inputs["pixel_values"], prompts.inputs["image_grid_thw"], rows)
-        per_row_pix = list(torch.split(pix, grids.prod(-1).tolist()))
-        s = rollout.sequences.shape[1]
-        region = torch.zeros(len(rows), s, dtype=torch.bool)
-        region[:, :rollout.prompt_length] = prompts.region_mask[torch.as_tensor(rows)]
-        batch = RolloutBatch(rollout.sequences, rollout.attention_mask, rollout.prompt_length,
-                             rollout.completion_mask, per_row_pix, [grid[None] for grid in grids], region)
+        batch = ScoringBatch.from_rollout(rollout, prompts, hf)
         mb = cfg.train.micro_batch
-        scores = score_policy(self.policy, batch, mb, cfg.rollout.temperature)
+        check = {}
+        if not capture or cfg.rollout.capture_check:
+            scores = score_policy(self.policy, batch, mb, cfg.rollout.temperature)
+            if capture and scores is not None:
+                check = {f"capture_diff_{k}": v for k, v in rollout.scores.mean_abs_difference(scores).items()}
+        if capture:
+            scores = rollout.scores
         t2 = time.perf_counter()
         ref_logp = self._reference_logprobs(batch, mb)
         t3 = time.perf_counter()
@@ -229,24 +198,25 @@ class GRPOTrainer:
             total = R.total_reward(terms, cfg.reward.weights)
             group_ids = torch.as_tensor(rows, device=total.device) + first
             advantages = distributed_group_advantages(total, group_ids, eps=cfg.loss.advantage_eps)
-            metrics = self._rollout_metrics(terms, total, tas, rollout, scores)
+            metrics = self._rollout_metrics(terms, total, tas, scores)
             metrics.update(steering_metrics(terms["attention"], terms["accuracy"], tas, advantages, group_ids))
         loss_metrics, grad_norm, skipped = self._update(batch, scores, ref_logp, advantages)
         t4 = time.perf_counter()
         self.step += 1
         if last:
             metrics.update(loss_metrics)
+            metrics.update(check)
             n_tokens = float(rollout.completion_mask.sum()) * self.dp
             metrics.update(step=self.step, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
                            tokens_per_s=n_tokens / (t4 - t0), skipped=skipped,
                            time_rollout=t1 - t0, time_score=t2 - t1, time_reference=t3 - t2, time_update=t4 - t3,
                            time_step=t4 - t0, sample_completion=texts[0][:200],
-                           sequences=len(rows) * self.dp, sequence_length=s)
+                           sequences=len(rows) * self.dp, sequence_length=rollout.sequences.shape[1])
             if torch.cuda.is_available():
                 metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return StepResult(metrics, skipped)
 
-    def _reference_logprobs(self, batch: RolloutBatch, mb: int):
+    def _reference_logprobs(self, batch: ScoringBatch, mb: int):
         """The reference policy's log-probs (None without a KL term): the frozen copy, or with LoRA the
         policy with its adapters switched off."""
         temperature = self.cfg.rollout.temperature
@@ -257,13 +227,10 @@ class GRPOTrainer:
                 return reference_logprobs(self.policy, batch, mb, temperature)
         return reference_logprobs(self.reference, batch, mb, temperature)
 
-    def _rewards(self, rollout, scores, samples):
+    def _rewards(self, rollout, scores: CompletionScores, samples):
         """Per-completion reward terms (attention, format, accuracy) and TAS, on the last stage."""
         cfg = self.cfg.reward
-        start = torch.full((rollout.sequences.shape[0],), rollout.prompt_length, device=rollout.sequences.device)
-        attn, tas, _, _ = R.sequence_attention_reward(scores.region_mass, scores.image_mass, scores.entropy, start,
-                                                      rollout.completion_mask, cfg.top_entropy_ratio,
-                                                      cfg.attention_form, cfg.eps)
+        attn, tas, _ = R.sequence_attention_reward(scores, cfg.top_entropy_ratio, cfg.attention_form, cfg.eps)
         texts, fmt, acc = [], [], []
         tok = self.processor.tokenizer
         for row, n in enumerate(rollout.completion_lengths.tolist()):
@@ -276,14 +243,12 @@ class GRPOTrainer:
                  "accuracy": torch.tensor(acc, device=attn.device)}
         return terms, tas, texts
 
-    def _rollout_metrics(self, terms, total, tas, rollout, scores) -> dict:
+    def _rollout_metrics(self, terms, total, tas, scores: CompletionScores) -> dict:
         """Means over the global batch (all-reduced over DP) of rewards, TAS, entropy, lengths."""
-        mask = rollout.completion_mask.float()
-        start = rollout.prompt_length
-        entropy = scores.entropy[:, start - 1:start - 1 + mask.shape[1]]
+        mask = scores.mask.float()
         local = torch.stack([total.mean(), terms["attention"].mean(), terms["format"].mean(),
                              terms["accuracy"].mean(), tas.float().mean(),
-                             (entropy * mask).sum() / mask.sum().clamp(min=1), mask.sum(1).mean()])
+                             (scores.entropy * mask).sum() / mask.sum().clamp(min=1), mask.sum(1).mean()])
         group = parallel_state.get_data_parallel_group()
         if self.dp > 1:
             dist.all_reduce(local, group=group)
@@ -292,12 +257,12 @@ class GRPOTrainer:
                 "completion_tokens")
         return {k: float(v) for k, v in zip(keys, local)}
 
-    def _update(self, batch: RolloutBatch, scores, ref_logp, advantages):
+    def _update(self, batch: ScoringBatch, scores: CompletionScores | None, ref_logp, advantages):
         """One optimizer step on the clipped + KL loss; (metrics, grad norm, skipped)."""
         cfg = self.cfg
-        old_logp = scores.logp if scores is not None else None
-        reported = accumulate_policy_gradients(self.ddp, self.optimizer, batch, old_logp, ref_logp, advantages,
-                                               cfg, self.policy.vocab_size)
+        loss = None if scores is None else grpo_token_loss(scores.logprobs, ref_logp, advantages, cfg.loss)
+        reported = accumulate_gradients(self.ddp, self.optimizer, batch, cfg.train.micro_batch,
+                                        cfg.rollout.temperature, loss)
         metrics = self._loss_metrics(reported)
         finite = torch.tensor([1.0 if all(math.isfinite(v) for v in metrics.values()) else 0.0])
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -373,7 +338,7 @@ class GRPOTrainer:
             print(f"resumed from {state['path']} at step {self.step}", flush=True)
         return True
 
-    def fit(self, logger: "MetricsLogger") -> None:
+    def fit(self, logger: MetricsLogger) -> None:
         cfg = self.cfg
         interval = cfg.checkpoint.interval
         if self.heldout is not None and self.step == 0:
@@ -389,72 +354,3 @@ class GRPOTrainer:
                 raise Preempted(f"stopped by signal at step {self.step}; checkpoint written")
             if done or (interval and self.step % interval == 0):
                 self.save()
-
-
-def accumulate_policy_gradients(ddp, optimizer, batch: RolloutBatch, old_logp, ref_logp, advantages,
-                                cfg: RunConfig, vocab_size: int) -> list[dict]:
-    """Zero, then accumulate d(loss)/d(params) of the GRPO loss over the rollout batch into the DDP grads.
-
-    Every argument indexed by row is this rank's (old/ref log-probs and advantages exist on the last stage
-    only). Returns the per-microbatch loss metrics (sums) on the last stage.
-    """
-    from megatron_sayo.rl.logprobs import vocab_parallel_logprobs
-    from megatron_sayo.distributed.schedule import run_forward_backward
-
-    ddp.train()
-    ddp.zero_grad_buffer()
-    optimizer.zero_grad()
-    P = batch.prompt_length
-    reported: list[dict] = []
-
-    def loss_fn(logits, mb):
-        rows = mb["rows"]
-        ids = mb["inputs"]["input_ids"]
-        z = completion_logits(logits, ids.shape[1], P).float()
-        logp = vocab_parallel_logprobs(z, ids[:, P:], temperature=cfg.rollout.temperature, vocab_size=vocab_size)
-        mask = batch.completion_mask[rows]
-        loss, m = grpo_loss(logp, old_logp[rows], None if ref_logp is None else ref_logp[rows], advantages[rows],
-                            mask, cfg.loss.clip_eps, cfg.loss.kl_beta, 1.0)
-        n = mask.sum().to(torch.int)
-        reported.append({k: (v.detach() if torch.is_tensor(v) else v) for k, v in m.items()})
-        return loss, n, {"loss": torch.stack([loss.detach(), n.float()])}
-
-    run_forward_backward(ddp, batch.microbatches(ddp.module.hf, cfg.train.micro_batch, with_probe=False), loss_fn)
-    return reported
-
-
-class MetricsLogger:
-    """One line per step on the logging rank, metrics.jsonl (appended atomically per line), TensorBoard."""
-
-    def __init__(self, run_dir: Path, active: bool, total_steps: int, tensorboard: bool):
-        self.active, self.total = active, total_steps
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if active and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                log.info("tensorboard is not installed: metrics go to metrics.jsonl only")
-
-    def log(self, metrics: dict) -> None:
-        if not self.active or not metrics:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        step = metrics["step"]
-        if "eval_tas" in metrics:
-            print(f"eval {step:>5}/{self.total}  accuracy {metrics['eval_accuracy']:.3f}  format "
-                  f"{metrics['eval_format']:.3f}  tas {metrics['eval_tas']:.3f}  attn {metrics['eval_reward_attention']:.4f}"
-                  f"  ({metrics['eval_samples']} held-out samples, {metrics['time_eval']:.1f}s)", flush=True)
-        if "reward_total" in metrics:
-            print(f"step {step:>5}/{self.total}  reward {metrics['reward_total']:+.4f}  attn {metrics['reward_attention']:+.4f}"
-                  f"  fmt {metrics['reward_format']:.3f}  acc {metrics['reward_accuracy']:.3f}  tas {metrics['tas']:.3f}"
-                  f"  loss {metrics.get('loss', 0):+.4f}  kl {metrics.get('kl', 0):.2e}  len {metrics['completion_tokens']:.1f}"
-                  f"  {metrics['tokens_per_s']:.0f} tok/s  {metrics['time_step']:.1f}s", flush=True)
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k, v, step)
-            self.tb.flush()

@@ -1,10 +1,9 @@
 """Supervised warm-up before GRPO: teach the policy the answer format on the task's reference answers.
 
 A random tiny model never writes <answer>...</answer>, so its rewards carry no signal. A few steps of
-next-token training on "<answer>{answer}</answer><|im_end|>" fix that. The step is the GRPO update with
-advantage 1 and on-policy old log-probs (ratio 1, no KL): its gradient is exactly the NLL gradient, so
-one code path serves both. The result is saved as a megatron checkpoint in `warmup.cache_dir`, with the
-settings it was trained under; a cache made under other settings is stale and is trained again.
+next-token training (rl/loss.py nll_loss, at temperature 1) on "<answer>{answer}</answer><|im_end|>" fix
+that. The result is saved as a megatron checkpoint in `warmup.cache_dir`, with the settings it was trained
+under; a cache made under other settings is stale and is trained again.
 """
 
 from __future__ import annotations
@@ -17,25 +16,9 @@ from megatron.core import parallel_state
 
 from megatron_sayo.config import RunConfig
 from megatron_sayo.data.grounded import decodable_samples
-from megatron_sayo.rl.prompts import PromptStream, build_prompt_batch
-from megatron_sayo.rl.scoring import RolloutBatch, reference_logprobs
-
-
-def answer_batch(processor, hf, samples, instruction: str) -> RolloutBatch:
-    """Prompts followed by their reference answers in the SAYO format, right-padded."""
-    prompts = build_prompt_batch(processor, samples, hf.tokens.image, hf.vision.spatial_merge_size,
-                                 hf.vision.patch_size, instruction)
-    tok = processor.tokenizer
-    targets = [tok.encode(f"<answer>{s.answer}</answer>") + [hf.tokens.eos[0]] for s in samples]
-    T = max(map(len, targets))
-    pad = tok.pad_id
-    completion = torch.tensor([t + [pad] * (T - len(t)) for t in targets])
-    cmask = torch.tensor([[1] * len(t) + [0] * (T - len(t)) for t in targets])
-    ids, mask = prompts.inputs["input_ids"], prompts.inputs["attention_mask"]
-    thw = prompts.inputs["image_grid_thw"]
-    pix = list(torch.split(prompts.inputs["pixel_values"], thw.prod(-1).tolist()))
-    return RolloutBatch(torch.cat([ids, completion], 1), torch.cat([mask, cmask], 1), ids.shape[1], cmask,
-                        pix, [g[None] for g in thw], torch.zeros(ids.shape[0], ids.shape[1] + T, dtype=torch.bool))
+from megatron_sayo.rl.batch import ScoringBatch
+from megatron_sayo.rl.loss import nll_loss
+from megatron_sayo.rl.prompts import PromptStream
 
 
 def run_warmup(cfg: RunConfig, hf_dir: str, samples: list) -> Path:
@@ -44,30 +27,28 @@ def run_warmup(cfg: RunConfig, hf_dir: str, samples: list) -> Path:
     from megatron_sayo.checkpoint.files import make_metadata
     from megatron_sayo.formats.atomic import publish_dir
     from megatron_sayo.data.processor import Processor
-    from megatron_sayo.rl.trainer import accumulate_policy_gradients, build_policy, wrap_for_training
+    from megatron_sayo.rl.optimizer import wrap_for_training
+    from megatron_sayo.rl.trainer import build_policy
+    from megatron_sayo.rl.update import accumulate_gradients
 
     w = cfg.warmup
-    sft = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=w.lr, warmup_steps=0),
-                              loss=dataclasses.replace(cfg.loss, kl_beta=0.0),
-                              rollout=dataclasses.replace(cfg.rollout, temperature=1.0))
-    policy = build_policy(sft, hf_dir)
-    ddp, optimizer, _ = wrap_for_training(sft, policy)
+    policy = build_policy(cfg, hf_dir)
+    ddp, optimizer, _ = wrap_for_training(policy, dataclasses.replace(cfg.optim, lr=w.lr, warmup_steps=0), w.steps)
     processor = Processor.from_pretrained(hf_dir, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     stream = PromptStream(len(samples), w.seed)
     dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     rows = cfg.train.global_batch * cfg.rollout.group_size // dp
     for step in range(1, w.steps + 1):
         picked = stream.take(rows * dp)[rank * rows:(rank + 1) * rows]
-        batch = answer_batch(processor, policy.hf, decodable_samples(samples, picked, cfg.data.on_error),
-                             cfg.data.instruction)
-        old = reference_logprobs(policy, batch, cfg.train.micro_batch, 1.0)
-        ones = torch.ones(batch.sequences.shape[0])
-        accumulate_policy_gradients(ddp, optimizer, batch, old, None, ones, sft, policy.vocab_size)
+        batch = ScoringBatch.from_answers(processor, policy.hf, decodable_samples(samples, picked, cfg.data.on_error),
+                                          cfg.data.instruction)
+        reported = accumulate_gradients(ddp, optimizer, batch, cfg.train.micro_batch, 1.0,
+                                        lambda logp, _rows, mask: nll_loss(logp, mask))
         optimizer.step()
-        if old is not None and parallel_state.get_tensor_model_parallel_rank() == 0 and rank == 0 and (
+        if reported and parallel_state.get_tensor_model_parallel_rank() == 0 and rank == 0 and (
                 step == 1 or step % 10 == 0 or step == w.steps):
-            nll = -(old * batch.completion_mask).sum() / batch.completion_mask.sum()
-            print(f"warm-up {step:>4}/{w.steps}  answer NLL {float(nll):.3f}", flush=True)
+            nll = sum(float(r["nll"]) for r in reported) / max(sum(float(r["tokens"]) for r in reported), 1.0)
+            print(f"warm-up {step:>4}/{w.steps}  answer NLL {nll:.3f}", flush=True)
     out = Path(w.cache_dir)
     tmp = out.with_name(out.name + ".tmp")
     save_model(policy, tmp, make_metadata("trained policy", source=str(hf_dir), dtype=cfg.model.params_dtype,

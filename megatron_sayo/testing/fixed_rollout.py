@@ -42,10 +42,10 @@ def update_config(hf_dir, tp: int = 1, pp: int = 1, **sections):
 
 
 def rollout_batch(data: dict, rows: slice = slice(None)):
-    """The RolloutBatch of `fixed_rollout` rows (no region tokens)."""
-    from megatron_sayo.rl.scoring import RolloutBatch
+    """The ScoringBatch of `fixed_rollout` rows (no region tokens)."""
+    from megatron_sayo.rl.batch import ScoringBatch
 
-    return RolloutBatch(data["sequences"][rows], data["attention_mask"][rows], data["prompt_length"],
+    return ScoringBatch(data["sequences"][rows], data["attention_mask"][rows], data["prompt_length"],
                         data["completion_mask"][rows], data["pixel_values"][rows], data["image_grid_thw"][rows],
                         torch.zeros_like(data["sequences"][rows], dtype=torch.bool))
 

@@ -224,10 +224,11 @@ def nccl_startup(ctx: Context) -> CheckResult:
 def _our_logits(ckpt: Path, batch: dict, dtype, layer_backend: str):
     """[b, s, vocab] float32 CPU logits of our model (TP=1) on the GPU."""
     from megatron_sayo.distributed.schedule import run_forward
-    from megatron_sayo.models.qwen25vl.model import load_from_hf, model_inputs
+    from megatron_sayo.checkpoint.loader import load_model_stage
+    from megatron_sayo.models.qwen25vl.model import model_inputs
 
     _release()                              # the previous model is gone by now; hand its memory back
-    model = load_from_hf(ckpt, params_dtype=dtype, layer_backend=layer_backend)
+    model = load_model_stage(ckpt, params_dtype=dtype, layer_backend=layer_backend)
     inputs = model_inputs(model.hf, **_to_device(batch))
     out = run_forward(model, [dict(inputs=inputs)], collect=lambda logits, mb: model.full_logits(logits))
     return out[0].float().cpu()
@@ -407,7 +408,8 @@ def _model_masses(ckpt: Path) -> tuple[dict, list[str]]:
     from megatron_sayo.data.processor import Processor
     from megatron_sayo.data.regions import RegionSpec, batch_region_mask
     from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
-    from megatron_sayo.models.qwen25vl.model import load_from_hf, model_inputs
+    from megatron_sayo.checkpoint.loader import load_model_stage
+    from megatron_sayo.models.qwen25vl.model import model_inputs
 
     rng = np.random.default_rng(1)
     sizes = [(112, 84), (84, 112), (56, 56)]
@@ -432,7 +434,7 @@ def _model_masses(ckpt: Path) -> tuple[dict, list[str]]:
     v_ref = (alpha * image[:, None, None, :]).sum(-1).mean(1) / image.sum(1, keepdim=True)
     figures, failures = {"padded_rows": int((~real).sum())}, []
     for kernel in ("indicator", "lse"):
-        model = load_from_hf(ckpt, mass_kernel=kernel)
+        model = load_model_stage(ckpt, mass_kernel=kernel)
         mb = dict(inputs=model_inputs(model.hf, **_to_device(batch)), query_rows=real, region_mask=region,
                   image_mask=image)
         out = score_region_mass(model, [mb])[0]
@@ -457,12 +459,12 @@ def rollout_throughput(ckpt: Path, batch_size: int, new_tokens: int, dtype) -> C
     """Tokens/s of our KV-cached generate and transformers' generate on the same left-padded prompts."""
     import torch
 
-    from megatron_sayo.models.qwen25vl.model import load_from_hf
+    from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.rl.rollout import SamplingParams, generate
 
     _init_rank()
     batch = _to_device(prompt_batch(ckpt, batch_size))
-    ours = load_from_hf(ckpt, params_dtype=dtype)
+    ours = load_model_stage(ckpt, params_dtype=dtype)
     ref = hf_model(ckpt, dtype, attn="sdpa")
     pad = ref.config.text_config.pad_token_id
 

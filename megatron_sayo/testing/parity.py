@@ -14,16 +14,12 @@ def _rank_logits(hf_dir: str, tp: int, pp: int, batch: dict, megatron_dir: str |
     from megatron.core import parallel_state
 
     from megatron_sayo.distributed import runtime
-    from megatron_sayo.models.qwen25vl.model import load_from_hf, model_inputs
+    from megatron_sayo.checkpoint.loader import load_model_stage
+    from megatron_sayo.models.qwen25vl.model import model_inputs
     from megatron_sayo.distributed.schedule import run_forward
 
     runtime.init_distributed(tp, pp)
-    if megatron_dir:
-        from megatron_sayo.checkpoint.state import load_model_for_inference
-
-        model = load_model_for_inference(megatron_dir, tp=tp, pp=pp)
-    else:
-        model = load_from_hf(hf_dir, tp=tp, pp=pp)
+    model = load_model_stage(None if megatron_dir else hf_dir, megatron_dir or None, tp=tp, pp=pp)
     batch = {k: (torch.as_tensor(v) if v is not None else None) for k, v in batch.items()}
     inputs = model_inputs(model.hf, **batch)
     out = run_forward(model, [dict(inputs=inputs)], collect=lambda logits, mb: model.full_logits(logits))

@@ -188,10 +188,11 @@ def _rank_masses(ckpt, tp, pp, batch, region, image, mass_kernel="auto"):
 
     from megatron_sayo.distributed import runtime
     from megatron_sayo.attention.region_mass import score_region_mass
-    from megatron_sayo.models.qwen25vl.model import load_from_hf, model_inputs
+    from megatron_sayo.models.qwen25vl.model import model_inputs
+    from megatron_sayo.checkpoint.loader import load_model_stage
 
     runtime.init_distributed(tp, pp)
-    model = load_from_hf(ckpt, tp=tp, pp=pp, mass_kernel=mass_kernel)
+    model = load_model_stage(ckpt, tp=tp, pp=pp, mass_kernel=mass_kernel)
     batch = {k: (torch.as_tensor(v) if v is not None else None) for k, v in batch.items()}
     rows = batch["attention_mask"].bool()
     mb = dict(inputs=model_inputs(model.hf, **batch), query_rows=rows, region_mask=torch.as_tensor(region),
@@ -359,6 +360,42 @@ def test_mass_kernel_resolution():
     assert resolve_mass_kernel("indicator", torch.device("cpu")) == "indicator"
     with pytest.raises(ValueError, match="region_mass_kernel"):
         resolve_mass_kernel("fast", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("with_lse", [True, False])
+def test_decode_probe_matches_naive_softmax(with_lse):
+    """One new query per row over a padded KV cache (GQA 4 heads / 2 groups): masses from a naive softmax."""
+    from megatron_sayo.attention.region_mass import DecodeMassProbe
+
+    g = torch.Generator().manual_seed(11)
+    n, h, groups, sk, d, m = 3, 4, 2, 9, 8, 6
+    q = torch.randn(n, h, 1, d, generator=g)
+    k = torch.randn(n, groups, sk, d, generator=g)
+    allowed = torch.ones(n, 1, 1, sk, dtype=torch.bool)
+    allowed[1, ..., :2] = False                                   # row 1: two left-padding keys
+    image = torch.zeros(n, m, dtype=torch.bool)
+    image[:, 2:6] = True
+    region = torch.zeros(n, m, dtype=torch.bool)
+    region[0, 3] = region[1, 4] = region[1, 5] = True             # row 2: no region
+    scale = 0.3
+    k_full = k.repeat_interleave(h // groups, dim=1)
+    scores = (q @ k_full.transpose(-1, -2))[:, :, 0] * scale      # [n, h, sk]
+    scores = scores.masked_fill(~allowed[:, :, 0], float("-inf"))
+    alpha = scores.double().softmax(-1)
+    want_a = [(alpha[b][:, region[b].nonzero().flatten()]).sum(-1).mean().item() / max(int(region[b].sum()), 1)
+              for b in range(n)]
+    want_v = [(alpha[b][:, image[b].nonzero().flatten()]).sum(-1).mean().item() / int(image[b].sum())
+              for b in range(n)]
+    probe = DecodeMassProbe(region, image, group=None)
+    if with_lse:
+        probe(q, k_full, torch.logsumexp(scores, -1)[..., None], scale)
+    else:
+        probe(q, k, None, scale, allowed)
+    torch.testing.assert_close(probe.result.region_mean.double(), torch.tensor(want_a, dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(probe.result.image_mean.double(), torch.tensor(want_v, dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+    assert probe.result.region_mean[2] == 0
 
 
 def test_lse_of_bf16_inputs_is_computed_in_float32():

@@ -31,9 +31,9 @@ def _train_steps(model, opt, sched, n: int) -> list[float]:
 
 
 def _build(hf_dir):
-    from megatron_sayo.models.qwen25vl.model import load_from_hf
+    from megatron_sayo.checkpoint.loader import load_model_stage
 
-    model = load_from_hf(hf_dir, tp=2, pp=1).train()
+    model = load_model_stage(hf_dir, tp=2, pp=1).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
     return model, opt, sched
@@ -162,13 +162,13 @@ def _guard_scenario(hf_dir: str, run_dir: str, marker: str):
     from megatron_sayo.checkpoint import state as checkpoint
     from megatron_sayo.checkpoint.files import CheckpointError
     from megatron_sayo.distributed import runtime
-    from megatron_sayo.models.qwen25vl.model import load_from_hf
+    from megatron_sayo.checkpoint.loader import load_model_stage
 
     runtime.init_distributed(1, 1)
     out = {}
 
     def build():
-        model = load_from_hf(hf_dir, tp=1, pp=1).train()
+        model = load_model_stage(hf_dir, tp=1, pp=1).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
@@ -203,7 +203,7 @@ def _guard_scenario(hf_dir: str, run_dir: str, marker: str):
         else:
             torch.save({"x": _RunsACommand(marker)}, step_dir / name)
         for what, load in (("resume", lambda: checkpoint.load_training_state(evil_run, *build())),
-                           ("inference", lambda: checkpoint.load_model_for_inference(step_dir))):
+                           ("inference", lambda: load_model_stage(megatron_dir=step_dir))):
             try:
                 load()
                 out[f"{name} {what}"] = "loaded"

@@ -263,11 +263,11 @@ def _megatron_save(ckpt: str, out: str, tp: int, pp: int) -> None:
     from megatron_sayo.distributed import runtime
     from megatron_sayo.checkpoint.state import save_model
     from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
-    from megatron_sayo.models.qwen25vl.model import load_from_hf
+    from megatron_sayo.checkpoint.loader import load_model_stage
 
     runtime.init_distributed(tp, pp)
     dtype = getattr(torch, load_hf_config(ckpt).torch_dtype)
-    save_model(load_from_hf(ckpt, tp=tp, pp=pp, params_dtype=dtype), out)
+    save_model(load_model_stage(ckpt, tp=tp, pp=pp, params_dtype=dtype), out)
 
 
 @pytest.mark.parametrize("which", ["tiny_ckpt", "tiny_bf16_tied"])

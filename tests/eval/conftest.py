@@ -30,10 +30,10 @@ def server(tiny_ckpt, media_dir):
     from megatron_sayo.eval.engine import Engine
     from megatron_sayo.eval.scheduler import Scheduler
     from megatron_sayo.eval.serve import start_http
-    from megatron_sayo.models.qwen25vl.model import load_from_hf
+    from megatron_sayo.checkpoint.loader import load_model_stage
 
     runtime.init_distributed(1, 1, launch=runtime.LaunchEnv(0, 1, 0, "127.0.0.1", runtime.free_port(), "single"))
-    engine = Engine(load_from_hf(tiny_ckpt), Processor.from_pretrained(tiny_ckpt))
+    engine = Engine(load_model_stage(tiny_ckpt), Processor.from_pretrained(tiny_ckpt))
     scheduler = Scheduler(engine, max_batch=16)
     worker = threading.Thread(target=scheduler.serve_forever, daemon=True)
     worker.start()

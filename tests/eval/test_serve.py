@@ -315,7 +315,8 @@ def test_tas_matches_direct_score_policy(server, media_dir):
     from megatron_sayo.eval.byob_grounded import byob_rows, prompt_text
     from megatron_sayo.rl.prompts import build_prompt_batch
     from megatron_sayo.rl.rewards import sequence_attention_reward
-    from megatron_sayo.rl.scoring import RolloutBatch, score_policy
+    from megatron_sayo.rl.batch import ScoringBatch
+    from megatron_sayo.rl.scoring import score_policy
 
     url, engine = server.url, server.engine
     sample = load_grounded(make_synthetic(media_dir / "syn", 1))[0]
@@ -333,16 +334,10 @@ def test_tas_matches_direct_score_policy(server, media_dir):
     ids = prompts.inputs["input_ids"]
     completion = engine.generated_ids(ids[0].tolist(), answer)
     assert completion is not None and len(completion) == got["completion_tokens"]
-    seq = torch.cat([ids, torch.tensor([completion])], dim=1)
-    region = torch.zeros_like(seq, dtype=torch.bool)
-    region[:, :ids.shape[1]] = prompts.region_mask
-    batch = RolloutBatch(seq, torch.ones_like(seq), ids.shape[1], torch.ones(1, len(completion), dtype=torch.long),
-                         [prompts.inputs["pixel_values"]], [prompts.inputs["image_grid_thw"]], region)
+    batch = ScoringBatch.teacher_forced(hf, prompts.inputs, prompts.region_mask, [completion], 0)
     scores = score_policy(engine.model, batch, 1, 1.0)
     cfg = RewardConfig()
-    reward, tas, _, _ = sequence_attention_reward(scores.region_mass, scores.image_mass, scores.entropy,
-                                                  torch.tensor([ids.shape[1]]), batch.completion_mask,
-                                                  cfg.top_entropy_ratio, cfg.attention_form, cfg.eps)
+    reward, tas, _ = sequence_attention_reward(scores, cfg.top_entropy_ratio, cfg.attention_form, cfg.eps)
     assert got["region_tokens"] == int(prompts.region_mask.sum()) > 0
     assert math.isclose(got["tas"], float(tas[0]), rel_tol=1e-5)
     assert math.isclose(got["reward_attention"], float(reward[0]), rel_tol=1e-5)

@@ -12,11 +12,12 @@ def _rank_compare(ckpt, tp, batch):
     from megatron_sayo.distributed import runtime
     from megatron_sayo.models.qwen25vl import cached_decoder
     from megatron_sayo.models.qwen25vl.attention import AttentionState, KVCache
-    from megatron_sayo.models.qwen25vl.model import load_from_hf, model_inputs
+    from megatron_sayo.models.qwen25vl.model import model_inputs
+    from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.rl.rollout import decode_mask
 
     runtime.init_distributed(tp, 1)
-    model = load_from_hf(ckpt, tp=tp)
+    model = load_model_stage(ckpt, tp=tp)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     inputs = model_inputs(model.hf, ids, mask, batch["pixel_values"], batch["image_grid_thw"])
 

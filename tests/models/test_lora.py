@@ -62,10 +62,11 @@ def _rank_logits(ckpt, tp, pp, batch, adapters):
     from megatron_sayo.distributed.schedule import run_forward
     from megatron_sayo.models.lora import adapters_disabled, attach_lora, load_full_adapters, trainable_parameters
     from megatron_sayo.models.qwen25vl.attention import AttentionState, KVCache
-    from megatron_sayo.models.qwen25vl.model import load_from_hf, model_inputs
+    from megatron_sayo.checkpoint.loader import load_model_stage
+    from megatron_sayo.models.qwen25vl.model import model_inputs
 
     runtime.init_distributed(tp, pp)
-    model = load_from_hf(ckpt, tp=tp, pp=pp)
+    model = load_model_stage(ckpt, tp=tp, pp=pp)
     inputs = model_inputs(model.hf, *(torch.as_tensor(batch[k]) for k in INPUT_KEYS))
 
     def logits():

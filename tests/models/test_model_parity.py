@@ -63,11 +63,12 @@ def _rank_grads(hf_dir: str, tp: int, pp: int, batch: dict):
     from megatron.core import parallel_state, tensor_parallel
 
     from megatron_sayo.distributed import runtime
-    from megatron_sayo.models.qwen25vl.model import load_from_hf, model_inputs
+    from megatron_sayo.models.qwen25vl.model import model_inputs
+    from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.distributed.schedule import run_forward_backward
 
     runtime.init_distributed(tp, pp)
-    model = load_from_hf(hf_dir, tp=tp, pp=pp).train()
+    model = load_model_stage(hf_dir, tp=tp, pp=pp).train()
     batch = {k: (torch.as_tensor(v) if v is not None else None) for k, v in batch.items()}
     inputs = model_inputs(model.hf, **batch)
     labels = torch.roll(batch["input_ids"], -1, dims=1).transpose(0, 1).contiguous()  # [s, b]

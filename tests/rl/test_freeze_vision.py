@@ -11,9 +11,11 @@ from megatron_sayo.testing.fixed_rollout import fixed_rollout
 
 def _one_update(hf_dir, data, freeze):
     from megatron_sayo.distributed import runtime
-    from megatron_sayo.rl.scoring import RolloutBatch
-    from megatron_sayo.rl.trainer import (accumulate_policy_gradients, build_policy, freeze_vision_tower,
-                                          wrap_for_training)
+    from megatron_sayo.rl.batch import ScoringBatch
+    from megatron_sayo.rl.loss import grpo_token_loss
+    from megatron_sayo.rl.optimizer import wrap_for_training
+    from megatron_sayo.rl.trainer import build_policy, freeze_vision_tower
+    from megatron_sayo.rl.update import accumulate_gradients
 
     runtime.init_distributed(1, 1)
     cfg = config_from_dict({"model": {"hf_path": hf_dir, "params_dtype": "float32", "freeze_vision": freeze},
@@ -22,13 +24,13 @@ def _one_update(hf_dir, data, freeze):
                             "train": {"micro_batch": 2}})
     model = build_policy(cfg, hf_dir)
     frozen = freeze_vision_tower(model) if cfg.model.freeze_vision else 0
-    ddp, optimizer, _ = wrap_for_training(cfg, model)
+    ddp, optimizer, _ = wrap_for_training(model, cfg.optim, cfg.train.steps)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    batch = RolloutBatch(data["sequences"], data["attention_mask"], data["prompt_length"], data["completion_mask"],
+    batch = ScoringBatch(data["sequences"], data["attention_mask"], data["prompt_length"], data["completion_mask"],
                          data["pixel_values"], data["image_grid_thw"],
                          torch.zeros_like(data["sequences"], dtype=torch.bool))
-    accumulate_policy_gradients(ddp, optimizer, batch, data["old_logp"], data["ref_logp"], data["advantages"], cfg,
-                                model.vocab_size)
+    accumulate_gradients(ddp, optimizer, batch, cfg.train.micro_batch, cfg.rollout.temperature,
+                         grpo_token_loss(data["old_logp"], data["ref_logp"], data["advantages"], cfg.loss))
     optimizer.step()
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     return {"frozen": frozen,

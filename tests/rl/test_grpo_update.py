@@ -18,16 +18,20 @@ def _rank_grads(hf_dir, tp, pp, data):
     from megatron.core import parallel_state
 
     from megatron_sayo.distributed import runtime
-    from megatron_sayo.rl.trainer import accumulate_policy_gradients, build_policy, wrap_for_training
+    from megatron_sayo.rl.loss import grpo_token_loss
+    from megatron_sayo.rl.optimizer import wrap_for_training
+    from megatron_sayo.rl.trainer import build_policy
+    from megatron_sayo.rl.update import accumulate_gradients
 
     runtime.init_distributed(tp, pp)
     cfg = update_config(hf_dir, tp, pp)
     model = build_policy(cfg, hf_dir)
-    ddp, optimizer, _ = wrap_for_training(cfg, model)
+    ddp, optimizer, _ = wrap_for_training(model, cfg.optim, cfg.train.steps)
     dp, r = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     mine = slice(r * 4 // dp, (r + 1) * 4 // dp)
-    accumulate_policy_gradients(ddp, optimizer, rollout_batch(data, mine), data["old_logp"][mine],
-                                data["ref_logp"][mine], data["advantages"][mine], cfg, model.vocab_size)
+    loss = grpo_token_loss(data["old_logp"][mine], data["ref_logp"][mine], data["advantages"][mine], cfg.loss)
+    accumulate_gradients(ddp, optimizer, rollout_batch(data, mine), cfg.train.micro_batch, cfg.rollout.temperature,
+                         loss)
     grads = {model.global_param_name(n): p.main_grad.clone() for n, p in model.named_parameters()}
     return parallel_state.get_tensor_model_parallel_rank(), r, grads
 

@@ -49,12 +49,12 @@ def _rank_eval(ckpt, eval_file, tp, decoding, temperature):
     from megatron_sayo.data.grounded import load_grounded
     from megatron_sayo.data.processor import Processor
     from megatron_sayo.distributed import runtime
-    from megatron_sayo.models.qwen25vl.model import load_from_hf
+    from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.rl.heldout import HeldOutEvaluator
 
     runtime.init_distributed(tp, 1)
     cfg = _config(ckpt, eval_file, decoding, temperature)
-    model = load_from_hf(str(ckpt), tp=tp, params_dtype=torch.float32)
+    model = load_model_stage(str(ckpt), tp=tp, params_dtype=torch.float32)
     samples = load_grounded(eval_file)
     evaluator = HeldOutEvaluator(cfg, Processor.from_pretrained(str(ckpt), max_pixels=50176), samples)
     rows = []

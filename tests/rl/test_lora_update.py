@@ -18,16 +18,19 @@ def _rank_grads(hf_dir, tp, pp, data, adapters):
 
     from megatron_sayo.distributed import runtime
     from megatron_sayo.models.lora import attach_lora, load_full_adapters, local_adapters
-    from megatron_sayo.rl.trainer import accumulate_policy_gradients, build_policy, wrap_for_training
+    from megatron_sayo.rl.loss import grpo_token_loss
+    from megatron_sayo.rl.optimizer import wrap_for_training
+    from megatron_sayo.rl.trainer import build_policy
+    from megatron_sayo.rl.update import accumulate_gradients
 
     runtime.init_distributed(tp, pp)
     cfg = update_config(hf_dir, tp, pp)
     model = build_policy(cfg, hf_dir)
     attach_lora(model, model.hf.text, rank=RANK, alpha=ALPHA)
     load_full_adapters(model, adapters)
-    ddp, optimizer, _ = wrap_for_training(cfg, model)
-    accumulate_policy_gradients(ddp, optimizer, rollout_batch(data), data["old_logp"], data["ref_logp"],
-                                data["advantages"], cfg, model.vocab_size)
+    ddp, optimizer, _ = wrap_for_training(model, cfg.optim, cfg.train.steps)
+    accumulate_gradients(ddp, optimizer, rollout_batch(data), cfg.train.micro_batch, cfg.rollout.temperature,
+                         grpo_token_loss(data["old_logp"], data["ref_logp"], data["advantages"], cfg.loss))
     mine = local_adapters(model)
     base_with_grad = [n for n, p in model.named_parameters() if n not in {k for k in mine}
                       and (p.requires_grad or getattr(p, "main_grad", None) is not None or p.grad is not None)]

@@ -7,39 +7,9 @@ import pytest
 import torch
 
 from megatron_sayo.config import RewardWeights
-from megatron_sayo.rl.rewards import (accuracy_reward, align_completion, attention_reward, extract_answer,
-                                      format_reward, select_top_entropy, sequence_attention_reward, top_k_count,
-                                      total_reward)
-
-
-# ---------------------------------------------------------------- alignment (docs/spec.md §3: row p, entropy p - 1)
-
-def test_alignment_hand_case():
-    # sample 0: prompt = positions 0..2, completion at 3..6, position 7 padding
-    # sample 1: prompt = positions 0..4 (e.g. left padding + prompt), completion at 5..6, then padding
-    seq = torch.arange(8, dtype=torch.float64)
-    region = torch.stack([seq + 0.5, seq + 100.5])
-    image = torch.stack([seq + 1000, seq + 2000])
-    entropy = torch.stack([seq / 10, 10 + seq / 10])
-    start = torch.tensor([3, 5])
-    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
-    tok = align_completion(region, image, entropy, start, mask)
-    assert tok.positions[0].tolist() == [3, 4, 5, 6] and tok.positions[1, :2].tolist() == [5, 6]
-    assert tok.region_mass.tolist() == [[3.5, 4.5, 5.5, 6.5], [105.5, 106.5, 0, 0]]
-    assert tok.image_mass.tolist() == [[1003, 1004, 1005, 1006], [2005, 2006, 0, 0]]
-    torch.testing.assert_close(tok.entropy, torch.tensor([[0.2, 0.3, 0.4, 0.5], [10.4, 10.5, 0, 0]],
-                                                         dtype=torch.float64), atol=1e-12, rtol=0)
-    assert tok.mask.tolist() == mask.tolist()
-
-
-def test_alignment_rejects_positions_outside_the_sequence():
-    zeros = torch.zeros(1, 6)
-    with pytest.raises(ValueError):
-        align_completion(zeros, zeros, zeros, torch.tensor([0]), torch.ones(1, 3, dtype=torch.bool))
-    with pytest.raises(ValueError):
-        align_completion(zeros, zeros, zeros, torch.tensor([4]), torch.ones(1, 3, dtype=torch.bool))
-    # padding beyond the sequence end is fine
-    align_completion(zeros, zeros, zeros, torch.tensor([4]), torch.tensor([[True, True, False]]))
+from megatron_sayo.rl.batch import CompletionScores
+from megatron_sayo.rl.rewards import (accuracy_reward, attention_reward, extract_answer, format_reward,
+                                      select_top_entropy, sequence_attention_reward, top_k_count, total_reward)
 
 
 # ---------------------------------------------------------------- top-k entropy selection
@@ -120,24 +90,30 @@ def test_attention_reward_matches_naive_loop():
 
 def test_sequence_attention_reward_end_to_end_vs_naive():
     g = torch.Generator().manual_seed(3)
-    B, S, T = 3, 12, 6
-    region = torch.rand(B, S, generator=g, dtype=torch.float64)
-    image = torch.rand(B, S, generator=g, dtype=torch.float64) + 0.5
-    entropy = torch.rand(B, S, generator=g, dtype=torch.float64)
-    start = torch.tensor([4, 6, 2])
+    B, T = 3, 6
+    region = torch.rand(B, T, generator=g, dtype=torch.float64)
+    image = torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5
+    entropy = torch.rand(B, T, generator=g, dtype=torch.float64)
     lengths = [6, 3, 5]
     mask = torch.arange(T) < torch.tensor(lengths).view(-1, 1)
-    reward, tas, selected, _ = sequence_attention_reward(region, image, entropy, start, mask, 0.5, "code")
+    scores = CompletionScores(logprobs=torch.zeros(B, T), entropy=entropy, region_mass=region, image_mass=image,
+                              mask=mask)
+    reward, tas, selected = sequence_attention_reward(scores, 0.5, "code")
     want = []
     for b in range(B):
-        toks = [(entropy[b, start[b] + j - 1].item(), j, region[b, start[b] + j].item(), image[b, start[b] + j].item())
-                for j in range(lengths[b])]
+        toks = [(entropy[b, j].item(), j, region[b, j].item(), image[b, j].item()) for j in range(lengths[b])]
         k = max(1, math.floor(0.5 * lengths[b]))
         top = sorted(toks, key=lambda t: (-t[0], t[1]))[:k]
         assert sorted(t[1] for t in top) == selected[b].nonzero().flatten().tolist()
         x = (sum(t[2] for t in top) / k + 1e-8) / (sum(t[3] for t in top) / k + 1e-8)
         want.append(math.tanh(math.log(x)))
     torch.testing.assert_close(reward, torch.tensor(want, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_sequence_attention_reward_needs_masses():
+    scores = CompletionScores(torch.zeros(1, 2), torch.zeros(1, 2), None, None, torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="region and image masses"):
+        sequence_attention_reward(scores)
 
 
 # ---------------------------------------------------------------- format, extraction, accuracy, total

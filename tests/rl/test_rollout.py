@@ -55,11 +55,11 @@ def _hf_generate(ckpt, batch: dict, new_tokens: int) -> tuple[torch.Tensor, torc
 def _rank_generate(ckpt, tp, pp, batch, params, g, compact):
     """One rank: load our model at TP x PP, generate; every rank returns its Rollout as a dict."""
     from megatron_sayo.distributed import runtime
-    from megatron_sayo.models.qwen25vl.model import load_from_hf
+    from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.rl.rollout import generate
 
     runtime.init_distributed(tp, pp)
-    model = load_from_hf(ckpt, tp=tp, pp=pp)
+    model = load_model_stage(ckpt, tp=tp, pp=pp)
     out = generate(model, batch, params, num_return_sequences=g, compact=compact)
     return {k: v for k, v in vars(out).items()}
 
@@ -67,11 +67,11 @@ def _rank_generate(ckpt, tp, pp, batch, params, g, compact):
 def _no_cache_greedy(ckpt, batch: dict, new_tokens: int) -> torch.Tensor:
     """Our model, one process, re-running the whole prefix for every new token (no KV cache)."""
     from megatron_sayo.distributed import runtime
-    from megatron_sayo.models.qwen25vl.model import load_from_hf
+    from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.testing.reference_decode import greedy_without_cache
 
     runtime.init_distributed(1, 1)
-    return greedy_without_cache(load_from_hf(ckpt), batch, new_tokens)
+    return greedy_without_cache(load_model_stage(ckpt), batch, new_tokens)
 
 
 def _run(ckpt, batch, params, *, tp=1, pp=1, g=1, compact=True) -> dict:
@@ -256,3 +256,19 @@ def test_sampling_params_errors():
         SamplingParams(temperature=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_sample_tokens_leaves_the_logits_alone(greedy):
+    """The capture reads the same logits after sampling: suppression must not edit them in place."""
+    from megatron_sayo.rl.rollout import token_stats
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    before = logits.clone()
+    params = SamplingParams(greedy=greedy, temperature=0.7, suppress_token_ids=(1, 2))
+    ids, _ = sample_tokens(logits, params, torch.Generator().manual_seed(1))
+    assert torch.equal(logits, before)
+    logp, entropy = token_stats(logits, ids, 0.7)
+    ref = torch.log_softmax(before.double() / 0.7, -1)
+    torch.testing.assert_close(logp.double(), ref.gather(-1, ids[:, None]).squeeze(-1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(entropy.double(), -(ref.exp() * ref).sum(-1), atol=1e-5, rtol=0)

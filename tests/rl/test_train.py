@@ -143,6 +143,22 @@ def test_training_from_a_converted_checkpoint_matches_the_hf_start(assets, tmp_p
     assert [stable(r) for r in metrics(tmp_path / "run")] == [stable(uninterrupted[0])]
 
 
+def test_capture_off_and_check_agree_with_capture(assets, tmp_path, uninterrupted):
+    """rollout.capture_scores=false (a teacher-forced scoring pass) takes the captured run's first steps: the
+    same completions and rewards; rollout.capture_check logs |captured - teacher-forced| <= 1e-5 per step."""
+    run_train(overrides(assets, tmp_path / "off", 2) + ["rollout.capture_scores=false"])
+    off = metrics(tmp_path / "off")
+    for got, want in zip(off, uninterrupted[:2]):
+        assert got["sample_completion"] == want["sample_completion"]
+        for key in ("reward_total", "reward_attention", "reward_format", "tas", "entropy", "completion_tokens"):
+            assert abs(got[key] - want[key]) <= 1e-5, key
+    run_train(overrides(assets, tmp_path / "check", 2) + ["rollout.capture_check=true"])
+    for row in metrics(tmp_path / "check"):
+        diffs = {k: v for k, v in row.items() if k.startswith("capture_diff_")}
+        assert set(diffs) == {f"capture_diff_{k}" for k in ("logprobs", "entropy", "region_mass", "image_mass")}
+        assert all(0 <= v <= 1e-5 for v in diffs.values()), diffs
+
+
 def test_synthetic_data_never_touches_a_user_folder(tmp_path):
     """data.train_file DIR/train.jsonl missing and a user folder DIR/train/ beside it: the folder survives;
     a folder already at the synthetic images' name is refused, not replaced."""

@@ -30,7 +30,8 @@ MASS_KERNELS = ("auto", "lse", "indicator")
 class AttentionProbe(Protocol):
     """Receives, for one layer, the rotated q (b, heads, sq, d) and k (b, heads or kv groups, sk, d), and either
     the row log-sum-exp (b, heads, sq) with k expanded to the query heads, or lse=None and `allowed`, the
-    attention's mask (SDPA convention: True = attend; None = causal, query j at key j + sk - sq)."""
+    attention's mask (SDPA convention: True = attend; None = causal, query j at key j + sk - sq). A probe with
+    `needs_lse = False` always gets the second form (the layer's own output then takes the ordinary path)."""
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor | None, scale: float,
                  allowed: torch.Tensor | None = None) -> None: ...
@@ -110,7 +111,8 @@ class CoreAttention(MegatronModule):
         rep = q.shape[1] // k.shape[1]
         allowed = _allowed(attention_mask, q.shape[2], k.shape[2], q.device)
         wants_probe = self.state.probe is not None and self.state.probe_layer == self.layer_number
-        if wants_probe and resolve_mass_kernel(self.mass_kernel, q.device) == "indicator":
+        if wants_probe and (not getattr(self.state.probe, "needs_lse", True)
+                            or resolve_mass_kernel(self.mass_kernel, q.device) == "indicator"):
             self.state.probe(q.detach(), k.detach(), None, self.scale, allowed)
             wants_probe = False  # the layer's own output below takes the ordinary path
         if wants_probe or (self.backend == "flash" and attention_mask is None and q.is_cuda):

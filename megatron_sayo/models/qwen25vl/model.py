@@ -160,21 +160,3 @@ def model_inputs(hf: Qwen25VLConfig, input_ids: torch.Tensor, attention_mask: to
     return dict(input_ids=input_ids, position_ids=position_ids,
                 attention_mask=build_attention_mask(attention_mask, input_ids.shape[1]),
                 pixel_values=pixel_values, image_grid_thw=image_grid_thw)
-
-
-def load_from_hf(hf_dir, *, tp: int = 1, pp: int = 1, params_dtype: torch.dtype = torch.float32,
-                 config_overrides: dict | None = None, recompute: str | None = None,
-                 sequence_parallel: bool = False, **model_kwargs) -> Qwen25VLModel:
-    """Build this rank's stage (parallel_state must be initialised) and fill it from an HF checkpoint."""
-    from megatron_sayo.models.qwen25vl.hf_config import ParallelLayout, load_hf_config
-    from megatron_sayo.models.qwen25vl.transformer_config import to_transformer_config
-    from megatron_sayo.models.qwen25vl.weights import HFCheckpointReader, load_hf_into_model
-
-    hf = load_hf_config(hf_dir)
-    config = to_transformer_config(hf, ParallelLayout(tp, pp), params_dtype=params_dtype,
-                                   recompute=recompute, sequence_parallel=sequence_parallel, **(config_overrides or {}))
-    model = build_model(hf, config, **model_kwargs)
-    reader = HFCheckpointReader(hf_dir)
-    load_hf_into_model(model, reader, hf.text, parallel_state.get_tensor_model_parallel_rank(), tp)
-    reader.close()
-    return model.eval()

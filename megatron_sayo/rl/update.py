@@ -1,0 +1,44 @@
+"""One forward-backward over a ScoringBatch with a per-token loss (rl/loss.py's contract: a sum over this
+rank's valid tokens, handed to megatron with the token count), gradients accumulated into the DDP buffers."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from megatron_sayo.distributed.schedule import run_forward_backward
+from megatron_sayo.rl.batch import ScoringBatch
+from megatron_sayo.rl.logprobs import vocab_parallel_logprobs
+from megatron_sayo.rl.scoring import completion_logits
+
+# (log-probs [b, T] with grad, the microbatch's row slice, its completion mask [b, T]) -> (loss sum, metrics)
+TokenLoss = Callable[[torch.Tensor, slice, torch.Tensor], tuple[torch.Tensor, dict]]
+
+
+def accumulate_gradients(ddp, optimizer, batch: ScoringBatch, micro_batch: int, temperature: float,
+                         token_loss: TokenLoss) -> list[dict]:
+    """Zero, then accumulate d(loss)/d(params) over the batch's microbatches into the DDP grads.
+
+    Returns each microbatch's detached loss metrics (sums) on the last pipeline stage.
+    """
+    ddp.train()
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    P = batch.prompt_length
+    vocab_size = ddp.module.vocab_size
+    reported: list[dict] = []
+
+    def loss_fn(logits, mb):
+        rows = mb["rows"]
+        ids = mb["inputs"]["input_ids"]
+        z = completion_logits(logits, ids.shape[1], P).float()
+        logp = vocab_parallel_logprobs(z, ids[:, P:], temperature=temperature, vocab_size=vocab_size)
+        mask = batch.completion_mask[rows]
+        loss, metrics = token_loss(logp, rows, mask)
+        n = mask.sum().to(torch.int)
+        reported.append({k: (v.detach() if torch.is_tensor(v) else v) for k, v in metrics.items()})
+        return loss, n, {"loss": torch.stack([loss.detach(), n.float()])}
+
+    run_forward_backward(ddp, batch.microbatches(ddp.module.hf, micro_batch, with_probe=False), loss_fn)
+    return reported
