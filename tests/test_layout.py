@@ -14,6 +14,8 @@ PKG = Path(__file__).resolve().parents[1] / "megatron_sayo"
 TORCH_FREE = [
     "megatron_sayo.formats.torch_format", "megatron_sayo.formats.tensor_copy",
     "megatron_sayo.formats.safetensors_files", "megatron_sayo.formats.jsonfiles", "megatron_sayo.formats.dist_writer",
+    "megatron_sayo.formats.dtypes", "megatron_sayo.formats.atomic", "megatron_sayo.formats.pickle_guard",
+    "megatron_sayo.convert.lora_export",
     "megatron_sayo.checkpoint.files", "megatron_sayo.convert.converters",
     "megatron_sayo.models.qwen25vl.hf_config", "megatron_sayo.models.qwen25vl.name_map",
     "megatron_sayo.models.qwen25vl.dist_layout", "megatron_sayo.models.qwen25vl.lora_names", "megatron_sayo.plan",

@@ -168,8 +168,8 @@ def arm_result(rows: list[dict]) -> dict:
     out["curve"] = {"step": [int(r["step"]) for r in evals], "tas": [float(r["eval_tas"]) for r in evals],
                     "accuracy": [float(r["eval_accuracy"]) for r in evals]}
     out["step_time_s"] = statistics.median(float(r["time_step"]) for r in steps)
-    out["time_score_s"] = statistics.median(float(r["time_score"]) for r in steps)
-    out["time_reference_s"] = statistics.median(float(r.get("time_reference", "nan")) for r in steps)
+    for phase in ("rollout", "score", "reference"):
+        out[f"time_{phase}_s"] = statistics.median(float(r.get(f"time_{phase}", "nan")) for r in steps)
     for key in DIAGNOSTICS + ("tas", "reward_accuracy", "reward_attention"):
         values = [float(r[key]) for r in steps if isinstance(r.get(key), (int, float))]
         if values:
@@ -211,16 +211,20 @@ def summary_markdown(results: dict) -> str:
     above_base = sum(sayo[s]["tas_end"] > base[s]["tas_end"] for s in seeds)
     above_start = sum(sayo[s]["tas_end"] > sayo[s]["tas_start"] for s in seeds)
     acc_ok = sum(sayo[s]["accuracy_end"] >= base[s]["accuracy_end"] for s in seeds)
-    probe = statistics.fmean(sayo[s]["time_score_s"] for s in seeds)
-    plain = statistics.fmean(sayo[s]["time_reference_s"] for s in seeds)
+    capture = results["config"].get("shared", {}).get("rollout", {}).get("capture_scores")
+    where = ("taken while decoding (rollout.capture_scores: no separate scoring pass)" if capture else
+             "computed in the scoring pass" if capture is False else "computed in the rollout or the scoring pass")
     lines += ["", "## Cost of the attention reward", "",
               f"Median seconds per GRPO step, the two arms of a seed running side by side: accuracy {t_base:.3f}, "
               f"sayo {t_sayo:.3f} (sayo / accuracy = {t_sayo / t_base:.3f}). The accuracy arm computes the "
-              "region masses too (its TAS is logged), so the extra work of the method is the mass probe in the "
-              f"scoring pass: in the sayo arm the policy's scoring pass with masses took {probe:.3f} s against "
-              f"{plain:.3f} s for the reference model's pass over the same batch without them "
-              f"(ratio {probe / plain:.3f}; medians, same steps).", "",
-              "## Goal check", "",
+              f"region masses too (its TAS is logged); they are {where}. Phases (medians, mean over seeds); "
+              "the reference pass is the same batch through the frozen model without masses:", "",
+              "| arm | step | rollout | scoring | reference |", "|---|---|---|---|---|"]
+    for arm, per_seed in arms.items():
+        cells = [statistics.fmean(per_seed[s][k] for s in seeds)
+                 for k in ("step_time_s", "time_rollout_s", "time_score_s", "time_reference_s")]
+        lines.append(f"| {arm} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    lines += ["", "## Goal check", "",
               f"- sayo held-out TAS at the end above the accuracy arm's: {above_base}/{len(seeds)} seeds",
               f"- sayo held-out TAS at the end above its own start: {above_start}/{len(seeds)} seeds",
               f"- sayo held-out accuracy at the end not below the accuracy arm's: {acc_ok}/{len(seeds)} seeds"]

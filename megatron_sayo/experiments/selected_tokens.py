@@ -21,7 +21,7 @@ from megatron_sayo.data.processor import Processor
 from megatron_sayo.distributed import runtime
 from megatron_sayo.experiments import ablation as A
 from megatron_sayo.rl import rewards as R
-from megatron_sayo.rl.heldout import rollout_batch
+from megatron_sayo.rl.batch import ScoringBatch
 from megatron_sayo.rl.prompts import build_prompt_batch
 from megatron_sayo.rl.rollout import SamplingParams, generate
 from megatron_sayo.rl.scoring import score_policy
@@ -60,12 +60,8 @@ def main(argv=None) -> None:
             prompts = build_prompt_batch(proc, chunk, hf.tokens.image, hf.vision.spatial_merge_size,
                                          hf.vision.patch_size, cfg.data.instruction)
             ro = generate(model, prompts.inputs, params, num_return_sequences=g)
-            batch = rollout_batch(prompts, ro)
-            sc = score_policy(model, batch, 16, params.temperature)
-            first = torch.full((ro.sequences.shape[0],), ro.prompt_length)
-            _, tas, selected, _ = R.sequence_attention_reward(sc.region_mass, sc.image_mass, sc.entropy, first,
-                                                              batch.completion_mask, r.top_entropy_ratio,
-                                                              r.attention_form, r.eps)
+            sc = score_policy(model, ScoringBatch.from_rollout(ro, prompts, hf), 16, params.temperature)
+            _, tas, selected = R.sequence_attention_reward(sc, r.top_entropy_ratio, r.attention_form, r.eps)
             for row in range(ro.sequences.shape[0]):
                 ids = ro.completion_ids[row, :int(ro.completion_lengths[row])].tolist()
                 answer = R.extract_answer(tok.decode(ids, skip_special_tokens=True)) or "<none>"
