@@ -396,8 +396,10 @@ def test_signalled_cli_removes_its_temp_dir(tiny_ckpt, tmp_path, signame):
 
     out = tmp_path / "meg"
     cli = _slow_cli("convert_hf_to_megatron", ["--hf", str(tiny_ckpt), "--out", str(out), "--no-progress"])
+    # A job started in the background by a non-interactive shell (as CI may run us) inherits SIGINT ignored,
+    # and a process that starts with SIGINT ignored rightly keeps ignoring it: give the child the default.
     proc = subprocess.Popen([sys.executable, "-c", cli], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_until_writing(proc, tmp_path)
     proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=60)
