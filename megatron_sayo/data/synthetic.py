@@ -10,10 +10,12 @@ shape and its answer can only be read inside that shape's box:
 top half one colour, bottom half another); "What is under red?" -> the bottom colour of the tile whose top is
 red, box = that tile. The question names something visible only in the region and the answer is visible only
 there too (every tile's bottom colour differs), so answering is a lookup from the question into one image token:
-a task a tiny model learns, unlike recognising shapes (the ablation's toy, experiments/ablation.py). Each row
-also carries a `reasoning` that describes ONE tile, "green over yellow", chosen uniformly among the three
-(the asked one a third of the time): the warm-up teaches the policy to look somewhere before it answers,
-not where; which tile a completion describes is then the policy's choice that GRPO can reinforce.
+a task a tiny model learns, unlike recognising shapes (the ablation's toy, experiments/ablation.py).
+
+`tiles_reasoning`: the same images and questions; each row also carries a `reasoning` that describes ONE tile,
+"green over yellow", chosen uniformly among the three (the asked one a third of the time). The warm-up writes
+it before the answer, so it teaches the policy to look somewhere before it answers, not where; which tile a
+completion describes is then a choice GRPO can reinforce.
 
 `python -m megatron_sayo.data.synthetic --out DIR --n N [--task shapes|tiles] [--seed S] [--size WxH]`
 writes DIR/data.jsonl and DIR/images/*.png. Deterministic: sample i depends only on (task, seed, i).
@@ -31,7 +33,7 @@ from PIL import Image, ImageDraw
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
            "yellow": (235, 210, 20), "purple": (140, 40, 170), "orange": (245, 130, 20)}
 SHAPES = ("square", "circle", "triangle")
-TASKS = ("shapes", "tiles")
+TASKS = ("shapes", "tiles", "tiles_reasoning")
 TILE = 28          # one visual token of Qwen2.5-VL: a 14-pixel patch, 2 x 2 merged
 TILES_PER_IMAGE = 3
 
@@ -90,7 +92,8 @@ def make_sample(seed: int, index: int, size: tuple[int, int] = (112, 112)) -> tu
     return image, {"id": f"syn-{seed}-{index:06d}", "question": question, "answer": answer, "boxes": [box]}
 
 
-def make_tile_sample(seed: int, index: int, size: tuple[int, int] = (112, 112)) -> tuple[Image.Image, dict]:
+def make_tile_sample(seed: int, index: int, size: tuple[int, int] = (112, 112),
+                     reasoning: bool = False) -> tuple[Image.Image, dict]:
     """One `tiles` image and its row fields: tiles on cells of the token grid, distinct top and bottom colours.
 
     The image size is kept a multiple of TILE so that the processor does not resize it and a tile stays one
@@ -116,8 +119,9 @@ def make_tile_sample(seed: int, index: int, size: tuple[int, int] = (112, 112)) 
         draw.rectangle([x, y + TILE // 2, x + TILE - 1, y + TILE - 1], fill=COLOURS[bottom])
         boxes.append([x, y, x + TILE, y + TILE])
     k, seen = int(rng.integers(TILES_PER_IMAGE)), int(rng.integers(TILES_PER_IMAGE))
-    return image, {"id": f"tiles-{seed}-{index:06d}", "question": f"What is under {tops[k]}?",
-                   "answer": bottoms[k], "boxes": [boxes[k]], "reasoning": f"{tops[seen]} over {bottoms[seen]}"}
+    row = {"id": f"tiles-{seed}-{index:06d}", "question": f"What is under {tops[k]}?", "answer": bottoms[k],
+           "boxes": [boxes[k]]}
+    return image, row | ({"reasoning": f"{tops[seen]} over {bottoms[seen]}"} if reasoning else {})
 
 
 def make_synthetic(out_dir: str | Path, n: int, seed: int = 0, size: tuple[int, int] = (112, 112),
@@ -125,7 +129,12 @@ def make_synthetic(out_dir: str | Path, n: int, seed: int = 0, size: tuple[int, 
     """Write n samples of `task` to out_dir/data.jsonl and out_dir/images/; return the JSONL path."""
     if task not in TASKS:
         raise ValueError(f"synthetic task must be one of {TASKS}, got {task!r}")
-    sample = make_tile_sample if task == "tiles" else make_sample
+
+    def sample(seed: int, index: int, size: tuple[int, int]) -> tuple[Image.Image, dict]:
+        if task == "shapes":
+            return make_sample(seed, index, size)
+        return make_tile_sample(seed, index, size, reasoning=task == "tiles_reasoning")
+
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     jsonl = out_dir / "data.jsonl"

@@ -190,14 +190,15 @@ def _palette_colour(pixels: np.ndarray):
     return None
 
 
-def test_tiles_answer_is_one_token_read_from_the_pixels(tmp_path):
+@pytest.mark.parametrize("task", ["tiles", "tiles_reasoning"])
+def test_tiles_answer_is_one_token_read_from_the_pixels(tmp_path, task):
     """Each tiles question is a lookup inside one visual token: HF's own Qwen2-VL image processor keeps the image
     at its size, the box covers exactly one merged cell, its top half is the question's colour and its bottom
     half the answer, and no other tile has that bottom colour (so no other token answers)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     proc = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=50176)
-    jsonl = make_synthetic(tmp_path, 24, seed=3, task="tiles")
+    jsonl = make_synthetic(tmp_path, 24, seed=3, task=task)
     for s in load_grounded(jsonl):
         image = s.open_image()
         t, h, w = (int(v) for v in proc(images=image)["image_grid_thw"][0])
@@ -216,6 +217,10 @@ def test_tiles_answer_is_one_token_read_from_the_pixels(tmp_path):
         assert tiles[(box[0], box[1])] == (asked, s.answer), s
         assert [b for xy, (_, b) in tiles.items() if xy != (box[0], box[1])].count(s.answer) == 0, s
         assert len(tiles) == 3 and len({top for top, _ in tiles.values()}) == 3
+        if task == "tiles":
+            assert s.reasoning is None
+        else:  # the reasoning describes one of the tiles on the image, as the pixels show it
+            assert s.reasoning in {f"{top} over {bottom}" for top, bottom in tiles.values()}, s
 
 
 def test_tiles_deterministic_and_size_checked(tmp_path):
