@@ -32,6 +32,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_sayo.attention.region_mass import DecodeMassProbe
+from megatron_sayo.distributed import runtime
 from megatron_sayo.models.qwen25vl.attention import AttentionState, KVCache, build_attention_mask
 from megatron_sayo.models.qwen25vl.rope import get_rope_index
 from megatron_sayo.rl.batch import CompletionScores
@@ -85,7 +86,8 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Logits with everything outside the smallest top set of cumulative prob >= top_p set to -inf."""
     if top_p >= 1.0:
         return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    order = runtime.argsort_descending(logits)
+    sorted_logits = logits.gather(-1, order)
     probs = sorted_logits.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs          # mass of the strictly more likely tokens
     drop_sorted = before >= top_p
