@@ -150,16 +150,17 @@ class ScoringBatch:
         return cls.teacher_forced(hf, inputs, torch.as_tensor(region_mask).bool()[None], [list(completion_ids)], 0)
 
     def microbatches(self, hf, size: int, with_probe: bool) -> list[dict]:
-        """Forward inputs in chunks of `size` rows (logits from column P - 1 on), plus the probe's masks."""
+        """Forward inputs in chunks of `size` rows (logits from column P - 1 on), plus the probe's masks.
+
+        Rows that hold the same pixel tensor (a prompt's G completions) send it to the vision tower once."""
         out = []
         for start in range(0, self.sequences.shape[0], size):
             rows = slice(start, start + size)
             ids, mask = self.sequences[rows], self.attention_mask[rows]
-            pix = [p for p in self.pixel_values[rows] if p is not None and p.numel()]
-            thw = [g for g in self.image_grid_thw[rows] if g is not None and g.numel()]
-            mb = dict(rows=rows, inputs=model_inputs(hf, ids, mask, torch.cat(pix) if pix else None,
-                                                     torch.cat(thw) if thw else None))
-            mb["inputs"]["logits_from"] = self.prompt_length - 1
+            pix, thw, order = distinct_images(self.pixel_values[rows], self.image_grid_thw[rows])
+            every_thw = thw[order] if order is not None else thw
+            mb = dict(rows=rows, inputs=model_inputs(hf, ids, mask, pix, every_thw))
+            mb["inputs"].update(logits_from=self.prompt_length - 1, image_grid_thw=thw, image_order=order)
             if with_probe:
                 query = torch.zeros_like(mask, dtype=torch.bool)
                 query[:, self.prompt_length:] = self.completion_mask[rows].bool()
@@ -172,6 +173,29 @@ class ScoringBatch:
         return replace(self, sequences=self.sequences[index], attention_mask=self.attention_mask[index],
                        completion_mask=self.completion_mask[index], pixel_values=self.pixel_values[index],
                        image_grid_thw=self.image_grid_thw[index], region_mask=self.region_mask[index])
+
+
+def distinct_images(pixel_values: list[torch.Tensor], image_grid_thw: list[torch.Tensor]):
+    """Rows' images as the vision tower takes them, each distinct pixel tensor once: (pixel_values, grids
+    [n_distinct, 3], order: the distinct images' indices in row order, one per image slot; None when no row
+    repeats another's tensor). (None, None, None) without images. Sameness is identity: rows built from one
+    prompt share its tensor (ScoringBatch.from_rollout)."""
+    first: dict[int, int] = {}
+    pix, thw, order = [], [], []
+    for p, g in zip(pixel_values, image_grid_thw):
+        if p is None or not p.numel():
+            continue
+        if id(p) not in first:
+            first[id(p)] = len(pix)
+            pix.append(p)
+            thw.append(g)
+        base = sum(len(t) for t in thw[:first[id(p)]])
+        order.extend(range(base, base + len(g)))
+    if not pix:
+        return None, None, None
+    grids = torch.cat(thw)
+    index = torch.tensor(order, dtype=torch.long)
+    return torch.cat(pix), grids, (None if len(order) == len(grids) else index)
 
 
 def images_per_prompt(inputs: dict, hf) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

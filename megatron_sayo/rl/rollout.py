@@ -17,7 +17,8 @@ Capture (`capture_region` given, docs/spec.md §3): the rollout also records wha
 would compute, as `Rollout.scores` (CompletionScores, last pipeline stage): per new token its log-prob and the
 entropy of the full distribution softmax(logits / temperature) it was sampled from (logits column p - 1),
 and the last layer's region / image attention mass of its own row (query column p), measured while the token
-is fed in the next decode step (a row that stops is fed once more, then leaves the cache). The sampler draws
+is fed in the next decode step (a row that stops is fed once more, then leaves the cache; when every row
+has stopped, that last feed runs the layers without the output layer). The sampler draws
 for exactly the rows it draws for without capture, so the same seed gives the same completions.
 """
 
@@ -32,6 +33,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_sayo.attention.region_mass import DecodeMassProbe
+from megatron_sayo.distributed import runtime
 from megatron_sayo.models.qwen25vl.attention import AttentionState, KVCache, build_attention_mask
 from megatron_sayo.models.qwen25vl.rope import get_rope_index
 from megatron_sayo.rl.batch import CompletionScores
@@ -85,7 +87,8 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Logits with everything outside the smallest top set of cumulative prob >= top_p set to -inf."""
     if top_p >= 1.0:
         return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    order = runtime.argsort_descending(logits)
+    sorted_logits = logits.gather(-1, order)
     probs = sorted_logits.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs          # mass of the strictly more likely tokens
     drop_sorted = before >= top_p
@@ -164,14 +167,18 @@ def _last_logits(model, parallel_logits: torch.Tensor) -> torch.Tensor:
     return last[:, :model.vocab_size]
 
 
-def forward_last(model, inputs: dict) -> torch.Tensor | None:
-    """Last-position full-vocab logits [b, V] on the last stage (None elsewhere); PP runs megatron's schedule."""
+def forward_last(model, inputs: dict, logits: bool = True) -> torch.Tensor | None:
+    """Last-position full-vocab logits [b, V] on the last stage (None elsewhere); PP runs megatron's schedule.
+    `logits=False`: run the layers only (for the attention probe), no output layer, returns None."""
+    if not logits:
+        inputs = dict(inputs, hidden_only=True)
+    collect = (lambda out, mb: _last_logits(model, out)) if logits else (lambda out, mb: None)
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         with torch.no_grad():
-            return _last_logits(model, model(**inputs))
+            return collect(model(**inputs), None)
     from megatron_sayo.distributed.schedule import run_forward
 
-    out = run_forward(model, [dict(inputs=inputs)], collect=lambda logits, mb: _last_logits(model, logits))
+    out = run_forward(model, [dict(inputs=inputs)], collect=collect)
     return out[0] if out else None
 
 
@@ -367,7 +374,7 @@ def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: 
         logits = forward_last(model, dict(
             input_ids=ids[:, None], position_ids=(next_pos[active] + step).view(1, -1, 1).expand(3, -1, -1),
             attention_mask=decode_mask(real[active, :width]),
-            state=state if capture is None else capture.state(cache, active)))
+            state=state if capture is None else capture.state(cache, active)), logits=not last)
         if capture is not None:
             capture.record_masses(active, live, step)
         if last:

@@ -67,3 +67,68 @@ def test_teacher_forced_layout():
     assert [p.shape[0] for p in batch.pixel_values] == [8, 8]
     with pytest.raises(ValueError, match="empty"):
         ScoringBatch.teacher_forced(HF, inputs, region, [[7], []], pad_id=0)
+
+
+def test_distinct_images_sends_each_shared_tensor_once():
+    from megatron_sayo.rl.batch import distinct_images
+
+    a, b = torch.zeros(8, 1), torch.ones(24, 1)                     # b: two images (8 + 16 patches)
+    ga, gb = torch.tensor([[1, 2, 4]]), torch.tensor([[1, 2, 4], [1, 4, 4]])
+    pix, thw, order = distinct_images([a, a, torch.zeros(0), b, b, a], [ga, ga, torch.zeros(0, 3), gb, gb, ga])
+    assert pix.shape[0] == 32 and thw.tolist() == [[1, 2, 4], [1, 2, 4], [1, 4, 4]]
+    assert order.tolist() == [0, 0, 1, 2, 1, 2, 0]
+    pix, thw, order = distinct_images([a, b], [ga, gb])
+    assert order is None and thw.shape[0] == 3
+    assert distinct_images([torch.zeros(0)], [torch.zeros(0, 3)]) == (None, None, None)
+
+
+def _rank_shared_images(ckpt, data):
+    """Completion logits and vision-tower gradients of our model through ScoringBatch.microbatches."""
+    from megatron_sayo.checkpoint.loader import load_model_stage
+    from megatron_sayo.distributed import runtime
+    from megatron_sayo.rl.batch import ScoringBatch
+    from megatron_sayo.rl.scoring import completion_logits
+
+    runtime.init_distributed(1, 1)
+    model = load_model_stage(ckpt, tp=1, pp=1, for_training=True)
+    batch = ScoringBatch(data["sequences"], data["attention_mask"], data["prompt_length"], data["completion_mask"],
+                         data["pixel_values"], data["image_grid_thw"], torch.zeros_like(data["sequences"]).bool())
+    (mb,) = batch.microbatches(model.hf, 8, with_probe=False)
+    logits = completion_logits(model(**mb["inputs"]), batch.sequences.shape[1], batch.prompt_length)
+    (logits * data["weights"]).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.vision.named_parameters()}
+    return mb["inputs"]["image_order"], logits.detach(), grads
+
+
+def test_shared_images_match_transformers(tiny_ckpt, make_image):
+    """Rows of one prompt share their pixel tensor; it goes through the vision tower once, and the completion
+    logits and the vision tower's gradients equal transformers', which encodes every row's image (float32 eager;
+    real completion tokens; logits 1e-4 relative, gradients 1e-4 relative to their scale)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from megatron_sayo.distributed.runtime import spawn_local
+    from megatron_sayo.testing.fixed_rollout import fixed_rollout
+
+    data = fixed_rollout(tiny_ckpt, make_image)      # rows 0, 0, 1, 1: two prompts x G = 2
+    P, T = data["prompt_length"], data["completion_mask"].shape[1]
+    vocab = 512
+    # real completion tokens only (padding columns are not compared, and carry no weight)
+    data["weights"] = torch.randn(4, T, vocab, generator=torch.Generator().manual_seed(3)) * \
+        data["completion_mask"][..., None]
+    order, logits, grads = spawn_local(_rank_shared_images, 1, str(tiny_ckpt), data)[0]
+    assert order is not None and order.tolist() == [0, 0, 1, 1]
+
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32,
+                                                            attn_implementation="eager")
+    ids = data["sequences"]
+    out = hf(input_ids=ids, attention_mask=data["attention_mask"],
+             pixel_values=torch.cat([p.clone() for p in data["pixel_values"]]),
+             image_grid_thw=torch.cat(data["image_grid_thw"]),
+             mm_token_type_ids=(ids == hf.config.image_token_id).int()).logits[:, P - 1:P - 1 + T]
+    (out * data["weights"]).sum().backward()
+    real = data["completion_mask"].bool()
+    torch.testing.assert_close(logits[real], out.detach()[real], rtol=1e-4, atol=1e-4 * float(out.abs().max()))
+    ref = {n.removeprefix("model.visual."): p.grad for n, p in hf.named_parameters() if n.startswith("model.visual.")}
+    assert set(ref) == set(grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref[name], rtol=1e-4, atol=1e-4 * float(ref[name].abs().max()), msg=name)

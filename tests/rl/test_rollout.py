@@ -272,3 +272,36 @@ def test_sample_tokens_leaves_the_logits_alone(greedy):
     ref = torch.log_softmax(before.double() / 0.7, -1)
     torch.testing.assert_close(logp.double(), ref.gather(-1, ids[:, None]).squeeze(-1), atol=1e-6, rtol=0)
     torch.testing.assert_close(entropy.double(), -(ref.exp() * ref).sum(-1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scale,top_p", [(0.5, 0.9), (3.0, 0.9), (10.0, 0.7), (3.0, 0.3)])
+def test_top_p_filter_matches_transformers(scale, top_p):
+    """The kept set equals transformers' TopPLogitsWarper (float64, the textbook sort) on a 32k vocabulary,
+    flat to peaked, with suppressed (-inf) ids; only a token whose preceding mass is within float32 rounding
+    (1e-5) of top_p may fall either way."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    gen = torch.Generator().manual_seed(int(scale * 10))
+    logits = torch.randn(16, 32000, generator=gen) * scale
+    logits[:, [3, 17, 31999]] = float("-inf")
+    ours = torch.isfinite(top_p_filter(logits, top_p))
+    ref = torch.isfinite(TopPLogitsWarper(top_p)(None, logits.double()))
+    probs = logits.double().softmax(-1)
+    order = probs.argsort(-1, descending=True)
+    sorted_p = probs.gather(-1, order)
+    before = (sorted_p.cumsum(-1) - sorted_p).scatter(-1, order, sorted_p.cumsum(-1) - sorted_p)
+    ambiguous = (before - top_p).abs() < 1e-5
+    assert ref.sum() > 16 and not ref[:, [3, 17, 31999]].any()
+    assert torch.equal(ours & ~ambiguous, ref & ~ambiguous)
+    assert int(ambiguous.sum()) <= 16
+
+
+def test_argsort_descending_orders_like_torch():
+    from megatron_sayo.distributed.runtime import argsort_descending
+
+    x = torch.randn(5, 1000, generator=torch.Generator().manual_seed(0))
+    x[:, 7] = float("-inf")
+    order = argsort_descending(x)
+    assert order.dtype == torch.long
+    assert torch.equal(x.gather(-1, order), x.sort(-1, descending=True).values)
+    assert torch.equal(argsort_descending(x.double()), order)

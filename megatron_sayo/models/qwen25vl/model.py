@@ -65,13 +65,20 @@ class Qwen25VLModel(LanguageModule):
         return [layer.self_attention.core_attention for layer in self.decoder.layers]
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-              image_grid_thw: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with each <|image_pad|> replaced by its vision embedding, [s, b, h]."""
+              image_grid_thw: torch.Tensor | None, image_order: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with each <|image_pad|> replaced by its vision embedding, [s, b, h].
+
+        `image_order`: the images (indices into image_grid_thw) in the order the <|image_pad|> slots use them,
+        so an image several rows share (a prompt's G completions) goes through the vision tower once."""
         emb = self.embedding.word_embeddings(input_ids)
         is_image = input_ids == self.hf.tokens.image
         n_slots = int(is_image.sum())
         if pixel_values is not None and pixel_values.numel():
             image_embeds = self.vision(pixel_values.to(emb.dtype), image_grid_thw).to(emb.dtype)
+            if image_order is not None:
+                per_image = image_embeds.split((image_grid_thw.prod(-1) // self.hf.vision.spatial_merge_size ** 2)
+                                               .tolist())
+                image_embeds = torch.cat([per_image[i] for i in image_order.tolist()])
             if image_embeds.shape[0] != n_slots:
                 raise ValueError(f"input_ids hold {n_slots} <|image_pad|> tokens but the images give "
                                  f"{image_embeds.shape[0]} embeddings (image_grid_thw {image_grid_thw.tolist()})")
@@ -85,10 +92,14 @@ class Qwen25VLModel(LanguageModule):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                state: AttentionState | None = None, logits_from: int | None = None) -> torch.Tensor:
+                state: AttentionState | None = None, logits_from: int | None = None,
+                image_order: torch.Tensor | None = None, hidden_only: bool = False) -> torch.Tensor:
         """input_ids [b, s], position_ids [3, b, s], attention_mask bool [b, 1, s, sk] (True = masked) or None
         for plain causal. Returns vocab-parallel logits [s, b, V/tp] on the last stage, hidden [s, b, h] before.
-        `logits_from`: compute logits only for positions [logits_from:] (prefill and scoring need no more)."""
+        `logits_from`: compute logits only for positions [logits_from:] (prefill and scoring need no more).
+        `image_order`: see `embed` (pixel_values / image_grid_thw then hold each distinct image once).
+        `hidden_only`: skip the output layer, return the final hidden states (a decode step fed only for the
+        attention rows the capture probe reads)."""
         device = self.inv_freq.device  # callers may hand CPU batches to a GPU model: move them once, here
         input_ids, position_ids, attention_mask, pixel_values, image_grid_thw = (
             t.to(device) if t is not None else None
@@ -96,13 +107,13 @@ class Qwen25VLModel(LanguageModule):
         state = state or AttentionState()
         for core in self.core_attentions():
             core.state = state
-        hidden = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+        hidden = self.embed(input_ids, pixel_values, image_grid_thw, image_order) if self.pre_process else None
         rotary = mrope_freqs(position_ids, self.inv_freq, self.hf.text.mrope_section)
         if state.kv_cache is not None and cached_decoder.supports(self):
             hidden = cached_decoder.run(self, hidden, rotary, attention_mask)
         else:
             hidden = self.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
-        if not self.post_process:
+        if not self.post_process or hidden_only:
             return hidden
         if logits_from is not None and not self.config.sequence_parallel:
             hidden = hidden[logits_from:]
