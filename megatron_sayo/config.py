@@ -64,6 +64,7 @@ class DataConfig:
     max_pixels: int | None = _f(None, gt=0)   # None: the processor's own bounds
     min_pixels: int | None = _f(None, gt=0)
     synthetic_n: int = _f(0, ge=0)            # > 0: write that many synthetic samples to train_file if missing
+    synthetic_task: Literal["shapes", "tiles", "tiles_reasoning"] = "shapes"   # which synthetic task (data/synthetic.py)
     instruction: str = "Look at the image, think briefly, then give the final answer as <answer>...</answer>."
 
 

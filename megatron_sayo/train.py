@@ -35,10 +35,10 @@ def prepare_assets(cfg: RunConfig) -> None:
     for path, n, seed in ((cfg.data.train_file, cfg.data.synthetic_n, 0),
                           (cfg.data.eval_file, max(16, cfg.data.synthetic_n // 8), 1)):
         if path and cfg.data.synthetic_n and not Path(path).is_file():
-            write_synthetic(Path(path), n, seed)
+            write_synthetic(Path(path), n, seed, cfg.data.synthetic_task)
 
 
-def write_synthetic(jsonl: Path, n: int, seed: int) -> None:
+def write_synthetic(jsonl: Path, n: int, seed: int, task: str = "shapes") -> None:
     """A synthetic grounded set at `jsonl`, its images in a NEW sibling folder `<stem>_synthetic/`.
 
     Everything is generated in a fresh temporary folder and renamed into place; an existing folder of that
@@ -53,7 +53,7 @@ def write_synthetic(jsonl: Path, n: int, seed: int) -> None:
     jsonl.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{images.name}.tmp-", dir=jsonl.parent))
     try:
-        made = make_synthetic(tmp, n, seed=seed)
+        made = make_synthetic(tmp, n, seed=seed, task=task)
         lines = []
         for line in made.read_text().splitlines():
             row = json.loads(line)

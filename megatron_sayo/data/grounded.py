@@ -30,8 +30,9 @@ from megatron_sayo.data.regions import RegionError, boxes_to_cells, image_grid
 log = logging.getLogger(__name__)
 
 FIELDS = {"id": str, "image": (str, bytes), "question": str, "answer": str, "boxes": list}
-# Optional: the short answer beside a full-sentence `answer` (GQA as the SAYO authors prepare it); docs/data.md.
-OPTIONAL_FIELDS = {"short_answer": str}
+# Optional: the short answer beside a full-sentence `answer` (GQA as the SAYO authors prepare it), and a worked
+# reasoning the supervised warm-up writes before the answer (the synthetic tiles task); docs/data.md.
+OPTIONAL_FIELDS = {"short_answer": str, "reasoning": str}
 ANSWER_FIELDS = ("answer", "short_answer")
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 
@@ -48,6 +49,7 @@ class GroundedSample:
     image_path: Path | None = None
     image_bytes: bytes | None = field(default=None, repr=False)
     short_answer: str | None = None
+    reasoning: str | None = None
 
     def reference(self, answer_field: str = "answer") -> str:
         """The answer the accuracy reward/evaluator matches: `answer`, or `short_answer` where the row has one."""
@@ -98,9 +100,10 @@ def _check_fields(row: Any) -> None:
     for name in ("id", "image", "question", "answer"):
         if isinstance(row[name], str) and not row[name].strip():
             raise RowError(name, "a non-empty string", row[name])
-    short = row.get("short_answer")
-    if short is not None and (not isinstance(short, str) or not short.strip()):
-        raise RowError("short_answer", "a non-empty string or null", short)
+    for name in OPTIONAL_FIELDS:
+        value = row.get(name)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise RowError(name, "a non-empty string or null", value)
 
 
 def _image_source(value: Any, base_dir: Path) -> Path | bytes:
@@ -177,7 +180,8 @@ def validate_row(row: Any, base_dir: Path) -> GroundedSample:
     _check_region(boxes, size, row["id"])
     return GroundedSample(id=row["id"], question=row["question"], answer=row["answer"], boxes=boxes,
                           image_size=size, image_path=src if isinstance(src, Path) else None,
-                          image_bytes=src if isinstance(src, bytes) else None, short_answer=row.get("short_answer"))
+                          image_bytes=src if isinstance(src, bytes) else None, short_answer=row.get("short_answer"),
+                          reasoning=row.get("reasoning"))
 
 
 # ---------------------------------------------------------------- files
@@ -323,6 +327,7 @@ def save_parquet(samples: Sequence[GroundedSample], path: str | Path) -> Path:
         "answer": [s.answer for s in samples],
         "boxes": pa.array([s.boxes for s in samples], type=pa.list_(pa.list_(pa.float64()))),
         "short_answer": pa.array([s.short_answer for s in samples], type=pa.string()),
+        "reasoning": pa.array([s.reasoning for s in samples], type=pa.string()),
     })
     pq.write_table(table, path)
     return Path(path)

@@ -1,14 +1,24 @@
-"""A synthetic grounded task: coloured shapes on noisy backgrounds.
+"""Synthetic grounded tasks on noisy backgrounds, two of them (`task`):
 
-`python -m megatron_sayo.data.synthetic --out DIR --n N [--seed S] [--size WxH]`
-writes DIR/data.jsonl and DIR/images/*.png. Each image holds 2-3 shapes
-(square, circle, triangle), each in a different colour; each question is about
-one shape and its answer can only be read inside that shape's box:
+`shapes`: 2-3 shapes (square, circle, triangle), each in a different colour; each question is about one
+shape and its answer can only be read inside that shape's box:
 
 * "What colour is the square?" -> "red", box = the square;
 * "Which shape is blue?"       -> "circle", box = the blue shape.
 
-Deterministic: sample i depends only on (seed, i).
+`tiles`: 3 two-colour tiles, each exactly one visual token (a 28 x 28 cell of the language model's token grid:
+top half one colour, bottom half another); "What is under red?" -> the bottom colour of the tile whose top is
+red, box = that tile. The question names something visible only in the region and the answer is visible only
+there too (every tile's bottom colour differs), so answering is a lookup from the question into one image token:
+a task a tiny model learns, unlike recognising shapes (the ablation's toy, experiments/ablation.py).
+
+`tiles_reasoning`: the same images and questions; each row also carries a `reasoning` that describes ONE tile,
+"green over yellow", chosen uniformly among the three (the asked one a third of the time). The warm-up writes
+it before the answer, so it teaches the policy to look somewhere before it answers, not where; which tile a
+completion describes is then a choice GRPO can reinforce.
+
+`python -m megatron_sayo.data.synthetic --out DIR --n N [--task shapes|tiles] [--seed S] [--size WxH]`
+writes DIR/data.jsonl and DIR/images/*.png. Deterministic: sample i depends only on (task, seed, i).
 """
 
 from __future__ import annotations
@@ -23,6 +33,9 @@ from PIL import Image, ImageDraw
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
            "yellow": (235, 210, 20), "purple": (140, 40, 170), "orange": (245, 130, 20)}
 SHAPES = ("square", "circle", "triangle")
+TASKS = ("shapes", "tiles", "tiles_reasoning")
+TILE = 28          # one visual token of Qwen2.5-VL: a 14-pixel patch, 2 x 2 merged
+TILES_PER_IMAGE = 3
 
 
 def _background(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
@@ -79,18 +92,59 @@ def make_sample(seed: int, index: int, size: tuple[int, int] = (112, 112)) -> tu
     return image, {"id": f"syn-{seed}-{index:06d}", "question": question, "answer": answer, "boxes": [box]}
 
 
-def make_synthetic(out_dir: str | Path, n: int, seed: int = 0, size: tuple[int, int] = (112, 112)) -> Path:
-    """Write n samples to out_dir/data.jsonl and out_dir/images/; return the JSONL path."""
+def make_tile_sample(seed: int, index: int, size: tuple[int, int] = (112, 112),
+                     reasoning: bool = False) -> tuple[Image.Image, dict]:
+    """One `tiles` image and its row fields: tiles on cells of the token grid, distinct top and bottom colours.
+
+    The image size is kept a multiple of TILE so that the processor does not resize it and a tile stays one
+    token; a size that is not is an error."""
+    w, h = size
+    if w % TILE or h % TILE or (w // TILE) * (h // TILE) < TILES_PER_IMAGE:
+        raise ValueError(f"tiles: image size {w}x{h} must be multiples of {TILE} with at least "
+                         f"{TILES_PER_IMAGE} cells")
+    rng = np.random.default_rng([seed, index, 1])
+    image = _background(rng, size)
+    draw = ImageDraw.Draw(image)
+    names = list(COLOURS)
+    cells = rng.permutation((w // TILE) * (h // TILE))[:TILES_PER_IMAGE]
+    tops = [names[i] for i in rng.permutation(len(names))[:TILES_PER_IMAGE]]
+    while True:  # bottoms: distinct from each other and from their own tile's top
+        bottoms = [names[i] for i in rng.permutation(len(names))[:TILES_PER_IMAGE]]
+        if all(t != b for t, b in zip(tops, bottoms)):
+            break
+    boxes = []
+    for cell, top, bottom in zip(cells, tops, bottoms):
+        x, y = int(cell % (w // TILE)) * TILE, int(cell // (w // TILE)) * TILE
+        draw.rectangle([x, y, x + TILE - 1, y + TILE // 2 - 1], fill=COLOURS[top])
+        draw.rectangle([x, y + TILE // 2, x + TILE - 1, y + TILE - 1], fill=COLOURS[bottom])
+        boxes.append([x, y, x + TILE, y + TILE])
+    k, seen = int(rng.integers(TILES_PER_IMAGE)), int(rng.integers(TILES_PER_IMAGE))
+    row = {"id": f"tiles-{seed}-{index:06d}", "question": f"What is under {tops[k]}?", "answer": bottoms[k],
+           "boxes": [boxes[k]]}
+    return image, row | ({"reasoning": f"{tops[seen]} over {bottoms[seen]}"} if reasoning else {})
+
+
+def make_synthetic(out_dir: str | Path, n: int, seed: int = 0, size: tuple[int, int] = (112, 112),
+                   task: str = "shapes") -> Path:
+    """Write n samples of `task` to out_dir/data.jsonl and out_dir/images/; return the JSONL path."""
+    if task not in TASKS:
+        raise ValueError(f"synthetic task must be one of {TASKS}, got {task!r}")
+
+    def sample(seed: int, index: int, size: tuple[int, int]) -> tuple[Image.Image, dict]:
+        if task == "shapes":
+            return make_sample(seed, index, size)
+        return make_tile_sample(seed, index, size, reasoning=task == "tiles_reasoning")
+
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     jsonl = out_dir / "data.jsonl"
     with open(jsonl, "w", encoding="utf-8") as f:
         for i in range(n):
-            image, row = make_sample(seed, i, size)
+            image, row = sample(seed, i, size)
             rel = f"images/{row['id']}.png"
             image.save(out_dir / rel)
-            f.write(json.dumps({"id": row["id"], "image": rel, "question": row["question"],
-                                "answer": row["answer"], "boxes": row["boxes"]}) + "\n")
+            f.write(json.dumps({"id": row["id"], "image": rel, **{k: v for k, v in row.items() if k != "id"}})
+                    + "\n")
     return jsonl
 
 
@@ -110,10 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write a synthetic grounded dataset (shapes and colours).")
     parser.add_argument("--out", required=True, help="output folder (data.jsonl and images/)")
     parser.add_argument("--n", type=int, required=True, help="number of samples")
+    parser.add_argument("--task", choices=TASKS, default="shapes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=_parse_size, default=(112, 112), help="image size WxH (default 112x112)")
     args = parser.parse_args(argv)
-    print(make_synthetic(args.out, args.n, args.seed, args.size))
+    print(make_synthetic(args.out, args.n, args.seed, args.size, args.task))
     return 0
 
 

@@ -2,6 +2,10 @@
 warm-up, and how TAS depends on the answer word, on the first 64 held-out questions (greedy, then 4 samples
 at temperature 1 / top-p 0.9 per question).
 
+Beside the TAS of docs/spec.md §3 (the selected token's own attention row, query column p) it reports the TAS
+of the row that DECIDED the token (query column p - 1, whose logits the token was sampled from), pooled over
+the same selected tokens: a diagnostic of where looking happens, not a reward.
+
     python -m megatron_sayo.experiments.selected_tokens --out DIR     # DIR: the ablation's --out
 """
 
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,7 +26,7 @@ from megatron_sayo.data.processor import Processor
 from megatron_sayo.distributed import runtime
 from megatron_sayo.experiments import ablation as A
 from megatron_sayo.rl import rewards as R
-from megatron_sayo.rl.batch import ScoringBatch
+from megatron_sayo.rl.batch import CompletionScores, ScoringBatch
 from megatron_sayo.rl.prompts import build_prompt_batch
 from megatron_sayo.rl.rollout import SamplingParams, generate
 from megatron_sayo.rl.scoring import score_policy
@@ -32,6 +37,25 @@ def inside_answer(tok, ids: list[int], j: int) -> bool:
     """Token j lies between '<answer>' and the closing tag (the answer words hold no '<')."""
     before, upto = tok.decode(ids[:j]), tok.decode(ids[:j + 1])
     return "<answer>" in before and "<" not in upto.split("<answer>", 1)[1]
+
+
+def counted_means(groups: dict) -> dict:
+    """{key: (count, mean)}."""
+    return {k: (len(v), round(statistics.fmean(v), 4)) for k, v in groups.items()}
+
+
+def decision_rows(batch: ScoringBatch) -> ScoringBatch:
+    """The same rows with the prompt/completion split one column earlier: completion token j' of the result is
+    the query at column P - 1 + j', i.e. the row whose logits sampled the original token j = j'."""
+    ones = torch.ones_like(batch.completion_mask[:, :1])
+    return replace(batch, prompt_length=batch.prompt_length - 1,
+                   completion_mask=torch.cat([ones, batch.completion_mask], 1))
+
+
+def with_decision_masses(scores: CompletionScores, decided: CompletionScores) -> CompletionScores:
+    """`scores` (entropies, selection) with the region/image masses of each token's deciding row."""
+    width = scores.mask.shape[1]
+    return replace(scores, region_mass=decided.region_mass[:, :width], image_mass=decided.image_mass[:, :width])
 
 
 def main(argv=None) -> None:
@@ -55,18 +79,23 @@ def main(argv=None) -> None:
                                                                       suppress_token_ids=suppress))):
         picked, inside, total = collections.Counter(), 0, 0
         by_word, by_correct = collections.defaultdict(list), collections.defaultdict(list)
+        decision_by_correct = collections.defaultdict(list)
         for start in range(0, len(samples), 16):
             chunk = samples[start:start + 16]
             prompts = build_prompt_batch(proc, chunk, hf.tokens.image, hf.vision.spatial_merge_size,
                                          hf.vision.patch_size, cfg.data.instruction)
             ro = generate(model, prompts.inputs, params, num_return_sequences=g)
-            sc = score_policy(model, ScoringBatch.from_rollout(ro, prompts, hf), 16, params.temperature)
+            batch = ScoringBatch.from_rollout(ro, prompts, hf)
+            sc = score_policy(model, batch, 16, params.temperature)
             _, tas, selected = R.sequence_attention_reward(sc, r.top_entropy_ratio, r.attention_form, r.eps)
+            decided = with_decision_masses(sc, score_policy(model, decision_rows(batch), 16, params.temperature))
+            _, decision_tas, _ = R.sequence_attention_reward(decided, r.top_entropy_ratio, r.attention_form, r.eps)
             for row in range(ro.sequences.shape[0]):
                 ids = ro.completion_ids[row, :int(ro.completion_lengths[row])].tolist()
                 answer = R.extract_answer(tok.decode(ids, skip_special_tokens=True)) or "<none>"
                 by_word[answer].append(float(tas[row]))
                 by_correct[answer == chunk[row // g].answer].append(float(tas[row]))
+                decision_by_correct[answer == chunk[row // g].answer].append(float(decision_tas[row]))
                 for j in torch.nonzero(selected[row]).flatten().tolist():
                     picked[tok.decode([ids[j]])] += 1
                     inside += inside_answer(tok, ids, j)
@@ -74,7 +103,8 @@ def main(argv=None) -> None:
         mean = {k: (len(v), round(statistics.fmean(v), 4)) for k, v in sorted(by_word.items(), key=lambda kv: -len(kv[1]))}
         print(f"== {name}: {total} selected tokens, {inside} inside the answer word; most picked {picked.most_common(10)}")
         print(f"   TAS by answer word (count, mean): {mean}")
-        print(f"   TAS of correct / wrong answers: {dict((k, (len(v), round(statistics.fmean(v), 4))) for k, v in by_correct.items())}")
+        print(f"   TAS of correct / wrong answers: {counted_means(by_correct)}")
+        print(f"   deciding-row TAS (query p - 1) of correct / wrong answers: {counted_means(decision_by_correct)}")
 
 
 if __name__ == "__main__":

@@ -131,12 +131,12 @@ class ScoringBatch:
     @classmethod
     def from_answers(cls, processor, hf, samples, instruction: str) -> "ScoringBatch":
         """The samples' prompts followed by their reference answers in the SAYO format (the warm-up)."""
-        from megatron_sayo.rl.prompts import build_prompt_batch
+        from megatron_sayo.rl.prompts import build_prompt_batch, reference_completion
 
         prompts = build_prompt_batch(processor, samples, hf.tokens.image, hf.vision.spatial_merge_size,
                                      hf.vision.patch_size, instruction)
         tok = processor.tokenizer
-        answers = [tok.encode(f"<answer>{s.answer}</answer>") + [hf.tokens.eos[0]] for s in samples]
+        answers = [tok.encode(reference_completion(s)) + [hf.tokens.eos[0]] for s in samples]
         return cls.teacher_forced(hf, prompts.inputs, None, answers, tok.pad_id)
 
     @classmethod

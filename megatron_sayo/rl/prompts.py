@@ -12,6 +12,13 @@ from megatron_sayo.data.regions import RegionSpec, batch_region_mask
 
 
 
+def reference_completion(sample: GroundedSample) -> str:
+    """The completion the supervised warm-up teaches: the row's reasoning (when it has one), then the answer in
+    the SAYO format (docs/spec.md §4)."""
+    answer = f"<answer>{sample.answer}</answer>"
+    return f"{sample.reasoning} {answer}" if sample.reasoning else answer
+
+
 class PromptStream:
     """Endless, seeded, epoch-shuffled order over n samples; `position` counts prompts handed out."""
 

@@ -16,7 +16,8 @@ from megatron_sayo.data.grounded import (
     DataError, EmptyDataError, check_file, decodable_samples, is_heldout, load_grounded, save_parquet,
     split_heldout,
 )
-from megatron_sayo.data.synthetic import COLOURS, make_synthetic
+from megatron_sayo.data.regions import box_to_cells
+from megatron_sayo.data.synthetic import COLOURS, TILE, make_synthetic
 from megatron_sayo.data.validate import main as validate_main
 
 
@@ -181,6 +182,57 @@ def test_synthetic_answer_lives_in_the_box(tmp_path):
         assert tuple(centre) == COLOURS[colour], s
 
 
+def _palette_colour(pixels: np.ndarray):
+    """The palette colour name every pixel of `pixels` has, else None."""
+    for name, rgb in COLOURS.items():
+        if (pixels == np.asarray(rgb, dtype=pixels.dtype)).all():
+            return name
+    return None
+
+
+@pytest.mark.parametrize("task", ["tiles", "tiles_reasoning"])
+def test_tiles_answer_is_one_token_read_from_the_pixels(tmp_path, task):
+    """Each tiles question is a lookup inside one visual token: HF's own Qwen2-VL image processor keeps the image
+    at its size, the box covers exactly one merged cell, its top half is the question's colour and its bottom
+    half the answer, and no other tile has that bottom colour (so no other token answers)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    proc = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=50176)
+    jsonl = make_synthetic(tmp_path, 24, seed=3, task=task)
+    for s in load_grounded(jsonl):
+        image = s.open_image()
+        t, h, w = (int(v) for v in proc(images=image)["image_grid_thw"][0])
+        assert (w * 14, h * 14) == image.size
+        (box,) = s.boxes
+        assert len(box_to_cells(box, image.size, image.size, (h // 2, w // 2), s.id)) == 1
+        px = np.asarray(image)
+        tiles = {}
+        for y in range(0, image.size[1], TILE):
+            for x in range(0, image.size[0], TILE):
+                top, bottom = (_palette_colour(px[y:y + TILE // 2, x:x + TILE]),
+                               _palette_colour(px[y + TILE // 2:y + TILE, x:x + TILE]))
+                if top and bottom:
+                    tiles[(x, y)] = (top, bottom)
+        asked = s.question.removeprefix("What is under ").removesuffix("?")
+        assert tiles[(box[0], box[1])] == (asked, s.answer), s
+        assert [b for xy, (_, b) in tiles.items() if xy != (box[0], box[1])].count(s.answer) == 0, s
+        assert len(tiles) == 3 and len({top for top, _ in tiles.values()}) == 3
+        if task == "tiles":
+            assert s.reasoning is None
+        else:  # the reasoning describes one of the tiles on the image, as the pixels show it
+            assert s.reasoning in {f"{top} over {bottom}" for top, bottom in tiles.values()}, s
+
+
+def test_tiles_deterministic_and_size_checked(tmp_path):
+    a = make_synthetic(tmp_path / "a", 8, seed=5, task="tiles")
+    b = make_synthetic(tmp_path / "b", 8, seed=5, task="tiles")
+    assert a.read_text() == b.read_text() and check_file(a)[1] == []
+    with pytest.raises(ValueError, match="multiples of 28"):
+        make_synthetic(tmp_path / "c", 1, task="tiles", size=(100, 112))
+    with pytest.raises(ValueError, match="one of"):
+        make_synthetic(tmp_path / "d", 1, task="stripes")
+
+
 def test_synthetic_cli(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "megatron_sayo.data.synthetic", "--out", str(tmp_path),
                            "--n", "3", "--seed", "2", "--size", "84x56"], capture_output=True, text=True)
@@ -275,3 +327,16 @@ def test_short_answer_is_optional_validated_and_selectable(data_dir):
         good[0].reference("fullAnswer")
     back = load_grounded(save_parquet(good, data_dir / "short.parquet"))
     assert [s.short_answer for s in back] == ["cup", None]
+
+
+def test_reasoning_is_optional_validated_kept_and_written_before_the_answer(data_dir):
+    from megatron_sayo.rl.prompts import reference_completion
+
+    path = data_dir / "reasoning.jsonl"
+    path.write_text("\n".join([_row(1, reasoning="red over blue"), _row(2), _row(3, reasoning=" "),
+                               _row(4, reasoning=["x"])]) + "\n")
+    good, errors = check_file(path)
+    assert [(e.line, e.row_error.field) for e in errors] == [(3, "reasoning"), (4, "reasoning")]
+    assert [reference_completion(s) for s in good] == ["red over blue <answer>a</answer>", "<answer>a</answer>"]
+    back = load_grounded(save_parquet(good, data_dir / "reasoning.parquet"))
+    assert [s.reasoning for s in back] == ["red over blue", None]
