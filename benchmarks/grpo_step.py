@@ -10,12 +10,13 @@ checkpoint) and the same config on the ~57M-parameter model of benchmarks/rollou
 
     python benchmarks/grpo_step.py [--model demo|57m|both] [--steps 8] [--skip 1] [--cache DIR]
 
-`--baseline-rev REV` compares against the code as it was at REV instead (a `git worktree` of it under --cache):
-runs of the old code with capture off (its teacher-forced scoring) and of this code with capture on alternate,
-each in fresh processes, --repeats times; prints the medians side by side with the ratio new / old and both
-runs' rewards per step (the same seed: equal while the sampled tokens agree).
+`--baseline-rev REV` also compares against the code as it was at REV (a `git worktree` of it under --cache):
+three process groups, the old code with capture off (its teacher-forced scoring), this code with capture off
+and with capture on, take their steps in turn (one step each, order rotating, the others blocked), --repeats
+runs; prints the medians side by side with the ratios new-on / old-off and new-on / new-off, and the three
+sides' rewards per step (the same seed: equal while the sampled tokens agree).
 
-    python benchmarks/grpo_step.py --model 57m --baseline-rev 7dfc291 [--steps 5] [--skip 1] [--repeats 3]
+    python benchmarks/grpo_step.py --model 57m --baseline-rev 7dfc291 [--steps 8] [--skip 1] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,9 +36,20 @@ PHASES = ("time_rollout", "time_score", "time_reference", "time_update", "time_s
 REWARDS = ("reward_total", "reward_attention", "reward_format", "tas", "completion_tokens")
 
 
-def _rank(overrides: list[str], run_dir: str, steps: int, modes: tuple[str, ...] = ("off", "on")) -> dict | None:
+def _wait_for(path: Path, alive=lambda: True) -> None:
+    """Block (polling every 2 ms, no CPU to speak of) until `path` exists."""
+    while not path.exists():
+        if not alive():
+            raise RuntimeError(f"gave up waiting for {path}: the other side died")
+        time.sleep(0.002)
+
+
+def _rank(overrides: list[str], run_dir: str, steps: int, modes: tuple[str, ...] = ("off", "on"),
+          baton: str | None = None) -> dict | None:
     """On every rank: one trainer per capture mode, stepping in turn (the order alternates every step); the
-    logging rank returns their metrics. The config is the demo config of the megatron_sayo imported here."""
+    logging rank returns their metrics. The config is the demo config of the megatron_sayo imported here.
+    `baton` (a directory): step i starts when the file go_<i> appears there; the logging rank then writes
+    done_<i> (how --baseline-rev interleaves steps of separate process groups)."""
     import megatron_sayo
     from megatron_sayo.config import load_config
     from megatron_sayo.data.grounded import load_grounded
@@ -53,8 +66,13 @@ def _rank(overrides: list[str], run_dir: str, steps: int, modes: tuple[str, ...]
     trainers = {mode: GRPOTrainer(cfg, cfg.model.hf_path, samples) for mode, cfg in cfgs.items()}
     rows: dict[str, list[dict]] = {mode: [] for mode in modes}
     for i in range(steps):
+        if baton:
+            _wait_for(Path(baton) / f"go_{i}")
         for mode in (modes if i % 2 == 0 else modes[::-1]):
             rows[mode].append(trainers[mode].train_step().metrics)
+        if baton and trainers[modes[0]].is_logger:
+            (Path(baton) / f"done_{i}.tmp").write_text("")
+            os.replace(Path(baton) / f"done_{i}.tmp", Path(baton) / f"done_{i}")
     return rows if trainers[modes[0]].is_logger else None
 
 
@@ -79,7 +97,7 @@ def report(name: str, rows: dict, skip: int) -> None:
         print(f"{key:<16}{mean(rows['off'], key):>12.4f}{mean(rows['on'], key):>12.4f}")
 
 
-def run_modes(ckpt: Path, data: Path, steps: int, tp: int, modes: tuple[str, ...]) -> dict:
+def run_modes(ckpt: Path, data: Path, steps: int, tp: int, modes: tuple[str, ...], baton: str | None = None) -> dict:
     """Per mode, the metrics of `steps` GRPO steps on `tp` local ranks of the megatron_sayo imported here."""
     from megatron_sayo.distributed.runtime import spawn_local
 
@@ -87,7 +105,7 @@ def run_modes(ckpt: Path, data: Path, steps: int, tp: int, modes: tuple[str, ...
         overrides = [f"model.hf_path={ckpt}", "model.make_tiny_if_missing=false", f"data.train_file={data}",
                      "data.eval_file=null", "data.synthetic_n=0", "eval.interval=0", "warmup.steps=0", "log.tensorboard=false",
                      "checkpoint.interval=0", f"train.steps={steps}", f"parallel.tp={tp}"]
-        results = spawn_local(_rank, tp, overrides, run_dir, steps, modes, timeout_s=3600)
+        results = spawn_local(_rank, tp, overrides, run_dir, steps, modes, baton, timeout_s=3600)
     return next(r for r in results if r is not None)
 
 
@@ -107,50 +125,80 @@ def baseline_tree(rev: str, cache: Path) -> Path:
     return tree
 
 
-def run_in_tree(tree: Path, ckpt: Path, data: Path, steps: int, tp: int, mode: str) -> list[dict]:
-    """`run_modes` for one mode in a fresh process that imports megatron_sayo from `tree`."""
-    env = dict(os.environ, PYTHONPATH=str(tree))
-    job = json.dumps(dict(ckpt=str(ckpt), data=str(data), steps=steps, tp=tp, mode=mode))
-    out = subprocess.run([sys.executable, __file__, "--worker", job], env=env, check=True, capture_output=True,
-                         text=True).stdout
-    line = next(x for x in out.splitlines() if x.startswith("ROWS "))
-    return json.loads(line[5:])
+SIDES = (("old", "off"), ("new", "off"), ("new", "on"))   # (code, capture) of the three process groups
 
 
 def _worker(job: str) -> int:
     import megatron_sayo
 
     j = json.loads(job)
-    rows = run_modes(Path(j["ckpt"]), Path(j["data"]), j["steps"], j["tp"], (j["mode"],))[j["mode"]]
+    rows = run_modes(Path(j["ckpt"]), Path(j["data"]), j["steps"], j["tp"], (j["mode"],), j["baton"])[j["mode"]]
     keep = PHASES + REWARDS
     print("ROWS " + json.dumps([{k: r[k] for k in keep} for r in rows]), flush=True)
     print(f"imported {megatron_sayo.__file__}", file=sys.stderr)
     return 0
 
 
+def lockstep(tree: Path, ckpt: Path, data: Path, steps: int, tp: int) -> dict[tuple[str, str], list[dict]]:
+    """One run of the three SIDES, each its own process group (the old code's imports from `tree`), taking
+    their steps in turn: step i of every side before step i + 1 of any, the order rotating every step, the
+    idle groups blocked; so load on the machine falls on all three alike."""
+    with tempfile.TemporaryDirectory() as batons:
+        procs = {}
+        for side in SIDES:
+            baton = Path(batons) / "_".join(side)
+            baton.mkdir()
+            env = dict(os.environ, PYTHONPATH=str(tree if side[0] == "old" else ROOT))
+            job = json.dumps(dict(ckpt=str(ckpt), data=str(data), steps=steps, tp=tp, mode=side[1],
+                                  baton=str(baton)))
+            procs[side] = (subprocess.Popen([sys.executable, __file__, "--worker", job], env=env, text=True,
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE), baton)
+            time.sleep(3)   # each group has bound its rendezvous port before the next picks one
+        try:
+            for i in range(steps):
+                for k in range(len(SIDES)):
+                    side = SIDES[(i + k) % len(SIDES)]
+                    proc, baton = procs[side]
+                    (baton / f"go_{i}").write_text("")
+                    _wait_for(baton / f"done_{i}", alive=lambda: proc.poll() is None)
+            rows = {}
+            for side, (proc, _) in procs.items():
+                out, err = proc.communicate(timeout=600)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"the {side} worker failed:\n{err[-3000:]}")
+                rows[side] = json.loads(next(x for x in out.splitlines() if x.startswith("ROWS "))[5:])
+            return rows
+        except BaseException:
+            for proc, _ in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+            for side, (proc, _) in procs.items():
+                print(f"{side}: {proc.communicate()[1][-2000:]}", file=sys.stderr)
+            raise
+
+
 def compare_with_rev(name: str, tree: Path, rev: str, ckpt: Path, data: Path, steps: int, skip: int, tp: int,
                      repeats: int) -> None:
-    """Old code (capture off) and this code (capture on), runs alternating; medians pooled over the runs."""
-    runs = {"old": [], "new": []}
-    for i in range(repeats):
-        for who in (("old", "new") if i % 2 == 0 else ("new", "old")):
-            where, mode = (tree, "off") if who == "old" else (ROOT, "on")
-            runs[who].append(run_in_tree(where, ckpt, data, steps, tp, mode))
-    pooled = {who: [r for rows in rs for r in rows[skip:]] for who, rs in runs.items()}
-    print(f"\n{name}: {rev} with capture off (old) vs this tree with capture on (new); {repeats} runs each, "
-          f"alternating, {steps - skip} steps per run kept (first {skip} dropped): medians of {len(pooled['new'])}")
-    print(f"{'phase (s)':<16}{'old, off':>12}{'new, on':>12}{'new/old':>9}")
+    """`repeats` lockstep runs of old (capture off) / new (capture off) / new (capture on); pooled medians."""
+    runs = [lockstep(tree, ckpt, data, steps, tp) for _ in range(repeats)]
+    pooled = {side: [r for run in runs for r in run[side][skip:]] for side in SIDES}
+    label = {("old", "off"): f"{rev} off", ("new", "off"): "new, off", ("new", "on"): "new, on"}
+    print(f"\n{name}: the code at {rev} with capture off vs this tree with capture off and on; {repeats} run(s) of "
+          f"{steps} steps, the three interleaved step by step; medians of {len(pooled[SIDES[0]])} steps per side "
+          f"(first {skip} of each run dropped)")
+    print(f"{'phase (s)':<16}" + "".join(f"{label[s]:>16}" for s in SIDES) + f"{'new on/old off':>16}"
+          + f"{'new on/new off':>16}")
     for key in PHASES:
-        old, new = (statistics.median(r[key] for r in pooled[w]) for w in ("old", "new"))
-        ratio = f"{new / old:.2f}" if old > 0 else "-"
-        print(f"{key[5:]:<16}{old:>12.3f}{new:>12.3f}{ratio:>9}")
-    print("reward_total per step (run 1), old | new:")
-    print("  " + " ".join(f"{r['reward_total']:.4f}" for r in runs["old"][0]))
-    print("  " + " ".join(f"{r['reward_total']:.4f}" for r in runs["new"][0]))
-    print(f"{'mean over runs':<16}{'old, off':>12}{'new, on':>12}")
+        med = [statistics.median(r[key] for r in pooled[s]) for s in SIDES]
+        ratios = [f"{med[2] / m:.2f}" if m > 0 else "-" for m in (med[0], med[1])]
+        print(f"{key[5:]:<16}" + "".join(f"{m:>16.3f}" for m in med) + "".join(f"{r:>16}" for r in ratios))
+    print("reward_total per step (run 1):")
+    for side in SIDES:
+        print(f"  {label[side]:<14}" + " ".join(f"{r['reward_total']:.4f}" for r in runs[0][side]))
+    print(f"{'mean over runs':<16}" + "".join(f"{label[s]:>16}" for s in SIDES))
     for key in REWARDS:
-        old, new = (sum(r[key] for rows in runs[w] for r in rows) / sum(map(len, runs[w])) for w in ("old", "new"))
-        print(f"{key:<16}{old:>12.4f}{new:>12.4f}")
+        means = [sum(r[key] for run in runs for r in run[s]) / sum(len(run[s]) for run in runs) for s in SIDES]
+        print(f"{key:<16}" + "".join(f"{m:>16.4f}" for m in means))
 
 
 def main(argv=None) -> int:
@@ -161,7 +209,7 @@ def main(argv=None) -> int:
     p.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench_grpo_step")
     p.add_argument("--baseline-rev", help="compare this tree (capture on) with the code at this git revision "
                                           "(capture off) instead of capture on/off on this tree")
-    p.add_argument("--repeats", type=int, default=3, help="runs per side with --baseline-rev")
+    p.add_argument("--repeats", type=int, default=1, help="lockstep runs with --baseline-rev")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
