@@ -94,8 +94,10 @@ def load_model(model, ckpt_dir: str | Path) -> None:
     if not (ckpt_dir / "metadata.json").is_file():
         raise CheckpointError(f"{ckpt_dir}: no metadata.json (not a dist_checkpointing checkpoint)")
     check_pickles(ckpt_dir)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
-    model.load_state_dict(state)
+    template = model.sharded_state_dict()
+    state = dist_checkpointing.load(template, str(ckpt_dir))
+    # a training step also returns its common objects (step, optimizer, scheduler, extra): not model weights
+    model.load_state_dict({k: state[k] for k in template})
 
 
 # ==============================================================================================================

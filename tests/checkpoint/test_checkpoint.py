@@ -117,6 +117,31 @@ def test_trained_checkpoint_exports_policy_weights(tiny_ckpt, tmp_path):
         assert "model.layers.0.mlp.down_proj.weight" in changed  # trained, not the source weights
 
 
+def _load_step_and_export(step_dir: str, hf_dir: str):
+    """TP=1: the training step's model loaded directly, and the HF export of it loaded through the HF reader."""
+    from megatron_sayo.checkpoint.loader import load_model_stage
+    from megatron_sayo.distributed import runtime
+
+    runtime.init_distributed(1, 1)
+    direct = load_model_stage(megatron_dir=step_dir, params_dtype=torch.float32).state_dict()
+    exported = load_model_stage(hf_dir=hf_dir, params_dtype=torch.float32).state_dict()
+    return {k: torch.equal(v, exported[k]) for k, v in direct.items() if isinstance(v, torch.Tensor)}
+
+
+def test_training_step_loads_as_a_model(tiny_ckpt, tmp_path):
+    """load_model_stage(megatron_dir=<trainer step dir>) (eval, serve, reports) gets the trained weights, equal
+    to the step's HF export (a TP=2 step loaded at TP=1), not an error about the step's optimizer state."""
+    from megatron_sayo.checkpoint.files import find_resumable
+    from megatron_sayo.convert.converters import convert_megatron_to_hf
+
+    run_dir = tmp_path / "run"
+    spawn_local(_save_one, 2, str(tiny_ckpt), str(run_dir))
+    convert_megatron_to_hf(run_dir, tmp_path / "hf", progress=False)
+    equal = next(r for r in spawn_local(_load_step_and_export, 1, str(find_resumable(run_dir)),
+                                        str(tmp_path / "hf")) if r is not None)
+    assert len(equal) > 10 and all(equal.values()), [k for k, v in equal.items() if not v]
+
+
 def _save_one(hf_dir: str, run_dir: str):
     from megatron_sayo.checkpoint import state as checkpoint
     from megatron_sayo.distributed import runtime
