@@ -116,6 +116,10 @@ class RewardConfig:
     # The data field the accuracy reward matches: 'short_answer' uses a row's short_answer where it has one
     # (GQA rows of the SAYO mix keep the one-word answer beside the fullAnswer sentence), else its answer.
     accuracy_target: Literal["answer", "short_answer"] = "answer"
+    # Which last-layer row a(t), v(t) read for completion token t (docs/spec.md §3): 'token' = the token's own
+    # row, query column p (the method); 'decision' = the row whose logits sampled it, column p - 1 (a
+    # diagnostic of the ablation's finding that the lookup happens there; teacher-forced scoring only).
+    attention_row: Literal["token", "decision"] = "token"
 
 
 @dataclass
@@ -273,6 +277,9 @@ def _cross_checks(cfg: RunConfig, where: str) -> None:
     _lora_checks(cfg.lora, cfg.model, where)
     if cfg.eval.interval and not cfg.data.eval_file:
         raise ConfigError(f"{where}: eval.interval > 0 needs data.eval_file (the held-out set)")
+    if cfg.reward.attention_row == "decision" and cfg.rollout.capture_scores:
+        raise ConfigError(f"{where}: reward.attention_row = decision needs rollout.capture_scores = false (the "
+                          f"rollout captures each token's own row only)")
     lo, hi = cfg.data.min_pixels, cfg.data.max_pixels
     if lo is not None and hi is not None and lo > hi:
         raise ConfigError(f"{where}: data.min_pixels ({lo}) must be <= data.max_pixels ({hi})")

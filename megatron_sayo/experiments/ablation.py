@@ -311,7 +311,9 @@ def main(argv=None) -> int:
     from megatron_sayo.distributed.runtime import spawn_local
 
     print("data and shared warm-up ...", flush=True)
-    spawn_local(_warmup_worker, 1, arm_overrides(out, "accuracy", args.seeds[0], args.overrides))
+    # no time limit: a long warm-up (warmup.steps) on a slow machine is the user's choice, like the arms' runs
+    spawn_local(_warmup_worker, 1, arm_overrides(out, "accuracy", args.seeds[0], args.overrides),
+                timeout_s=float("inf"))
     steps = cfgs["accuracy"].train.steps
     run_arms(out, args.seeds, args.overrides, max(1, args.jobs), steps)
     base = cfgs["accuracy"].to_dict()

@@ -3,8 +3,8 @@ warm-up, and how TAS depends on the answer word, on the first 64 held-out questi
 at temperature 1 / top-p 0.9 per question).
 
 Beside the TAS of docs/spec.md §3 (the selected token's own attention row, query column p) it reports the TAS
-of the row that DECIDED the token (query column p - 1, whose logits the token was sampled from), pooled over
-the same selected tokens: a diagnostic of where looking happens, not a reward.
+of the row that DECIDED the token (query column p - 1, whose logits the token was sampled from; scoring with
+reward.attention_row "decision"), pooled over the same selected tokens: where the looking happens.
 
     python -m megatron_sayo.experiments.selected_tokens --out DIR     # DIR: the ablation's --out
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import collections
 import statistics
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from megatron_sayo.data.processor import Processor
 from megatron_sayo.distributed import runtime
 from megatron_sayo.experiments import ablation as A
 from megatron_sayo.rl import rewards as R
-from megatron_sayo.rl.batch import CompletionScores, ScoringBatch
+from megatron_sayo.rl.batch import ScoringBatch
 from megatron_sayo.rl.prompts import build_prompt_batch
 from megatron_sayo.rl.rollout import SamplingParams, generate
 from megatron_sayo.rl.scoring import score_policy
@@ -42,20 +41,6 @@ def inside_answer(tok, ids: list[int], j: int) -> bool:
 def counted_means(groups: dict) -> dict:
     """{key: (count, mean)}."""
     return {k: (len(v), round(statistics.fmean(v), 4)) for k, v in groups.items()}
-
-
-def decision_rows(batch: ScoringBatch) -> ScoringBatch:
-    """The same rows with the prompt/completion split one column earlier: completion token j' of the result is
-    the query at column P - 1 + j', i.e. the row whose logits sampled the original token j = j'."""
-    ones = torch.ones_like(batch.completion_mask[:, :1])
-    return replace(batch, prompt_length=batch.prompt_length - 1,
-                   completion_mask=torch.cat([ones, batch.completion_mask], 1))
-
-
-def with_decision_masses(scores: CompletionScores, decided: CompletionScores) -> CompletionScores:
-    """`scores` (entropies, selection) with the region/image masses of each token's deciding row."""
-    width = scores.mask.shape[1]
-    return replace(scores, region_mass=decided.region_mass[:, :width], image_mass=decided.image_mass[:, :width])
 
 
 def main(argv=None) -> None:
@@ -88,7 +73,7 @@ def main(argv=None) -> None:
             batch = ScoringBatch.from_rollout(ro, prompts, hf)
             sc = score_policy(model, batch, 16, params.temperature)
             _, tas, selected = R.sequence_attention_reward(sc, r.top_entropy_ratio, r.attention_form, r.eps)
-            decided = with_decision_masses(sc, score_policy(model, decision_rows(batch), 16, params.temperature))
+            decided = score_policy(model, batch, 16, params.temperature, attention_row="decision")
             _, decision_tas, _ = R.sequence_attention_reward(decided, r.top_entropy_ratio, r.attention_form, r.eps)
             for row in range(ro.sequences.shape[0]):
                 ids = ro.completion_ids[row, :int(ro.completion_lengths[row])].tolist()

@@ -149,8 +149,10 @@ class ScoringBatch:
                       image_grid_thw=None if image_grid_thw is None else image_grid_thw.to(device))
         return cls.teacher_forced(hf, inputs, torch.as_tensor(region_mask).bool()[None], [list(completion_ids)], 0)
 
-    def microbatches(self, hf, size: int, with_probe: bool) -> list[dict]:
-        """Forward inputs in chunks of `size` rows (logits from column P - 1 on), plus the probe's masks.
+    def microbatches(self, hf, size: int, with_probe: bool, attention_row: Literal["token", "decision"] = "token"
+                     ) -> list[dict]:
+        """Forward inputs in chunks of `size` rows (logits from column P - 1 on), plus the probe's masks: query
+        rows at the completion tokens' own columns (attention_row "token") or one column earlier ("decision").
 
         Rows that hold the same pixel tensor (a prompt's G completions) send it to the vision tower once."""
         out = []
@@ -163,7 +165,8 @@ class ScoringBatch:
             mb["inputs"].update(logits_from=self.prompt_length - 1, image_grid_thw=thw, image_order=order)
             if with_probe:
                 query = torch.zeros_like(mask, dtype=torch.bool)
-                query[:, self.prompt_length:] = self.completion_mask[rows].bool()
+                first = self.prompt_length - (1 if attention_row == "decision" else 0)
+                query[:, first:first + self.completion_mask.shape[1]] = self.completion_mask[rows].bool()
                 mb.update(query_rows=query, region_mask=self.region_mask[rows], image_mask=ids == hf.tokens.image)
             out.append(mb)
         return out

@@ -97,7 +97,7 @@ class HeldOutEvaluator:
             scores = rollout.scores
         else:
             scores = score_policy(policy, ScoringBatch.from_rollout(rollout, prompts, hf), cfg.train.micro_batch,
-                                  temperature)
+                                  temperature, attention_row=cfg.reward.attention_row)
         if scores is None:
             return rollout, None
         return rollout, score_completions(rollout, scores, [s.reference(cfg.reward.accuracy_target) for s in chunk],

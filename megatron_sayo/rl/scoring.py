@@ -5,6 +5,8 @@ Results exist on the last pipeline stage; other stages get None.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from megatron.core import parallel_state
 
@@ -29,18 +31,22 @@ def _token_stats(model, logits: torch.Tensor, mb: dict, prompt_length: int, temp
                                                vocab_size=model.vocab_size)
 
 
-def _dense_key_weights(mass, rows: int, prompt_length: int, width: int) -> torch.Tensor:
-    """[rows, T, S] head-mean image-key weights of each measured completion row (0 elsewhere)."""
+def _dense_key_weights(mass, rows: int, first_query: int, width: int) -> torch.Tensor:
+    """[rows, T, S] head-mean image-key weights of each measured completion row (0 elsewhere); completion
+    token 0's row is query column `first_query`."""
     out = mass.key_weights.new_zeros(rows, width, mass.key_weights.shape[1])
-    out[mass.batch, mass.query - prompt_length] = mass.key_weights
+    out[mass.batch, mass.query - first_query] = mass.key_weights
     return out
 
 
 def score_policy(model, batch: ScoringBatch, micro_batch: int, temperature: float,
-                 key_weights: bool = False) -> CompletionScores | None:
+                 key_weights: bool = False, attention_row: Literal["token", "decision"] = "token"
+                 ) -> CompletionScores | None:
     """Log-probs, entropies and last-layer region/image masses of the completions, in one no-grad pass.
 
     key_weights: also each completion row's head-mean attention over the image keys (for heatmaps).
+    attention_row: the masses of each token's own row ("token", docs/spec.md §3) or of the row whose logits
+    sampled it ("decision", reward.attention_row).
     """
     model.eval()
     P, T = batch.prompt_length, batch.completion_mask.shape[1]
@@ -48,8 +54,11 @@ def score_policy(model, batch: ScoringBatch, micro_batch: int, temperature: floa
     def collect(logits, mb):
         return _token_stats(model, logits, mb, P, temperature)
 
-    scored = score_region_mass(model, batch.microbatches(model.hf, micro_batch, with_probe=True), collect,
+    scored = score_region_mass(model, batch.microbatches(model.hf, micro_batch, with_probe=True,
+                                                         attention_row=attention_row), collect,
                                key_weights=key_weights)
+    rows_by = "query" if attention_row == "token" else "logits"
+    first_query = P - (0 if attention_row == "token" else 1)     # the query column of completion token 0
     if not parallel_state.is_pipeline_last_stage():
         return None
     parts = []
@@ -58,9 +67,9 @@ def score_policy(model, batch: ScoringBatch, micro_batch: int, temperature: floa
         mask = batch.completion_mask[rows]
         parts.append(CompletionScores(
             logprobs=s.output[0], entropy=s.output[1], mask=mask,
-            region_mass=completion_view(s.region_mass, P, T, "query"),
-            image_mass=completion_view(s.image_mass, P, T, "query"),
-            key_weights=_dense_key_weights(s.mass, mask.shape[0], P, T) if key_weights else None))
+            region_mass=completion_view(s.region_mass, P, T, rows_by),
+            image_mass=completion_view(s.image_mass, P, T, rows_by),
+            key_weights=_dense_key_weights(s.mass, mask.shape[0], first_query, T) if key_weights else None))
     return CompletionScores.cat(parts)
 
 

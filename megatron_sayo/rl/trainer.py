@@ -181,7 +181,8 @@ class GRPOTrainer:
         mb = cfg.train.micro_batch
         check = {}
         if not capture or cfg.rollout.capture_check:
-            scores = score_policy(self.policy, batch, mb, cfg.rollout.temperature)
+            scores = score_policy(self.policy, batch, mb, cfg.rollout.temperature,
+                                  attention_row=cfg.reward.attention_row)
             if capture and scores is not None:
                 check = {f"capture_diff_{k}": v for k, v in rollout.scores.mean_abs_difference(scores).items()}
         if capture:
