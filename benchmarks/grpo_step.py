@@ -3,7 +3,8 @@
 Two trainers start from the same checkpoint with the same seed, one with capture on and one off, and take
 steps in turn (the order alternates every step, so load on the machine hits both alike). Prints the median
 seconds of each phase (rollout, scoring, reference, update, whole step) side by side with the ratio
-on / off, and the mean rewards of both runs (they follow the same prompts and seeds: the rewards must agree).
+on / off (and cpu_step: the step's CPU seconds summed over the ranks, the work done, which other jobs'
+load barely moves), and the mean rewards of both runs (they follow the same prompts and seeds: the rewards must agree).
 Two models: the demo config (`megatron_sayo/configs/tiny.yaml`, TP=2 on two local ranks, its tiny random
 checkpoint) and the same config on the ~57M-parameter model of benchmarks/rollout.py. Warm-up is skipped
 (warmup.steps=0): a random policy writes the full max_new_tokens, the longest rollout.
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("time_rollout", "time_score", "time_reference", "time_update", "time_step")
+PHASES = ("time_rollout", "time_score", "time_reference", "time_update", "time_step", "cpu_step")
 REWARDS = ("reward_total", "reward_attention", "reward_format", "tas", "completion_tokens")
 
 
@@ -42,6 +43,19 @@ def _wait_for(path: Path, alive=lambda: True) -> None:
         if not alive():
             raise RuntimeError(f"gave up waiting for {path}: the other side died")
         time.sleep(0.002)
+
+
+def _timed_step(trainer) -> dict:
+    """One step's metrics plus cpu_step: CPU seconds the step took summed over all ranks (work done, which
+    load from other jobs on the machine barely moves, unlike the wall-clock time_*)."""
+    import torch
+    import torch.distributed as dist
+
+    start = time.process_time()
+    metrics = trainer.train_step().metrics
+    cpu = torch.tensor([time.process_time() - start], dtype=torch.float64)
+    dist.all_reduce(cpu)
+    return {**metrics, "cpu_step": float(cpu)}
 
 
 def _rank(overrides: list[str], run_dir: str, steps: int, modes: tuple[str, ...] = ("off", "on"),
@@ -69,7 +83,7 @@ def _rank(overrides: list[str], run_dir: str, steps: int, modes: tuple[str, ...]
         if baton:
             _wait_for(Path(baton) / f"go_{i}")
         for mode in (modes if i % 2 == 0 else modes[::-1]):
-            rows[mode].append(trainers[mode].train_step().metrics)
+            rows[mode].append(_timed_step(trainers[mode]))
         if baton and trainers[modes[0]].is_logger:
             (Path(baton) / f"done_{i}.tmp").write_text("")
             os.replace(Path(baton) / f"done_{i}.tmp", Path(baton) / f"done_{i}")
@@ -91,7 +105,7 @@ def report(name: str, rows: dict, skip: int) -> None:
     for key in PHASES:
         off, on = median(rows["off"], key, skip), median(rows["on"], key, skip)
         ratio = f"{on / off:.2f}" if off > 0 else "-"
-        print(f"{key[5:]:<16}{off:>12.3f}{on:>12.3f}{ratio:>9}")
+        print(f"{key.removeprefix('time_'):<16}{off:>12.3f}{on:>12.3f}{ratio:>9}")
     print(f"{'mean over steps':<16}{'capture off':>12}{'capture on':>12}")
     for key in REWARDS:
         print(f"{key:<16}{mean(rows['off'], key):>12.4f}{mean(rows['on'], key):>12.4f}")
@@ -191,7 +205,7 @@ def compare_with_rev(name: str, tree: Path, rev: str, ckpt: Path, data: Path, st
     for key in PHASES:
         med = [statistics.median(r[key] for r in pooled[s]) for s in SIDES]
         ratios = [f"{med[2] / m:.2f}" if m > 0 else "-" for m in (med[0], med[1])]
-        print(f"{key[5:]:<16}" + "".join(f"{m:>16.3f}" for m in med) + "".join(f"{r:>16}" for r in ratios))
+        print(f"{key.removeprefix('time_'):<16}" + "".join(f"{m:>16.3f}" for m in med) + "".join(f"{r:>16}" for r in ratios))
     print("reward_total per step (run 1):")
     for side in SIDES:
         print(f"  {label[side]:<14}" + " ".join(f"{r['reward_total']:.4f}" for r in runs[0][side]))
