@@ -80,14 +80,19 @@ class HttpServer:
 
 
 def start_http(state, host: str, port: int, *, backlog: int = D.backlog, max_connections: int = D.max_connections,
-               read_timeout_s: float = D.read_timeout_s, keep_alive_s: float = D.keep_alive_s) -> HttpServer:
-    """Bind host:port and serve the API over `state` in a daemon thread; returns once it accepts connections."""
+               read_timeout_s: float = D.read_timeout_s, keep_alive_s: float = D.keep_alive_s,
+               on_bound=None) -> HttpServer:
+    """Bind host:port and serve the API over `state` in a daemon thread; returns once it accepts connections.
+
+    on_bound(port) runs after binding and before serving: what it prints precedes any answer (e.g. /health)."""
     import uvicorn
 
     from megatron_sayo.eval.api_server import make_app
 
     sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
                                 backlog=backlog)
+    if on_bound is not None:
+        on_bound(sock.getsockname()[1])
     config = uvicorn.Config(make_app(state), backlog=backlog, limit_concurrency=max_connections,
                             timeout_keep_alive=keep_alive_s, http=guarded_protocol(read_timeout_s), lifespan="off",
                             log_level="warning", access_log=False, h11_max_incomplete_event_size=64 << 10)
@@ -143,13 +148,16 @@ def run_rank(args) -> None:
     name = args.model_name or os.path.basename(os.path.normpath(args.hf or args.megatron))
     state = ServerState(scheduler, engine.processor, limits_for(args, engine), name, args.api_key,
                         args.max_body_bytes, args.read_timeout_s)
+    media = args.allowed_local_media_path or "off"
+
+    def banner(port: int) -> None:  # before serving: a client that saw /health answer also sees this line
+        print(f"serving {name} on http://{args.host}:{port}/v1 (tp={args.tp}, pp={args.pp}, local media: "
+              f"{media})", flush=True)
+
     http = start_http(state, args.host, args.port, backlog=args.backlog, max_connections=args.max_connections,
-                      read_timeout_s=args.read_timeout_s, keep_alive_s=args.keep_alive_s)
+                      read_timeout_s=args.read_timeout_s, keep_alive_s=args.keep_alive_s, on_bound=banner)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: scheduler.stopped.set())
-    media = args.allowed_local_media_path or "off"
-    print(f"serving {name} on http://{args.host}:{http.port}/v1 (tp={args.tp}, pp={args.pp}, local media: {media})",
-          flush=True)
     try:
         scheduler.serve_forever()
     finally:
