@@ -36,6 +36,8 @@ SHAPES = ("square", "circle", "triangle")
 TASKS = ("shapes", "tiles", "tiles_reasoning")
 TILE = 28          # one visual token of Qwen2.5-VL: a 14-pixel patch, 2 x 2 merged
 TILES_PER_IMAGE = 3
+TILES_QUESTION = "What is under {}?"   # {} = the asked tile's top colour
+TILES_REASONING = "{} over {}"          # one tile described: top colour, bottom colour
 
 
 def _background(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
@@ -119,9 +121,9 @@ def make_tile_sample(seed: int, index: int, size: tuple[int, int] = (112, 112),
         draw.rectangle([x, y + TILE // 2, x + TILE - 1, y + TILE - 1], fill=COLOURS[bottom])
         boxes.append([x, y, x + TILE, y + TILE])
     k, seen = int(rng.integers(TILES_PER_IMAGE)), int(rng.integers(TILES_PER_IMAGE))
-    row = {"id": f"tiles-{seed}-{index:06d}", "question": f"What is under {tops[k]}?", "answer": bottoms[k],
+    row = {"id": f"tiles-{seed}-{index:06d}", "question": TILES_QUESTION.format(tops[k]), "answer": bottoms[k],
            "boxes": [boxes[k]]}
-    return image, row | ({"reasoning": f"{tops[seen]} over {bottoms[seen]}"} if reasoning else {})
+    return image, row | ({"reasoning": TILES_REASONING.format(tops[seen], bottoms[seen])} if reasoning else {})
 
 
 def make_synthetic(out_dir: str | Path, n: int, seed: int = 0, size: tuple[int, int] = (112, 112),

@@ -14,19 +14,20 @@ from pathlib import Path
 import torch
 
 from megatron_sayo.config import load_config
+from megatron_sayo.data.synthetic import TILES_QUESTION, TILES_REASONING
 from megatron_sayo.experiments import ablation as A
-
-QUESTION_PREFIX, QUESTION_SUFFIX = "What is under ", "?"
 
 
 def asked_colour(question: str) -> str:
-    """'What is under red?' -> 'red'."""
-    return question.removeprefix(QUESTION_PREFIX).removesuffix(QUESTION_SUFFIX)
+    """'What is under red?' -> 'red' (data/synthetic.py TILES_QUESTION)."""
+    prefix, suffix = TILES_QUESTION.split("{}")
+    return question.removeprefix(prefix).removesuffix(suffix)
 
 
 def described_colour(completion: str) -> str | None:
-    """The top colour the reasoning describes ('green over blue <answer>...' -> 'green'); None without one."""
-    head, sep, _ = completion.partition(" over ")
+    """The top colour the reasoning describes ('green over blue <answer>...' -> 'green', data/synthetic.py
+    TILES_REASONING); None without one."""
+    head, sep, _ = completion.partition(TILES_REASONING.split("{}")[1])
     return head.strip() or None if sep else None
 
 

@@ -85,7 +85,7 @@ def main(argv=None) -> None:
                     picked[tok.decode([ids[j]])] += 1
                     inside += inside_answer(tok, ids, j)
                     total += 1
-        mean = {k: (len(v), round(statistics.fmean(v), 4)) for k, v in sorted(by_word.items(), key=lambda kv: -len(kv[1]))}
+        mean = counted_means(dict(sorted(by_word.items(), key=lambda kv: -len(kv[1]))))
         print(f"== {name}: {total} selected tokens, {inside} inside the answer word; most picked {picked.most_common(10)}")
         print(f"   TAS by answer word (count, mean): {mean}")
         print(f"   TAS of correct / wrong answers: {counted_means(by_correct)}")

@@ -183,17 +183,17 @@ def distinct_images(pixel_values: list[torch.Tensor], image_grid_thw: list[torch
     [n_distinct, 3], order: the distinct images' indices in row order, one per image slot; None when no row
     repeats another's tensor). (None, None, None) without images. Sameness is identity: rows built from one
     prompt share its tensor (ScoringBatch.from_rollout)."""
-    first: dict[int, int] = {}
-    pix, thw, order = [], [], []
+    start: dict[int, int] = {}   # id(pixel tensor) -> index of its first image among the distinct ones
+    pix, thw, order, n_distinct = [], [], [], 0
     for p, g in zip(pixel_values, image_grid_thw):
         if p is None or not p.numel():
             continue
-        if id(p) not in first:
-            first[id(p)] = len(pix)
+        if id(p) not in start:
+            start[id(p)] = n_distinct
+            n_distinct += len(g)
             pix.append(p)
             thw.append(g)
-        base = sum(len(t) for t in thw[:first[id(p)]])
-        order.extend(range(base, base + len(g)))
+        order.extend(range(start[id(p)], start[id(p)] + len(g)))
     if not pix:
         return None, None, None
     grids = torch.cat(thw)
