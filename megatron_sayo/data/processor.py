@@ -20,6 +20,7 @@ import torch
 
 from megatron_sayo.data.chat_template import ChatTemplate, find_chat_template
 from megatron_sayo.data.image_processing import ImageProcessorConfig, process_image
+from megatron_sayo.data.regions import tokens_per_image
 from megatron_sayo.data.tokenizer import (IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START,
                                           Tokenizer)
 
@@ -109,8 +110,7 @@ class Processor:
 
     def image_token_count(self, grid_thw) -> int:
         """LLM tokens of one image: grid_t * grid_h * grid_w / merge_size**2."""
-        t, h, w = (int(v) for v in grid_thw)
-        return t * h * w // self.image_config.merge_size ** 2
+        return tokens_per_image(grid_thw, self.image_config.merge_size)[0]
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
                             add_vision_id: bool = False) -> str:

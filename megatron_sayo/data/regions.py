@@ -62,6 +62,12 @@ def merge_grid_from_thw(thw: Sequence[int], merge_size: int = 2) -> tuple[int, i
     return h // merge_size, w // merge_size
 
 
+def tokens_per_image(image_grid_thw, merge_size: int = 2) -> list[int]:
+    """Language-model tokens of each image row (t, h, w) of image_grid_thw: t * h * w / merge_size**2."""
+    rows = torch.as_tensor(image_grid_thw).reshape(-1, 3).tolist()
+    return [int(t * h * w) // merge_size ** 2 for t, h, w in rows]
+
+
 def resized_size_from_thw(thw: Sequence[int], patch_size: int = 14) -> tuple[int, int]:
     """(W', H') in pixels of the resized image from its image_grid_thw row (t, h, w)."""
     return int(thw[2]) * patch_size, int(thw[1]) * patch_size
@@ -165,7 +171,7 @@ def region_positions(input_ids_row: Sequence[int] | torch.Tensor, image_token_id
 def _images_per_row(input_ids: torch.Tensor, image_grid_thw: torch.Tensor, image_token_id: int,
                     merge_size: int) -> list[list[int]]:
     """Indices into image_grid_thw of each row's images, assigned in order by token counts."""
-    counts = [int(t * h * w) // merge_size ** 2 for t, h, w in image_grid_thw.tolist()]
+    counts = tokens_per_image(image_grid_thw, merge_size)
     per_row, nxt = [], 0
     for row in input_ids:
         n_pad, mine = int((row == image_token_id).sum()), []
@@ -207,7 +213,7 @@ def batch_region_positions(input_ids: torch.Tensor, image_grid_thw: torch.Tensor
         img_thw = thw[images[spec.image_index]].tolist()
         cells = boxes_to_cells(spec.boxes, spec.orig_size, resized_size_from_thw(img_thw, patch_size),
                                merge_grid_from_thw(img_thw, merge_size), spec.sample_id)
-        counts = [int(t * h * w) // merge_size ** 2 for t, h, w in thw[images].tolist()]
+        counts = tokens_per_image(thw[images], merge_size)
         out.append(region_positions(row, image_token_id, spec.image_index, cells, counts))
     return out
 

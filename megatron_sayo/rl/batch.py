@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from megatron_sayo.data.regions import tokens_per_image
 from megatron_sayo.models.qwen25vl.model import model_inputs
 
 
@@ -210,7 +211,7 @@ def images_per_prompt(inputs: dict, hf) -> tuple[list[torch.Tensor], list[torch.
     if thw is None or pixels is None:
         return [torch.zeros(0)] * ids.shape[0], [torch.zeros(0, 3, dtype=torch.long)] * ids.shape[0]
     patches = thw.prod(-1).tolist()
-    tokens = [n // hf.vision.spatial_merge_size ** 2 for n in patches]
+    tokens = tokens_per_image(thw, hf.vision.spatial_merge_size)
     pix_rows, thw_rows, image, patch = [], [], 0, 0
     for b, need in enumerate((ids == hf.tokens.image).sum(1).tolist()):
         first, first_patch = image, patch
