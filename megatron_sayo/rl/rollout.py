@@ -3,9 +3,10 @@
 One prefill over the left-padded prompts (images through the vision tower once) fills a per-layer KV
 cache; for G completions per prompt the cache rows are then repeated. Each decode step feeds one token per
 row with its 3-D M-RoPE position (index among the row's real tokens + rope_delta, the same on all three
-channels). The last pipeline stage gathers the last position's vocab-parallel logits, TP rank 0 samples
-(temperature, then top-p), and the new ids travel to every rank of the model-parallel group (TP broadcast on
-the last stage, then PP broadcast from it), so every stage feeds the same ids at the next step.
+channels). The last pipeline stage gathers the last position's vocab-parallel logits, and each of its TP
+ranks samples (temperature, then top-p) from the same gathered logits with the same seeded generator, so they
+draw the same ids without a broadcast (as Megatron-LM's text generation does); a PP broadcast from the last
+stage then gives every stage the ids it feeds at the next step.
 
 `Rollout.logprobs` are log softmax(logits / temperature) of the chosen ids over the vocabulary they were drawn
 from (suppressed ids removed, before top-p truncation; temperature 1 when greedy).
@@ -18,8 +19,9 @@ would compute, as `Rollout.scores` (CompletionScores, last pipeline stage): per 
 entropy of the full distribution softmax(logits / temperature) it was sampled from (logits column p - 1),
 and the last layer's region / image attention mass of its own row (query column p), measured while the token
 is fed in the next decode step (a row that stops is fed once more, then leaves the cache; when every row
-has stopped, that last feed runs the layers without the output layer). The sampler draws
-for exactly the rows it draws for without capture, so the same seed gives the same completions.
+has stopped, that last feed runs the layers without the output layer). Each step keeps the masses over this
+rank's heads; one all-reduce over TP at the end of the rollout makes them the mean over all heads. The
+sampler draws for exactly the rows it draws for without capture, so the same seed gives the same completions.
 """
 
 from __future__ import annotations
@@ -133,8 +135,8 @@ def _world(group) -> int:
 
 
 def _is_sampler() -> bool:
-    """Last pipeline stage, TP rank 0: the rank that draws the tokens."""
-    return parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+    """The last pipeline stage: its TP ranks hold the same gathered logits and draw the same tokens."""
+    return parallel_state.is_pipeline_last_stage()
 
 
 def raw_top(logits: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
@@ -148,11 +150,7 @@ def raw_top(logits: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def share_from_sampler(packed: torch.Tensor) -> torch.Tensor:
-    """`packed` as filled on the sampler, on every rank of its model-parallel group (TP, then PP broadcast)."""
-    if parallel_state.is_pipeline_last_stage():
-        tp_group = parallel_state.get_tensor_model_parallel_group()
-        if _world(tp_group) > 1:
-            dist.broadcast(packed, parallel_state.get_tensor_model_parallel_src_rank(), group=tp_group)
+    """`packed` as filled on the last stage, on every stage (PP broadcast; its TP ranks filled it alike)."""
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     if _world(pp_group) > 1:
         dist.broadcast(packed, parallel_state.get_pipeline_model_parallel_last_rank(), group=pp_group)
@@ -264,8 +262,9 @@ class _Capture:
         self.probe: DecodeMassProbe | None = None
 
     def state(self, cache: KVCache, active: torch.Tensor) -> AttentionState:
-        """The decode step's attention state: the cache and a probe over the fed rows' prompt keys."""
-        self.probe = DecodeMassProbe(self.region[active], self.image[active])
+        """The decode step's attention state: the cache and a probe over the fed rows' prompt keys (this
+        rank's heads only: `scores` reduces over TP once)."""
+        self.probe = DecodeMassProbe(self.region[active], self.image[active], group=None)
         return AttentionState(kv_cache=cache, probe=self.probe, probe_layer=self.num_layers)
 
     def record_masses(self, active: torch.Tensor, live: torch.Tensor, step: int) -> None:
@@ -279,7 +278,13 @@ class _Capture:
         if not parallel_state.is_pipeline_last_stage():
             return None
         t = completion_mask.shape[1]
-        logp, entropy, region, image = self.values[:, :, :t]
+        masses = self.values[2:4, :, :t].contiguous()
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        if _world(tp_group) > 1:     # local-head means -> the mean over all heads
+            dist.all_reduce(masses, group=tp_group)
+            masses /= dist.get_world_size(tp_group)
+        logp, entropy = self.values[:2, :, :t]
+        region, image = masses
         return CompletionScores(logprobs=logp, entropy=entropy, region_mass=region, image_mass=image,
                                 mask=completion_mask)
 
