@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megatron_sayo.distributed import shm_collectives
 from megatron_sayo.distributed.groups import resolve_group
 from megatron_sayo.models.qwen25vl.attention import AttentionState
 
@@ -272,7 +273,7 @@ def head_mean_over_tp(sums: torch.Tensor, local_heads: int, group="default") -> 
     group = resolve_group(group, "tp")
     tp = 1
     if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(sums, group=group)
+        shm_collectives.all_reduce(sums, group)
         tp = dist.get_world_size(group)
     return sums / (local_heads * tp)
 

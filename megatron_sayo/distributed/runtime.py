@@ -2,7 +2,8 @@
 
 This is the only module that knows whether we run on CPU. megatron-core 0.16 hard-codes CUDA in a few
 places (pipeline p2p, schedules, grad-norm, TP gathers); `_install_cpu_shims` neutralises exactly those, and only
-when CUDA is absent, so the GPU path runs megatron-core untouched.
+when CUDA is absent, so the GPU path runs megatron-core untouched. On CPU it also routes megatron's TP
+all-reduce and all-gather through shared memory (distributed/shm_collectives.py), gloo being latency-bound.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from megatron_sayo.distributed import shm_collectives
 
 
 @dataclass(frozen=True)
@@ -96,12 +99,15 @@ def init_distributed(tp: int = 1, pp: int = 1, *, launch: LaunchEnv | None = Non
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    if not torch.cuda.is_available():
+        shm_collectives.enable()
     return launch
 
 
 def shutdown() -> None:
     from megatron.core import parallel_state
 
+    shm_collectives.disable()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
@@ -144,11 +150,14 @@ class _CpuCuda(types.SimpleNamespace):
 
 
 class _CpuTorch(types.ModuleType):
-    """`torch`, except that device='cuda' means CPU and torch.cuda is `_CpuCuda`."""
+    """`torch`, except that device='cuda' means CPU and torch.cuda is `_CpuCuda` (and, given, torch.distributed
+    is `distributed`)."""
 
-    def __init__(self):
+    def __init__(self, distributed: types.ModuleType | None = None):
         super().__init__("torch")
         self.cuda = _CpuCuda()
+        if distributed is not None:
+            self.distributed = distributed
 
     def __getattr__(self, name):
         attr = getattr(torch, name)
@@ -169,7 +178,6 @@ _shims_installed = False
 _CUDA_BOUND_MODULES = (
     "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.pipeline_parallel.schedules",
-    "megatron.core.tensor_parallel.mappings",
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.optimizer",
     "megatron.core.distributed.param_and_grad_buffer",
@@ -179,6 +187,9 @@ _CUDA_BOUND_MODULES = (
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
 )
+# megatron-core modules whose TP all-reduces and all-gathers go through shared memory on CPU (they also get
+# the CUDA shim): the row-parallel / embedding forward reduce, the column-parallel backward reduce
+_TP_COMM_MODULES = ("megatron.core.tensor_parallel.mappings", "megatron.core.tensor_parallel.layers")
 
 
 def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
@@ -206,6 +217,10 @@ def _install_cpu_shims() -> None:
     optimizer = importlib.import_module("megatron.core.optimizer.optimizer")
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+    tp_torch = _CpuTorch(distributed=shm_collectives.TorchDistributed("torch.distributed"))
+    for name in _TP_COMM_MODULES:
+        importlib.import_module(name).torch = tp_torch
+    importlib.import_module(_TP_COMM_MODULES[0]).dist_all_gather_func = shm_collectives.all_gather_into_tensor
     _shims_installed = True
 
 

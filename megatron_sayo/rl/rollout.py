@@ -35,7 +35,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_sayo.attention.region_mass import DecodeMassProbe
-from megatron_sayo.distributed import runtime
+from megatron_sayo.distributed import runtime, shm_collectives
 from megatron_sayo.models.qwen25vl.attention import AttentionState, KVCache, build_attention_mask
 from megatron_sayo.models.qwen25vl.rope import get_rope_index
 from megatron_sayo.rl.batch import CompletionScores
@@ -281,8 +281,7 @@ class _Capture:
         masses = self.values[2:4, :, :t].contiguous()
         tp_group = parallel_state.get_tensor_model_parallel_group()
         if _world(tp_group) > 1:     # local-head means -> the mean over all heads
-            dist.all_reduce(masses, group=tp_group)
-            masses /= dist.get_world_size(tp_group)
+            shm_collectives.all_reduce(masses, tp_group).div_(_world(tp_group))
         logp, entropy = self.values[:2, :, :t]
         region, image = masses
         return CompletionScores(logprobs=logp, entropy=entropy, region_mass=region, image_mass=image,

@@ -12,10 +12,10 @@ Only megatron's local layer spec with dropout 0 is supported (`supports`); anyth
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 
+from megatron_sayo.distributed import shm_collectives
 from megatron_sayo.models.lora import delta as lora_delta
 
 
@@ -40,10 +40,7 @@ def _with_adapter(out: torch.Tensor, linear, x: torch.Tensor) -> torch.Tensor:
 
 def _row_parallel(x: torch.Tensor, linear) -> torch.Tensor:
     """A RowParallelLinear's output: local partial product, summed over TP, then the bias (and adapter)."""
-    out = F.linear(x, linear.weight)
-    group = parallel_state.get_tensor_model_parallel_group()
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(out, group=group)
+    out = shm_collectives.all_reduce(F.linear(x, linear.weight), parallel_state.get_tensor_model_parallel_group())
     out = out if linear.bias is None else out + linear.bias
     return _with_adapter(out, linear, x)
 
