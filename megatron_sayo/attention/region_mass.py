@@ -279,18 +279,19 @@ def head_mean_over_tp(sums: torch.Tensor, local_heads: int, group="default") -> 
 
 
 def decode_mass_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, allowed: torch.Tensor | None,
-                     scale: float, region_mask: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
-    """[2, n] float32 local-head sums of the softmax weights on region / image keys for ONE new query per row.
+                     scale: float, key_masks: torch.Tensor) -> torch.Tensor:
+    """[n, 2] float32 local-head sums of the softmax weights on region / image keys for ONE new query per row.
 
     The KV-cached decode step: q [n, h, 1, d], k [n, h or kv groups, sk, d] (all rows at once, no per-row
-    loop); region_mask, image_mask bool [n, m] over the first m <= sk keys (the prompt: image keys are prompt
-    tokens, all visible to the new query). With the attention's row log-sum-exp `lse` [n, h, 1] the weights
-    are exp(scale q.k - lse); without it they are the softmax over the keys `allowed` (True = attend) lets in.
+    loop); key_masks float [n, m, 2]: region and image indicators over the first m <= sk keys (the prompt:
+    image keys are prompt tokens, all visible to the new query). With the attention's row log-sum-exp `lse`
+    [n, h, 1] the weights are exp(scale q.k - lse); without it they are the softmax over the keys `allowed`
+    (True = attend) lets in.
     """
     n, h, sq, d = q.shape
     if sq != 1:
         raise ValueError(f"decode_mass_sums measures one new query per row, got {sq}")
-    groups, m = k.shape[1], region_mask.shape[1]
+    groups, m = k.shape[1], key_masks.shape[1]
     scores = torch.matmul(q.float().reshape(n, groups, h // groups, d), k.float().transpose(-1, -2))
     scores = scores.reshape(n, h, k.shape[2]).mul_(scale)       # head j uses kv group j // (h / groups)
     if lse is None:
@@ -298,14 +299,16 @@ def decode_mass_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None,
             scores.masked_fill_(~allowed.reshape(allowed.shape[0], 1, -1).expand_as(scores), float("-inf"))
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     weights = (scores[..., :m] - lse.float().reshape(n, h, 1)).exp_().sum(1)   # [n, m], summed over local heads
-    return torch.stack([(weights * region_mask.to(weights)).sum(-1), (weights * image_mask.to(weights)).sum(-1)])
+    return torch.bmm(weights[:, None], key_masks).squeeze(1)
 
 
 class DecodeMassProbe:
-    """AttentionProbe for one KV-cached decode step: the region/image mass of every row's new token.
+    """AttentionProbe for KV-cached decode steps: the region/image mass of every row's new token.
 
-    region_mask, image_mask: bool [n, m] over the prompt keys (region inside image). The attention's output
-    takes its ordinary path (needs_lse False); `.result` is a RegionMass with query 0 for each row.
+    region_mask, image_mask: bool [n, m] over the prompt keys (region inside image); the same rows are fed
+    at every step the probe is used for. The attention's output takes its ordinary path (needs_lse False).
+    After a call, `.means` [2, n] holds a(t), v(t) over this rank's heads (group=None) or all heads (the TP
+    group's all-reduce), and `.result` the same as a RegionMass with query 0 for each row.
     """
 
     needs_lse = False
@@ -314,7 +317,10 @@ class DecodeMassProbe:
         region_mask, image_mask = torch.as_tensor(region_mask).bool(), torch.as_tensor(image_mask).bool()
         _check_masks(region_mask, image_mask)
         self.region_mask, self.image_mask, self.group = region_mask, image_mask, group
-        self.result: RegionMass | None = None
+        self.key_masks = torch.stack([region_mask, image_mask], dim=-1).float()        # [n, m, 2]
+        self.counts = self.key_masks.sum(1).T                                            # [2, n]
+        self.sums: torch.Tensor | None = None
+        self.means: torch.Tensor | None = None
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor | None, scale: float,
                  allowed: torch.Tensor | None = None) -> None:
@@ -322,13 +328,19 @@ class DecodeMassProbe:
             raise ValueError(f"prompt key masks are {tuple(self.image_mask.shape)} but the attention has batch "
                              f"{key.shape[0]} and {key.shape[2]} keys")
         with torch.no_grad():
-            sums = decode_mass_sums(query, key, lse, allowed, scale, self.region_mask.to(query.device),
-                                    self.image_mask.to(query.device))
-            sums = head_mean_over_tp(sums, query.shape[1], self.group)
-        n = query.shape[0]
-        self.result = RegionMass(batch=torch.arange(n), query=torch.zeros(n, dtype=torch.long),
-                                 region_sum=sums[0].cpu(), image_sum=sums[1].cpu(),
-                                 region_count=self.region_mask.sum(1).cpu(), image_count=self.image_mask.sum(1).cpu())
+            if self.key_masks.device != query.device:
+                self.key_masks, self.counts = self.key_masks.to(query.device), self.counts.to(query.device)
+            self.sums = head_mean_over_tp(decode_mass_sums(query, key, lse, allowed, scale, self.key_masks).T,
+                                          query.shape[1], self.group)
+            self.means = _safe_div(self.sums, self.counts)
+
+    @property
+    def result(self) -> RegionMass | None:
+        if self.sums is None:
+            return None
+        n, counts = self.sums.shape[1], self.counts.long().cpu()
+        return RegionMass(batch=torch.arange(n), query=torch.zeros(n, dtype=torch.long), region_sum=self.sums[0].cpu(),
+                          image_sum=self.sums[1].cpu(), region_count=counts[0], image_count=counts[1])
 
 
 def probe_state(probe: RegionMassProbe, num_layers: int, kv_cache=None) -> AttentionState:

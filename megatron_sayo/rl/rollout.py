@@ -19,7 +19,7 @@ would compute, as `Rollout.scores` (CompletionScores, last pipeline stage): per 
 entropy of the full distribution softmax(logits / temperature) it was sampled from (logits column p - 1),
 and the last layer's region / image attention mass of its own row (query column p), measured while the token
 is fed in the next decode step (a row that stops is fed once more, then leaves the cache; when every row
-has stopped, that last feed runs the layers without the output layer). Each step keeps the masses over this
+has stopped, that last feed stops at the last layer's attention, where the probe reads it). Each step keeps the masses over this
 rank's heads; one all-reduce over TP at the end of the rollout makes them the mean over all heads. The
 sampler draws for exactly the rows it draws for without capture, so the same seed gives the same completions.
 """
@@ -260,19 +260,21 @@ class _Capture:
         self.num_layers = model.config.num_layers
         self.values = torch.zeros(4, n, steps, dtype=torch.float32, device=region.device)
         self.probe: DecodeMassProbe | None = None
+        self.probe_rows: torch.Tensor | None = None
 
-    def state(self, cache: KVCache, active: torch.Tensor) -> AttentionState:
+    def state(self, cache: KVCache, active: torch.Tensor, probe_only: bool = False) -> AttentionState:
         """The decode step's attention state: the cache and a probe over the fed rows' prompt keys (this
-        rank's heads only: `scores` reduces over TP once)."""
-        self.probe = DecodeMassProbe(self.region[active], self.image[active], group=None)
-        return AttentionState(kv_cache=cache, probe=self.probe, probe_layer=self.num_layers)
+        rank's heads only: `scores` reduces over TP once); the probe is kept while the fed rows stay.
+        `probe_only`: the step is fed only for the probe (the last one, every row stopped)."""
+        if self.probe is None or self.probe_rows is not active:
+            self.probe = DecodeMassProbe(self.region[active], self.image[active], group=None)
+            self.probe_rows = active
+        return AttentionState(kv_cache=cache, probe=self.probe, probe_layer=self.num_layers, probe_only=probe_only)
 
     def record_masses(self, active: torch.Tensor, live: torch.Tensor, step: int) -> None:
-        result = self.probe.result if self.probe is not None else None
-        if result is not None:   # the last pipeline stage
-            zero = torch.zeros((), dtype=torch.float32)
-            self.values[2, active, step] = torch.where(live, result.region_mean.to(self.values), zero)
-            self.values[3, active, step] = torch.where(live, result.image_mean.to(self.values), zero)
+        means = self.probe.means if self.probe is not None else None
+        if means is not None:   # the last pipeline stage
+            self.values[2:4, active, step] = torch.where(live, means.to(self.values), torch.zeros(()))
 
     def scores(self, completion_mask: torch.Tensor) -> CompletionScores | None:
         if not parallel_state.is_pipeline_last_stage():
@@ -378,7 +380,7 @@ def _generate(model, batch: dict, params: SamplingParams, num_return_sequences: 
         logits = forward_last(model, dict(
             input_ids=ids[:, None], position_ids=(next_pos[active] + step).view(1, -1, 1).expand(3, -1, -1),
             attention_mask=decode_mask(real[active, :width]),
-            state=state if capture is None else capture.state(cache, active)), logits=not last)
+            state=state if capture is None else capture.state(cache, active, probe_only=last)), logits=not last)
         if capture is not None:
             capture.record_masses(active, live, step)
         if last:

@@ -84,6 +84,7 @@ class AttentionState:
     kv_cache: KVCache | None = None
     probe: AttentionProbe | None = None
     probe_layer: int | None = None  # global 1-based layer number whose attention the probe sees
+    probe_only: bool = False        # fed only for the probe: the lean decoder stops once it has measured
 
 
 class CoreAttention(MegatronModule):
@@ -102,14 +103,25 @@ class CoreAttention(MegatronModule):
         self.scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.state = AttentionState()
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
-        # megatron layout [s, b, heads, d] -> [b, heads, s, d]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+    def _with_cache(self, query, key, value, attention_mask):
+        """q, k, v as [b, heads, s, d] (k, v with the cached keys before them) and SDPA's boolean mask."""
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))   # megatron layout [s, b, heads, d]
         if self.state.kv_cache is not None:
             k, v = self.state.kv_cache.append(self.layer_number, k, v)
+        return q, k, v, _allowed(attention_mask, q.shape[2], k.shape[2], q.device)
+
+    def measure(self, query, key, value, attention_mask) -> None:
+        """Cache this step's keys and values and run the probe on them, without the attention output (a
+        decode step fed only for the probe, AttentionState.probe_only); the probe must take the mask."""
+        if getattr(self.state.probe, "needs_lse", True):
+            raise ValueError("a measure-only step needs a probe that takes the attention mask (needs_lse False)")
+        q, k, _, allowed = self._with_cache(query, key, value, attention_mask)
+        self.state.probe(q.detach(), k.detach(), None, self.scale, allowed)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        q, k, v, allowed = self._with_cache(query, key, value, attention_mask)
         rep = q.shape[1] // k.shape[1]
-        allowed = _allowed(attention_mask, q.shape[2], k.shape[2], q.device)
         wants_probe = self.state.probe is not None and self.state.probe_layer == self.layer_number
         if wants_probe and (not getattr(self.state.probe, "needs_lse", True)
                             or resolve_mass_kernel(self.mass_kernel, q.device) == "indicator"):

@@ -45,8 +45,8 @@ def _row_parallel(x: torch.Tensor, linear) -> torch.Tensor:
     return _with_adapter(out, linear, x)
 
 
-def _attention(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention_mask) -> torch.Tensor:
-    """Self-attention of one layer on normed input x [s, b, h]: QKV, M-RoPE, cached core attention, proj."""
+def _qkv(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Query, key, value [s, b, heads, d] of one layer for normed input x [s, b, h], M-RoPE applied."""
     attn = layer.self_attention
     mixed = _with_adapter(F.linear(x, attn.linear_qkv.weight, attn.linear_qkv.bias), attn.linear_qkv, x)
     s, b, _ = mixed.shape
@@ -56,9 +56,13 @@ def _attention(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, att
     mixed = mixed.view(s, b, groups, per_group + 2, head_dim)     # megatron packs [q.., k, v] per query group
     query = mixed[:, :, :, :per_group].reshape(s, b, groups * per_group, head_dim)
     key, value = mixed[:, :, :, per_group], mixed[:, :, :, per_group + 1]
-    query = query * cos + rotate_half(query) * sin
-    key = key * cos + rotate_half(key) * sin
-    context = attn.core_attention(query, key, value, attention_mask)
+    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin, value
+
+
+def _attention(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention_mask) -> torch.Tensor:
+    """Self-attention of one layer on normed input x [s, b, h]: QKV, M-RoPE, cached core attention, proj."""
+    attn = layer.self_attention
+    context = attn.core_attention(*_qkv(layer, x, cos, sin), attention_mask)
     return _row_parallel(context, attn.linear_proj)
 
 
@@ -79,12 +83,18 @@ def _mlp(layer, x: torch.Tensor) -> torch.Tensor:
 def run(model, hidden: torch.Tensor | None, rotary_freqs: torch.Tensor,
         attention_mask: torch.Tensor | None) -> torch.Tensor:
     """This stage's layers (and the final norm on the last stage) over hidden [s, b, h]; the KV cache and
-    padding mask go to each layer's core attention. Non-first stages read the pipeline's input tensor."""
+    padding mask go to each layer's core attention. Non-first stages read the pipeline's input tensor.
+    With AttentionState.probe_only it stops at the probed layer once the probe has measured (the hidden
+    states it returns then are not the stage's output)."""
     block = model.decoder
     if hidden is None:
         hidden = block.input_tensor
     cos, sin = rotary_freqs.cos().to(hidden.dtype), rotary_freqs.sin().to(hidden.dtype)
     for layer in block.layers:
+        core = layer.self_attention.core_attention
+        if core.state.probe_only and core.state.probe_layer == layer.layer_number:
+            core.measure(*_qkv(layer, layer.input_layernorm(hidden), cos, sin), attention_mask)
+            return hidden    # nothing after the probed attention is wanted
         hidden = hidden + _attention(layer, layer.input_layernorm(hidden), cos, sin, attention_mask)
         hidden = hidden + _mlp(layer, layer.pre_mlp_layernorm(hidden))
     if block.final_layernorm is not None:
