@@ -15,13 +15,13 @@ Anything else takes torch.distributed. MEGATRON_SAYO_SHM_COLLECTIVES=0 turns it 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import platform
 import socket
 import time
 import types
-import zlib
 
 import torch
 import torch.distributed as dist
@@ -37,14 +37,25 @@ _channels: dict = {}                        # process group -> _Channel or None 
 _names = itertools.count()
 
 
-def enable(group=None) -> bool:
+def _host_id() -> int:
+    """63 bits of a hash of this machine's host name and boot id (the same for every process on it)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            boot = f.read(64)
+    except OSError:
+        boot = b""
+    digest = hashlib.sha256(socket.gethostname().encode() + b"/" + boot).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def enable() -> bool:
     """Decide, once per job, which ranks may use shared memory: one all-gather of (host, fit) over the world.
 
     Call on every rank after init_process_group. Returns whether this rank may."""
     global _host_ok, _host_of
     _channels.clear()
     world = dist.get_world_size()
-    host = zlib.crc32(socket.gethostname().encode()) & 0x7FFFFFFF
+    host = _host_id()
     wanted = (os.environ.get("MEGATRON_SAYO_SHM_COLLECTIVES", "1") != "0"
               and platform.machine().lower() in ("x86_64", "amd64") and os.path.isdir("/dev/shm"))
     mine = torch.tensor([host, int(wanted), os.cpu_count() or 1], dtype=torch.int64)
@@ -70,31 +81,51 @@ def disable() -> None:
 class _Channel:
     """The shared segment of one process group: [parity, rank] flags, then [parity, rank] data slots."""
 
-    def __init__(self, group, ranks: list[int]):
+    def __init__(self, group, ranks: list[int], segment: torch.Tensor):
         self.group, self.world = group, len(ranks)
         self.rank = ranks.index(dist.get_rank())
         header = 2 * self.world * FLAG_STRIDE * 8
-        size = header + 2 * self.world * SLOT_BYTES
-        # group rank 0 names and creates the segment; the others map it; it is unlinked once all have
+        self.flags = segment[:header].view(torch.int64).numpy().reshape(2, self.world, FLAG_STRIDE)[:, :, 0]
+        self.data = segment[header:]
+        self.seq = 0
+
+    @staticmethod
+    def open(group, ranks: list[int]) -> _Channel | None:
+        """Group rank 0 creates and names the segment, every rank maps it, rank 0 unlinks it; then each rank
+        writes a random tag into its flag and checks, against the tags gloo carries, that it sees its peers'
+        (ranks in separate containers of one host may not share /dev/shm). None (on every rank) if not."""
+        me, world = ranks.index(dist.get_rank()), len(ranks)
+        size = 2 * world * FLAG_STRIDE * 8 + 2 * world * SLOT_BYTES
         name = torch.tensor([os.getpid(), next(_names)], dtype=torch.int64)
         dist.broadcast(name, ranks[0], group=group)
         path = f"/dev/shm/megatron_sayo_{os.getuid()}_{int(name[0])}_{int(name[1])}"
-        if self.rank == 0:
+        if me == 0:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
             try:
                 os.ftruncate(fd, size)
             finally:
                 os.close(fd)
         dist.barrier(group=group)
+        segment = channel = None
         try:
-            self.segment = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+            if os.path.exists(path):
+                segment = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+                channel = _Channel(group, ranks, segment)
+        except (OSError, RuntimeError):
+            channel = None
         finally:
             dist.barrier(group=group)
-            if self.rank == 0:
+            if me == 0:
                 os.unlink(path)
-        self.flags = self.segment[:header].view(torch.int64).numpy().reshape(2, self.world, FLAG_STRIDE)[:, :, 0]
-        self.data = self.segment[header:]
-        self.seq = 0
+        tag = -1 - int.from_bytes(os.urandom(6), "little")     # negative: never a sequence number
+        if channel is not None:
+            channel.flags[0, me] = tag
+        tags = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+        dist.all_gather(tags, torch.tensor([tag]), group=group)
+        shared = torch.tensor([int(channel is not None
+                                   and all(int(channel.flags[0, r]) == int(tags[r]) for r in range(world)))])
+        dist.all_reduce(shared, op=dist.ReduceOp.MIN, group=group)
+        return channel if bool(shared) else None
 
     def _slot(self, parity: int, rank: int, like: torch.Tensor) -> torch.Tensor:
         start = (parity * self.world + rank) * SLOT_BYTES
@@ -132,7 +163,7 @@ def _channel(group, tensor: torch.Tensor) -> _Channel | None:
         ranks = dist.get_process_group_ranks(group)
         same_host = len({_host_of[r] for r in ranks}) == 1
         usable = same_host and all(_host_ok[r] for r in ranks) and len(ranks) > 1
-        _channels[group] = _Channel(group, ranks) if usable else None
+        _channels[group] = _Channel.open(group, ranks) if usable else None
     return _channels[group]
 
 

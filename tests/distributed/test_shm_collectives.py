@@ -107,3 +107,20 @@ def test_no_segment_is_left_in_dev_shm():
     before = {f for f in os.listdir("/dev/shm") if f.startswith("megatron_sayo_")}
     assert runtime.spawn_local(_one_reduce, 2, timeout_s=120) == [2.0, 2.0]
     assert {f for f in os.listdir("/dev/shm") if f.startswith("megatron_sayo_")} <= before
+
+
+def _unshared():
+    from unittest import mock
+
+    runtime.init_distributed(tp=2)
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    # rank 1 cannot see rank 0's segment (as in two containers with their own /dev/shm): both must agree on gloo
+    with mock.patch.object(shm_collectives.os.path, "exists", return_value=dist.get_rank() == 0):
+        got = shm_collectives.all_reduce(torch.full((3,), float(dist.get_rank())), group)
+    return torch.equal(got, torch.ones(3)) and shm_collectives._channels[group] is None
+
+
+def test_ranks_that_do_not_share_the_segment_fall_back_to_gloo():
+    assert runtime.spawn_local(_unshared, 2, timeout_s=120) == [True, True]
