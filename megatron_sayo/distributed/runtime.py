@@ -12,6 +12,7 @@ import datetime
 import os
 import pickle
 import re
+import signal
 import socket
 import subprocess
 import types
@@ -241,7 +242,21 @@ def argsort_descending(x: torch.Tensor) -> torch.Tensor:
 # Local multi-process launch (tools and tests start their own ranks; no torchrun needed).
 # --------------------------------------------------------------------------------------------------------------
 
-def _spawn_entry(local_rank, fn, world_size, port, args, result_queue):
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel send this process SIGTERM when its parent dies, so a killed tool or test leaves
+    no ranks behind (they would wait on their collectives until the process-group timeout)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent:         # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _spawn_entry(local_rank, fn, world_size, port, args, result_queue, parent):
+    _die_with_parent(parent)
     os.environ.update({"RANK": str(local_rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
     torch.set_num_threads(1)
@@ -273,7 +288,7 @@ def spawn_local(fn, world_size: int, *args, timeout_s: float = 900.0):
     ctx = mp.get_context("spawn")
     results_q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_spawn_entry, args=(r, fn, world_size, port, args, results_q))
+    procs = [ctx.Process(target=_spawn_entry, args=(r, fn, world_size, port, args, results_q, os.getpid()))
              for r in range(world_size)]
     for p in procs:
         p.start()

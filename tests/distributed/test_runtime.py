@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from megatron_sayo.distributed import runtime
@@ -54,3 +61,53 @@ def test_parallel_state_layout_from_spawned_ranks():
 def test_world_not_divisible():
     with pytest.raises(ValueError, match="world size 3 is not divisible by tp\\*pp = 2\\*1"):
         runtime.init_distributed(2, 1, launch=runtime.LaunchEnv(0, 3, 0, "127.0.0.1", 1, "torchrun"))
+
+
+ORPHAN_SCRIPT = '''
+import os, sys, time
+from pathlib import Path
+
+def sleeper(out):
+    Path(out, f"rank_{os.environ['RANK']}").write_text(str(os.getpid()))
+    time.sleep(120)
+
+if __name__ == "__main__":
+    from megatron_sayo.distributed.runtime import spawn_local
+    from orphan_fn import sleeper
+    spawn_local(sleeper, 2, sys.argv[1], timeout_s=300)
+'''
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:     # a zombie is gone for our purposes
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_spawned_ranks_die_with_their_parent(tmp_path):
+    """A tool or test killed with SIGKILL leaves no ranks behind (they would wait on collectives for 30 min)."""
+    (tmp_path / "orphan_fn.py").write_text(ORPHAN_SCRIPT)
+    root = Path(runtime.__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{root}")
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "orphan_fn.py"), str(tmp_path)], cwd=tmp_path, env=env)
+    pids = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(pids) < 2 and time.monotonic() < deadline and parent.poll() is None:
+            pids = [int(p.read_text()) for p in tmp_path.glob("rank_*") if p.read_text()]
+            time.sleep(0.2)
+        assert len(pids) == 2, "the ranks did not start"
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in pids), "ranks outlived their killed parent"
+    finally:
+        parent.kill()
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
