@@ -20,9 +20,9 @@ import torch
 
 from megatron_sayo.data.chat_template import ChatTemplate, find_chat_template
 from megatron_sayo.data.image_processing import ImageProcessorConfig, process_image
-from megatron_sayo.data.regions import tokens_per_image
 from megatron_sayo.data.tokenizer import (IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START,
                                           Tokenizer)
+from megatron_sayo.models.qwen25vl.rope import tokens_per_image
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 PADDING_SIDES = ("left", "right")

@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 
 from megatron_sayo.data.image_processing import smart_resize
+from megatron_sayo.models.qwen25vl.rope import tokens_per_image
 
 Box = Sequence[float]
 
@@ -60,12 +61,6 @@ def merge_grid_from_thw(thw: Sequence[int], merge_size: int = 2) -> tuple[int, i
     if h % merge_size or w % merge_size:
         raise RegionError(f"image_grid_thw {list(thw)} is not divisible by spatial merge size {merge_size}")
     return h // merge_size, w // merge_size
-
-
-def tokens_per_image(image_grid_thw, merge_size: int = 2) -> list[int]:
-    """Language-model tokens of each image row (t, h, w) of image_grid_thw: t * h * w / merge_size**2."""
-    rows = torch.as_tensor(image_grid_thw).reshape(-1, 3).tolist()
-    return [int(t * h * w) // merge_size ** 2 for t, h, w in rows]
 
 
 def resized_size_from_thw(thw: Sequence[int], patch_size: int = 14) -> tuple[int, int]:

@@ -14,8 +14,8 @@ from typing import Literal
 
 import torch
 
-from megatron_sayo.data.regions import tokens_per_image
 from megatron_sayo.models.qwen25vl.model import model_inputs
+from megatron_sayo.models.qwen25vl.rope import tokens_per_image
 
 
 def completion_view(values: torch.Tensor, prompt_length: int, width: int, by: Literal["query", "logits"],

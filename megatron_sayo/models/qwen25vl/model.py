@@ -18,7 +18,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron_sayo.models.qwen25vl import cached_decoder
 from megatron_sayo.models.qwen25vl.attention import AttentionState, CoreAttention
 from megatron_sayo.models.qwen25vl.hf_config import Qwen25VLConfig, padded_vocab_size
-from megatron_sayo.models.qwen25vl.rope import mrope_freqs, mrope_inv_freq
+from megatron_sayo.models.qwen25vl.rope import mrope_freqs, mrope_inv_freq, tokens_per_image
 from megatron_sayo.models.qwen25vl.specs import decoder_layer_spec
 from megatron_sayo.models.qwen25vl.vision import Qwen25VisionModel
 
@@ -76,8 +76,7 @@ class Qwen25VLModel(LanguageModule):
         if pixel_values is not None and pixel_values.numel():
             image_embeds = self.vision(pixel_values.to(emb.dtype), image_grid_thw).to(emb.dtype)
             if image_order is not None:
-                per_image = image_embeds.split((image_grid_thw.prod(-1) // self.hf.vision.spatial_merge_size ** 2)
-                                               .tolist())
+                per_image = image_embeds.split(tokens_per_image(image_grid_thw, self.hf.vision.spatial_merge_size))
                 image_embeds = torch.cat([per_image[i] for i in image_order.tolist()])
             if image_embeds.shape[0] != n_slots:
                 raise ValueError(f"input_ids hold {n_slots} <|image_pad|> tokens but the images give "

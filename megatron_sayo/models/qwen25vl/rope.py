@@ -19,6 +19,12 @@ import torch
 from torch import Tensor
 
 
+def tokens_per_image(image_grid_thw, merge_size: int = 2) -> list[int]:
+    """Language-model tokens of each image row (t, h, w) of image_grid_thw: t * h * w / merge_size**2."""
+    rows = torch.as_tensor(image_grid_thw).reshape(-1, 3).tolist()
+    return [int(t * h * w) // merge_size ** 2 for t, h, w in rows]
+
+
 def text_positions(length: int, start: int) -> Tensor:
     """[3, length] positions start..start+length-1 on all three channels."""
     return (torch.arange(length) + start).view(1, -1).expand(3, -1)
