@@ -6,7 +6,7 @@
 
 One process copies each chunk's bytes from the safetensors files into the files megatron's TP x PP save
 would write (no model, no process group, no torch; memory: one 64 MB band). Writes `<out>.tmp-<pid>` and
-renames it at the end. Logic: megatron_sayo.convert.converters.
+renames it at the end. Logic: megatron_sayo.convert.hf_to_megatron.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_sayo.checkpoint.files import CheckpointError  # noqa: E402
-from megatron_sayo.convert.converters import Terminated, convert_hf_to_megatron  # noqa: E402
+from megatron_sayo.convert.hf_to_megatron import convert_hf_to_megatron  # noqa: E402
+from megatron_sayo.convert.progress import Terminated  # noqa: E402
 from megatron_sayo.models.qwen25vl.hf_config import ConfigError  # noqa: E402
 
 

@@ -7,7 +7,7 @@
 
 One process, no model, no torch: each HF tensor is copied from the checkpoint's chunks (whatever TP/PP wrote
 them) into pre-planned safetensors files with hub names; policy weights only (optimizer state is skipped).
-Output dtype defaults to the original HF dtype. Logic: megatron_sayo.convert.converters.
+Output dtype defaults to the original HF dtype. Logic: megatron_sayo.convert.megatron_to_hf.
 A LoRA run's step holds adapters only: `--lora merge` writes the base (the step's pointer, or --base) with the
 adapters merged into its weights; `--lora adapter` writes PEFT's adapter_config.json + adapter_model.safetensors
 (megatron_sayo.convert.lora_export).
@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_sayo.checkpoint.files import CheckpointError  # noqa: E402
-from megatron_sayo.convert.converters import Terminated, convert_megatron_to_hf  # noqa: E402
+from megatron_sayo.convert.megatron_to_hf import convert_megatron_to_hf  # noqa: E402
+from megatron_sayo.convert.progress import Terminated  # noqa: E402
 from megatron_sayo.convert.lora_export import MODES, export_lora  # noqa: E402
 from megatron_sayo.models.qwen25vl.hf_config import ConfigError  # noqa: E402
 

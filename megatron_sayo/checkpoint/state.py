@@ -1,5 +1,5 @@
 """Checkpoints: megatron-core dist_checkpointing of the model (any TP/PP on load), and training state with
-atomic save and resume. The HF <-> Megatron converters (convert.py) build on the helpers here.
+atomic save and resume. The HF <-> Megatron converters (convert/) build on the helpers here.
 
 On disk a model checkpoint is a torch_dist directory as `model.sharded_state_dict()` saves it (the HF converter
 writes the same files itself, see models/qwen25vl/dist_layout.py): every global tensor is the TP=1 megatron tensor (decoder layers stacked on a leading axis, SwiGLU fc1 = [gate; up], QKV packed

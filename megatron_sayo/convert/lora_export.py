@@ -20,7 +20,7 @@ import numpy as np
 from megatron_sayo.checkpoint.files import (CheckpointError, copy_side_files, prepare_output, read_metadata,
                                             resolve_checkpoint_dir)
 from megatron_sayo.formats.atomic import fsync_dir, publish_dir, write_json_atomic
-from megatron_sayo.convert.converters import DistSource, convert_megatron_to_hf
+from megatron_sayo.convert.megatron_to_hf import DistSource, convert_megatron_to_hf
 from megatron_sayo.formats.safetensors_files import header_bytes, read_header, weight_files
 from megatron_sayo.formats.tensor_copy import BAND_BYTES, cast, pwrite_all
 from megatron_sayo.formats.dtypes import DTYPES

@@ -100,7 +100,7 @@ def test_trained_checkpoint_exports_policy_weights(tiny_ckpt, tmp_path):
     from safetensors import safe_open
 
     from megatron_sayo.checkpoint.files import find_resumable
-    from megatron_sayo.convert.converters import convert_megatron_to_hf
+    from megatron_sayo.convert.megatron_to_hf import convert_megatron_to_hf
 
     run_dir = tmp_path / "run"
     spawn_local(_save_one, 2, str(tiny_ckpt), str(run_dir))
@@ -132,7 +132,7 @@ def test_training_step_loads_as_a_model(tiny_ckpt, tmp_path):
     """load_model_stage(megatron_dir=<trainer step dir>) (eval, serve, reports) gets the trained weights, equal
     to the step's HF export (a TP=2 step loaded at TP=1), not an error about the step's optimizer state."""
     from megatron_sayo.checkpoint.files import find_resumable
-    from megatron_sayo.convert.converters import convert_megatron_to_hf
+    from megatron_sayo.convert.megatron_to_hf import convert_megatron_to_hf
 
     run_dir = tmp_path / "run"
     spawn_local(_save_one, 2, str(tiny_ckpt), str(run_dir))

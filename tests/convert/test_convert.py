@@ -14,7 +14,8 @@ import torch
 from safetensors import safe_open
 
 from megatron_sayo.checkpoint.files import CheckpointError, read_metadata
-from megatron_sayo.convert.converters import convert_hf_to_megatron, convert_megatron_to_hf
+from megatron_sayo.convert.hf_to_megatron import convert_hf_to_megatron
+from megatron_sayo.convert.megatron_to_hf import convert_megatron_to_hf
 from megatron_sayo.models.qwen25vl.hf_config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -228,8 +229,8 @@ def _slow_cli(tool: str, args: list[str]) -> str:
     """python -c source running a converter CLI with each progress step slowed (the tiny conversion takes
     0.1 s, too quick for a signal to land mid-write)."""
     return (f"import sys, time; sys.path.insert(0, {str(ROOT / 'tools')!r}); import {tool} as cli; "
-            "import megatron_sayo.convert.converters as c; step = c._Progress.update; "
-            "c._Progress.update = lambda self, n: (time.sleep(0.05), step(self, n)); "
+            "import megatron_sayo.convert.progress as c; step = c.Progress.update; "
+            "c.Progress.update = lambda self, n: (time.sleep(0.05), step(self, n)); "
             f"sys.exit(cli.main({args!r}))")
 
 

@@ -83,7 +83,7 @@ def test_resume_equals_uninterrupted_bit_for_bit(runs, tmp_path):
 
 def test_step_holds_adapters_only_and_points_at_the_base(runs, tiny_ckpt):
     from megatron_sayo.checkpoint.files import read_metadata, resolve_checkpoint_dir
-    from megatron_sayo.convert.converters import DistSource
+    from megatron_sayo.convert.megatron_to_hf import DistSource
     from megatron_sayo.models.lora import is_adapter_key
 
     step = resolve_checkpoint_dir(runs[0])
@@ -186,7 +186,7 @@ def test_merge_onto_a_megatron_base_equals_the_hf_base(runs, tiny_ckpt, tmp_path
     tensors as the HF base (float32 round trips are exact)."""
     from safetensors.torch import load_file
 
-    from megatron_sayo.convert.converters import convert_hf_to_megatron
+    from megatron_sayo.convert.hf_to_megatron import convert_hf_to_megatron
     from megatron_sayo.models.qwen25vl.name_map import normalize_hf_name
 
     meg = tmp_path / "meg"

@@ -119,7 +119,8 @@ def test_missing_image_processor_settings_name_both_files(tiny_ckpt, tmp_path):
 
 
 def test_converters_carry_the_5x_files(tiny_ckpt, tmp_path, make_image):
-    from megatron_sayo.convert.converters import convert_hf_to_megatron, convert_megatron_to_hf
+    from megatron_sayo.convert.hf_to_megatron import convert_hf_to_megatron
+    from megatron_sayo.convert.megatron_to_hf import convert_megatron_to_hf
 
     v5 = save_v5(tiny_ckpt, tmp_path / "v5")
     for weights in tiny_ckpt.glob("*.safetensors*"):

@@ -135,7 +135,7 @@ def test_bad_config_fails_before_building(args, needle, tmp_path):
 
 def test_training_from_a_converted_checkpoint_matches_the_hf_start(assets, tmp_path, uninterrupted):
     """model.megatron_path: a checkpoint converted at TP=1, trained at TP=2, gives the HF-started run's first step."""
-    from megatron_sayo.convert.converters import convert_hf_to_megatron
+    from megatron_sayo.convert.hf_to_megatron import convert_hf_to_megatron
 
     convert_hf_to_megatron(assets[0], tmp_path / "meg", tp=1, pp=1, progress=False)
     args = [a for a in overrides(assets, tmp_path / "run", 1) if not a.startswith("model.hf_path=")]
