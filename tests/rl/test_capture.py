@@ -62,8 +62,10 @@ def _rank(ckpt, tp, pp, inputs, region, params):
     plain = generate(model, inputs, params, num_return_sequences=G)
     batch = ScoringBatch.from_rollout(captured, SimpleNamespace(inputs=inputs, region_mask=region), model.hf)
     teacher = score_policy(model, batch, micro_batch=G, temperature=params.temperature)  # equal microbatches (PP)
-    if not (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0):
+    if not parallel_state.is_pipeline_last_stage():
         return None
+    if parallel_state.get_tensor_model_parallel_rank() != 0:   # it sampled on its own: the same ids?
+        return dict(sequences=captured.sequences)
     return dict(captured=captured, plain=plain, teacher=teacher)
 
 
@@ -80,9 +82,12 @@ def test_captured_scores_equal_teacher_forced(tiny_ckpt, prompts, layout):
 
     tp, pp = LAYOUTS[layout]
     inputs, region = prompts
-    out = next(r for r in spawn_local(_rank, tp * pp, str(tiny_ckpt), tp, pp, inputs, region, _params(tiny_ckpt))
-               if r is not None)
+    results = [r for r in spawn_local(_rank, tp * pp, str(tiny_ckpt), tp, pp, inputs, region, _params(tiny_ckpt))
+               if r is not None]
+    out = next(r for r in results if "captured" in r)
     captured, plain, teacher = out["captured"], out["plain"], out["teacher"]
+    for other in results:       # every TP rank of the last stage drew the same tokens
+        assert torch.equal(other.get("sequences", captured.sequences), captured.sequences)
     assert inputs["attention_mask"][2, 0] == 0, "the batch must be left-padded"
     lengths = captured.completion_lengths
     assert len(set(lengths.tolist())) > 2 and captured.finished.any(), f"rows must stop at different steps: {lengths}"
