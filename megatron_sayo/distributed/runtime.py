@@ -221,7 +221,8 @@ def _install_cpu_shims() -> None:
     tp_torch = _CpuTorch(distributed=shm_collectives.TorchDistributed("torch.distributed"))
     for name in _TP_COMM_MODULES:
         importlib.import_module(name).torch = tp_torch
-    importlib.import_module(_TP_COMM_MODULES[0]).dist_all_gather_func = shm_collectives.all_gather_into_tensor
+    mappings = importlib.import_module("megatron.core.tensor_parallel.mappings")
+    mappings.dist_all_gather_func = shm_collectives.all_gather_into_tensor   # bound at import: the TP gathers
     _shims_installed = True
 
 

@@ -106,11 +106,10 @@ class _Channel:
             finally:
                 os.close(fd)
         dist.barrier(group=group)
-        segment = channel = None
+        channel = None
         try:
             if os.path.exists(path):
-                segment = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
-                channel = _Channel(group, ranks, segment)
+                channel = _Channel(group, ranks, torch.from_file(path, shared=True, size=size, dtype=torch.uint8))
         except (OSError, RuntimeError):
             channel = None
         finally:

@@ -19,9 +19,10 @@ would compute, as `Rollout.scores` (CompletionScores, last pipeline stage): per 
 entropy of the full distribution softmax(logits / temperature) it was sampled from (logits column p - 1),
 and the last layer's region / image attention mass of its own row (query column p), measured while the token
 is fed in the next decode step (a row that stops is fed once more, then leaves the cache; when every row
-has stopped, that last feed stops at the last layer's attention, where the probe reads it). Each step keeps the masses over this
-rank's heads; one all-reduce over TP at the end of the rollout makes them the mean over all heads. The
-sampler draws for exactly the rows it draws for without capture, so the same seed gives the same completions.
+has stopped, that last feed stops at the last layer's attention, where the probe reads it). Each step keeps
+the masses over this rank's heads; one all-reduce over TP at the end of the rollout makes them the mean over
+all heads. The sampler draws for exactly the rows it draws for without capture, so the same seed gives the
+same completions.
 """
 
 from __future__ import annotations
