@@ -91,30 +91,26 @@ class _Channel:
 
     @staticmethod
     def open(group, ranks: list[int]) -> _Channel | None:
-        """Group rank 0 creates and names the segment, every rank maps it, rank 0 unlinks it; then each rank
-        writes a random tag into its flag and checks, against the tags gloo carries, that it sees its peers'
-        (ranks in separate containers of one host may not share /dev/shm). None (on every rank) if not."""
+        """Group rank 0 creates (exclusively) and names the segment, every rank maps it, rank 0 unlinks it; then
+        each rank writes a random tag into its flag and checks, against the tags gloo carries, that it sees its
+        peers' (ranks in separate containers of one host may not share /dev/shm). None (on every rank) if
+        the segment could not be made or is not shared; a file rank 0 did not create is never touched."""
         me, world = ranks.index(dist.get_rank()), len(ranks)
         size = 2 * world * FLAG_STRIDE * 8 + 2 * world * SLOT_BYTES
-        name = torch.tensor([os.getpid(), next(_names)], dtype=torch.int64)
-        dist.broadcast(name, ranks[0], group=group)
-        path = f"/dev/shm/megatron_sayo_{os.getuid()}_{int(name[0])}_{int(name[1])}"
+        name = torch.tensor([os.getpid(), next(_names), 0], dtype=torch.int64)    # pid, counter, created
         if me == 0:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-            try:
-                os.ftruncate(fd, size)
-            finally:
-                os.close(fd)
-        dist.barrier(group=group)
+            name[2] = int(_create_segment(_segment_path(name), size))
+        dist.broadcast(name, ranks[0], group=group)
+        path, created = _segment_path(name), bool(name[2])
         channel = None
         try:
-            if os.path.exists(path):
+            if created and os.path.exists(path):    # exists: never create a file a peer could not see
                 channel = _Channel(group, ranks, torch.from_file(path, shared=True, size=size, dtype=torch.uint8))
         except (OSError, RuntimeError):
             channel = None
         finally:
             dist.barrier(group=group)
-            if me == 0:
+            if me == 0 and created:
                 os.unlink(path)
         tag = -1 - int.from_bytes(os.urandom(6), "little")     # negative: never a sequence number
         if channel is not None:
@@ -152,6 +148,28 @@ class _Channel:
                 time.sleep(1e-4)
             elif waited > SPIN_S:
                 os.sched_yield()
+
+
+def _segment_path(name: torch.Tensor) -> str:
+    """/dev/shm path of a channel's segment from the creating rank's (pid, counter)."""
+    return f"/dev/shm/megatron_sayo_{os.getuid()}_{int(name[0])}_{int(name[1])}"
+
+
+def _create_segment(path: str, size: int) -> bool:
+    """Create `path` exclusively (mode 600) with `size` bytes; False, leaving nothing, where it cannot (a file
+    of that name exists: not ours to touch; or /dev/shm refuses)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    except OSError:
+        return False
+    try:
+        os.ftruncate(fd, size)
+        return True
+    except OSError:
+        os.unlink(path)
+        return False
+    finally:
+        os.close(fd)
 
 
 def _channel(group, tensor: torch.Tensor) -> _Channel | None:

@@ -124,3 +124,28 @@ def _unshared():
 
 def test_ranks_that_do_not_share_the_segment_fall_back_to_gloo():
     assert runtime.spawn_local(_unshared, 2, timeout_s=120) == [True, True]
+
+
+def _name_taken():
+    runtime.init_distributed(tp=2)
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    squatter = None
+    if dist.get_rank() == 0:     # someone else's file already has the name rank 0 will pick
+        counter = next(shm_collectives._names)
+        shm_collectives._names = iter(range(counter, counter + 10))    # the next channel takes `counter`
+        squatter = shm_collectives._segment_path(torch.tensor([os.getpid(), counter]))
+        with open(squatter, "wb") as f:
+            f.write(b"not ours")
+    got = shm_collectives.all_reduce(torch.full((3,), float(dist.get_rank())), group)
+    ok = torch.equal(got, torch.ones(3)) and shm_collectives._channels[group] is None
+    if squatter is not None:
+        with open(squatter, "rb") as f:
+            ok = ok and f.read() == b"not ours"     # neither overwritten nor deleted
+        os.unlink(squatter)
+    return ok
+
+
+def test_a_file_already_at_the_segment_name_is_left_alone_and_gloo_is_used():
+    assert runtime.spawn_local(_name_taken, 2, timeout_s=120) == [True, True]
