@@ -63,6 +63,9 @@ class DataConfig:
     on_error: Literal["raise", "skip"] = "raise"
     max_pixels: int | None = _f(None, gt=0)   # None: the processor's own bounds
     min_pixels: int | None = _f(None, gt=0)
+    # prompt tokens besides the image's (chat template, question, instruction): a longer prompt stops the run
+    # with its sample id. The memory check's prompt length is this + the image tokens max_pixels admits.
+    max_text_tokens: int = _f(512, ge=1)
     synthetic_n: int = _f(0, ge=0)            # > 0: write that many synthetic samples to train_file if missing
     synthetic_task: Literal["shapes", "tiles", "tiles_reasoning"] = "shapes"   # which synthetic task (data/synthetic.py)
     instruction: str = "Look at the image, think briefly, then give the final answer as <answer>...</answer>."

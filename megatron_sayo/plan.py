@@ -16,6 +16,8 @@ from megatron_sayo.models.qwen25vl.hf_config import Qwen25VLConfig, load_hf_conf
 
 GIB = 1024**3
 BF16 = 2
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+RESERVE = 0.10   # fraction of GPU memory left free (allocator fragmentation, NCCL buffers, CUDA context)
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,23 @@ class Workload:
     reference_model: bool = True
     lora_rank: int = 0            # > 0: LoRA on every decoder linear, base frozen, no reference copy
     image_tokens: int = 1024      # LLM tokens of the sample's images (part of seq); the ViT sees 4x as many patches
+    # prompts per step over all data-parallel ranks: the rollout decodes global_batch / DP prompts x G rows at
+    # once (the trainer's rollout); None: micro_batch prompts per rollout batch (the planner's own tables)
+    global_batch: int | None = None
+    params_dtype: str = "bfloat16"   # bfloat16/float16: mixed precision with fp32 main weights; float32: none
+
+    def __post_init__(self):
+        if self.params_dtype not in DTYPE_BYTES:
+            raise ValueError(f"params_dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.params_dtype!r}")
+
+    @property
+    def dtype_bytes(self) -> int:
+        """Bytes of one parameter, activation or KV element in the compute dtype."""
+        return DTYPE_BYTES[self.params_dtype]
+
+    def rollout_prompts(self, dp: int) -> float:
+        """Prompts one data-parallel rank rolls out at once."""
+        return self.micro_batch if self.global_batch is None else self.global_batch / dp
 
 
 @dataclass(frozen=True)
@@ -189,9 +208,13 @@ def layers_per_stage(layers: int, pp: int) -> int:
     return math.ceil(layers / pp)
 
 
-def state_bytes_per_param(dp: int, distributed_optimizer: bool = True) -> dict[str, float]:
-    """Megatron-LM mixed precision: bf16 weight 2, fp32 grad 4, fp32 master + Adam m, v 12 (over DP)."""
-    return {"weights": 2, "grads": 4, "optimizer": 12 / dp if distributed_optimizer else 12}
+def state_bytes_per_param(dp: int, distributed_optimizer: bool = True,
+                          params_dtype: str = "bfloat16") -> dict[str, float]:
+    """Megatron-LM's table: mixed precision (bf16 weight 2, fp32 grad 4, fp32 main weight + Adam m, v 12, over
+    DP with the distributed optimizer: 18 or 6 + 12/DP); float32 (weight 4, grad 4, Adam m, v 8: 16 or 8 + 8/DP)."""
+    optimizer = 8 if DTYPE_BYTES[params_dtype] == 4 else 12
+    return {"weights": DTYPE_BYTES[params_dtype], "grads": 4,
+            "optimizer": optimizer / dp if distributed_optimizer else optimizer}
 
 
 def activation_bytes_per_layer(s: int, b: int, h: int, a: int, tp: int,
@@ -213,11 +236,11 @@ def logits_bytes(s: int, b: int, vocab: int, tp: int) -> float:
     return 4 * s * b * vocab / tp
 
 
-def kv_cache_bytes(t: TextArch, n_layers: int, tp: int, w: Workload) -> float:
-    """bf16 K and V of `n_layers` layers for G completions of micro_batch prompts, full length."""
+def kv_cache_bytes(t: TextArch, n_layers: int, tp: int, w: Workload, dp: int = 1) -> float:
+    """K and V of `n_layers` layers for G completions of each prompt one DP rank rolls out, full length."""
     kv_heads = max(t.kv_heads // tp, 1)
-    per_token = 2 * n_layers * kv_heads * t.head_dim * BF16
-    return per_token * w.group_size * (w.seq + w.max_new_tokens) * w.micro_batch
+    per_token = 2 * n_layers * kv_heads * t.head_dim * w.dtype_bytes
+    return per_token * w.group_size * (w.seq + w.max_new_tokens) * w.rollout_prompts(dp)
 
 
 def vision_activation_bytes(v: VisionArch | None, image_tokens: int, micro_batch: int) -> float:
@@ -266,13 +289,16 @@ def stage_memory(a: Arch, layout: Layout, w: Workload, first: bool, last: bool) 
     per_gpu = (held - vision) / tp + vision             # parameters one GPU of this stage holds
     frozen = vision if w.freeze_vision else 0
     trainable = per_gpu - frozen
-    per = state_bytes_per_param(layout.dp, w.distributed_optimizer)
+    per = state_bytes_per_param(layout.dp, w.distributed_optimizer, w.params_dtype)
+    scale = w.dtype_bytes / BF16   # the activation formulas count bf16 elements
     s, n_layers = w.seq + w.max_new_tokens, layers_per_stage(t.layers, pp)
     in_flight = pp if first else 1  # 1F1B: stage i holds pp - i micro-batches
-    act = activation_bytes_per_layer(s, w.micro_batch, t.hidden, t.heads, tp,
-                                     w.recompute, w.sequence_parallel)
+    act = scale * activation_bytes_per_layer(s, w.micro_batch, t.hidden, t.heads, tp,
+                                             w.recompute, w.sequence_parallel)
     trains_vision = first and not w.freeze_vision and not w.lora_rank
-    vision_act = vision_activation_bytes(a.vision, w.image_tokens, w.micro_batch) * in_flight if trains_vision else 0.0
+    vision_act = (scale * vision_activation_bytes(a.vision, w.image_tokens, w.micro_batch) * in_flight
+                  if trains_vision else 0.0)
+    kv = kv_cache_bytes(t, n_layers, tp, w, layout.dp)
     name = "only" if first and last else "first" if first else "last"
     if w.lora_rank:
         adapters = n_layers * lora_layer_params(t, w.lora_rank, tp)
@@ -284,7 +310,7 @@ def stage_memory(a: Arch, layout: Layout, w: Workload, first: bool, last: bool) 
             activations=act * n_layers * in_flight,
             logits=logits_bytes(s, w.micro_batch, t.vocab, tp) if last else 0.0,
             reference=0.0,                                       # the base with adapters off is the reference
-            kv_cache=kv_cache_bytes(t, n_layers, tp, w),
+            kv_cache=kv,
         )
     return StageMemory(
         stage=name,
@@ -293,8 +319,8 @@ def stage_memory(a: Arch, layout: Layout, w: Workload, first: bool, last: bool) 
         optimizer=trainable * per["optimizer"],
         activations=act * n_layers * in_flight,
         logits=logits_bytes(s, w.micro_batch, t.vocab, tp) if last else 0.0,
-        reference=per_gpu * BF16 if w.reference_model else 0.0,
-        kv_cache=kv_cache_bytes(t, n_layers, tp, w),
+        reference=per_gpu * w.dtype_bytes if w.reference_model else 0.0,
+        kv_cache=kv,
         vision_activations=vision_act,
     )
 
@@ -329,6 +355,11 @@ def layouts(a: Arch, gpus: int, gpus_per_node: int = 8) -> list[Layout]:
     return out
 
 
+TERMS = ("weights", "grads", "optimizer", "activations", "vision_activations", "logits", "reference", "kv_cache")
+HEADER = ("TP", "PP", "DP", "stage", "weights", "grads", "optim", "activ", "vis-act", "logits", "ref", "kv", "total",
+          "fits")
+
+
 @dataclass(frozen=True)
 class Row:
     layout: Layout
@@ -338,7 +369,7 @@ class Row:
 
 
 def plan(a: Arch, gpus: int, gpu_memory: float, w: Workload = Workload(),
-         reserve: float = 0.10, gpus_per_node: int = 8) -> list[Row]:
+         reserve: float = RESERVE, gpus_per_node: int = 8) -> list[Row]:
     """One row per candidate layout; `fits` means total <= gpu_memory * (1 - reserve)."""
     if gpus < 1:
         raise ValueError(f"--gpus must be >= 1, got {gpus}")
@@ -371,6 +402,22 @@ class NoLayoutFits(RuntimeError):
                          " (more GPUs, --freeze-vision, --recompute full, a shorter --seq, fewer --image-tokens or a "
                          "smaller --group-size)")
         self.rows = rows
+
+
+def row_cells(r: Row) -> list[str]:
+    """One table row, memory in GiB."""
+    m = r.memory
+    gib = [f"{getattr(m, t) / GIB:.1f}" for t in TERMS]
+    uneven = "" if r.even else "*"
+    return [str(r.layout.tp), f"{r.layout.pp}{uneven}", str(r.layout.dp), m.stage, *gib,
+            f"{m.total / GIB:.1f}", "yes" if r.fits else "no"]
+
+
+def format_table(rows: list[Row]) -> str:
+    """Aligned text table, one line per candidate."""
+    cells = [list(HEADER)] + [row_cells(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
 
 
 def parse_memory(text: str) -> float:

@@ -97,6 +97,31 @@ def check_before_launch(cfg: RunConfig, world_size: int) -> str:
     return hf_dir
 
 
+def job_gpu_memory(flag: str | None) -> float | None:
+    """Bytes per GPU: --gpu-memory when given, else this machine's first GPU, else None (a CPU machine)."""
+    from megatron_sayo.plan import parse_memory
+
+    if flag is not None:
+        return parse_memory(flag)
+    import torch
+
+    return float(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else None
+
+
+def memory_report(cfg: RunConfig, hf_dir: str, world_size: int, gpu_memory: str | None, where: str) -> str:
+    """The memory model's estimate for this config (memory_check.py); raises MemoryDoesNotFit (a ConfigError)
+    when the job's GPUs are too small."""
+    from megatron_sayo.memory_check import check_memory
+
+    memory = job_gpu_memory(gpu_memory)
+    if not Path(hf_dir, "config.json").is_file():
+        if memory is not None:
+            raise ConfigError(f"model: {hf_dir}/config.json not found: the memory check needs the checkpoint's "
+                              f"config.json (a directory holding just that file is enough)")
+        return f"memory: no estimate ({hf_dir}/config.json is made at the first run)"
+    return check_memory(cfg, hf_dir, world_size, memory, where)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m megatron_sayo.train", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML run config (see examples/)")
@@ -104,6 +129,9 @@ def parse_args(argv):
     p.add_argument("--world-size", type=int, default=None,
                    help="with --check: the number of processes the run will have (default: from the launcher's "
                         "environment, 1 for a plain process)")
+    p.add_argument("--gpu-memory", default=None,
+                   help="with --check: memory per GPU of the job (e.g. 80GB, 141GB, 81559MiB); the memory model "
+                        "refuses a layout that does not fit. Default: this machine's GPU, else estimate only")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20 parallel.tp=2")
     return p.parse_args(argv)
 
@@ -116,6 +144,9 @@ def main(argv=None) -> int:
         print("config error: --world-size is for --check (a run takes its world size from the launcher)",
               file=sys.stderr)
         return 2
+    if args.gpu_memory is not None and not args.check:
+        print("config error: --gpu-memory is for --check", file=sys.stderr)
+        return 2
     if args.world_size is not None and args.world_size < 1:
         print(f"config error: --world-size must be >= 1, got {args.world_size}", file=sys.stderr)
         return 2
@@ -123,10 +154,13 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         hf_dir = check_before_launch(cfg, world_size)
+        memory = (memory_report(cfg, hf_dir, world_size, args.gpu_memory, args.config) if args.check
+                  else None)
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     if args.check:
+        print(memory)
         print(f"config OK: {args.config} (world size {world_size})")
         return 0
 

@@ -11,6 +11,8 @@
 #   SAYO_ROOT             repository root (the sbatch scripts find it from the submitted script's path)
 #   SAYO_DEFAULT_CONFIG   config used when the first argument is not a config (set by each sbatch script)
 #   SAYO_CPU=1            CPU mode (gloo, no NCCL/CUDA settings); automatic when the job has no GPUs
+#   SAYO_GPU_MEMORY       memory per GPU for the pre-flight memory check, e.g. 80GB (default: the smallest GPU
+#                         nvidia-smi reports on the first node)
 #   SAYO_PYTHON           interpreter (default: python of $SAYO_ROOT/.venv when present, else `python`)
 #   SAYO_MAX_RESTARTS     stop requeueing after this many restarts (default 50)
 #   CONTAINER_IMAGE       run every step in this image via pyxis/enroot (`srun --container-image`)
@@ -162,6 +164,16 @@ print(int(ckpt.name[len(STEP_PREFIX):]) if ckpt else 0, cfg.train.steps, cfg.run
 EOF
 }
 
+# Memory per GPU the pre-flight checks against: SAYO_GPU_MEMORY, else the smallest GPU of this node (MiB).
+gpu_memory() {
+    if [[ -n ${SAYO_GPU_MEMORY:-} ]]; then echo "$SAYO_GPU_MEMORY"; return; fi
+    local mib
+    mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | sort -n | head -n 1) || true
+    [[ $mib =~ ^[0-9]+$ ]] || die "cannot tell the GPUs' memory (nvidia-smi answered '${mib}'): set" \
+        "SAYO_GPU_MEMORY, e.g. SAYO_GPU_MEMORY=80GB sbatch ..."
+    echo "${mib}MiB"
+}
+
 # Sets DONE TOTAL RUN_DIR from run_progress (its last line: imports may print above it).
 read_progress() {
     local out
@@ -190,12 +202,17 @@ mode_train() {
     fi
     local cmd=("$PY" -m megatron_sayo.train --config "$CONFIG" "${OVERRIDES[@]}")
 
-    # 1. validate once, with the job's world size, before any rank starts (a typo fails in seconds). The
-    #    world size goes in torchrun's RANK/WORLD_SIZE, which the trainer reads first: in a container the
-    #    check runs as a 1-task srun step, which sets SLURM_NTASKS=1 itself.
-    say "checking $CONFIG ${OVERRIDES[*]} for world size $WORLD"
+    # 1. validate once, with the job's world size and GPU memory, before any rank starts (a typo or a layout
+    #    that cannot fit fails in seconds). The world size goes in torchrun's RANK/WORLD_SIZE, which the trainer
+    #    reads first: in a container the check runs as a 1-task srun step, which sets SLURM_NTASKS=1 itself.
+    local check=(--check) mem
+    if [[ $CPU_MODE == 0 ]]; then
+        mem=$(gpu_memory) || exit 2
+        check+=(--gpu-memory "$mem")
+    fi
+    say "checking $CONFIG ${OVERRIDES[*]} for world size $WORLD ${check[*]:1}"
     local rc=0
-    RANK=0 WORLD_SIZE=$WORLD LOCAL_RANK=0 run_one "${cmd[@]}" --check || rc=$?
+    RANK=0 WORLD_SIZE=$WORLD LOCAL_RANK=0 run_one "${cmd[@]}" "${check[@]}" || rc=$?
     if [[ $rc != 0 ]]; then
         say "config check failed (exit $rc); no rank was started"
         exit "$rc"

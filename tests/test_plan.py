@@ -280,3 +280,19 @@ def test_training_flops_equal_torch_flop_counter():
         model(input_ids=ids).logits.float().sum().backward()
     arch = P.TextArch(hidden=64, intermediate=176, layers=3, heads=4, kv_heads=2, head_dim=16, vocab=500, tied=False)
     assert P.training_flops(arch, batch, seq) == pytest.approx(counter.get_total_flops(), rel=1e-12)
+
+
+def test_megatron_bytes_per_param_float32():
+    """Megatron-LM's table, float32 parameters and gradients: 16 bytes/param, 8 + 8/DP distributed."""
+    assert sum(P.state_bytes_per_param(8, distributed_optimizer=False, params_dtype="float32").values()) == 16
+    assert sum(P.state_bytes_per_param(8, params_dtype="float32").values()) == 8 + 8 / 8
+
+
+def test_rollout_kv_cache_holds_global_batch_over_dp_prompts(tmp_path):
+    """The trainer rolls out global_batch / DP prompts x G at once: 7B (28 layers, 4 KV heads of 128) at TP=4,
+    16 prompts over DP=2 -> 8 x 16 rows of K and V in bf16."""
+    _, path, _ = real_size("7b", tmp_path)
+    w = P.Workload(seq=1000, max_new_tokens=24, group_size=16, global_batch=16)
+    s = 1000 + 24
+    got = P.stage_memory(P.load_arch(path), P.Layout(tp=4, pp=1, dp=2), w, first=True, last=True).kv_cache
+    assert got == 2 * 28 * (4 // 4) * 128 * 2 * 16 * s * 8

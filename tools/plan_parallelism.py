@@ -14,12 +14,9 @@ import json
 import sys
 from dataclasses import asdict
 
-from megatron_sayo.plan import (GIB, ConfigError, NoLayoutFits, Row, Workload, load_arch, parse_memory,
-                                plan, recommend, text_params, total_params, vision_params)
+from megatron_sayo.plan import (GIB, RESERVE, TERMS, ConfigError, NoLayoutFits, Row, Workload, format_table,
+                                load_arch, parse_memory, plan, recommend, text_params, total_params, vision_params)
 
-TERMS = ("weights", "grads", "optimizer", "activations", "vision_activations", "logits", "reference", "kv_cache")
-HEADER = ("TP", "PP", "DP", "stage", "weights", "grads", "optim", "activ", "vis-act", "logits", "ref", "kv", "total",
-          "fits")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="LLM tokens of a sample's images (within --seq); the ViT sees 4x as many patches")
     p.add_argument("--lora-rank", type=int, default=0,
                    help="also plan LoRA of this rank on every decoder linear (paper: 16); 0 = full only")
-    p.add_argument("--reserve", type=float, default=0.10, help="fraction of GPU memory kept free")
+    p.add_argument("--reserve", type=float, default=RESERVE, help="fraction of GPU memory kept free")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
     if not 0 <= args.image_tokens <= args.seq:
@@ -66,22 +63,6 @@ def workload(args: argparse.Namespace, lora_rank: int = 0) -> Workload:
                     distributed_optimizer=not args.no_distributed_optimizer,
                     freeze_vision=args.freeze_vision, reference_model=not args.no_reference,
                     image_tokens=args.image_tokens)
-
-
-def row_cells(r: Row) -> list[str]:
-    """One table row, memory in GiB."""
-    m = r.memory
-    gib = [f"{getattr(m, t) / GIB:.1f}" for t in TERMS]
-    uneven = "" if r.even else "*"
-    return [str(r.layout.tp), f"{r.layout.pp}{uneven}", str(r.layout.dp), m.stage, *gib,
-            f"{m.total / GIB:.1f}", "yes" if r.fits else "no"]
-
-
-def format_table(rows: list[Row]) -> str:
-    """Aligned text table, one line per candidate."""
-    cells = [list(HEADER)] + [row_cells(r) for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
 
 
 def row_dict(r: Row) -> dict:

@@ -53,10 +53,25 @@ class PromptBatch:
     region_mask: torch.Tensor
 
 
+def check_text_tokens(inputs: dict, samples: list[GroundedSample], image_token_id: int, limit: int) -> None:
+    """Raise ValueError naming the first sample whose prompt has more than `limit` tokens besides its image's
+    (data.max_text_tokens: the memory check sized the run for it)."""
+    real = inputs["attention_mask"].bool()
+    text = (real & (inputs["input_ids"] != image_token_id)).sum(dim=1)
+    for sample, n in zip(samples, text.tolist()):
+        if n > limit:
+            raise ValueError(f"sample {sample.id}: its prompt has {n} text tokens, more than data.max_text_tokens "
+                             f"= {limit} (the length the memory check assumed); raise data.max_text_tokens and "
+                             f"re-run --check, or shorten the question")
+
+
 def build_prompt_batch(processor, samples: list[GroundedSample], image_token_id: int, merge_size: int,
-                       patch_size: int, instruction: str) -> PromptBatch:
-    """Tokenise the samples' conversations and locate each box's tokens from image_grid_thw."""
+                       patch_size: int, instruction: str, max_text_tokens: int | None = None) -> PromptBatch:
+    """Tokenise the samples' conversations and locate each box's tokens from image_grid_thw; with
+    `max_text_tokens`, a prompt with more text tokens than that is an error."""
     inputs = processor([conversation(s, instruction) for s in samples], padding_side="left")
+    if max_text_tokens is not None:
+        check_text_tokens(inputs, samples, image_token_id, max_text_tokens)
     specs = [RegionSpec(boxes=s.boxes, orig_size=tuple(s.image_size), sample_id=s.id) for s in samples]
     region = batch_region_mask(inputs["input_ids"], inputs["image_grid_thw"], image_token_id, specs,
                                merge_size=merge_size, patch_size=patch_size)

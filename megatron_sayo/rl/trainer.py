@@ -161,7 +161,7 @@ class GRPOTrainer:
         local = decodable_samples(self.samples, indices[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank],
                                   cfg.data.on_error)
         prompts = build_prompt_batch(self.processor, local, hf.tokens.image, hf.vision.spatial_merge_size,
-                                     hf.vision.patch_size, cfg.data.instruction)
+                                     hf.vision.patch_size, cfg.data.instruction, cfg.data.max_text_tokens)
         g = cfg.rollout.group_size
         params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                 max_new_tokens=cfg.rollout.max_new_tokens,
