@@ -6,9 +6,12 @@ prompt and return its TAS, see engine.py).
 
 Order of work for a request, cheapest first: route; API key from the headers (constant-time compare) before
 any byte of the body is read; Content-Length against the body limit; the body, read within the read timeout
-and stopped at the limit; JSON (a nesting too deep for the parser is a 400); the model name; then parameter and
-message checks, image decoding and tokenizing in a worker thread (openai_api.py) so the event loop keeps
-serving; then the job goes to the scheduler and the handler awaits its ticket.
+and stopped at the limit; JSON (a nesting too deep for the parser is a 400); every string valid Unicode (a lone surrogate is a 400
+naming the field); the model name; then parameter and message checks, image decoding and tokenizing in a worker thread (openai_api.py) so the event loop keeps
+serving; then the job goes to the scheduler and the handler awaits its ticket, while a watcher marks the
+ticket cancelled if the client disconnects (its rows then end at the next decode step).
+
+Every error is OpenAI-shaped JSON, including uvicorn's own 400 and 503 (serve.py) and unhandled 500s.
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ class AsyncTicket:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop, self.events = loop, asyncio.Queue()
+        self.cancelled = False      # the client left: the scheduler drops the job, the engine ends its rows
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
     def _post(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -73,7 +80,27 @@ def error_response(err: ApiError) -> JSONResponse:
 
 
 def internal_error(exc: Exception) -> ApiError:
+    """The ApiError itself, or a 500 naming an unexpected exception."""
+    if isinstance(exc, ApiError):
+        return exc
     return ApiError(f"internal error: {type(exc).__name__}: {exc}", None, "internal_error", 500, "server_error")
+
+
+def check_unicode(value, param: str = "") -> None:
+    """400 naming the field when a string (or object key) holds a lone surrogate, which is not Unicode text."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ApiError(f"'{param or 'body'}' is not valid Unicode text: {exc.reason} at character {exc.start}",
+                           param or None, "invalid_unicode") from None
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_unicode(item, f"{param}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_unicode(key, param or "body")
+            check_unicode(item, f"{param}.{key}" if param else key)
 
 
 def check_key(request: Request, state: ServerState) -> None:
@@ -137,6 +164,7 @@ def check_model(body, state: ServerState) -> None:
 async def json_request(request: Request, state: ServerState):
     check_key(request, state)
     body = await run_in_threadpool(parse_json, await read_body(request, state))
+    await run_in_threadpool(check_unicode, body)
     check_model(body, state)
     return body
 
@@ -152,6 +180,18 @@ def api_route(handler):
             log.exception("request failed")
             return error_response(internal_error(exc))
     return endpoint
+
+
+async def watch_disconnect(request: Request, ticket: AsyncTicket) -> None:
+    """Cancel the ticket when the client disconnects (the body has been read: the next message is the
+    disconnect, sent when the connection closes or after the response)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    ticket.cancel()
+
+
+def watched(request: Request, ticket: AsyncTicket) -> asyncio.Task:
+    return asyncio.get_running_loop().create_task(watch_disconnect(request, ticket))
 
 
 async def wait_result(ticket: AsyncTicket) -> dict:
@@ -174,34 +214,48 @@ async def chat_completions(request: Request, state: ServerState):
     body = await json_request(request, state)
     job = await run_in_threadpool(parse_chat_request, body, state.processor, state.limits)
     ticket = submit(state, job)
+    watcher = watched(request, ticket)
     if not job["stream"]:
-        return JSONResponse(R.chat_completion(await wait_result(ticket), state.model_name))
-    return StreamingResponse(stream_events(ticket, job, state.model_name), media_type="text/event-stream",
+        try:
+            return JSONResponse(R.chat_completion(await wait_result(ticket), state.model_name))
+        finally:
+            watcher.cancel()
+    return StreamingResponse(stream_events(ticket, job, state.model_name, watcher), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
 
 
-async def stream_events(ticket: AsyncTicket, job: dict, model: str):
-    """The SSE body of a streaming request (see openai_responses.py for the order of chunks)."""
+async def stream_events(ticket: AsyncTicket, job: dict, model: str, watcher: asyncio.Task | None = None):
+    """The SSE body of a streaming request (see openai_responses.py for the order of chunks); a client that
+    leaves before the end (its body's generator closed or cancelled) cancels the ticket."""
     rid, created, n = R.new_id(), int(time.time()), job["params"][4]
     sent: dict[int, str] = {}
-    yield R.sse(R.chunk(rid, created, model, [R.delta_choice(c, {"role": "assistant", "content": ""})
-                                              for c in range(n)]))
-    while True:
-        event = await ticket.events.get()
-        if event[0] == "delta":
-            _, choice, text = event
-            sent[choice] = sent.get(choice, "") + text
-            yield R.sse(R.chunk(rid, created, model, [R.delta_choice(choice, {"content": text})]))
-        elif event[0] == "error":
-            yield R.sse(internal_error(event[1]).body())
-            break
-        else:
-            result = event[1]
-            yield R.sse(R.chunk(rid, created, model, R.final_choices(result, sent)))
-            if job["include_usage"]:
-                yield R.sse(R.chunk(rid, created, model, [], R.usage(result)))
-            break
-    yield R.sse("[DONE]")
+    finished = False
+    try:
+        yield R.sse(R.chunk(rid, created, model, [R.delta_choice(c, {"role": "assistant", "content": ""})
+                                                  for c in range(n)]))
+        while True:
+            event = await ticket.events.get()
+            if event[0] == "delta":
+                _, choice, text = event
+                sent[choice] = sent.get(choice, "") + text
+                yield R.sse(R.chunk(rid, created, model, [R.delta_choice(choice, {"content": text})]))
+            elif event[0] == "error":
+                finished = True
+                yield R.sse(internal_error(event[1]).body())
+                break
+            else:
+                finished = True
+                result = event[1]
+                yield R.sse(R.chunk(rid, created, model, R.final_choices(result, sent)))
+                if job["include_usage"]:
+                    yield R.sse(R.chunk(rid, created, model, [], R.usage(result)))
+                break
+        yield R.sse("[DONE]")
+    finally:
+        if not finished:
+            ticket.cancel()
+        if watcher is not None:
+            watcher.cancel()
 
 
 async def tas(request: Request, state: ServerState):
@@ -232,6 +286,10 @@ async def model(request: Request, state: ServerState):
 
 
 async def health(request: Request, state: ServerState):
+    """200 with batching stats while serving; 503 with the reason (OpenAI error JSON) once the server failed."""
+    failure = getattr(state.scheduler, "failure", None)
+    if failure is not None:
+        return JSONResponse({"status": "failed", **state.scheduler.unavailable().body()}, status_code=503)
     stats = vars(state.scheduler.engine.stats)
     return JSONResponse({"status": "ok", "model": state.model_name, "queued": state.scheduler.queue.qsize(), **stats})
 
@@ -242,6 +300,22 @@ async def not_found(request: Request, exc: HTTPException):
     return error_response(ApiError(f"no route {request.method} {request.url.path}", None, code, exc.status_code))
 
 
+async def server_error(request: Request, exc: Exception):
+    """An exception no handler caught (Starlette's last resort) as OpenAI error JSON, not plain text."""
+    return error_response(internal_error(exc))
+
+
+def overloaded_body() -> bytes:
+    """The 503 body when the connection cap is reached (serve.py sends it in uvicorn's place)."""
+    return json.dumps(ApiError("the server is at its connection limit (--max-connections); retry later", None,
+                               "server_overloaded", 503, "server_error").body()).encode()
+
+
+def bad_http_body(reason: str) -> bytes:
+    """The 400 body for a request uvicorn could not parse as HTTP (serve.py sends it in uvicorn's place)."""
+    return json.dumps(ApiError(f"invalid HTTP request: {reason}", None, "invalid_http_request").body()).encode()
+
+
 def make_app(state: ServerState) -> Starlette:
     """The ASGI application over a server state."""
     routes = [Route("/v1/chat/completions", api_route(chat_completions), methods=["POST"]),
@@ -249,6 +323,6 @@ def make_app(state: ServerState) -> Starlette:
               Route("/v1/models", api_route(models), methods=["GET"]),
               Route("/v1/models/{model_id:path}", api_route(model), methods=["GET"]),
               Route("/health", api_route(health), methods=["GET"])]
-    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found, Exception: server_error})
     app.state.server = state
     return app

@@ -33,13 +33,50 @@ D = ServeConfig()
 
 # ------------------------------------------------------------------------------------------------ uvicorn
 
-def guarded_protocol(header_timeout_s: float):
+def json_error_app(status: int, body: bytes):
+    """An ASGI app answering every request with `status` and the JSON `body`, then closing the connection."""
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+    return app
+
+
+def guarded_protocol(header_timeout_s: float, max_connections: int | None = None):
     """uvicorn's h11 protocol that also closes a connection whose request headers have not arrived within
-    `header_timeout_s` of connecting or of the previous response (idle and half-sent connections)."""
+    `header_timeout_s` of connecting or of the previous response (idle and half-sent connections), and answers
+    in OpenAI's error JSON where uvicorn answers in plain text: the connection cap's 503 (the same count as
+    uvicorn's `limit_concurrency`) and its 400 for requests that are not HTTP."""
+    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from megatron_sayo.eval.api_server import bad_http_body, overloaded_body
+
+    overloaded = json_error_app(503, overloaded_body())
 
     class GuardedH11Protocol(H11Protocol):
         _header_timer = None
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.limit_concurrency, app = None, self.app    # the cap is checked below, answered in JSON
+
+            async def capped(scope, receive, send):
+                # uvicorn counts this connection, and the tasks before this request's own (added before it runs)
+                full = max_connections is not None and (len(self.connections) >= max_connections
+                                                        or len(self.tasks) - 1 >= max_connections)
+                return await (overloaded if full else app)(scope, receive, send)
+            self.app = capped
+
+        def send_400_response(self, msg: str) -> None:
+            body = bad_http_body(msg)
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            self.transport.write(self.conn.send(h11.Response(status_code=400, headers=headers, reason=b"Bad Request")))
+            self.transport.write(self.conn.send(h11.Data(data=body)))
+            self.transport.write(self.conn.send(h11.EndOfMessage()))
+            self.transport.close()
 
         def connection_made(self, transport):
             super().connection_made(transport)
@@ -94,7 +131,8 @@ def start_http(state, host: str, port: int, *, backlog: int = D.backlog, max_con
     if on_bound is not None:
         on_bound(sock.getsockname()[1])
     config = uvicorn.Config(make_app(state), backlog=backlog, limit_concurrency=max_connections,
-                            timeout_keep_alive=keep_alive_s, http=guarded_protocol(read_timeout_s), lifespan="off",
+                            timeout_keep_alive=keep_alive_s, http=guarded_protocol(read_timeout_s, max_connections),
+                            lifespan="off",
                             log_level="warning", access_log=False, h11_max_incomplete_event_size=64 << 10)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http", daemon=True)
@@ -162,6 +200,8 @@ def run_rank(args) -> None:
         scheduler.serve_forever()
     finally:
         http.stop()
+    if scheduler.failure is not None:
+        raise SystemExit(f"server stopped: {scheduler.failure}")
 
 
 def positive(kind):

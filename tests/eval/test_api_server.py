@@ -1,6 +1,7 @@
 """Issue 14 items 10-12 at the connection level (raw sockets, loopback): the API key is checked from the headers
 before the body is read; idle, half-sent-header and half-sent-body connections are closed by the read timeout;
-a connection cap answers 503 beyond it; a burst of connections is not reset; oversized bodies get 413 unread."""
+a connection cap answers 503 beyond it; a burst of connections is not reset; oversized bodies get 413 unread.
+Issue 29 item 7: the cap's 503 and uvicorn's 400 for what is not HTTP are OpenAI error JSON too."""
 
 from __future__ import annotations
 
@@ -32,10 +33,7 @@ def read_response(s: socket.socket) -> tuple[int, dict | None]:
         b"content-length:")), 0)
     while len(body) < length:
         body += s.recv(65536)
-    try:
-        return status, json.loads(body) if body else None
-    except json.JSONDecodeError:
-        return status, {"text": body.decode()}     # uvicorn's own 503 is plain text
+    return status, json.loads(body) if body else None
 
 
 def closed_within(s: socket.socket, seconds: float) -> bool:
@@ -94,8 +92,10 @@ def test_half_sent_body_times_out_with_408(server):
 
 
 def test_connection_cap_answers_503(tiny_ckpt, server):
-    """With --max-connections 4, four idle connections fill the server: the next request gets 503, and once they
-    close the server answers again."""
+    """With --max-connections 4, four idle connections fill the server: the next request gets 503 in OpenAI's
+    error format (as the openai client reads it), and once they close the server answers again."""
+    import openai
+
     from megatron_sayo.eval.api_server import ServerState
     from megatron_sayo.eval.serve import start_http
 
@@ -107,8 +107,15 @@ def test_connection_cap_answers_503(tiny_ckpt, server):
         time.sleep(0.2)
         s = connect(capped.port)
         s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert read_response(s)[0] == 503
+        status, body = read_response(s)
+        assert status == 503 and body["error"]["code"] == "server_overloaded"
         s.close()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{capped.port}/v1", api_key="x", max_retries=0, timeout=30)
+        with pytest.raises(openai.APIStatusError) as err:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert err.value.status_code == 503
+        assert err.value.body == {"message": "the server is at its connection limit (--max-connections); retry "
+                                             "later", "type": "server_error", "param": None, "code": "server_overloaded"}
         for c in idle:
             c.close()
         time.sleep(0.3)
@@ -151,3 +158,15 @@ def test_connection_burst_is_not_reset(tiny_ckpt, server):
     finally:
         fresh.stop()
     assert results == [200] * 64
+
+
+@pytest.mark.parametrize("sent", [b"NOT HTTP AT ALL\r\n\r\n", b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"],
+                         ids=["garbage", "bad-header"])
+def test_malformed_http_gets_openai_error_json(server, sent):
+    """What h11 cannot parse is answered by uvicorn's 400, here in OpenAI's error format."""
+    s = connect(server.http.port)
+    s.sendall(sent)
+    status, body = read_response(s)
+    assert status == 400 and body["error"]["code"] == "invalid_http_request"
+    assert body["error"]["type"] == "invalid_request_error" and "invalid HTTP request" in body["error"]["message"]
+    s.close()

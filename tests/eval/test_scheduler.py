@@ -15,7 +15,7 @@ class SlowEngine:
     def __init__(self):
         self.batches, self.release, self.started = [], threading.Event(), threading.Event()
 
-    def run_batch(self, jobs, sink=None):
+    def run_batch(self, jobs, sink=None, cancelled=None):
         self.batches.append([j["id"] for j in jobs])
         self.started.set()
         if len(self.batches) == 1:

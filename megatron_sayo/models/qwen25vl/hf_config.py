@@ -160,6 +160,11 @@ class TokenIds:
     eos: tuple[int, ...]
     pad: int | None
 
+    @property
+    def vision(self) -> tuple[int, ...]:
+        """The vision placeholders and markers: ids a sampler must never emit (fed back, they need pixels)."""
+        return (self.image, self.video, self.vision_start, self.vision_end)
+
 
 @dataclass(frozen=True)
 class Qwen25VLConfig:
