@@ -41,3 +41,43 @@ def test_tp2_server_matches_tp1(server, tiny_ckpt, tmp_path):
             assert cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens <= 10
     finally:
         tp2.stop()
+
+
+@pytest.mark.slow
+def test_tp2_server_survives_hot_sampling_and_cancels_a_departed_client(server, tiny_ckpt, tmp_path):
+    """Issue 29 at TP=2: the reproducer (temperature 2, n 16, seed 2) beside a greedy client samples no vision id
+    and leaves the greedy answer as it is alone (the follower used to die on the sampled <|image_pad|>); a
+    streaming client that leaves after 2 chunks is cancelled on both ranks, so a 5-token request behind it is
+    answered at once; /health still says ok and the server still answers."""
+    import socket
+    import time
+
+    from test_request_isolation import GREEDY, HOT, assert_no_vision_tokens, chat_request, hot_and_greedy
+
+    from megatron_sayo.eval.server_process import http_json, start_server
+
+    alone = server.client.chat.completions.create(model="tiny", messages=GREEDY, temperature=0, max_tokens=12)
+    tp2 = start_server(str(tiny_ckpt), None, 2, tmp_path / "server.log", startup_s=600,
+                       extra_args=["--model-name", "tiny", "--max-tokens-limit", "4000"])
+    try:
+        client = openai.OpenAI(base_url=tp2.url, api_key=tp2.api_key, max_retries=0, timeout=300)
+        hot, greedy = hot_and_greedy(client)
+        assert_no_vision_tokens(hot)
+        assert not isinstance(greedy, Exception), greedy
+        assert greedy.choices[0].message.content == alone.choices[0].message.content
+        port = int(tp2.url.rsplit(":", 1)[1].split("/")[0])
+        s = socket.create_connection(("127.0.0.1", port))
+        body = chat_request({"model": "tiny", "messages": HOT, "temperature": 0, "max_tokens": 4000, "stream": True})
+        s.sendall(body.replace(b"Host: x\r\n", f"Host: x\r\nAuthorization: Bearer {tp2.api_key}\r\n".encode()))
+        got = b""
+        while got.count(b"data: ") < 3:
+            got += s.recv(4096)
+        s.close()
+        t0 = time.monotonic()
+        quick = client.chat.completions.create(model="tiny", messages=GREEDY, temperature=0, max_tokens=5)
+        assert time.monotonic() - t0 < 3.0 and quick.usage.completion_tokens <= 5
+        status, health = http_json(tp2.health_url, timeout=30)
+        assert status == 200 and health["status"] == "ok" and health["cancelled_requests"] == 1
+        assert health["failed_requests"] == 0
+    finally:
+        tp2.stop()
