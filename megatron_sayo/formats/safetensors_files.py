@@ -16,7 +16,7 @@ from pathlib import Path
 from megatron_sayo.formats.dtypes import DTYPES
 
 BY_CODE = {d.safetensors: name for name, d in DTYPES.items()}
-MAX_HEADER = 100 << 20          # safetensors' own limit
+MAX_HEADER = 100_000_000        # the safetensors library's limit (MAX_HEADER_SIZE), in bytes
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -40,7 +40,9 @@ def read_header(path: str | Path) -> dict[str, Entry]:
         if len(head) < 8:
             raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
         (n,) = struct.unpack("<Q", head)
-        if n > min(MAX_HEADER, size - 8):
+        if n > MAX_HEADER:
+            raise ValueError(f"header length {n} bytes exceeds the safetensors limit of {MAX_HEADER:,} bytes")
+        if n > size - 8:
             raise ValueError(f"header length {n} exceeds the file ({size} bytes)")
         raw = f.read(n)
     try:

@@ -70,6 +70,21 @@ def ours_accepts(path) -> bool:
         return False
 
 
+@pytest.mark.parametrize("n,accepted", [(100_000_000, True), (100_000_001, False)], ids=["at-limit", "one-over"])
+def test_header_size_limit_equals_the_safetensors_library(tmp_path, n, accepted):
+    """A valid header padded to exactly the library's 100,000,000-byte limit is read by both; one byte more is
+    refused by both, ours saying it is the limit (not the file's size) that the header exceeds."""
+    raw = json.dumps({"a": t([0, 16])}).encode()
+    path = tmp_path / "big.safetensors"
+    path.write_bytes(struct.pack("<Q", n) + raw + b" " * (n - len(raw)) + F32)
+    assert library_accepts(path) is accepted
+    assert ours_accepts(path) is accepted
+    if not accepted:
+        with pytest.raises(ValueError, match=f"header length {n} bytes exceeds the safetensors limit of 100,000,000"):
+            read_header(path)
+    path.unlink()
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_header_verdict_equals_the_safetensors_library(tmp_path, case):
     header, data = CASES[case]
