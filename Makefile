@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 EXTRAS ?= test
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test test-fast gpu-check clean
+.PHONY: venv demo test test-fast compat gpu-check clean
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -27,6 +27,9 @@ test: venv                      ## the whole test suite (what CI runs)
 
 test-fast: venv
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow and not slurm"
+
+compat:                         ## the support matrix (Python 3.11/3.13, torch, megatron-core): compat.json, docs/compat.md
+	bash scripts/compat.sh
 
 gpu-check:                      ## GPU acceptance run on a CUDA machine (own venv, <= 8 min): gpu_check.json
 	bash scripts/gpu_check.sh

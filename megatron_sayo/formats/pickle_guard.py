@@ -3,11 +3,12 @@
 torch's DCP reader unpickles `.metadata` and every stored object with plain pickle, so a crafted checkpoint
 could run code. Here each pickle is walked by an unpickler that imports nothing and calls nothing: every
 global it names is checked against ALLOWED (the classes and functions our checkpoints are made of) and
-replaced by an inert stand-in. Torch-free (standard library only).
+replaced by an inert stand-in (torch_format's, which records and runs nothing). Torch-free (standard library only).
 """
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import os
 import pickle
@@ -15,9 +16,11 @@ import zipfile
 from pathlib import Path
 
 from megatron_sayo.formats.dtypes import DTYPES
-from megatron_sayo.formats.torch_format import data_pickle, load_dcp_metadata, open_record, read_member
+from megatron_sayo.formats.torch_format import (StandInUnpickler, data_pickle, is_stand_in_class,
+                                                 load_dcp_metadata, open_record, read_member)
 
 _MD = "torch.distributed.checkpoint.metadata"
+_PLANNER = "torch.distributed.checkpoint.planner"
 _NUMPY = ("numpy.core.multiarray", "numpy._core.multiarray")
 
 # (module, name) of every global a checkpoint we write may name: DCP metadata classes, torch tensors and
@@ -27,9 +30,8 @@ ALLOWED: frozenset[tuple[str, str]] = frozenset({
     *((_MD, n) for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
                          "MetadataIndex", "TensorProperties", "_MEM_FORMAT_ENCODING", "StorageMeta")),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    *(("torch.distributed.checkpoint.planner", n) for n in ("SavePlan", "WriteItem", "WriteItemType",
-                                                            "TensorWriteData", "BytesIOWriteData", "LoadPlan",
-                                                            "ReadItem", "LoadItemType")),
+    *((_PLANNER, n) for n in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData",
+                              "LoadPlan", "ReadItem", "LoadItemType")),
     ("torch", "Size"), ("torch", "device"), ("torch.serialization", "_get_layout"),
     ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3"),
     ("torch._utils", "_rebuild_parameter"), ("torch", "UntypedStorage"), ("torch.storage", "UntypedStorage"),
@@ -43,49 +45,53 @@ ALLOWED: frozenset[tuple[str, str]] = frozenset({
 })
 
 
+# Enum classes a checkpoint's pickles hold, with their member names. Early Python 3.11 releases (3.11.2, Debian 12's
+# python3, among them) pickle an enum member as getattr(EnumClass, "NAME"); later ones as EnumClass(value). So
+# builtins.getattr is accepted only as (one of these classes, one of its members); any other use is refused.
+ENUM_MEMBERS: dict[tuple[str, str], frozenset[str]] = {
+    (_MD, "_MEM_FORMAT_ENCODING"): frozenset({"TORCH_CONTIGUOUS_FORMAT", "TORCH_CHANNELS_LAST", "TORCH_PRESERVE_FORMAT"}),
+    (_PLANNER, "WriteItemType"): frozenset({"TENSOR", "SHARD", "BYTE_IO"}),
+    (_PLANNER, "LoadItemType"): frozenset({"TENSOR", "BYTE_IO"}),
+}
+
+
 class UnsafePickle(ValueError):
     """A pickle names a global outside the allow-list. (A file that is not a pickle or record at all raises a
     plain ValueError: corrupt, not unsafe; either way nothing in it is loaded.)"""
 
 
-class _Inert:
-    """Stands in for any allowed global: accepts any call, state and items; does nothing."""
+class _CheckingUnpickler(StandInUnpickler):
+    """Imports and calls nothing: each allowed global becomes an inert stand-in, any other one is refused."""
 
-    def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __call__(self, *args, **kwargs):
-        return _Inert()
-
-    def __setstate__(self, state):
-        pass
-
-    def __setitem__(self, key, value):
-        pass
-
-    def append(self, value):
-        pass
-
-    def extend(self, values):
-        pass
-
-
-class _CheckingUnpickler(pickle.Unpickler):
     def __init__(self, file, where: str):
         super().__init__(file)
         self.where = where
 
+    def refuse(self, what: str):
+        raise UnsafePickle(f"{self.where}: pickle names {what}, which a checkpoint does not need; refusing to "
+                           f"load it (a crafted pickle could run code)")
+
     def find_class(self, module: str, name: str):
+        # Protocol 0-2 pickles name Python 2's modules (__builtin__.set); pickle maps them, so must we.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if (module, name) == ("builtins", "getattr"):
+            return self.enum_member
         if (module, name) not in ALLOWED:
-            raise UnsafePickle(f"{self.where}: pickle names the global {module}.{name}, which a checkpoint "
-                               f"does not need; refusing to load it (a crafted pickle could run code)")
-        return _Inert
+            self.refuse(f"the global {module}.{name}")
+        return super().find_class(module, name)
+
+    def enum_member(self, *args):
+        """getattr as early Python 3.11 releases pickle an enum member: (an allowed enum class, one of its names)."""
+        cls, member = (args + (None, None))[:2]
+        key = (cls._module, cls._name) if is_stand_in_class(cls) else None
+        if len(args) != 2 or key not in ENUM_MEMBERS or not isinstance(member, str) or member not in ENUM_MEMBERS[key]:
+            shown = ".".join(key) if key else type(cls).__name__
+            self.refuse(f"the global builtins.getattr on ({shown}, {member!r:.60}), not an enum member")
+        return cls(member)
 
     def persistent_load(self, pid):
-        return _Inert()          # torch.save's storage references
+        return None              # torch.save's storage references
 
 
 def check_pickle(data: bytes, where: str) -> None:

@@ -679,7 +679,7 @@ def dump_dcp_metadata(md: DcpMetadata, checkpoint_id: str, save_id: str) -> byte
     return _Pickler(4).dumps(metadata)
 
 
-class _StandIn:
+class StandIn:
     """Instance of a class a pickle names: keeps call arguments, state and items; runs nothing."""
 
     _module = ""
@@ -709,8 +709,8 @@ class _StandIn:
         return f"<{self._module}.{self._name}>"
 
 
-class _StandInUnpickler(pickle.Unpickler):
-    """Every global becomes a _StandIn subclass named after it; nothing is imported or called."""
+class StandInUnpickler(pickle.Unpickler):
+    """Every global becomes a StandIn subclass named after it; nothing is imported or called."""
 
     def __init__(self, file):
         super().__init__(file)
@@ -719,22 +719,27 @@ class _StandInUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         key = (module, name)
         if key not in self.classes:
-            self.classes[key] = type(name.split(".")[-1], (_StandIn,), {"_module": module, "_name": name})
+            self.classes[key] = type(name.split(".")[-1], (StandIn,), {"_module": module, "_name": name})
         return self.classes[key]
 
     def persistent_load(self, pid):
         raise ValueError(f"DCP metadata has a persistent id {pid!r}")
 
 
+def is_stand_in_class(obj) -> bool:
+    """Whether obj is the stand-in class of a global (what StandInUnpickler.find_class returns)."""
+    return isinstance(obj, type) and issubclass(obj, StandIn)
+
+
 def _is(obj, module: str, name: str) -> bool:
     """Whether obj is (an instance of) the stand-in for module.name."""
     cls = obj if isinstance(obj, type) else type(obj)
-    return issubclass(cls, _StandIn) and cls._module == module and cls._name == name
+    return issubclass(cls, StandIn) and cls._module == module and cls._name == name
 
 
 def _fields(obj, what: str) -> dict:
     """The attribute dict a pickled dataclass was rebuilt with (BUILD state, or its (dict, slots) pair)."""
-    state = obj._state if isinstance(obj, _StandIn) else None
+    state = obj._state if isinstance(obj, StandIn) else None
     if isinstance(state, tuple) and len(state) == 2 and all(isinstance(s, (dict, type(None))) for s in state):
         state = {**(state[0] or {}), **(state[1] or {})}
     if not isinstance(state, dict):
@@ -753,10 +758,10 @@ def _ints(obj, what: str) -> tuple[int, ...]:
 
 def _dtype_name(props, key: str) -> str:
     """The dtype of a TensorProperties stand-in (state tuple from __getstate__, or a plain dict)."""
-    state = props._state if isinstance(props, _StandIn) else None
+    state = props._state if isinstance(props, StandIn) else None
     dtype = state[0] if isinstance(state, tuple) and state else state.get("dtype") if isinstance(state, dict) \
         else None
-    if not (isinstance(dtype, type) and issubclass(dtype, _StandIn) and dtype._module == "torch"):
+    if not (isinstance(dtype, type) and issubclass(dtype, StandIn) and dtype._module == "torch"):
         raise ValueError(f"{key}: properties carry no torch dtype: {state!r}")
     return dtype._name
 
@@ -806,7 +811,7 @@ def load_dcp_metadata(data: bytes) -> DcpMetadata:
     """Parse a `.metadata` pickle without importing torch (restricted unpickler: every global becomes a stand-in;
     nothing is imported or called). Raises ValueError for anything that is not DCP metadata."""
     try:
-        root = _StandInUnpickler(io.BytesIO(data)).load()
+        root = StandInUnpickler(io.BytesIO(data)).load()
     except ValueError:
         raise
     except Exception as e:

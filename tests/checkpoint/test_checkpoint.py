@@ -8,9 +8,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from megatron_sayo.distributed.runtime import spawn_local
+
+pytestmark = pytest.mark.compat     # in every cell of `make compat` (docs/compat.md)
 
 
 def _train_steps(model, opt, sched, n: int) -> list[float]:

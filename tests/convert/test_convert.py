@@ -64,6 +64,7 @@ def assert_roundtrip(src: Path, meg: Path, tmp_path: Path, **kw) -> None:
         assert (back / name).read_bytes() == (src / name).read_bytes()
 
 
+@pytest.mark.compat
 def test_roundtrip_float32_untied(tiny_ckpt, converted_tp2pp2, tmp_path):
     meta = read_metadata(converted_tp2pp2)
     assert meta["kind"] == "converted" and meta["layout"] == {"tp": 2, "pp": 2} and meta["dtype"] == "float32"
@@ -111,6 +112,7 @@ def _batch(hf_dir: Path, make_image):
     return dict(input_ids=ids, attention_mask=am, pixel_values=pv, image_grid_thw=thw)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("tp,pp", [(1, 1), (1, 2)])
 def test_tp2pp2_checkpoint_loads_resharded_at_parity(tiny_ckpt, converted_tp2pp2, make_image, tp, pp):
     from megatron_sayo.testing.parity import compare_logits, hf_logits, megatron_logits
@@ -271,6 +273,7 @@ def _megatron_save(ckpt: str, out: str, tp: int, pp: int) -> None:
     save_model(load_model_stage(ckpt, tp=tp, pp=pp, params_dtype=dtype), out)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("which", ["tiny_ckpt", "tiny_bf16_tied"])
 def test_streamed_checkpoint_equals_megatron_save(which, request, tmp_path):
     """The single-process converter writes what megatron's own TP=2 x PP=2 save of the model writes: the same

@@ -45,6 +45,7 @@ def chat(server, messages, **params):
 
 # ------------------------------------------------------------------------------------------------ good requests
 
+@pytest.mark.compat
 def test_text_request_has_openai_shape(server):
     out = chat(server, TEXT, max_tokens=5, temperature=0)
     assert out.object == "chat.completion" and out.model == "tiny"
@@ -143,6 +144,7 @@ def test_stream_several_choices(server):
 
 # ------------------------------------------------------------------------------------------------ logprobs, stop
 
+@pytest.mark.compat
 def test_logprobs_match_transformers(server, tiny_ckpt):
     """logprobs/top_logprobs (temperature 0) equal transformers' float32 eager log-softmax on the same ids."""
     from megatron_sayo.testing.parity import hf_logits

@@ -3,16 +3,26 @@ global is refused naming the file and the global, and nothing in it runs."""
 
 from __future__ import annotations
 
+import base64
+import collections
 import io
+import json
 import os
 import pickle
 import random
+import re
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+from torch.distributed.checkpoint.planner import WriteItemType
 
-from megatron_sayo.formats.pickle_guard import UnsafePickle, check_pickle, check_torch_save
+from megatron_sayo.formats.pickle_guard import ENUM_MEMBERS, UnsafePickle, check_pickle, check_torch_save
+
+pytestmark = pytest.mark.compat     # in every cell of `make compat` (docs/compat.md)
 
 
 class _Touch:
@@ -65,3 +75,73 @@ def test_allowed_torch_save_and_a_record_inside_a_bigger_file(tmp_path):
 def test_unreadable_pickles_are_errors_not_crashes(data):
     with pytest.raises(ValueError, match="not a pickle we can check|too deep"):
         check_pickle(data, "x")
+
+
+# ------------------------------------------------------------------ what every supported Python writes
+
+SAMPLES = sorted((Path(__file__).parent / "pickle_samples").glob("*.json"))
+
+
+def sample_pickles(path: Path) -> dict[str, bytes]:
+    return {k: base64.b64decode(v) for k, v in json.loads(path.read_text())["pickles"].items()}
+
+
+def check_sample(name: str, data: bytes, where: str) -> None:
+    if name.startswith("torch.save/"):
+        with tempfile.NamedTemporaryFile() as f:
+            f.write(data)
+            f.flush()
+            check_torch_save(f.fileno(), where)
+    else:
+        check_pickle(data, where)
+
+
+def test_samples_cover_every_supported_python():
+    """The samples were written by `make compat` in each cell: 3.11.2 (getattr enums), 3.11.7 and 3.13."""
+    pythons = {p.name.split("-")[0] for p in SAMPLES}
+    assert {"python3.11.2", "python3.11.7"} <= pythons and any(v.startswith("python3.13") for v in pythons)
+    old = sample_pickles(next(p for p in SAMPLES if p.name.startswith("python3.11.2-")))
+    assert b"getattr" in old["megatron/.metadata"], "3.11.2 pickles DCP's enum through getattr: the case to allow"
+
+
+@pytest.mark.parametrize("path", SAMPLES, ids=[p.stem for p in SAMPLES])
+def test_what_each_supported_python_writes_passes(path):
+    for name, data in sample_pickles(path).items():
+        check_sample(name, data, f"{path.name}:{name}")
+
+
+def test_enum_members_are_torchs():
+    """ENUM_MEMBERS names exactly the members of the enum classes this torch's DCP pickles."""
+    from torch.distributed.checkpoint import metadata, planner
+
+    for cls in (metadata._MEM_FORMAT_ENCODING, planner.WriteItemType, planner.LoadItemType):
+        assert ENUM_MEMBERS[(cls.__module__, cls.__name__)] == {m.name for m in cls}
+
+
+class _GetAttr:
+    """Pickles as getattr(*args), the form early Python 3.11 releases give an enum member."""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __reduce__(self):
+        return getattr, self.args
+
+
+@pytest.mark.parametrize("args,shown", [
+    ((_MEM_FORMAT_ENCODING, "__class__"), "_MEM_FORMAT_ENCODING, '__class__'"),     # allowed class, not a member
+    ((collections.OrderedDict, "fromkeys"), "collections.OrderedDict, 'fromkeys'"),  # allowed global, no enum
+    ((WriteItemType, "TENSOR", None), "WriteItemType, 'TENSOR'"),                   # a third argument
+    ((WriteItemType, 3), "WriteItemType, 3"),                                      # not a name
+], ids=["not-a-member", "not-an-enum", "three-args", "not-a-name"])
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
+def test_getattr_other_than_an_enum_member_is_refused(args, shown, protocol):
+    data = pickle.dumps({"ok": [1], "x": _GetAttr(*args)}, protocol)
+    with pytest.raises(UnsafePickle, match=rf"builtins\.getattr on \(.*{re.escape(shown)}"):
+        check_pickle(data, "crafted")
+
+
+def test_getattr_on_a_refused_global_names_that_global():
+    data = pickle.dumps(_GetAttr(os.system, "__call__"))
+    with pytest.raises(UnsafePickle, match=r"global posix\.system"):
+        check_pickle(data, "crafted")

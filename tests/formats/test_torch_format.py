@@ -22,7 +22,9 @@ from torch.utils.serialization import config
 
 from megatron_sayo.formats.dtypes import DTYPES
 from megatron_sayo.formats.torch_format import (DcpMetadata, DcpTensor, StoredChunk, dump_dcp_metadata,
-                                        load_dcp_metadata, object_record, read_tensor_record, tensor_record)
+                                                load_dcp_metadata, object_record, read_tensor_record, tensor_record)
+
+pytestmark = pytest.mark.compat     # in every cell of `make compat` (docs/compat.md)
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPES = [(2, 3), (5,), (1, 4, 8), (0, 3), ()]

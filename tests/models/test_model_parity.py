@@ -11,6 +11,8 @@ import torch
 from megatron_sayo.data.processor import Processor
 from megatron_sayo.testing.parity import compare_logits, hf_logits, megatron_logits
 
+pytestmark = pytest.mark.compat     # in every cell of `make compat` (docs/compat.md)
+
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 
 

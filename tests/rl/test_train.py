@@ -63,6 +63,7 @@ def uninterrupted(assets, tmp_path_factory):
     return metrics(run)
 
 
+@pytest.mark.compat
 def test_stop_and_resume_is_bit_for_bit(assets, tmp_path, uninterrupted):
     run_train(overrides(assets, tmp_path, 3))
     second = run_train(overrides(assets, tmp_path, 6))
