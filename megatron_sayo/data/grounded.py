@@ -25,6 +25,7 @@ from typing import Any, Iterator, Sequence
 
 from PIL import Image
 
+from megatron_sayo.data.image_processing import open_upright, upright_size
 from megatron_sayo.data.regions import RegionError, boxes_to_cells, image_grid
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,9 @@ class GroundedSample:
         return self.short_answer if answer_field == "short_answer" and self.short_answer else self.answer
 
     def open_image(self) -> Image.Image:
-        """The image as an RGB PIL image."""
+        """The image as an RGB PIL image, upright by its EXIF orientation (as transformers' `load_image`)."""
         src = self.image_path if self.image_path is not None else io.BytesIO(self.image_bytes)
-        with Image.open(src) as im:
-            return im.convert("RGB")
+        return open_upright(src).convert("RGB")
 
 
 class RowError(ValueError):
@@ -118,13 +118,14 @@ def _image_source(value: Any, base_dir: Path) -> Path | bytes:
 
 
 def _read_image_size(src: Path | bytes) -> tuple[int, int]:
-    """(W, H) of a fully decodable image; RowError if it is missing or unreadable."""
+    """(W, H) of a fully decodable image, upright (EXIF orientation applied: the boxes are drawn on what a
+    viewer shows); RowError if it is missing or unreadable."""
     if isinstance(src, Path) and not src.is_file():
         raise RowError("image", "an existing image file", str(src))
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
             im.load()
-            return im.size
+            return upright_size(im)
     except Exception as exc:  # PIL raises many types for corrupt data
         raise RowError("image", "a readable PNG/JPEG image", f"{type(exc).__name__}: {exc}") from None
 

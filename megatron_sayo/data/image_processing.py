@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from megatron_sayo.formats.jsonfiles import read_json
 
@@ -197,13 +197,29 @@ def _resample(value, source: str) -> int:
 
 # ----------------------------------------------------------------------------------------------- images
 
+EXIF_ORIENTATION = 0x0112
+
+
+def open_upright(src) -> Image.Image:
+    """An image file (path or binary stream) decoded and turned upright by its EXIF orientation, as
+    transformers' `load_image` does (PIL.ImageOps.exif_transpose); its mode is left as stored."""
+    with Image.open(src) as f:
+        f.load()
+        return ImageOps.exif_transpose(f)
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(W, H) of an opened image once its EXIF orientation is applied (orientations 5-8 swap the sides)."""
+    w, h = image.size
+    return (h, w) if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8) else (w, h)
+
+
 def load_image(image: Image.Image | str | Path, name: str) -> Image.Image:
-    """A decoded PIL image from a PIL image or a file path; clear error naming the image otherwise."""
+    """A decoded PIL image from a PIL image or a file path (a file is opened as transformers' processors open a
+    path, with its `load_image`: upright by its EXIF orientation, then RGB); clear error naming the image otherwise."""
     if isinstance(image, (str, Path)):
         try:
-            with Image.open(image) as f:
-                f.load()
-                return f.copy()
+            return open_upright(image).convert("RGB")
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise ValueError(f"{name}: cannot read image file {image}: {exc}") from None
     if not isinstance(image, Image.Image):

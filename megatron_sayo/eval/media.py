@@ -7,7 +7,8 @@ regular file inside DIR. Every refused path gets the same message, whatever the 
 unreadable), so the server is no oracle for which files exist. Remote URLs are never fetched.
 
 Before any pixel is decoded, the header's width x height is checked against `max_image_pixels` (a 21 KB PNG
-can declare 13000 x 13000 pixels: 0.5 GB decoded).
+can declare 13000 x 13000 pixels: 0.5 GB decoded). Decoded images are turned upright by their EXIF orientation
+and converted to RGB, as transformers' `load_image` does (the data loader opens files the same way).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from megatron_sayo.eval.errors import ApiError
 
@@ -83,7 +84,7 @@ def load_image(url, policy: MediaPolicy, param: str) -> Image.Image:
             if w * h > policy.max_image_pixels:
                 raise ApiError(f"image of {w}x{h} = {w * h} pixels exceeds the server's limit of "
                                f"{policy.max_image_pixels} (--max-image-pixels)", param, "image_too_large")
-            return im.convert("RGB")
+            return ImageOps.exif_transpose(im).convert("RGB")
     except ApiError:
         raise
     except Image.DecompressionBombError:      # PIL's own header check (2 x its global limit) came first

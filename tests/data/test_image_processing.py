@@ -153,3 +153,62 @@ def test_image_paths_are_accepted(tmp_path, make_image):
     pv, grid = process_images([tmp_path / "a.png"], cfg)
     ref_pv, ref_grid = reference([img], **SMALL)
     assert torch.equal(pv, ref_pv) and torch.equal(grid, ref_grid)
+
+
+# ------------------------------------------------------------------ files as transformers' load_image opens them
+
+def exif_jpeg(path, image, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image.save(path, "JPEG", quality=95, exif=exif)
+
+
+def odd_files(tmp_path, make_image) -> dict:
+    """Files of the 8 EXIF orientations (a 64x32 JPEG each) and of odd modes: palette (with and without a
+    transparent index), CMYK JPEG, 16-bit grey PNG, RGBA and LA PNGs."""
+    rng = np.random.default_rng(4)
+    base = make_image(64, 32, seed=11)
+    files = {}
+    for k in range(1, 9):
+        files[f"orientation-{k}"] = path = tmp_path / f"o{k}.jpg"
+        exif_jpeg(path, base, k)
+    pal = make_image(50, 30, seed=3).convert("P")
+    pal.save(files.setdefault("palette", tmp_path / "p.png"))
+    pal.save(files.setdefault("palette-transparent", tmp_path / "pt.png"), transparency=0)
+    base.convert("CMYK").save(files.setdefault("cmyk", tmp_path / "c.jpg"), "JPEG", quality=95)
+    Image.fromarray(rng.integers(0, 65536, (30, 45), dtype=np.uint16)).save(files.setdefault("grey16", tmp_path / "g.png"))
+    Image.fromarray(rng.integers(0, 256, (30, 45, 4), dtype=np.uint8), "RGBA").save(files.setdefault("rgba", tmp_path / "a.png"))
+    Image.fromarray(rng.integers(0, 256, (30, 45, 2), dtype=np.uint8), "LA").save(files.setdefault("la", tmp_path / "la.png"))
+    return files
+
+
+def test_files_equal_transformers_load_image_then_processor(tmp_path, make_image):
+    """Issue 29 item 4: every entry point that opens an image file (the server's media loader from a data URL and
+    from a local path, the data loader's samples, process_images given a path) gives the pixels and grid of
+    transformers' `load_image` + Qwen2VLImageProcessorPil: EXIF orientation applied (a 64x32 image with
+    orientation 6 is 32 wide, 64 high), palette, CMYK, 16-bit and transparent images converted the same way."""
+    import base64
+
+    from transformers.image_utils import load_image as hf_load_image
+
+    from megatron_sayo.data.grounded import validate_row
+    from megatron_sayo.eval.media import MediaPolicy, load_image as serve_image
+
+    cfg = ImageProcessorConfig.from_dict(SMALL)
+    files = odd_files(tmp_path, make_image)
+    for name, path in files.items():
+        ref_image = hf_load_image(str(path))
+        ref_pv, ref_grid = reference([ref_image], **SMALL)
+        url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+        row = {"id": name, "image": str(path), "question": "q", "answer": "a",
+               "boxes": [[0, 0, ref_image.width, ref_image.height]]}
+        sample = validate_row(row, tmp_path)
+        assert sample.image_size == ref_image.size, name
+        opened = {"data-url": serve_image(url, MediaPolicy(), "image"),
+                  "local-path": serve_image(path.name, MediaPolicy(tmp_path), "image"),
+                  "data-loader": sample.open_image(), "path": path}
+        for how, image in opened.items():
+            pv, grid = process_images([image], cfg)
+            assert torch.equal(grid, ref_grid), (name, how, grid, ref_grid)
+            assert torch.equal(pv, ref_pv), (name, how)
+    assert hf_load_image(str(files["orientation-6"])).size == (32, 64)
