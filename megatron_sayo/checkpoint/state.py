@@ -13,6 +13,7 @@ scheduler + extra), are written under `.tmp` and renamed, and `run_dir/checkpoin
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
 import warnings
@@ -207,6 +208,7 @@ def save_training_state(run_dir: str | Path, step: int, model, optimizer=None, s
         tmp.mkdir()
     _barrier()
     state = _training_sharded_state(model, optimizer, scheduler, step, dict(extra or {}), loading=False)
+    _writer_results_queue()
     dist_checkpointing.save(state, str(tmp))
     _barrier()
     if rank == 0:
@@ -223,6 +225,24 @@ def save_training_state(run_dir: str | Path, step: int, model, optimizer=None, s
         prune_checkpoints(root, keep)
     _barrier()
     return final
+
+
+def _writer_results_queue() -> None:
+    """Start, once per process, the helper process (a multiprocessing manager) through which megatron's torch_dist
+    writer collects its results, asking the kernel to end it with this process: megatron starts it without,
+    and it outlived a SIGKILLed trainer."""
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron_sayo.distributed.runtime import die_with_parent
+
+    if getattr(filesystem_async, "_results_queue", False) is not None:
+        return                            # already started, or a megatron without this helper
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+    filesystem_async._results_queue = manager.Queue()
+    _writer_results_queue.manager = manager   # keep it (and its process) alive with this one
 
 
 def _layout() -> tuple[int, int]:
@@ -293,8 +313,10 @@ def _load_step(ckpt: Path, model, optimizer, scheduler, restore_rng: bool) -> di
     _, world = _world()
     saved_world = meta.get("world_size")
     if saved_world != world:
-        warnings.warn(f"{ckpt.name}: saved with {saved_world} ranks, resuming with {world}: RNG states "
-                      f"and per-rank optimizer state are not restored", stacklevel=3)
+        per_rank = optimizer is not None and not _is_megatron_optimizer(optimizer)
+        warnings.warn(f"{ckpt.name}: saved with {saved_world} ranks, resuming with {world}: the per-rank RNG states "
+                      + ("and this optimizer's per-rank state are not restored" if per_rank else
+                         "are not restored (model, optimizer and scheduler state are)"), stacklevel=3)
     template = _training_sharded_state(model, optimizer, scheduler, 0, {}, loading=True,
                                        world_size_saved=saved_world)
     state = dist_checkpointing.load(template, str(ckpt))

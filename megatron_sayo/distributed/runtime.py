@@ -8,6 +8,7 @@ all-reduce and all-gather through shared memory (distributed/shm_collectives.py)
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import pickle
@@ -181,6 +182,7 @@ _CUDA_BOUND_MODULES = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.distributed.distributed_data_parallel",
     "megatron.core.distributed.finalize_model_grads",
@@ -204,6 +206,57 @@ def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled
         torch._foreach_mul_(grads, clip_coeff)
 
 
+def _no_cuda_rng_state(*_args, **_kwargs) -> None:
+    """CPU stand-in for megatron's CUDA RNG state get/set (activation recompute saves and restores it around the
+    recomputed forward; on CPU the CPU generator, which megatron restores itself, is the only one)."""
+    return None
+
+
+def _gloo_reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
+    """reduce_scatter_tensor for gloo, which has none (the distributed optimizer's gradient reduce-scatter): an
+    all-reduce of a copy of the whole input, of which this rank keeps its equal slice."""
+    full = input.detach().clone()
+    dist.all_reduce(full, op=op, group=group)
+    n = output.numel()
+    rank = dist.get_rank(group)
+    output.view(-1).copy_(full.view(-1)[rank * n:(rank + 1) * n])
+
+
+def _gloo_all_gather_into_tensor(output, input, group=None, async_op=False):
+    """all_gather_into_tensor through gloo's list all-gather into the output's equal, contiguous rows (the
+    distributed optimizer's parameter all-gather)."""
+    world = dist.get_world_size(group)
+    dist.all_gather(list(output.view(world, -1).unbind(0)), input.contiguous().view(-1), group=group)
+
+
+@contextlib.contextmanager
+def _no_coalescing(*_args, **_kwargs):
+    """torch.distributed._coalescing_manager for synchronous gloo calls: each call has completed on return."""
+    yield None
+
+
+@contextlib.contextmanager
+def megatron_tensor_types():
+    """While megatron's optimizers are built: on CPU, `Tensor.type()` of a CPU float tensor answers the
+    torch.cuda name megatron's constructors check parameters against (the name only: nothing moves); elsewhere
+    nothing changes."""
+    if torch.cuda.is_available():
+        yield
+        return
+    original = torch.Tensor.type
+    float_types = {"torch.FloatTensor", "torch.HalfTensor", "torch.BFloat16Tensor"}
+
+    def cuda_named(self, *args, **kwargs):
+        name = original(self, *args, **kwargs)
+        return name.replace("torch.", "torch.cuda.", 1) if not args and not kwargs and name in float_types else name
+
+    torch.Tensor.type = cuda_named
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
 def _install_cpu_shims() -> None:
     """Point the CUDA-bound megatron modules at `_CpuTorch`; a no-op when already done."""
     global _shims_installed
@@ -223,6 +276,13 @@ def _install_cpu_shims() -> None:
         importlib.import_module(name).torch = tp_torch
     mappings = importlib.import_module("megatron.core.tensor_parallel.mappings")
     mappings.dist_all_gather_func = shm_collectives.all_gather_into_tensor   # bound at import: the TP gathers
+    random = importlib.import_module("megatron.core.tensor_parallel.random")   # selective / full recompute
+    random._get_cuda_rng_state = _no_cuda_rng_state
+    random._set_cuda_rng_state = _no_cuda_rng_state
+    buffers = importlib.import_module("megatron.core.distributed.param_and_grad_buffer")   # distributed optimizer
+    buffers.dist_reduce_scatter_func = _gloo_reduce_scatter_tensor
+    buffers.dist_all_gather_func = _gloo_all_gather_into_tensor
+    buffers._coalescing_manager = _no_coalescing
     _shims_installed = True
 
 
@@ -243,9 +303,10 @@ def argsort_descending(x: torch.Tensor) -> torch.Tensor:
 # Local multi-process launch (tools and tests start their own ranks; no torchrun needed).
 # --------------------------------------------------------------------------------------------------------------
 
-def _die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int) -> None:
     """Linux: have the kernel send this process SIGTERM when its parent dies, so a killed tool or test leaves
-    no ranks behind (they would wait on their collectives until the process-group timeout)."""
+    no ranks (or helper processes) behind (ranks would wait on their collectives until the process-group
+    timeout)."""
     try:
         import ctypes
 
@@ -257,7 +318,7 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _spawn_entry(local_rank, fn, world_size, port, args, result_queue, parent):
-    _die_with_parent(parent)
+    die_with_parent(parent)
     os.environ.update({"RANK": str(local_rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
     torch.set_num_threads(1)

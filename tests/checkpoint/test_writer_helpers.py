@@ -1,0 +1,69 @@
+"""Issue 29 item 6: the helper processes the checkpoint writer starts (megatron's torch_dist writer collects its
+results through a multiprocessing manager, one process per rank) end with their trainer, SIGKILL included."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SAVER = """
+import sys, time, torch
+from megatron_sayo.checkpoint import state
+from megatron_sayo.checkpoint.loader import load_model_stage
+from megatron_sayo.distributed import runtime
+runtime.init_distributed(1, 1, launch=runtime.LaunchEnv(0, 1, 0, "127.0.0.1", runtime.free_port(), "single"))
+model = load_model_stage(sys.argv[1])
+state.save_training_state(sys.argv[2], 1, model, torch.optim.SGD(model.parameters(), lr=0.1))
+print("saved", flush=True)
+time.sleep(600)
+"""
+
+
+def children(pid: int) -> list[int]:
+    """Live processes whose parent is `pid` (from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_writer_helpers_die_with_a_sigkilled_trainer(tiny_ckpt, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(tiny_ckpt), str(tmp_path / "run")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("saved"):
+                break
+        assert lines and lines[-1].startswith("saved"), "".join(lines[-20:])
+        helpers = children(proc.pid)
+        assert helpers, "the writer started no helper process (nothing to test)"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    deadline = time.monotonic() + 15
+    while any(alive(p) for p in helpers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [p for p in helpers if alive(p)]
+    for p in left:                          # do not leave them behind on the old code either
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"helper processes {left} outlived their trainer"
