@@ -146,7 +146,7 @@ class OptimConfig:
     adam_beta1: float = _f(0.9, ge=0.0, lt=1.0)
     adam_beta2: float = _f(0.999, ge=0.0, lt=1.0)
     adam_eps: float = _f(1e-8, gt=0.0)
-    distributed_optimizer: bool = True        # megatron's ZeRO-1 optimizer on GPU (CPU always uses the plain one)
+    distributed_optimizer: bool = False       # megatron's ZeRO-1 optimizer (optimizer state sharded over DP)
 
 
 @dataclass

@@ -1,11 +1,10 @@
-"""The policy's training wrappers: megatron DDP, megatron's Adam (distributed on GPU when asked) and a
+"""The policy's training wrappers: megatron DDP, megatron's Adam (distributed when optim.distributed_optimizer) and a
 constant-LR scheduler with linear warm-up, wired into the model config the pipeline schedules read."""
 
 from __future__ import annotations
 
-import torch
-
 from megatron_sayo.config import OptimConfig
+from megatron_sayo.distributed import runtime
 
 
 def wrap_for_training(model, o: OptimConfig, total_steps: int):
@@ -15,13 +14,14 @@ def wrap_for_training(model, o: OptimConfig, total_steps: int):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     config = model.config
-    distributed_opt = o.distributed_optimizer and torch.cuda.is_available()
+    distributed_opt = o.distributed_optimizer
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_opt), model)
-    optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=o.lr, min_lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
-        adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.grad_clip, bf16=config.bf16, fp16=config.fp16,
-        params_dtype=config.params_dtype, use_distributed_optimizer=distributed_opt), [ddp])
+    with runtime.megatron_tensor_types():   # on CPU megatron's optimizers accept CPU parameters
+        optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=o.lr, min_lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.grad_clip, bf16=config.bf16, fp16=config.fp16,
+            params_dtype=config.params_dtype, use_distributed_optimizer=distributed_opt), [ddp])
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.lr,
         lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(total_steps, o.warmup_steps + 1),
