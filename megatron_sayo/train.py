@@ -97,6 +97,27 @@ def check_before_launch(cfg: RunConfig, world_size: int) -> str:
     return hf_dir
 
 
+def cpu_smoke_changes(cfg: RunConfig) -> list[tuple[str, object, object]]:
+    """What --cpu-smoke changes, as (key, was, now): TP and PP at most 2 each, the GPU kernels (flash attention,
+    Transformer Engine layers) swapped for their CPU counterparts. Nothing else: every other setting of the file
+    (bf16 with fp32 main weights, recompute, distributed optimizer, frozen tower, LoRA) runs as written."""
+    m, par = cfg.model, cfg.parallel
+    wanted = [("parallel.tp", par.tp, min(par.tp, 2)), ("parallel.pp", par.pp, min(par.pp, 2)),
+              ("model.attention_backend", m.attention_backend, "sdpa" if m.attention_backend == "flash" else None),
+              ("model.layer_backend", m.layer_backend, "local" if m.layer_backend == "te" else None)]
+    return [(key, was, now) for key, was, now in wanted if now is not None and now != was]
+
+
+def apply_cpu_smoke(path: str, overrides: list[str]) -> RunConfig:
+    """The config of `path` + `overrides` with cpu_smoke_changes applied; prints each change."""
+    changes = cpu_smoke_changes(load_config(path, overrides))
+    for key, was, now in changes:
+        print(f"cpu-smoke: {key}={now} (was {was})")
+    if not changes:
+        print("cpu-smoke: nothing to change")
+    return load_config(path, [*overrides, *(f"{key}={now}" for key, _, now in changes)])
+
+
 def job_gpu_memory(flag: str | None) -> float | None:
     """Bytes per GPU: --gpu-memory when given, else this machine's first GPU, else None (a CPU machine)."""
     from megatron_sayo.plan import parse_memory
@@ -132,6 +153,9 @@ def parse_args(argv):
     p.add_argument("--gpu-memory", default=None,
                    help="with --check: memory per GPU of the job (e.g. 80GB, 141GB, 81559MiB); the memory model "
                         "refuses a layout that does not fit. Default: this machine's GPU, else estimate only")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="run the config shrunk on CPU: TP and PP at most 2, flash/te swapped for sdpa/local; "
+                        "prints what it changed (pass a tiny model.hf_path and data files)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20 parallel.tp=2")
     return p.parse_args(argv)
 
@@ -152,7 +176,8 @@ def main(argv=None) -> int:
         return 2
     world_size = args.world_size or launch.world_size
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = (apply_cpu_smoke(args.config, args.overrides) if args.cpu_smoke
+               else load_config(args.config, args.overrides))
         hf_dir = check_before_launch(cfg, world_size)
         memory = (memory_report(cfg, hf_dir, world_size, args.gpu_memory, args.config) if args.check
                   else None)
@@ -169,12 +194,17 @@ def main(argv=None) -> int:
     install_signal_handlers()  # before the slow start-up, so an early preemption signal is not fatal
     from megatron_sayo.data.grounded import load_grounded
     from megatron_sayo.rl.metrics import MetricsLogger
-    from megatron_sayo.rl.trainer import GRPOTrainer, Preempted
+    from megatron_sayo.rl.trainer import GRPOTrainer, Preempted, resume_conflict
     from megatron_sayo.rl.warmup import warmed_up
 
     runtime.init_distributed(cfg.parallel.tp, cfg.parallel.pp, launch=launch)
     runtime.seed_everything(cfg.train.seed)
     try:
+        conflict = resume_conflict(cfg)   # every rank, before anything in run_dir is written
+        if conflict is not None:
+            if launch.rank == 0:
+                print(f"config error: {conflict}", file=sys.stderr)
+            return 2
         if launch.rank == 0:
             prepare_assets(cfg)
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)

@@ -82,6 +82,32 @@ def base_pointer(cfg: RunConfig, init_from: Path | None) -> dict:
 _STOP_SIGNAL: list[int] = []   # signals received; checked between steps
 
 
+def resume_conflict(cfg: RunConfig) -> str | None:
+    """Why this config cannot resume the checkpoints already in its run_dir, or None: the newest checkpoint
+    (by its checkpoint_metadata.json) was written with another `lora.enabled`, or another adapter `lora.rank` /
+    `lora.targets`, so it holds other tensors than this run would load. Read-only: checked before anything in
+    the run directory is written."""
+    from megatron_sayo.checkpoint.files import CheckpointError, ordered_checkpoints, read_metadata
+
+    for ckpt in ordered_checkpoints(Path(cfg.run_dir) / "checkpoints"):
+        try:
+            saved = read_metadata(ckpt).get("lora")
+        except CheckpointError:
+            continue                      # the resume scan warns about it and passes over it
+        lora = cfg.lora
+        if (saved is not None) != lora.enabled:
+            return (f"{cfg.run_dir}: checkpoint {ckpt.name} was written with lora.enabled={saved is not None}, "
+                    f"this run sets lora.enabled={lora.enabled}; resume with lora.enabled={saved is not None} or "
+                    f"use a new run_dir")
+        if saved is not None:
+            for key, want in (("rank", lora.rank), ("targets", list(lora.targets))):
+                if saved.get(key) != want:
+                    return (f"{cfg.run_dir}: checkpoint {ckpt.name} holds adapters with lora.{key}={saved.get(key)!r}, "
+                            f"this run sets lora.{key}={want!r}; resume with the checkpoint's value or use a new run_dir")
+        return None
+    return None
+
+
 def install_signal_handlers() -> None:
     """SIGTERM / SIGUSR1 (Slurm preemption) from process start on: the trainer finishes its current (or first)
     step, checkpoints and exits 0."""

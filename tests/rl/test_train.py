@@ -238,3 +238,26 @@ def test_check_accepts_a_diff_only_vision_config(assets, tmp_path):
     done = check_cmd(*base, "--world-size", "16")
     assert done.returncode == 2 and "vision_config: field 'hidden_size' = 1280 is not divisible by num_heads = 7" \
         in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_resume_with_another_lora_setting_is_refused_before_writing(assets, tmp_path):
+    """Issue 29 item 6: a run dir whose newest checkpoint holds LoRA adapters, restarted with lora.enabled off
+    (then with another lora.rank): the ranks exit 2 naming the setting and the checkpoint, before anything is written
+    (config.yaml and the checkpoints as they were; no 'corrupt'/'falling back')."""
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_0000002"
+    step.mkdir(parents=True)
+    lora = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],
+            "base": {}}
+    (step / "checkpoint_metadata.json").write_text(json.dumps({"kind": "trained policy", "lora": lora}))
+    (run / "config.yaml").write_text("# the LoRA run's config\n")
+    before = sorted((p.relative_to(run), p.read_bytes()) for p in run.rglob("*") if p.is_file())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for setting, expect in (("lora.enabled=false", "lora.enabled=True"),
+                            ("lora.enabled=true lora.rank=8", "lora.rank=4")):
+        args = overrides(assets, run, 1) + setting.split(" ")
+        done = subprocess.run(train_cmd(args), capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+        assert done.returncode != 0, done.stdout[-2000:] + done.stderr[-2000:]   # torchrun: its rank exited 2
+        assert "config error" in done.stderr and expect in done.stderr and "step_0000002" in done.stderr
+        assert "corrupt" not in done.stderr and "falling back" not in done.stderr
+        assert sorted((p.relative_to(run), p.read_bytes()) for p in run.rglob("*") if p.is_file()) == before
