@@ -170,3 +170,23 @@ def test_prompt_longer_than_max_text_tokens_names_the_sample():
     with pytest.raises(ValueError, match=r"sample long: its prompt has 4 text tokens, more than "
                                          r"data.max_text_tokens = 3"):
         check_text_tokens(inputs, samples, image, limit=3)
+
+
+# ---------------------------------------------------------------- --cpu-smoke: the examples shrunk for CPU
+
+@pytest.mark.parametrize("name, changed", [
+    ("qwen25vl_72b", {"parallel.tp=2 (was 8)", "model.attention_backend=sdpa (was flash)"}),
+    ("qwen25vl_7b_lora", {"model.attention_backend=sdpa (was flash)"}),
+])
+def test_cpu_smoke_shrinks_layout_and_kernels_only(name, changed, tmp_path, capsys, tiny_ckpt):
+    """--cpu-smoke --check at 4 processes on the tiny model: it prints exactly the changes (TP/PP at most 2, flash
+    -> sdpa) and the memory estimate is taken with the file's other settings (recompute, micro-batch, LoRA)."""
+    example = ROOT / f"examples/{name}.yaml"
+    pp = re.search(r"^  pp: (\d+)", example.read_text(), re.M).group(1)
+    rc = train.main(["--config", str(example), "--cpu-smoke", "--check", "--world-size", "4",
+                     f"model.hf_path={tiny_ckpt}", *data_overrides(tmp_path)])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    printed = set(re.findall(r"^cpu-smoke: (.*)$", out.out, re.M))
+    assert printed == changed, printed
+    assert "recompute selective" in out.out and f"PP={pp}" in out.out, out.out
