@@ -194,12 +194,17 @@ def main(argv=None) -> int:
     install_signal_handlers()  # before the slow start-up, so an early preemption signal is not fatal
     from megatron_sayo.data.grounded import load_grounded
     from megatron_sayo.rl.metrics import MetricsLogger
-    from megatron_sayo.rl.trainer import GRPOTrainer, Preempted
+    from megatron_sayo.rl.trainer import GRPOTrainer, Preempted, resume_conflict
     from megatron_sayo.rl.warmup import warmed_up
 
     runtime.init_distributed(cfg.parallel.tp, cfg.parallel.pp, launch=launch)
     runtime.seed_everything(cfg.train.seed)
     try:
+        conflict = resume_conflict(cfg)   # every rank, before anything in run_dir is written
+        if conflict is not None:
+            if launch.rank == 0:
+                print(f"config error: {conflict}", file=sys.stderr)
+            return 2
         if launch.rank == 0:
             prepare_assets(cfg)
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
