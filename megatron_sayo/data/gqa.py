@@ -144,5 +144,5 @@ def prepare(questions_path: Path, scene_graphs_path: Path, images_dir: Path, out
                 rows.append(row)
         else:
             rows = union_rows(questions, graphs, images_dir, tmp, max_rows, seed)
-        written, dropped = write_rows(rows, tmp)
+        written, dropped = write_rows(rows, tmp, out)
     return {"read": len(questions), "written": written, "dropped": dropped, "skipped": skipped}

@@ -35,18 +35,22 @@ def new_dataset_dir(out: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_rows(rows: list[dict], out_dir: Path) -> tuple[int, int]:
+def write_rows(rows: list[dict], out_dir: Path, published: Path | None = None) -> tuple[int, int]:
     """Write rows to out_dir/data.jsonl through the shared row validator; return (written, dropped).
 
-    Each dropped row is logged with its reason; an image this preparation copied into out_dir/images/ for a
+    Each dropped row is logged with its reason, naming `published`/data.jsonl (the folder out_dir becomes)
+    and the row's number among those prepared; an image this preparation copied into out_dir/images/ for a
     dropped row is removed (it is the run's own file, inside its temporary folder)."""
     import logging
 
     from megatron_sayo.data.grounded import write_jsonl
 
     errors = write_jsonl(rows, out_dir / "data.jsonl")
+    target = Path(published or out_dir) / "data.jsonl"
     for err in errors:
-        logging.getLogger(__name__).warning("dropped: %s", err)
+        sid = f" (id {err.sample_id!r})" if err.sample_id else ""
+        logging.getLogger(__name__).warning("%s: prepared row %d%s dropped, not written: %s", target, err.line, sid,
+                                            err.row_error)
         image = rows[err.line - 1].get("image")
         if isinstance(image, str) and image.startswith("images/"):
             (out_dir / image).unlink(missing_ok=True)

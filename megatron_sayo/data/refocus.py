@@ -176,5 +176,5 @@ def prepare(files: list[Path], out: Path, recipe: str = "sayo", fraction: float 
     with new_dataset_dir(out) as tmp:
         (tmp / "images").mkdir()
         rows, no_box = sayo_rows(files, tmp) if recipe == "sayo" else fraction_rows(files, tmp, fraction, seed)
-        written, dropped = write_rows(rows, tmp)
+        written, dropped = write_rows(rows, tmp, out)
     return {"written": written, "dropped": dropped, "no_box": no_box}

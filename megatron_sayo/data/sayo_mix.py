@@ -35,6 +35,6 @@ def prepare(refocus_files: list[Path], questions_path: Path, scene_graphs_path: 
             if len(rows) >= max_rows:
                 break
             rows.append(row)
-        written, dropped = write_rows(rows, tmp)
+        written, dropped = write_rows(rows, tmp, out)
     return {"refocus": n_refocus, "gqa": len(rows) - n_refocus, "refocus_no_box": no_box, "gqa_skipped": skipped,
             "written": written, "dropped": dropped}

@@ -221,10 +221,12 @@ def gqa_files(tmp_path):
     return tmp_path / "gqa"
 
 
-def test_gqa_union_referred_objects_and_boxes(gqa_files, tmp_path):
+def test_gqa_union_referred_objects_and_boxes(gqa_files, tmp_path, caplog):
     done = gqa.prepare(gqa_files / "q.json", gqa_files / "sg.json", gqa_files / "images", tmp_path / "out",
                        recipe="union")
     assert (done["read"], done["written"], done["dropped"]) == (len(QUESTIONS), 4, 1)   # q7: zero-width box
+    (dropped,) = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert dropped.startswith(f"{tmp_path / 'out' / 'data.jsonl'}: prepared row 5 (id 'gqa-q7') dropped")  # issue 29
     rows = {r["id"]: r for r in _rows(tmp_path / "out" / "data.jsonl")}
     assert {k: r["boxes"] for k, r in rows.items()} == EXPECTED_GQA
     assert rows["gqa-q1"]["image"] == "../gqa/images/img1.jpg"
