@@ -1,5 +1,6 @@
 # megatron_sayo: every target creates/refreshes the local virtual environment first.
-# torch is installed before the project so pip never resolves a CUDA build on a CPU machine.
+# torch is installed before the project; TORCH picks the wheel (a CPU-only machine without a local CPU wheel needs
+# TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu", else pip takes the CUDA build).
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
@@ -9,12 +10,26 @@ BIN    := $(VENV)/bin
 .PHONY: venv demo test test-fast compat gpu-check clean
 venv: $(VENV)/.installed
 
+# SYSTEM_TORCH=1 (inside a container whose torch, Transformer Engine and flash-attn belong together): the venv sees
+# the system's site-packages, the torch found there is kept (pinned by a constraint), and only what is missing
+# is installed.
+ifeq ($(SYSTEM_TORCH),1)
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(BIN)/python -c "import torch" || { echo "SYSTEM_TORCH=1: no torch importable by $(PYTHON)"; exit 1; }
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/keep-torch.txt
+	$(BIN)/python scripts/requirements.py --extras $(EXTRAS) --except torch > $(VENV)/requirements.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/keep-torch.txt -r $(VENV)/requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+else
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
+endif
 
 demo: venv                      ## the embedded default: tiny Qwen2.5-VL SAYO GRPO run on CPU
 	$(BIN)/python -m megatron_sayo.demo
