@@ -156,6 +156,7 @@ class TrainConfig:
     steps: int = _f(1000, ge=1)
     global_batch: int = _f(16, ge=1)          # prompts per step, over all data-parallel ranks
     micro_batch: int = _f(4, ge=1)            # completions (sequences) per forward/backward
+    prompt_sharing: bool = True               # scoring/reference/update run a group as [prompt | c_1 | ... | c_G]
     seed: int = 1234
     max_nan_steps_in_row: int = _f(3, ge=1)
 

@@ -150,12 +150,16 @@ class ScoringBatch:
                       image_grid_thw=None if image_grid_thw is None else image_grid_thw.to(device))
         return cls.teacher_forced(hf, inputs, torch.as_tensor(region_mask).bool()[None], [list(completion_ids)], 0)
 
-    def microbatches(self, hf, size: int, with_probe: bool, attention_row: Literal["token", "decision"] = "token"
-                     ) -> list[dict]:
+    def microbatches(self, hf, size: int, with_probe: bool, attention_row: Literal["token", "decision"] = "token",
+                     shared: bool = False) -> list[dict]:
         """Forward inputs in chunks of `size` rows (logits from column P - 1 on), plus the probe's masks: query
         rows at the completion tokens' own columns (attention_row "token") or one column earlier ("decision").
 
-        Rows that hold the same pixel tensor (a prompt's G completions) send it to the vision tower once."""
+        Rows that hold the same pixel tensor (a prompt's G completions) send it to the vision tower once.
+        shared: each chunk's runs of one prompt go as one packed row (rl/shared_prompt.py, train.prompt_sharing);
+        every microbatch then carries `layout` and `targets` [n, T] for the rows it covers."""
+        if shared:
+            return self._shared_microbatches(hf, size, with_probe, attention_row)
         out = []
         for start in range(0, self.sequences.shape[0], size):
             rows = slice(start, start + size)
@@ -169,6 +173,35 @@ class ScoringBatch:
                 first = self.prompt_length - (1 if attention_row == "decision" else 0)
                 query[:, first:first + self.completion_mask.shape[1]] = self.completion_mask[rows].bool()
                 mb.update(query_rows=query, region_mask=self.region_mask[rows], image_mask=ids == hf.tokens.image)
+            out.append(mb)
+        return out
+
+    def _shared_microbatches(self, hf, size: int, with_probe: bool, attention_row: str) -> list[dict]:
+        """`microbatches` with packed rows; all padded to one [rows, width] (pipeline stages exchange one shape)."""
+        from megatron_sayo.rl import shared_prompt as sp
+
+        N, P = self.sequences.shape[0], self.prompt_length
+        groups = sp.prompt_groups(self.sequences, self.attention_mask, P, self.region_mask, self.pixel_values,
+                                  self.image_grid_thw)
+        chunks = [sp.pieces(groups, range(s, min(s + size, N))) for s in range(0, N, size)]
+        width = max(sp.packed_width(self, c) for c in chunks)
+        n_packed = max(len(c) for c in chunks)
+        out = []
+        for start, chunk in zip(range(0, N, size), chunks):
+            rows = slice(start, start + size)
+            ids, positions, allowed, region, layout = sp.pack(self, hf, chunk, width, n_packed)
+            firsts = [piece[0] for piece in chunk]
+            pix, thw, order = distinct_images([self.pixel_values[f] for f in firsts],
+                                              [self.image_grid_thw[f] for f in firsts])
+            inputs = dict(input_ids=ids, position_ids=positions, attention_mask=~allowed[:, None],
+                          pixel_values=pix, image_grid_thw=thw, image_order=order, logits_from=P - 1)
+            mb = dict(rows=rows, inputs=inputs, layout=layout, targets=self.sequences[rows, P:])
+            if with_probe:
+                cmask = self.completion_mask[rows].bool().cpu()
+                cols = layout.own_column if attention_row == "token" else layout.logits_column
+                query = torch.zeros(ids.shape, dtype=torch.bool)
+                query[layout.packed_row[:, None].expand_as(cols)[cmask], cols[cmask]] = True
+                mb.update(query_rows=query, region_mask=region, image_mask=ids == hf.tokens.image)
             out.append(mb)
         return out
 

@@ -208,7 +208,7 @@ class GRPOTrainer:
         check = {}
         if not capture or cfg.rollout.capture_check:
             scores = score_policy(self.policy, batch, mb, cfg.rollout.temperature,
-                                  attention_row=cfg.reward.attention_row)
+                                  attention_row=cfg.reward.attention_row, shared=cfg.train.prompt_sharing)
             if capture and scores is not None:
                 check = {f"capture_diff_{k}": v for k, v in rollout.scores.mean_abs_difference(scores).items()}
         if capture:
@@ -246,13 +246,13 @@ class GRPOTrainer:
     def _reference_logprobs(self, batch: ScoringBatch, mb: int):
         """The reference policy's log-probs (None without a KL term): the frozen copy, or with LoRA the
         policy with its adapters switched off."""
-        temperature = self.cfg.rollout.temperature
+        temperature, shared = self.cfg.rollout.temperature, self.cfg.train.prompt_sharing
         if self.cfg.loss.kl_beta == 0:
             return None
         if self.cfg.lora.enabled:
             with adapters_disabled(self.policy):
-                return reference_logprobs(self.policy, batch, mb, temperature)
-        return reference_logprobs(self.reference, batch, mb, temperature)
+                return reference_logprobs(self.policy, batch, mb, temperature, shared)
+        return reference_logprobs(self.reference, batch, mb, temperature, shared)
 
     def _rewards(self, rollout, scores: CompletionScores, samples):
         """Per-completion reward terms (attention, format, accuracy) and TAS, on the last stage."""
@@ -289,7 +289,7 @@ class GRPOTrainer:
         cfg = self.cfg
         loss = None if scores is None else grpo_token_loss(scores.logprobs, ref_logp, advantages, cfg.loss)
         reported = accumulate_gradients(self.ddp, self.optimizer, batch, cfg.train.micro_batch,
-                                        cfg.rollout.temperature, loss)
+                                        cfg.rollout.temperature, loss, shared=cfg.train.prompt_sharing)
         metrics = self._loss_metrics(reported)
         finite = torch.tensor([1.0 if all(math.isfinite(v) for v in metrics.values()) else 0.0])
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)

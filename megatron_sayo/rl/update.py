@@ -10,15 +10,16 @@ import torch
 from megatron_sayo.distributed.schedule import run_forward_backward
 from megatron_sayo.rl.batch import ScoringBatch
 from megatron_sayo.rl.logprobs import vocab_parallel_logprobs
-from megatron_sayo.rl.scoring import completion_logits
+from megatron_sayo.rl.scoring import microbatch_completion_logits
 
 # (log-probs [b, T] with grad, the microbatch's row slice, its completion mask [b, T]) -> (loss sum, metrics)
 TokenLoss = Callable[[torch.Tensor, slice, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
 def accumulate_gradients(ddp, optimizer, batch: ScoringBatch, micro_batch: int, temperature: float,
-                         token_loss: TokenLoss) -> list[dict]:
-    """Zero, then accumulate d(loss)/d(params) over the batch's microbatches into the DDP grads.
+                         token_loss: TokenLoss, shared: bool = False) -> list[dict]:
+    """Zero, then accumulate d(loss)/d(params) over the batch's microbatches into the DDP grads; shared: each
+    group's prompt once per microbatch (train.prompt_sharing, rl/shared_prompt.py).
 
     Returns each microbatch's detached loss metrics (sums) on the last pipeline stage.
     """
@@ -31,14 +32,13 @@ def accumulate_gradients(ddp, optimizer, batch: ScoringBatch, micro_batch: int, 
 
     def loss_fn(logits, mb):
         rows = mb["rows"]
-        ids = mb["inputs"]["input_ids"]
-        z = completion_logits(logits, ids.shape[1], P).float()
-        logp = vocab_parallel_logprobs(z, ids[:, P:], temperature=temperature, vocab_size=vocab_size)
+        z, targets = microbatch_completion_logits(logits, mb, P)
+        logp = vocab_parallel_logprobs(z.float(), targets, temperature=temperature, vocab_size=vocab_size)
         mask = batch.completion_mask[rows]
         loss, metrics = token_loss(logp, rows, mask)
         n = mask.sum().to(torch.int)
         reported.append({k: (v.detach() if torch.is_tensor(v) else v) for k, v in metrics.items()})
         return loss, n, {"loss": torch.stack([loss.detach(), n.float()])}
 
-    run_forward_backward(ddp, batch.microbatches(ddp.module.hf, micro_batch, with_probe=False), loss_fn)
+    run_forward_backward(ddp, batch.microbatches(ddp.module.hf, micro_batch, with_probe=False, shared=shared), loss_fn)
     return reported
