@@ -16,6 +16,9 @@ from pathlib import Path
 from megatron_sayo.formats.torch_format import load_dcp_metadata
 
 METADATA_FILE = "checkpoint_metadata.json"
+# Where megatron keeps the non-sharded state: common.pt up to megatron-core 0.16, an object of this key inside the
+# torch_dist checkpoint from 0.17 on (0.19 still reads common.pt, so converted checkpoints keep that form).
+COMMON_STATE_KEY = "common_state/shard_0_1"
 FORMAT_VERSION = 1
 # Files of an HF checkpoint other than weights that travel with every conversion (copied when present).
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
@@ -191,7 +194,7 @@ def prune_checkpoints(root: Path, keep: int) -> None:
 
 def checkpoint_problem(ckpt: Path) -> str | None:
     """Why a step dir cannot be resumed (missing files, unreadable metadata), or None when it looks complete."""
-    for name in ("metadata.json", "common.pt", ".metadata", METADATA_FILE):
+    for name in ("metadata.json", ".metadata", METADATA_FILE):
         if not (ckpt / name).is_file():
             return f"{ckpt / name} is missing"
     try:
@@ -200,6 +203,8 @@ def checkpoint_problem(ckpt: Path) -> str | None:
         meta = load_dcp_metadata((ckpt / ".metadata").read_bytes())
     except Exception as exc:
         return f"{ckpt}: metadata unreadable ({exc})"
+    if not (ckpt / "common.pt").is_file() and COMMON_STATE_KEY not in meta.objects:
+        return f"{ckpt / 'common.pt'} is missing (nor does .metadata hold {COMMON_STATE_KEY})"
     files = {c.file for t in meta.tensors.values() for c in t.chunks} | {f for f, _, _ in meta.objects.values()}
     for rel in sorted(files):
         if not (ckpt / rel).is_file():

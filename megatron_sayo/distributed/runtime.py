@@ -150,6 +150,29 @@ class _CpuCuda(types.SimpleNamespace):
     def is_available():
         return False
 
+    @staticmethod
+    def current_stream(*_, **__):
+        """megatron-core 0.19 orders its gradient reduce after the current stream; on CPU there is none to wait on
+        (and torch's CUDA build without a driver raises here, where its CPU build does not)."""
+        return _CpuStream()
+
+    @staticmethod
+    def empty_cache():
+        return None
+
+
+class _CpuStream:
+    """A CUDA stream's waits, as no-ops: CPU work runs in program order."""
+
+    def wait_event(self, *_):
+        return None
+
+    def wait_stream(self, *_):
+        return None
+
+    def synchronize(self):
+        return None
+
 
 class _CpuTorch(types.ModuleType):
     """`torch`, except that device='cuda' means CPU and torch.cuda is `_CpuCuda` (and, given, torch.distributed
@@ -176,7 +199,7 @@ class _CpuTorch(types.ModuleType):
 
 _shims_installed = False
 
-# megatron-core modules that allocate on "cuda" / call torch.cuda unconditionally (0.16.1).
+# megatron-core modules that allocate on "cuda" / call torch.cuda unconditionally (0.16.1 and 0.19).
 _CUDA_BOUND_MODULES = (
     "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.pipeline_parallel.schedules",

@@ -36,19 +36,27 @@ def megatron_save(out_dir: str) -> None:
 
 
 def samples() -> dict[str, bytes]:
-    """name -> pickle bytes: a megatron checkpoint's `.metadata` and `common.pt`, optimizer/RNG state as torch.save
+    """name -> pickle bytes: a megatron checkpoint's `.metadata`, common state and stored
+    objects, optimizer/RNG state as torch.save
     writes it, and every member of the enum classes DCP pickles, at protocols 2 and the default."""
     import numpy as np
     import torch
     from torch.distributed.checkpoint import metadata, planner
 
     from megatron_sayo.distributed.runtime import spawn_local
+    from megatron_sayo.formats.torch_format import load_dcp_metadata
 
     out: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory() as tmp:
         spawn_local(megatron_save, 1, tmp, timeout_s=300)
         out["megatron/.metadata"] = (Path(tmp) / ".metadata").read_bytes()
-        out["torch.save/common.pt"] = (Path(tmp) / "common.pt").read_bytes()
+        common = Path(tmp) / "common.pt"          # megatron-core 0.16; later ones store it in the .distcp file
+        if common.is_file():
+            out["torch.save/common.pt"] = common.read_bytes()
+        for key, (file, offset, length) in load_dcp_metadata(out["megatron/.metadata"]).objects.items():
+            with open(Path(tmp) / file, "rb") as f:
+                f.seek(offset)
+                out[f"torch.save/{key}"] = f.read(length)
         opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=1e-3)
         opt.step()
         path = Path(tmp) / "state.pt"
