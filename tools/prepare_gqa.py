@@ -2,11 +2,15 @@
 """GQA questions + scene graphs -> grounded JSONL (docs/data.md; logic: megatron_sayo/data/gqa.py).
 
     python tools/prepare_gqa.py --questions train_all_questions_0.json --scene-graphs train_sceneGraphs.json \\
-        --images GQA/images --out DIR [--recipe sayo|union] [--max-rows N] [--seed 0]
+        --images GQA/images --out DIR [--recipe sayo|union] [--max-rows N] [--seed 0] [--on-error stop|skip]
 
 `sayo` (default): one object from semanticStr as the region, fullAnswer as the answer and the short answer in
 `short_answer`, question-file order, the first N usable questions with --max-rows. `union`: all annotated
 objects, the short answer, a seeded sample of N with --max-rows. Images are referenced, not copied.
+
+A question or the scene-graph object it refers to that is off the GQA schema (an object without `w`, a `"w": "20"`,
+...) is named with its question id, image, object and field: --on-error stop (default) ends the run with that
+error and exit 2, nothing written; --on-error skip leaves the question out, logs it and counts it in the summary.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_sayo.data.gqa import RECIPES, prepare  # noqa: E402
+from megatron_sayo.data.gqa import ON_ERROR, RECIPES, GQASchemaError, prepare  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,11 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", choices=RECIPES, default="sayo")
     parser.add_argument("--max-rows", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="--recipe union: sampling seed for --max-rows")
+    parser.add_argument("--on-error", choices=ON_ERROR, default="stop",
+                        help="an off-schema question or scene-graph object: stop with its error (exit 2, nothing "
+                             "written) or skip the question (logged, counted in the summary)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         done = prepare(args.questions, args.scene_graphs, args.images, args.out, args.recipe, args.max_rows,
-                       args.seed)
+                       args.seed, args.on_error)
+    except GQASchemaError as exc:
+        print(f"error: {exc}\nnothing written; --on-error skip leaves such questions out", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_sayo.data.gqa import ON_ERROR, GQASchemaError  # noqa: E402
 from megatron_sayo.data.sayo_mix import SAYO_MIX_ROWS, prepare  # noqa: E402
 
 
@@ -30,16 +31,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gqa-images", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path, help="new output folder")
     parser.add_argument("--max-rows", type=int, default=SAYO_MIX_ROWS, help="rows in the mix (the authors': 20001)")
+    parser.add_argument("--on-error", choices=ON_ERROR, default="stop",
+                        help="an off-schema GQA question or scene-graph object: stop with its error (exit 2, "
+                             "nothing written) or skip the question (logged, counted in the summary)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         done = prepare(args.refocus, args.gqa_questions, args.gqa_scene_graphs, args.gqa_images, args.out,
-                       args.max_rows)
+                       args.max_rows, args.on_error)
+    except GQASchemaError as exc:
+        print(f"error: {exc}\nnothing written; --on-error skip leaves such questions out", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    skipped = ", ".join(f"{n} {why}" for why, n in sorted(done["gqa_skipped"].items())) or "none"
     print(f"{args.out / 'data.jsonl'}: {done['written']} row(s) written ({done['refocus']} ReFocus + "
-          f"{done['gqa']} GQA), {done['dropped']} dropped by validation")
+          f"{done['gqa']} GQA), {done['dropped']} dropped by validation; GQA questions skipped: {skipped}")
     return 0
 
 

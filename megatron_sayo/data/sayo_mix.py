@@ -19,10 +19,15 @@ SAYO_MIX_ROWS = 20_001
 
 
 def prepare(refocus_files: list[Path], questions_path: Path, scene_graphs_path: Path, images_dir: Path,
-            out: Path, max_rows: int = SAYO_MIX_ROWS) -> dict:
-    """Write the mix to out/data.jsonl (+ out/images/ for ReFocus); returns counts per source."""
+            out: Path, max_rows: int = SAYO_MIX_ROWS, on_error: str = "stop") -> dict:
+    """Write the mix to out/data.jsonl (+ out/images/ for ReFocus); returns counts per source.
+
+    An off-schema GQA question or object (gqa.py) stops the run (GQASchemaError, nothing published) or, with
+    on_error "skip", is left out, logged and counted in `gqa_skipped`."""
     if max_rows < 1:
         raise ValueError(f"--max-rows must be >= 1, got {max_rows}")
+    if on_error not in gqa.ON_ERROR:
+        raise ValueError(f"--on-error must be one of {gqa.ON_ERROR}, got {on_error!r}")
     questions = gqa.read_json(questions_path, "GQA questions")
     graphs = gqa.read_json(scene_graphs_path, "GQA scene graphs")
     skipped: dict[str, int] = {}
@@ -31,7 +36,7 @@ def prepare(refocus_files: list[Path], questions_path: Path, scene_graphs_path: 
         rows, no_box = refocus.sayo_rows(refocus_files, tmp)
         rows = rows[:max_rows]
         n_refocus = len(rows)
-        for row in gqa.sayo_rows(questions, graphs, images_dir, tmp, skipped):
+        for row in gqa.sayo_rows(questions, graphs, images_dir, tmp, skipped, on_error, str(questions_path)):
             if len(rows) >= max_rows:
                 break
             rows.append(row)

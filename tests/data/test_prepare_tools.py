@@ -305,3 +305,150 @@ def test_sayo_mix_cli(refocus_repo, gqa_files, tmp_path):
                            str(gqa_files / "images"), "--out", str(tmp_path / "mix")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "GQA)" in proc.stdout and len(_rows(tmp_path / "mix" / "data.jsonl")) > 5
+
+
+# ---------------------------------------------------------------- GQA off the schema (issue 29 item 6)
+
+def _graphs_with(image, obj_id, obj):
+    """SCENE_GRAPHS (the release's layout) with one object replaced (obj None: removed from the image)."""
+    graphs = json.loads(json.dumps(SCENE_GRAPHS))
+    graphs[image]["objects"][obj_id] = obj
+    return graphs
+
+
+TABLE = SCENE_GRAPHS["img1"]["objects"]["102"]        # q2 (sayo and union) and q9 (sayo) refer to it
+OFF_SCHEMA_TABLES = {                                  # object -> (field, words the message must hold)
+    "no w": ({k: v for k, v in TABLE.items() if k != "w"}, "w", "is missing"),
+    "w string": ({**TABLE, "w": "20"}, "w", '"20" (a JSON string), expected a JSON number'),
+    "x and w strings": ({**TABLE, "x": "0", "w": "20"}, "x", '"0" (a JSON string)'),   # old: silently x2 "020"
+    "h null": ({**TABLE, "h": None}, "h", "null (a JSON null)"),
+    "y boolean": ({**TABLE, "y": True}, "y", "true (a JSON boolean)"),
+    "w NaN": ({**TABLE, "w": float("nan")}, "w", "expected a finite number"),
+    "h negative": ({**TABLE, "h": -5}, "h", "expected >= 0"),
+}
+
+
+@pytest.mark.parametrize("recipe", ["sayo", "union"])
+@pytest.mark.parametrize("case", list(OFF_SCHEMA_TABLES))
+def test_gqa_off_schema_object_stops_naming_question_object_and_field(gqa_files, tmp_path, recipe, case):
+    """Default on_error="stop": the first question using the object raises a ValueError (what the tool reports
+    with exit 2) naming the questions file, the question id, the image, the object (id and JSON) and the field;
+    nothing is published (was: KeyError / TypeError, or for two strings a box with x2 = "0" + "20")."""
+    obj, field, words = OFF_SCHEMA_TABLES[case]
+    (gqa_files / "bad.json").write_text(json.dumps(_graphs_with("img1", "102", obj)))
+    with pytest.raises(ValueError) as caught:
+        gqa.prepare(gqa_files / "q.json", gqa_files / "bad.json", gqa_files / "images", tmp_path / "out",
+                    recipe=recipe)
+    exc = caught.value
+    assert isinstance(exc, gqa.GQASchemaError)
+    assert (exc.question_id, exc.field) == ("q2", field)             # q2 is the first user in both orders
+    message = str(exc)
+    assert message.startswith(f"{gqa_files / 'q.json'}: question 'q2' is off the GQA schema: ")
+    assert "scene graph of image 'img1', object '102' {" in message and '"name": "table"' in message
+    assert f"field {field!r} " in message and words in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gqa"]      # no output, no temporary folder left
+
+
+OFF_SCHEMA_ELSEWHERE = {   # (questions change, scene graphs change) -> (question id, field, words)
+    "object not an object": (None, ("img1", "102", [0, 30, 100, 50]), "q2", None,
+                             "(a JSON array), expected a JSON object"),
+    "objects not an object": (None, ("img1", None, []), "q1", "objects", "expected a JSON object"),
+    "scene graph a string": (None, ("img1", None, "n/a"), "q1", None, '"n/a" (a JSON string)'),
+    "imageId missing": (("q1", "imageId", None), None, "q1", "imageId", "is missing"),
+    "imageId a number": (("q1", "imageId", 1), None, "q1", "imageId", "1 (a JSON number), expected a JSON string"),
+    "imageId a path": (("q1", "imageId", "../img1"), None, "q1", "imageId", "expected an image file-name stem"),
+    "question a list": (("q1", "question", ["What?"]), None, "q1", "question", "(a JSON array)"),
+}
+
+
+@pytest.mark.parametrize("case", list(OFF_SCHEMA_ELSEWHERE))
+def test_gqa_other_off_schema_values_name_question_and_field(gqa_files, tmp_path, case):
+    q_change, g_change, qid, field, words = OFF_SCHEMA_ELSEWHERE[case]
+    questions = json.loads(json.dumps(QUESTIONS))
+    graphs = json.loads(json.dumps(SCENE_GRAPHS))
+    if q_change:
+        q, key, value = q_change
+        if value is None:
+            del questions[q][key]
+        else:
+            questions[q][key] = value
+    if g_change:
+        image, obj_id, value = g_change
+        if obj_id is None:
+            graphs[image] = value if isinstance(value, str) else {**graphs[image], "objects": value}
+        else:
+            graphs[image]["objects"][obj_id] = value
+    (gqa_files / "bq.json").write_text(json.dumps(questions))
+    (gqa_files / "bg.json").write_text(json.dumps(graphs))
+    for recipe in ("sayo", "union"):
+        with pytest.raises(gqa.GQASchemaError) as caught:
+            gqa.prepare(gqa_files / "bq.json", gqa_files / "bg.json", gqa_files / "images", tmp_path / recipe,
+                        recipe=recipe)
+        assert (caught.value.question_id, caught.value.field) == (qid, field), recipe
+        assert f"question {qid!r}" in str(caught.value) and words in str(caught.value)
+        assert not (tmp_path / recipe).exists()
+
+
+def test_gqa_union_off_schema_annotations_and_semantic(gqa_files, tmp_path):
+    """union reads annotations and the semantic program: other shapes are named too (was: AttributeError)."""
+    for q_id, key, value, field in (("q1", "annotations", {"answer": ["101"]}, "annotations.answer"),
+                                    ("q3", "semantic", [{"argument": ["cat", 202]}], "semantic[0].argument")):
+        questions = json.loads(json.dumps(QUESTIONS))
+        questions[q_id][key] = value
+        (gqa_files / "bq.json").write_text(json.dumps(questions))
+        with pytest.raises(gqa.GQASchemaError) as caught:
+            gqa.prepare(gqa_files / "bq.json", gqa_files / "sg.json", gqa_files / "images", tmp_path / "o",
+                        recipe="union")
+        assert (caught.value.question_id, caught.value.field) == (q_id, field)
+
+
+def _run_gqa_tool(gqa_files, graphs_file, out, *extra):
+    return subprocess.run([sys.executable, str(TOOLS / "prepare_gqa.py"), "--questions", str(gqa_files / "q.json"),
+                           "--scene-graphs", str(graphs_file), "--images", str(gqa_files / "images"),
+                           "--out", str(out), *extra], capture_output=True, text=True)
+
+
+def test_gqa_cli_on_error_stop_and_skip(gqa_files, tmp_path):
+    """The tool: default --on-error stop exits 2 with the error (question id, object, field), no traceback and no
+    output; --on-error skip writes the other questions, logs each skipped one with its reason and counts them in
+    the summary (sayo: q2 and q9 use object 102; union: q2 only)."""
+    no_w = {k: v for k, v in TABLE.items() if k != "w"}
+    (gqa_files / "no_w.json").write_text(json.dumps(_graphs_with("img1", "102", no_w)))
+    (gqa_files / "w_str.json").write_text(json.dumps(_graphs_with("img1", "102", {**TABLE, "w": "20"})))
+
+    for graphs_file, words in (("no_w.json", "field 'w' is missing"), ("w_str.json", "field 'w' is \"20\"")):
+        proc = _run_gqa_tool(gqa_files, gqa_files / graphs_file, tmp_path / "stop")
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith(f"error: {gqa_files / 'q.json'}: question 'q2' is off the GQA schema: "
+                                      f"scene graph of image 'img1', object '102' {{")
+        assert words in proc.stderr and "--on-error skip" in proc.stderr and "Traceback" not in proc.stderr
+        assert not (tmp_path / "stop").exists()
+
+    proc = _run_gqa_tool(gqa_files, gqa_files / "w_str.json", tmp_path / "skip", "--on-error", "skip")
+    assert proc.returncode == 0, proc.stderr
+    logged = [line for line in proc.stderr.splitlines() if "skipped (off the GQA schema" in line]
+    assert [line.split(": question ")[1].split(" ")[0] for line in logged] == ["'q2'", "'q9'"]
+    assert all(line.startswith(str(gqa_files / "q.json")) and "object '102'" in line and
+               "field 'w' is \"20\" (a JSON string), expected a JSON number" in line for line in logged)
+    assert ("3 row(s) written, 1 dropped by validation; skipped: 2 no object id in semanticStr, "
+            "2 object not in the scene graph, 2 off-schema scene-graph object field 'w'") in proc.stdout
+    assert [r["id"] for r in _rows(tmp_path / "skip" / "data.jsonl")] == ["q1", "q3", "q4"]   # q7 dropped
+
+    proc = _run_gqa_tool(gqa_files, gqa_files / "no_w.json", tmp_path / "skip_u", "--on-error", "skip",
+                         "--recipe", "union")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("skipped (off the GQA schema") == 1 and "question 'q2'" in proc.stderr
+    assert "1 off-schema scene-graph object field 'w'" in proc.stdout
+    assert sorted(r["id"] for r in _rows(tmp_path / "skip_u" / "data.jsonl")) == ["gqa-q1", "gqa-q3", "gqa-q4"]
+
+
+def test_sayo_mix_on_error(refocus_repo, gqa_files, tmp_path):
+    """The mix reads GQA through the same rows: stop names the question and field, skip counts it."""
+    (gqa_files / "bad.json").write_text(json.dumps(_graphs_with("img1", "101", {**TABLE, "w": "20"})))
+    args = (_train_shards(refocus_repo), gqa_files / "q.json", gqa_files / "bad.json", gqa_files / "images")
+    with pytest.raises(gqa.GQASchemaError, match=r"question 'q1' .*object '101'.*field 'w'"):
+        sayo_mix.prepare(*args, tmp_path / "mix", max_rows=100)
+    assert not (tmp_path / "mix").exists()
+    done = sayo_mix.prepare(*args, tmp_path / "mix", max_rows=100, on_error="skip")
+    assert done["gqa_skipped"]["off-schema scene-graph object field 'w'"] == 1
+    assert "q1" not in [r["id"] for r in _rows(tmp_path / "mix" / "data.jsonl")]
