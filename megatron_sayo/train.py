@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_sayo import console
+from megatron_sayo.config import ConfigError, RunConfig, describe, load_config
+from megatron_sayo.console import LEVELS
 from megatron_sayo.distributed import runtime
-from megatron_sayo.config import ConfigError, RunConfig, load_config
 
 log = logging.getLogger("megatron_sayo.train")
 
@@ -32,13 +34,35 @@ def prepare_assets(cfg: RunConfig) -> None:
 
         print(f"making a tiny random Qwen2.5-VL checkpoint at {hf_path}", flush=True)
         make_tiny_checkpoint(hf_path, preset="tiny", seed=0)
-    for path, n, seed in ((cfg.data.train_file, cfg.data.synthetic_n, 0),
-                          (cfg.data.eval_file, max(16, cfg.data.synthetic_n // 8), 1)):
-        if path and cfg.data.synthetic_n and not Path(path).is_file():
-            write_synthetic(Path(path), n, seed, cfg.data.synthetic_task)
+    if cfg.data.synthetic_n:
+        prepare_synthetic(cfg)
 
 
-def write_synthetic(jsonl: Path, n: int, seed: int, task: str = "shapes") -> None:
+def prepare_synthetic(cfg: RunConfig) -> None:
+    """The synthetic set data.synthetic_n asks for, made once in its cache folder (config.synthetic_files): the
+    training and held-out files are written into a temporary folder that replaces the cache folder only when
+    complete, so a killed run leaves no half set behind."""
+    from megatron_sayo.config import synthetic_eval_n
+    from megatron_sayo.formats.atomic import publish_dir
+
+    train, held_out = Path(cfg.data.train_file), Path(cfg.data.eval_file)
+    if train.is_file() and held_out.is_file():
+        return
+    folder = train.parent
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    print(f"making the synthetic {cfg.data.synthetic_task} set once: {cfg.data.synthetic_n} training and "
+          f"{synthetic_eval_n(cfg.data)} held-out samples in {folder}", flush=True)
+    try:
+        write_synthetic(tmp / train.name, cfg.data.synthetic_n, 0, cfg.data.synthetic_task, announce=False)
+        write_synthetic(tmp / held_out.name, synthetic_eval_n(cfg.data), 1, cfg.data.synthetic_task, announce=False)
+        publish_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_synthetic(jsonl: Path, n: int, seed: int, task: str = "shapes", announce: bool = True) -> None:
     """A synthetic grounded set at `jsonl`, its images in a NEW sibling folder `<stem>_synthetic/`.
 
     Everything is generated in a fresh temporary folder and renamed into place; an existing folder of that
@@ -49,7 +73,8 @@ def write_synthetic(jsonl: Path, n: int, seed: int, task: str = "shapes") -> Non
     if images.exists() or images.is_symlink():
         raise FileExistsError(f"data.train_file/eval_file {jsonl} does not exist, but {images} does: refusing to "
                               f"write synthetic data there (move it away or point data.* at another file)")
-    print(f"making {n} synthetic grounded samples at {jsonl}", flush=True)
+    if announce:
+        print(f"making {n} synthetic grounded samples at {jsonl}", flush=True)
     jsonl.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{images.name}.tmp-", dir=jsonl.parent))
     try:
@@ -69,14 +94,15 @@ def write_synthetic(jsonl: Path, n: int, seed: int, task: str = "shapes") -> Non
 
 
 def check_data_files(cfg: RunConfig) -> None:
-    """data.train_file (and eval_file when set) exist and are not empty, unless the run makes them synthetic."""
+    """data.train_file (and eval_file when set) exist and are not empty, unless the run makes them synthetic (in
+    the cache, config.synthetic_files): a missing file the user named is an error, never replaced."""
     from megatron_sayo.data.grounded import EmptyDataError, require_data_file
 
     for key, path in (("data.train_file", cfg.data.train_file), ("data.eval_file", cfg.data.eval_file)):
         if path is None and key == "data.eval_file":
             continue
-        if cfg.data.synthetic_n and path is not None and not Path(path).exists():
-            continue  # prepare_assets writes it
+        if cfg.data.synthetic_n and not Path(path).exists():
+            continue  # prepare_synthetic makes it in the cache
         try:
             require_data_file(path, key)
         except EmptyDataError as exc:
@@ -145,8 +171,15 @@ def memory_report(cfg: RunConfig, hf_dir: str, world_size: int, gpu_memory: str 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m megatron_sayo.train", description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="YAML run config (see examples/)")
+    p.add_argument("--config", default=None,
+                   help="YAML run config (see examples/ and docs/config.md); required except with --print-config")
     p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (the dataclass defaults, --config and the overrides) with each "
+                        "field's one-line doc, and exit")
+    p.add_argument("--log-level", choices=LEVELS, default=None,
+                   help="other libraries' log level (default: log.level, 'warning': megatron's and the others' "
+                        "known noise hidden); this project's own lines are always printed")
     p.add_argument("--world-size", type=int, default=None,
                    help="with --check: the number of processes the run will have (default: from the launcher's "
                         "environment, 1 for a plain process)")
@@ -162,7 +195,18 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console.setup(args.log_level or "warning")
+    if args.print_config:
+        try:
+            print(describe(load_config(args.config, args.overrides, complete=args.config is not None)), end="")
+        except ConfigError as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if args.config is None:
+        print("config error: --config FILE is required (only --print-config runs on the defaults alone)",
+              file=sys.stderr)
+        return 2
     launch = runtime.read_launch_env()
     if args.world_size is not None and not args.check:
         print("config error: --world-size is for --check (a run takes its world size from the launcher)",
@@ -184,6 +228,8 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    if args.log_level is None:
+        console.setup(cfg.log.level)
     if args.check:
         print(memory)
         print(f"config OK: {args.config} (world size {world_size})")
@@ -215,13 +261,26 @@ def main(argv=None) -> int:
         trainer = GRPOTrainer(cfg, hf_dir, samples, init_from=warmed_up(cfg, hf_dir, samples),
                               eval_samples=held_out)
         trainer.maybe_resume()
-        logger = MetricsLogger(Path(cfg.run_dir), trainer.is_logger, cfg.train.steps, cfg.log.tensorboard)
+        if trainer.step >= cfg.train.steps:
+            if launch.rank == 0:
+                print(f"{cfg.run_dir}: already at step {trainer.step} (train.steps = {cfg.train.steps}): nothing to "
+                      f"train; raise train.steps to go on, or use another run_dir", flush=True)
+            return 0
+        logger = MetricsLogger(Path(cfg.run_dir), trainer.is_logger, cfg.train.steps, cfg.log.tensorboard,
+                               wandb=cfg.log if cfg.log.wandb else None, run_config=cfg.to_dict(),
+                               print_every=cfg.log.interval)
         try:
             trainer.fit(logger)
         except Preempted as exc:
             if trainer.is_logger:
                 print(exc, flush=True)
             return 0
+        finally:
+            logger.close()
+        if trainer.is_logger:
+            from megatron_sayo.rl.summary import run_summary
+
+            print("\n" + run_summary(Path(cfg.run_dir)), flush=True)
         return 0
     finally:
         runtime.shutdown()

@@ -42,7 +42,7 @@ SETTINGS: tuple[tuple[str, str], ...] = (
                                   "visual token (data/synthetic.py). On the shapes task the same warm-up taught the "
                                   "format but not the task (held-out accuracy 0.20, below the 0.27 of the commonest "
                                   "answer), so the comparison could not test looking"),
-    ("data.synthetic_n=1024", "1024 training images (held-out: 128 from another seed, written beside them)"),
+    ("data.synthetic_n=1024", "1024 training images (held-out: 128 from another seed, made beside them)"),
     ("warmup.steps=400", "supervised warm-up on the answers, 400 steps x 32 answers: the answer NLL of exploration "
                          "runs stays at ~0.16 per token (chance on the colour) until the lookup is learned, then "
                          "falls to 0.03-0.04 by step 400 and to ~0.01 by 1500; 400 leaves the policy reading the "
@@ -65,9 +65,14 @@ SETTINGS: tuple[tuple[str, str], ...] = (
 
 def shared_overrides(out: Path) -> list[str]:
     """Overrides common to every arm and seed: SETTINGS plus where the data and the warm-up live."""
-    return [key for key, _ in SETTINGS] + [
-        f"data.train_file={out / 'data' / 'train.jsonl'}", f"data.eval_file={out / 'data' / 'eval.jsonl'}",
-        f"warmup.cache_dir={out / 'warmup'}"]
+    return [key for key, _ in SETTINGS] + [f"data.synthetic_dir={out / 'data'}", f"warmup.cache_dir={out / 'warmup'}"]
+
+
+def warmup_checkpoint(cfg) -> Path:
+    """The shared warm-up checkpoint of an ablation run with config `cfg` (rl/warmup.py keys it by its settings)."""
+    from megatron_sayo.rl.warmup import warmup_dir
+
+    return warmup_dir(cfg, cfg.model.hf_path)
 
 
 def check_overrides(extra: list[str]) -> None:

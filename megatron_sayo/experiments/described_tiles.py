@@ -84,15 +84,16 @@ def main(argv=None) -> None:
     p.add_argument("overrides", nargs="*", help="the overrides the ablation ran with")
     args = p.parse_args(argv)
     out = args.out.resolve()
-    if not (out / "warmup" / "metadata.json").is_file():
-        raise SystemExit(f"{out / 'warmup'}: no warm-up checkpoint (run the ablation with --out {out} first)")
     cfg = load_config(str(A.CONFIG), A.arm_overrides(out, "sayo", 0, args.overrides))
+    warmup = A.warmup_checkpoint(cfg)
+    if not (warmup / "metadata.json").is_file():
+        raise SystemExit(f"{warmup}: no warm-up checkpoint (run the ablation with --out {out} first)")
     runtime.init_distributed(1, 1)
     processor = Processor.from_pretrained(cfg.model.hf_path, min_pixels=cfg.data.min_pixels,
                                           max_pixels=cfg.data.max_pixels)
     samples = load_grounded(cfg.data.eval_file)[:64]
     warm = build_policy(cfg, cfg.model.hf_path)
-    load_model(warm, out / "warmup")
+    load_model(warm, warmup)
     models = [("warm-up", lambda: warm.eval())]
     for run in sorted((out / "runs").glob("*-seed*")):
         step = find_resumable(run)

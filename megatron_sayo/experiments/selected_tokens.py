@@ -46,14 +46,15 @@ def counted_means(groups: dict) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m megatron_sayo.experiments.selected_tokens",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, type=Path, help="the ablation's --out (warm-up in OUT/warmup)")
+    p.add_argument("--out", required=True, type=Path, help="the ablation's --out (its warm-up is in OUT/warmup/)")
     out = p.parse_args(argv).out.resolve()
-    if not (out / "warmup" / "metadata.json").is_file():
-        raise SystemExit(f"{out / 'warmup'}: no warm-up checkpoint (run the ablation with --out {out} first)")
     cfg = load_config(str(A.CONFIG), A.arm_overrides(out, "sayo", 0, []))
+    warmup = A.warmup_checkpoint(cfg)
+    if not (warmup / "metadata.json").is_file():
+        raise SystemExit(f"{warmup}: no warm-up checkpoint (run the ablation with --out {out} first)")
     runtime.init_distributed(1, 1)
     model = build_policy(cfg, cfg.model.hf_path)
-    load_model(model, out / "warmup")
+    load_model(model, warmup)
     model.eval()
     proc = Processor.from_pretrained(cfg.model.hf_path, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     samples = load_grounded(cfg.data.eval_file)[:64]

@@ -33,3 +33,14 @@ def steering_metrics(attention_reward: torch.Tensor, accuracy: torch.Tensor, tas
             "accuracy_group_std": mean_group_std(accuracy, group_ids),
             "adv_tas_corr": within_group_corr(advantages, tas, group_ids),
             "acc_tas_corr": within_group_corr(accuracy, tas, group_ids)}
+
+
+def flat_groups(rewards: torch.Tensor, group_ids: torch.Tensor, tol: float = 1e-6) -> int:
+    """Groups whose rewards all lie within `tol` of each other (their advantages are ~0: no signal)."""
+    _, index = torch.unique(group_ids, return_inverse=True)
+    n = int(index.max()) + 1 if index.numel() else 0
+    values = rewards.double()
+    hi = torch.full((n,), -float("inf"), dtype=torch.float64, device=values.device)
+    lo = torch.full((n,), float("inf"), dtype=torch.float64, device=values.device)
+    hi, lo = hi.scatter_reduce(0, index, values, "amax"), lo.scatter_reduce(0, index, values, "amin")
+    return int(((hi - lo) <= tol).sum())

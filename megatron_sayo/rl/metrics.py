@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 log = logging.getLogger("megatron_sayo.train")
@@ -32,20 +33,44 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-class MetricsLogger:
-    """One line per step on the logging rank, metrics.jsonl (appended per line), TensorBoard."""
+def format_duration(seconds: float) -> str:
+    """'42s', '3m05s', '2h07m'."""
+    s = int(round(max(seconds, 0.0)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
-    def __init__(self, run_dir: Path, active: bool, total_steps: int, tensorboard: bool):
-        self.active, self.total = active, total_steps
+
+class MetricsLogger:
+    """One line per step on the logging rank (with an ETA), metrics.jsonl (appended per line), TensorBoard
+    (extra `tensorboard`) and Weights & Biases (`log.wandb`, offline unless log.wandb_mode says online)."""
+
+    def __init__(self, run_dir: Path, active: bool, total_steps: int, tensorboard: bool, wandb=None,
+                 run_config: dict | None = None, print_every: int = 1):
+        self.active, self.total, self.print_every = active, total_steps, print_every
         self.path = Path(run_dir) / METRICS_FILE
         self.tb = None
+        self.wandb = None
+        self.t0, self.first_step = time.monotonic(), None
         if active and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
             except ImportError:
-                log.info("tensorboard is not installed: metrics go to metrics.jsonl only")
+                log.warning("log.tensorboard: tensorboard is not installed (pip install -e '.[tensorboard]'): "
+                            "metrics go to metrics.jsonl only")
+        if active and wandb is not None:
+            self.wandb = start_wandb(Path(run_dir), wandb, run_config)
+
+    def eta(self, step: int) -> str:
+        """Time left at this rate (wall time per step since this process's first logged step, evaluations
+        included)."""
+        done = step - (self.first_step if self.first_step is not None else step - 1)
+        left = (time.monotonic() - self.t0) / max(done, 1) * max(self.total - step, 0)
+        return format_duration(left)
 
     def log(self, metrics: dict) -> None:
         if not self.active or not metrics:
@@ -53,17 +78,40 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         step = metrics["step"]
+        if "reward_total" in metrics and self.first_step is None:
+            self.first_step = step - 1
         if "eval_tas" in metrics:
             print(f"eval {step:>5}/{self.total}  accuracy {metrics['eval_accuracy']:.3f}  format "
                   f"{metrics['eval_format']:.3f}  tas {metrics['eval_tas']:.3f}  attn {metrics['eval_reward_attention']:.4f}"
                   f"  ({metrics['eval_samples']} held-out samples, {metrics['time_eval']:.1f}s)", flush=True)
-        if "reward_total" in metrics:
+        if "reward_total" in metrics and (step % self.print_every == 0 or step == self.total):
             print(f"step {step:>5}/{self.total}  reward {metrics['reward_total']:+.4f}  attn {metrics['reward_attention']:+.4f}"
                   f"  fmt {metrics['reward_format']:.3f}  acc {metrics['reward_accuracy']:.3f}  tas {metrics['tas']:.3f}"
                   f"  loss {metrics.get('loss', 0):+.4f}  kl {metrics.get('kl', 0):.2e}  len {metrics['completion_tokens']:.1f}"
-                  f"  {metrics['tokens_per_s']:.0f} tok/s  {metrics['time_step']:.1f}s", flush=True)
+                  f"  {metrics['tokens_per_s']:.0f} tok/s  {metrics['time_step']:.1f}s  eta {self.eta(step)}",
+                  flush=True)
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k, v, step)
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        """Flush and close TensorBoard and W&B (a W&B offline run is then complete on disk)."""
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def start_wandb(run_dir: Path, cfg, run_config: dict | None = None):
+    """A W&B run for `cfg` (LogConfig) recording `run_config`: offline by default (written under run_dir/wandb, nothing sent; `wandb
+    sync` uploads it later); online only with log.wandb_mode = online."""
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError("log.wandb = true needs the wandb package (pip install wandb)") from None
+    return wandb.init(project=cfg.wandb_project, name=run_dir.name, dir=str(run_dir), mode=cfg.wandb_mode,
+                      config=run_config)

@@ -24,7 +24,7 @@ from megatron_sayo.distributed import runtime
 from megatron_sayo.rl import rewards as R
 from megatron_sayo.rl.advantages import distributed_group_advantages
 from megatron_sayo.rl.batch import CompletionScores, ScoringBatch
-from megatron_sayo.rl.diagnostics import steering_metrics
+from megatron_sayo.rl.diagnostics import flat_groups, steering_metrics
 from megatron_sayo.rl.heldout import HeldOutEvaluator
 from megatron_sayo.rl.loss import grpo_token_loss
 from megatron_sayo.rl.metrics import MetricsLogger
@@ -227,6 +227,7 @@ class GRPOTrainer:
             advantages = distributed_group_advantages(total, group_ids, eps=cfg.loss.advantage_eps)
             metrics = self._rollout_metrics(terms, total, tas, scores)
             metrics.update(steering_metrics(terms["attention"], terms["accuracy"], tas, advantages, group_ids))
+            metrics.update(self._no_signal(total, group_ids))
         loss_metrics, grad_norm, skipped = self._update(batch, scores, ref_logp, advantages)
         t4 = time.perf_counter()
         self.step += 1
@@ -283,6 +284,18 @@ class GRPOTrainer:
         keys = ("reward_total", "reward_attention", "reward_format", "reward_accuracy", "tas", "entropy",
                 "completion_tokens")
         return {k: float(v) for k, v in zip(keys, local)}
+
+    def _no_signal(self, total: torch.Tensor, group_ids: torch.Tensor) -> dict:
+        """Groups of the global batch whose rewards are all equal (zero advantages: nothing to learn from them);
+        a warning on the logging rank when that is every group."""
+        flat = torch.tensor([float(flat_groups(total, group_ids))])
+        if self.dp > 1:
+            dist.all_reduce(flat, group=parallel_state.get_data_parallel_group())
+        groups = self.cfg.train.global_batch
+        if int(flat.item()) == groups and self.is_logger:
+            log.warning("step %d: all %d groups have zero reward variance (every completion of a prompt got the "
+                        "same reward): no learning signal, so loss, KL and gradients are 0", self.step + 1, groups)
+        return {"groups_no_signal": int(flat.item()), "groups": groups}
 
     def _update(self, batch: ScoringBatch, scores: CompletionScores | None, ref_logp, advantages):
         """One optimizer step on the clipped + KL loss; (metrics, grad norm, skipped)."""

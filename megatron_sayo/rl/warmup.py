@@ -2,13 +2,16 @@
 
 A random tiny model never writes <answer>...</answer>, so its rewards carry no signal. A few steps of
 next-token training (rl/loss.py nll_loss, at temperature 1) on "<answer>{answer}</answer><|im_end|>" fix
-that. The result is saved as a megatron checkpoint in `warmup.cache_dir`, with the settings it was trained
-under; a cache made under other settings is stale and is trained again.
+that. The result is saved as a megatron checkpoint in `warmup.cache_dir/<key>/`, the key a hash of the settings
+it was trained under (`fingerprint`), so two configs never share one and a run on other settings never
+overwrites another's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -22,7 +25,7 @@ from megatron_sayo.rl.prompts import PromptStream
 
 
 def run_warmup(cfg: RunConfig, hf_dir: str, samples: list) -> Path:
-    """Train `warmup.steps` supervised steps from the config's checkpoint and save to warmup.cache_dir."""
+    """Train `warmup.steps` supervised steps from the config's checkpoint and save to warmup_dir."""
     from megatron_sayo.checkpoint.state import save_model
     from megatron_sayo.checkpoint.files import make_metadata
     from megatron_sayo.formats.atomic import publish_dir
@@ -49,7 +52,7 @@ def run_warmup(cfg: RunConfig, hf_dir: str, samples: list) -> Path:
                 step == 1 or step % 10 == 0 or step == w.steps):
             nll = sum(float(r["nll"]) for r in reported) / max(sum(float(r["tokens"]) for r in reported), 1.0)
             print(f"warm-up {step:>4}/{w.steps}  answer NLL {nll:.3f}", flush=True)
-    out = Path(w.cache_dir)
+    out = warmup_dir(cfg, hf_dir)
     tmp = out.with_name(out.name + ".tmp")
     save_model(policy, tmp, make_metadata("trained policy", source=str(hf_dir), dtype=cfg.model.params_dtype,
                                           tp=cfg.parallel.tp, pp=cfg.parallel.pp, warmup_steps=w.steps,
@@ -61,27 +64,43 @@ def run_warmup(cfg: RunConfig, hf_dir: str, samples: list) -> Path:
 
 
 def fingerprint(cfg: RunConfig, hf_dir: str) -> dict:
-    """The settings a warm-up's weights depend on (the layout is not one: checkpoints reshard on load)."""
+    """The settings a warm-up's weights depend on (the layout is not one: checkpoints reshard on load); the
+    training file by its absolute path, size and modification time, so an edited file is a new warm-up."""
+    train = Path(cfg.data.train_file).resolve()
+    stat = train.stat() if train.is_file() else None
+    o = cfg.optim
     return {"source": str(Path(hf_dir).resolve()), "steps": cfg.warmup.steps, "lr": cfg.warmup.lr,
-            "seed": cfg.warmup.seed, "train_file": cfg.data.train_file, "global_batch": cfg.train.global_batch,
-            "group_size": cfg.rollout.group_size, "instruction": cfg.data.instruction,
-            "pixels": [cfg.data.min_pixels, cfg.data.max_pixels], "params_dtype": cfg.model.params_dtype}
+            "seed": cfg.warmup.seed, "train_file": str(train),
+            "train_file_stat": [stat.st_size, stat.st_mtime_ns] if stat else None,
+            "global_batch": cfg.train.global_batch, "group_size": cfg.rollout.group_size,
+            "instruction": cfg.data.instruction, "pixels": [cfg.data.min_pixels, cfg.data.max_pixels],
+            "params_dtype": cfg.model.params_dtype,
+            "optim": [o.weight_decay, o.grad_clip, o.adam_beta1, o.adam_beta2, o.adam_eps]}
+
+
+def warmup_dir(cfg: RunConfig, hf_dir: str) -> Path:
+    """Where the warm-up for these settings lives: warmup.cache_dir/<first 16 hex digits of the settings' hash>."""
+    key = hashlib.sha256(json.dumps(fingerprint(cfg, hf_dir), sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cfg.warmup.cache_dir) / key
 
 
 def warmed_up(cfg: RunConfig, hf_dir: str, samples: list) -> Path | None:
-    """The cached warm-up checkpoint, trained now when missing or stale; None when no warm-up is configured."""
-    import json
-
+    """The cached warm-up checkpoint for these settings, trained now when missing; None when no warm-up is
+    configured. A folder whose recorded settings differ (a hash collision, an edited cache) is trained again."""
     if not cfg.warmup.steps:
         return None
-    out = Path(cfg.warmup.cache_dir)
+    out = warmup_dir(cfg, hf_dir)
     if (out / "metadata.json").is_file():
         try:
             cached = json.loads((out / "checkpoint_metadata.json").read_text()).get("warmup")
         except (OSError, ValueError):
             cached = None
         if cached == fingerprint(cfg, hf_dir):
+            if torch.distributed.get_rank() == 0:
+                print(f"warm-up: reusing {out} (trained under these settings)", flush=True)
             return out
         if torch.distributed.get_rank() == 0:
-            print(f"warm-up cache {out} was made under other settings: training it again", flush=True)
+            print(f"warm-up cache {out} does not record these settings: training it again", flush=True)
+    elif torch.distributed.get_rank() == 0:
+        print(f"warm-up: {cfg.warmup.steps} supervised steps into {out} (once for these settings)", flush=True)
     return run_warmup(cfg, hf_dir, samples)

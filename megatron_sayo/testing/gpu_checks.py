@@ -513,7 +513,7 @@ def grpo_run_config(ctx: Context, run_dir: Path, ckpt: Path | None = None, steps
 
     cfg = {"run_dir": str(run_dir),
            "model": {"hf_path": str(ckpt or checkpoint_05b_path(ctx)), "params_dtype": dtype},
-           "data": {"train_file": str(ctx.workdir / "grpo_data" / "train.jsonl"), "synthetic_n": 64},
+           "data": {"synthetic_dir": str(ctx.workdir / "grpo_data"), "synthetic_n": 64},
            "rollout": {"group_size": 8, "max_new_tokens": max_new_tokens},
            "train": {"steps": steps, "global_batch": 4, "micro_batch": 8},
            "checkpoint": {"interval": 0, "keep": 1}, "log": {"tensorboard": False}}

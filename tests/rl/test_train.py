@@ -72,6 +72,9 @@ def test_stop_and_resume_is_bit_for_bit(assets, tmp_path, uninterrupted):
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     assert [stable(r) for r in resumed] == [stable(r) for r in uninterrupted]
     assert len({r["sample_completion"] for r in resumed}) > 1, "completions must differ across steps"
+    third = run_train(overrides(assets, tmp_path, 6))          # finished: says so, exits 0, logs nothing more
+    assert f"{tmp_path}: already at step 6 (train.steps = 6): nothing to train" in third.stdout, third.stdout
+    assert metrics(tmp_path) == resumed
 
 
 def test_sigterm_leaves_a_resumable_checkpoint(assets, tmp_path):

@@ -90,8 +90,7 @@ def tiny_overrides(tmp: Path, steps: int) -> list[str]:
     """Config overrides for a few seconds per step: small groups/completions, data and run_dir under tmp."""
     return [TINY, f"train.steps={steps}", "train.global_batch=2", "train.micro_batch=4", "rollout.group_size=2",
             "rollout.max_new_tokens=8", "warmup.steps=0", "data.synthetic_n=8", "checkpoint.interval=0",
-            f"data.train_file={tmp}/data/train.jsonl", f"data.eval_file={tmp}/data/eval.jsonl",
-            f"run_dir={tmp}/run", "log.tensorboard=false", "eval.interval=0"]
+            f"data.synthetic_dir={tmp}/data", f"run_dir={tmp}/run", "log.tensorboard=false", "eval.interval=0"]
 
 
 def submit_tiny(tmp: Path, name: str, config_args: list[str]) -> str:
