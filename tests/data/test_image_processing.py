@@ -212,3 +212,47 @@ def test_files_equal_transformers_load_image_then_processor(tmp_path, make_image
             assert torch.equal(grid, ref_grid), (name, how, grid, ref_grid)
             assert torch.equal(pv, ref_pv), (name, how)
     assert hf_load_image(str(files["orientation-6"])).size == (32, 64)
+
+
+def test_training_loader_feeds_upright_pixels_and_regions(tiny_ckpt, tmp_path, make_image):
+    """Issue 29 item 4, the data loader end to end: rows read by load_grounded from a JSONL file (image by path)
+    and from a parquet file (image bytes embedded, as HF datasets store them) and batched by the trainer's
+    build_prompt_batch get the pixel_values and image_grid_thw of transformers' `load_image` +
+    Qwen2VLImageProcessorPil on the tiny checkpoint's bounds, and their boxes, drawn on the upright image, select
+    the upright image's cells. Stored 112x56 with orientation 6 (8), upright 56x112: a 4 x 2 cell grid, no resize;
+    the box [28, 84, 56, 112] is the bottom-right cell, token 7 of the image (outside the stored 112x56 image)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers.image_utils import load_image as hf_load_image
+
+    from megatron_sayo.data.grounded import load_grounded
+    from megatron_sayo.data.processor import Processor
+    from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
+    from megatron_sayo.rl.prompts import build_prompt_batch
+
+    box = [28, 84, 56, 112]
+    rows = []
+    for k in (6, 8):
+        exif_jpeg(tmp_path / f"o{k}.jpg", make_image(112, 56, seed=k), k)
+        rows.append({"id": f"o{k}", "image": f"o{k}.jpg", "question": "q", "answer": "a", "boxes": [box]})
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(
+        [{**r, "image": {"bytes": (tmp_path / r["image"]).read_bytes(), "path": None}} for r in rows]),
+        tmp_path / "data.parquet")
+
+    pre = json.loads((tiny_ckpt / "preprocessor_config.json").read_text())
+    bounds = {k: pre[k] for k in ("min_pixels", "max_pixels")}
+    ref_pv, ref_grid = reference([hf_load_image(str(tmp_path / r["image"])) for r in rows], **bounds)
+    assert ref_grid.tolist() == [[1, 8, 4], [1, 8, 4]]                 # upright: 112 high, 56 wide
+    hf = load_hf_config(tiny_ckpt)
+    proc = Processor.from_pretrained(tiny_ckpt)
+    for name in ("data.jsonl", "data.parquet"):
+        samples = load_grounded(tmp_path / name)
+        assert [s.image_size for s in samples] == [(56, 112), (56, 112)], name
+        batch = build_prompt_batch(proc, samples, hf.tokens.image, hf.vision.spatial_merge_size,
+                                   hf.vision.patch_size, "")
+        assert torch.equal(batch.inputs["image_grid_thw"], ref_grid), name
+        assert torch.equal(batch.inputs["pixel_values"], ref_pv), name
+        for row in range(2):
+            first_pad = int((batch.inputs["input_ids"][row] == hf.tokens.image).nonzero()[0])
+            assert batch.region_mask[row].nonzero().flatten().tolist() == [first_pad + 7], (name, row)
