@@ -47,11 +47,15 @@ def start_end(run_dir: Path, wall: float | None = None, heatmap: Path | None = N
              f"{first['eval_accuracy']:>9.3f}{last['eval_accuracy']:>9.3f}",
              f"{'held-out TAS':<34}{first['eval_tas']:>9.3f}{last['eval_tas']:>9.3f}",
              f"{'held-out attention reward':<34}{first['eval_reward_attention']:>9.3f}"
-             f"{last['eval_reward_attention']:>9.3f}",
-             f"{'reward_total (training, %d steps)' % WINDOW:<34}{window_mean(steps, 'reward_total', True):>9.3f}"
-             f"{window_mean(steps, 'reward_total', False):>9.3f}",
-             f"(start: step {first['step']}, before the first GRPO step; end: step {last['step']})",
-             f"plots    {Path(run_dir) / 'plots'}/overview.png"]
+             f"{last['eval_reward_attention']:>9.3f}"]
+    if "eval_reward_total" in first and "eval_reward_total" in last:
+        lines.append(f"{'held-out reward_total':<34}{first['eval_reward_total']:>9.3f}"
+                     f"{last['eval_reward_total']:>9.3f}")
+    lines += [f"{'reward_total (training, %d steps)' % WINDOW:<34}{window_mean(steps, 'reward_total', True):>9.3f}"
+              f"{window_mean(steps, 'reward_total', False):>9.3f}",
+              f"(held-out: step {first['step']}, before the first GRPO step, and step {last['step']}; training: "
+              f"the mean over the first and the last {WINDOW} steps' sampled completions)",
+              f"plots    {Path(run_dir) / 'plots'}/overview.png"]
     if heatmap is not None:
         lines.append(f"heatmap  {heatmap}  (attention of one held-out answer, the final policy)")
     return "\n".join(lines)

@@ -19,12 +19,13 @@ STEPS = 2 * WINDOW + 3
 
 def write_run(tmp_path, flat_steps=()):
     rows = [{"step": 0, "eval_accuracy": 0.125, "eval_format": 0.5, "eval_tas": 0.97, "eval_reward_attention": 0.48,
-             "eval_samples": 32}]
+             "eval_samples": 32, "eval_reward_total": 1.105}]
     for step in range(1, STEPS + 1):
         rows.append({"step": step, "reward_total": 1.0 + step, "reward_attention": 0.5, "reward_format": 0.1 * step,
                      "reward_accuracy": 0.01 * step, "tas": 1.0, "entropy": 1.0, "completion_tokens": 18.0,
                      "time_step": 0.5, "groups": 4, "groups_no_signal": 4 if step in flat_steps else 1})
-    rows[-1].update(eval_accuracy=0.375, eval_format=1.0, eval_tas=1.04, eval_reward_attention=0.52, eval_samples=32)
+    rows[-1].update(eval_accuracy=0.375, eval_format=1.0, eval_tas=1.04, eval_reward_attention=0.52, eval_samples=32,
+                    eval_reward_total=1.895)
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -48,6 +49,7 @@ def test_demo_block_names_start_end_and_the_outputs(tmp_path):
     rows = {l.split("  ")[0]: l.split()[-2:] for l in text.splitlines()}
     assert rows["held-out accuracy (32 questions)"] == ["0.125", "0.375"]
     assert rows["held-out TAS"] == ["0.970", "1.040"] and rows["held-out attention reward"] == ["0.480", "0.520"]
+    assert rows["held-out reward_total"] == ["1.105", "1.895"]
     rewards = 1.0 + np.arange(1, STEPS + 1)
     assert rows[f"reward_total (training, {WINDOW} steps)"] == [f"{np.mean(rewards[:WINDOW]):.3f}",
                                                                  f"{np.mean(rewards[-WINDOW:]):.3f}"]

@@ -104,7 +104,8 @@ class HeldOutEvaluator:
                                           self.processor.tokenizer, cfg.reward)
 
     def evaluate(self, policy) -> dict:
-        """{eval_accuracy, eval_format, eval_tas, eval_reward_attention, eval_samples, eval_sample_completion}
+        """{eval_accuracy, eval_format, eval_tas, eval_reward_attention, eval_reward_total, eval_samples,
+        eval_sample_completion}
         on the last pipeline stage; {} on the others. Every rank of the model must call it."""
         sums = torch.zeros(5, dtype=torch.float64)   # accuracy, format, tas, reward_attention, count
         first_text = ""
@@ -123,5 +124,8 @@ class HeldOutEvaluator:
             return {}
         n = max(float(sums[4]), 1.0)
         out = {k: float(v) / n for k, v in zip(METRIC_KEYS, sums[:4])}
+        w = self.cfg.reward.weights   # the training reward_total's weighted sum, of the held-out means
+        out["eval_reward_total"] = (w.attention * out["eval_reward_attention"] + w.format * out["eval_format"]
+                                    + w.accuracy * out["eval_accuracy"])
         out.update(eval_samples=int(sums[4]), eval_sample_completion=first_text[:200])
         return out

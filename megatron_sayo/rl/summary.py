@@ -9,7 +9,7 @@ from megatron_sayo.rl.metrics import METRICS_FILE, read_metrics
 
 TRAIN_KEYS = ("reward_total", "reward_attention", "reward_format", "reward_accuracy", "tas", "entropy",
               "completion_tokens")
-HELDOUT_KEYS = ("eval_accuracy", "eval_format", "eval_tas", "eval_reward_attention")
+HELDOUT_KEYS = ("eval_accuracy", "eval_format", "eval_tas", "eval_reward_attention", "eval_reward_total")
 WINDOW = 10   # steps averaged at each end of the training columns (a step's 4-16 prompts are a noisy sample)
 
 
@@ -29,7 +29,8 @@ def heldout_lines(rows: list[dict]) -> list[str]:
     lines = ["", f"{'held-out (%d samples)' % first['eval_samples']:<24}{'step %d' % first['step']:>12}"
                  f"{'step %d' % last['step']:>12}"]
     for key in HELDOUT_KEYS:
-        lines.append(f"{key:<24}{first[key]:>12.4f}{last[key]:>12.4f}")
+        if key in first and key in last:
+            lines.append(f"{key:<24}{first[key]:>12.4f}{last[key]:>12.4f}")
     return lines
 
 

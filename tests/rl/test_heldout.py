@@ -150,6 +150,8 @@ def test_eval_keys_in_metrics_of_a_short_run(tiny_ckpt, held_out, tmp_path):
             assert r["eval_samples"] == 4
             assert 0 <= r["eval_accuracy"] <= 1 and 0 <= r["eval_format"] <= 1
             assert r["eval_tas"] > 0 and 0 < r["eval_reward_attention"] < 1
+            summed = r["eval_reward_attention"] + r["eval_format"] + r["eval_accuracy"]   # tiny.yaml: weights 1, 1, 1
+            assert abs(r["eval_reward_total"] - summed) < 1e-12
 
 
 def test_eval_interval_needs_an_eval_file(tiny_ckpt, held_out):

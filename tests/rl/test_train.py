@@ -264,3 +264,22 @@ def test_resume_with_another_lora_setting_is_refused_before_writing(assets, tmp_
         assert "config error" in done.stderr and expect in done.stderr and "step_0000002" in done.stderr
         assert "corrupt" not in done.stderr and "falling back" not in done.stderr
         assert sorted((p.relative_to(run), p.read_bytes()) for p in run.rglob("*") if p.is_file()) == before
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ([], "is set together with data.synthetic_n = 1024"),        # tiny.yaml's synthetic set + a named file
+    (["data.synthetic_n=0"], "data.train_file: {typo}: no such file"),
+])
+@pytest.mark.parametrize("check", [True, False])
+def test_a_typo_in_train_file_fails_in_check_and_in_training(tmp_path, extra, needle, check):
+    """A user-named data file that does not exist stops `--check` and a training run with exit status 2 before
+    any model is built, and nothing is written at (or beside) the typo's path."""
+    typo = tmp_path / "trian.jsonl"
+    args = [f"data.train_file={typo}", "data.eval_file=null", "eval.interval=0", "parallel.tp=1", *extra,
+            f"run_dir={tmp_path / 'run'}", f"data.synthetic_dir={tmp_path / 'cache'}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "megatron_sayo.train", "--config", str(CONFIG), *(["--check"] if check else []),
+           *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert done.returncode == 2 and needle.format(typo=typo) in done.stderr, done.stdout + done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
