@@ -189,11 +189,11 @@ class ScoringBatch:
         out = []
         for start, chunk in zip(range(0, N, size), chunks):
             rows = slice(start, start + size)
-            ids, positions, allowed, region, layout = sp.pack(self, hf, chunk, width, n_packed)
+            ids, positions, region, layout = sp.pack(self, hf, chunk, width, n_packed)
             firsts = [piece[0] for piece in chunk]
             pix, thw, order = distinct_images([self.pixel_values[f] for f in firsts],
                                               [self.image_grid_thw[f] for f in firsts])
-            inputs = dict(input_ids=ids, position_ids=positions, attention_mask=~allowed[:, None],
+            inputs = dict(input_ids=ids, position_ids=positions, shared_segments=layout.segments,
                           pixel_values=pix, image_grid_thw=thw, image_order=order, logits_from=P - 1)
             mb = dict(rows=rows, inputs=inputs, layout=layout, targets=self.sequences[rows, P:])
             if with_probe:

@@ -131,7 +131,7 @@ class SharedLayout:
 
 def pack(batch, hf, rows: list[list[int]], width: int, n_packed: int):
     """Packed model inputs for the pieces `rows` of `batch` (a ScoringBatch), padded to [n_packed, width]:
-    (ids, positions [3, b, S], allowed [b, S, S], region [b, S], layout, prompt rows)."""
+    (ids, positions [3, b, S], region keys [b, S], layout)."""
     P, T = batch.prompt_length, batch.completion_mask.shape[1]
     pad = torch.zeros((), dtype=batch.sequences.dtype)
     ids = torch.full((n_packed, width), int(pad), dtype=batch.sequences.dtype)
@@ -165,7 +165,7 @@ def pack(batch, hf, rows: list[list[int]], width: int, n_packed: int):
         logit_cols.append(lg)
         packed_row += [b] * len(piece)
     layout = SharedLayout(torch.tensor(packed_row), torch.cat(own), torch.cat(logit_cols), segments)
-    return ids, positions, shared_allowed(segments), region, layout
+    return ids, positions, region, layout
 
 
 def packed_width(batch, rows: list[list[int]]) -> int:

@@ -77,6 +77,9 @@ CHECKS: tuple[Check, ...] = (
           "same GPU, fp32 and bf16, local spec (and TE spec when installed)"),
     Check("region_mass", f"{_G}:region_mass", 90, "region/image masses on CUDA vs eager softmax, right-padded "
           "uneven batch (indicator kernel and LSE path), kernel and tiny model; memory vs full scores"),
+    Check("shared_prompt_attention", f"{_G}:shared_prompt_attention", 60, "prompt sharing's mask-free attention "
+          "(prompt part + own completion merged by log-sum-exp) vs the dense segment mask, fp32 math and bf16 "
+          "flash kernels, outputs and gradients, a 1,000-token prompt with 8 completions"),
     Check("checkpoint_05b", f"{_G}:checkpoint_05b", 120, "write the ~0.5B random Qwen2.5-VL checkpoint the "
           "next checks share (only they need it)"),
     Check("parity_05b", f"{_G}:parity_05b", 120, "~0.5B random config: our logits vs transformers on the "

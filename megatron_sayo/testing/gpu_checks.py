@@ -578,3 +578,58 @@ def _device_name() -> str:
     import torch
 
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------------------------- prompt sharing
+
+def _shared_case(device, dtype, prompt: int = 1000, lengths=(110, 97, 64, 110, 3, 88, 110, 71), seed: int = 0):
+    """A SAYO-shaped packed row (issue 30): 8 left-padded prompt columns, the prompt, G completions, q/k/v with
+    GQA 14/2 heads, head dim 64, plus a random upstream gradient."""
+    import torch
+
+    seg = [-1] * 8 + [0] * prompt + [i for i, n in enumerate(lengths, 1) for _ in range(n)] + [-1] * 5
+    segments = torch.tensor([seg])
+    g = torch.Generator().manual_seed(seed)
+    S = segments.shape[1]
+    q, k, v = (torch.randn(1, h, S, 64, generator=g).to(device, dtype) for h in (14, 2, 2))
+    return segments, q, k, v, torch.randn(1, 14, S, 64, generator=g).to(device, dtype)
+
+
+def shared_prompt_attention(ctx: Context) -> CheckResult:
+    """The mask-free prompt-sharing attention on CUDA vs the masked form (SDPA with the dense segment mask):
+    fp32 with the math kernel within 1e-5 relative (outputs and q/k/v gradients), bf16 with torch's flash kernel
+    within 2 x the masked bf16 error + 1e-3 of an fp32 reference."""
+    import torch
+    import torch.nn.functional as F
+
+    from megatron_sayo.attention.shared_prompt_attention import AtenFlashKernel, MathKernel, split_attention
+    from megatron_sayo.rl.shared_prompt import shared_allowed
+
+    _strict_fp32()
+    figures, failures = {}, []
+
+    def run(kernel, dtype, masked: bool):
+        segments, q, k, v, dout = _shared_case("cuda", dtype)
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        if masked:
+            out = F.scaled_dot_product_attention(q, k.repeat_interleave(7, 1), v.repeat_interleave(7, 1),
+                                                 attn_mask=shared_allowed(segments.cuda())[:, None], scale=0.125)
+        else:
+            out = split_attention(q, k, v, segments, 0.125, kernel)[0]
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        return [t.float() for t in (out, *grads)]
+
+    def rel(a, b):
+        return max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(a, b))
+
+    ref = run(None, torch.float32, True)
+    figures["fp32_math_rel_err"] = rel(run(MathKernel, torch.float32, False), ref)
+    if figures["fp32_math_rel_err"] > 1e-5:
+        failures.append(f"fp32 split (math) vs masked: {figures['fp32_math_rel_err']:.2e} > 1e-5")
+    masked_bf16 = rel(run(None, torch.bfloat16, True), ref)
+    split_bf16 = rel(run(AtenFlashKernel, torch.bfloat16, False), ref)
+    figures.update(bf16_masked_rel_err=masked_bf16, bf16_split_flash_rel_err=split_bf16)
+    if split_bf16 > BF16_FACTOR * masked_bf16 + BF16_SLACK:
+        failures.append(f"bf16 split (flash) error {split_bf16:.2e} > {BF16_FACTOR} x masked {masked_bf16:.2e} + "
+                        f"{BF16_SLACK}")
+    return CheckResult(not failures, figures, "; ".join(failures))

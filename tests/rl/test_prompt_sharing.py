@@ -119,6 +119,8 @@ def _compare(hf_dir, tp, pp, data, micro_batches, variants, leaky=False):
             load_full_adapters(model, random_adapters(model.hf.text, 4, seed=3))
         if variant == "frozen":
             freeze_vision_tower(model)
+        if variant == "split":   # the mask-free form (the GPU one) on CPU, torch's fused CPU kernel per part
+            model.shared_form = "split"
         ddp, optimizer, _ = wrap_for_training(model, cfg.optim, cfg.train.steps)
         loss = grpo_token_loss(data["old_logp"], data["ref_logp"], data["advantages"], cfg.loss)
         for mbs in micro_batches:
@@ -175,18 +177,19 @@ def _check(results, want_variants):
 
 def _tp1_and_leaky(hf_dir, data):
     """One process: the TP1 comparisons, then the same with a leaky mask (patched last: it stays patched)."""
-    proper = _compare(hf_dir, 1, 1, data, (3, 8), ("full", "lora", "frozen"))
+    proper = _compare(hf_dir, 1, 1, data, (3, 8), ("full", "lora", "frozen", "split"))
     return proper, _compare(hf_dir, 1, 1, data, (8,), ("full",), leaky=True)
 
 
 def test_shared_equals_unshared_tp1_and_a_leak_fails(tiny_ckpt, data):
-    """TP1: the full model, LoRA (adapters only train) and the frozen vision tower; micro-batches of 3 rows (groups
+    """TP1: the full model, LoRA (adapters only train), the frozen vision tower and the split (mask-free)
+    attention; micro-batches of 3 rows (groups
     cut, a piece of 2 + a piece of 1 in one micro-batch) and of 8 (each prompt once). Then a mask that lets a
     completion see the earlier completions: errors far above the tolerance (the comparison can fail)."""
     from megatron_sayo.distributed.runtime import spawn_local
 
     (proper, (_, _, leaked)), = spawn_local(_tp1_and_leaky, 1, str(tiny_ckpt), data)
-    _check([proper], ("full", "lora", "frozen"))
+    _check([proper], ("full", "lora", "frozen", "split"))
     err = leaked[("full", 8)]
     assert err["token.logprobs"] > 1e-3 and err["reference"] > 1e-3 and err["grad"] > 1e-3, err
 

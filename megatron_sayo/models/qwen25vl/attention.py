@@ -85,6 +85,7 @@ class AttentionState:
     probe: AttentionProbe | None = None
     probe_layer: int | None = None  # global 1-based layer number whose attention the probe sees
     probe_only: bool = False        # fed only for the probe: the lean decoder stops once it has measured
+    shared_segments: torch.Tensor | None = None  # packed prompt-sharing rows [b, S] (no mask: split attention)
 
 
 class CoreAttention(MegatronModule):
@@ -123,6 +124,8 @@ class CoreAttention(MegatronModule):
         q, k, v, allowed = self._with_cache(query, key, value, attention_mask)
         rep = q.shape[1] // k.shape[1]
         wants_probe = self.state.probe is not None and self.state.probe_layer == self.layer_number
+        if self.state.shared_segments is not None and attention_mask is None:
+            return self._split(q, k, v, wants_probe)
         if wants_probe and (not getattr(self.state.probe, "needs_lse", True)
                             or resolve_mass_kernel(self.mass_kernel, q.device) == "indicator"):
             self.state.probe(q.detach(), k.detach(), None, self.scale, allowed)
@@ -137,6 +140,19 @@ class CoreAttention(MegatronModule):
         else:  # GQA inside SDPA: no copy of the (cached) keys/values per query head
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale,
                                                                    is_causal=allowed is None, enable_gqa=rep > 1)
+        b, h, s, d = out.shape
+        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
+
+
+    def _split(self, q, k, v, wants_probe: bool) -> torch.Tensor:
+        """Packed prompt-sharing rows without a dense mask (attention/shared_prompt_attention.py); the probe gets
+        the merged row log-sum-exp (image keys are prompt keys, which every completion query sees)."""
+        from megatron_sayo.attention.shared_prompt_attention import kernel_for, split_attention
+
+        out, lse = split_attention(q, k, v, self.state.shared_segments, self.scale, kernel_for(q.device, q.dtype))
+        if wants_probe:
+            rep = q.shape[1] // k.shape[1]
+            self.state.probe(q.detach(), k.detach().repeat_interleave(rep, dim=1), lse.detach(), self.scale)
         b, h, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
 

@@ -38,6 +38,9 @@ class Qwen25VLModel(LanguageModule):
         self.padded_vocab_size = padded_vocab_size(self.vocab_size, config.tensor_model_parallel_size)
         self.share_embeddings_and_output_weights = hf.text.tie_word_embeddings
         self.layer_backend = layer_backend
+        # packed prompt-sharing rows: "split" (no dense mask, attention/shared_prompt_attention.py), "masked" (the
+        # segment mask, SDPA), "auto" = split on CUDA, masked elsewhere
+        self.shared_form = "auto"
         self.register_buffer("inv_freq", mrope_inv_freq(hf.text.head_dim, hf.text.rope_theta), persistent=False)
 
         if self.pre_process:
@@ -92,18 +95,28 @@ class Qwen25VLModel(LanguageModule):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                 state: AttentionState | None = None, logits_from: int | None = None,
-                image_order: torch.Tensor | None = None, hidden_only: bool = False) -> torch.Tensor:
+                image_order: torch.Tensor | None = None, hidden_only: bool = False,
+                shared_segments: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [b, s], position_ids [3, b, s], attention_mask bool [b, 1, s, sk] (True = masked) or None
         for plain causal. Returns vocab-parallel logits [s, b, V/tp] on the last stage, hidden [s, b, h] before.
         `logits_from`: compute logits only for positions [logits_from:] (prefill and scoring need no more).
         `image_order`: see `embed` (pixel_values / image_grid_thw then hold each distinct image once).
         `hidden_only`: skip the output layer, return the final hidden states (a decode step fed only for the
-        attention rows the capture probe reads)."""
+        attention rows the capture probe reads).
+        `shared_segments`: long [b, S] segment ids of packed prompt-sharing rows (rl/shared_prompt.py) instead of
+        attention_mask: the segment mask, or the split attention without one (`shared_form`)."""
         device = self.inv_freq.device  # callers may hand CPU batches to a GPU model: move them once, here
         input_ids, position_ids, attention_mask, pixel_values, image_grid_thw = (
             t.to(device) if t is not None else None
             for t in (input_ids, position_ids, attention_mask, pixel_values, image_grid_thw))
         state = state or AttentionState()
+        if shared_segments is not None:
+            form = self.shared_form if self.shared_form != "auto" else ("split" if device.type == "cuda" else "masked")
+            if form == "masked":
+                from megatron_sayo.rl.shared_prompt import shared_allowed
+                attention_mask = ~shared_allowed(shared_segments.to(device))[:, None]
+            else:
+                state.shared_segments = shared_segments
         for core in self.core_attentions():
             core.state = state
         hidden = self.embed(input_ids, pixel_values, image_grid_thw, image_order) if self.pre_process else None
