@@ -17,7 +17,7 @@ ifeq ($(SYSTEM_TORCH),1)
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(BIN)/python -c "import torch" || { echo "SYSTEM_TORCH=1: no torch importable by $(PYTHON)"; exit 1; }
-	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/keep-torch.txt
+	$(BIN)/python scripts/requirements.py --keep-installed torch > $(VENV)/keep-torch.txt
 	$(BIN)/python scripts/requirements.py --extras $(EXTRAS) --except torch > $(VENV)/requirements.txt
 	$(BIN)/python -m pip install -q -c $(VENV)/keep-torch.txt -r $(VENV)/requirements.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
