@@ -4,8 +4,9 @@ A checkpoint converter must start in a tenth of a second (importing torch takes 
 in-kernel, so it needs each record's framing (zip headers, data.pkl) apart from the tensor's raw bytes.
 Records are read with the standard library's zipfile; they are written here (torch's framing, with zeros for
 the telemetry-only serialization id). The `.metadata` emitter writes torch's DCP classes by name: it is proven
-(tests/formats/test_torch_format.py: torch unpickles it, DCP and megatron load the result) for torch 2.13,
-the version pyproject allows. Standard library only: this module never imports torch.
+(tests/formats/test_torch_format.py: torch unpickles it, DCP and megatron load the result) in every cell of
+`make compat` (torch 2.13 and 2.14, docs/compat.md), the range pyproject allows. Standard library only: this
+module never imports torch.
 """
 
 from __future__ import annotations
