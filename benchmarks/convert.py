@@ -101,10 +101,11 @@ def copy_time(src: Path, dst: Path) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--gb", type=float, default=1.0)
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    ap.add_argument("--workdir", default=None)
-    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--gb", type=float, default=1.0, help="size of the random checkpoint in GB")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="dtype of the random checkpoint")
+    ap.add_argument("--workdir", default=None, help="folder for the checkpoints (default: a new temporary folder)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder afterwards")
     ap.add_argument("--repeats", type=int, default=9, help="timed runs; the best time and the worst memory count")
     args = ap.parse_args()
     tp, pp = 2, 2

@@ -50,7 +50,7 @@ def _rank(calls: int) -> list[tuple] | None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--calls", type=int, default=2000, help="collective calls timed per size")
     args = p.parse_args(argv)
     from megatron_sayo.distributed.runtime import spawn_local
 

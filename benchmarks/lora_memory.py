@@ -76,8 +76,8 @@ def _rank_update(hf_dir: str, mode: str, rank: int, data: dict) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gb", type=float, default=1.0, help="float32 checkpoint size")
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    ap.add_argument("--workdir", default=None, help="folder for the checkpoint (default: a new temporary folder)")
     args = ap.parse_args()
 
     from convert import bench_config

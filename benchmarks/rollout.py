@@ -100,10 +100,11 @@ def hf_generate(model, batch: dict, new_tokens: int) -> torch.Tensor:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=256, help="tokens generated per sequence")
+    ap.add_argument("--batch", type=int, default=4, help="prompts decoded together")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--ckpt", type=Path, default=Path(tempfile.gettempdir()) / "megatron_sayo_bench_rollout")
+    ap.add_argument("--ckpt", type=Path, default=Path(tempfile.gettempdir()) / "megatron_sayo_bench_rollout",
+                    help="where the benchmark checkpoint is made (reused when present)")
     ap.add_argument("--repeats", type=int, default=1, help="best of N runs for the two cached paths (noisy hosts)")
     ap.add_argument("--skip-no-cache", action="store_true", help="skip the slow no-cache path")
     args = ap.parse_args(argv)

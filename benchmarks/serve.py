@@ -116,10 +116,10 @@ class Sequential:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hf", default=None)
-    p.add_argument("--requests", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--hf", default=None, help="HF checkpoint to serve (default: a tiny random one)")
+    p.add_argument("--requests", type=int, default=32, help="requests per round")
+    p.add_argument("--max-tokens", type=int, default=16, help="max_tokens of each request")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent client counts to measure")
     p.add_argument("--threads", type=int, default=1, help="torch threads, here and in the server (fair comparison)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (sequential, then each client count)")
     args = p.parse_args(argv)

@@ -220,20 +220,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", type=Path, help="HF Qwen2.5-VL checkpoint directory")
     src.add_argument("--megatron", type=Path, help="megatron checkpoint directory (with its side files)")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--image", type=Path, required=True)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the scoring pass")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the scoring pass")
+    p.add_argument("--image", type=Path, required=True, help="the sample's image file")
     p.add_argument("--bbox", required=True, help="x1,y1,x2,y2 in pixels of the original image")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True,
+                   help="the user text after the image (question and instruction, as in training)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--completion", help="teacher-forced completion text")
     what.add_argument("--generate", type=int, metavar="N", help="sample up to N tokens with the rollout engine")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature; entropies are taken at it (training: 1)")
     p.add_argument("--top-p", type=float, default=1.0, help="with --generate")
     p.add_argument("--seed", type=int, default=0, help="with --generate")
-    p.add_argument("--top-entropy-ratio", type=float, default=RewardConfig.top_entropy_ratio)
-    p.add_argument("--eps", type=float, default=RewardConfig.eps)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--top-entropy-ratio", type=float, default=RewardConfig.top_entropy_ratio,
+                   help="share of completion tokens selected by entropy (reward.top_entropy_ratio)")
+    p.add_argument("--eps", type=float, default=RewardConfig.eps, help="TAS = (A + eps) / (V + eps) (reward.eps)")
+    p.add_argument("--out", type=Path, required=True, help="output folder for report.json and heatmap.png")
     return p.parse_args(argv)
 
 

@@ -22,11 +22,11 @@ def parse_args(argv=None):
     p.add_argument("--hf", required=True, help="HF checkpoint directory (the reference, and our weights "
                                                "unless --megatron is given)")
     p.add_argument("--megatron", help="megatron checkpoint directory made by tools/convert_hf_to_megatron.py")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the megatron side")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the megatron side")
     p.add_argument("--image", action="append", default=[], help="image file (repeatable; none = text only)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--rtol", type=float, default=1e-4)
+    p.add_argument("--prompt", required=True, help="text prompt both models score")
+    p.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of the logits comparison")
     p.add_argument("--save-inputs", type=Path, help="write input_ids, attention_mask, pixel_values, "
                                                     "image_grid_thw (numpy .npz)")
     p.add_argument("--save-logits", type=Path, help="write our logits, float32 [batch, seq, vocab] (.npy)")

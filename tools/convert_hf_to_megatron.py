@@ -28,14 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hf", required=True, help="HF checkpoint dir (config.json + safetensors)")
     ap.add_argument("--out", required=True, help="megatron checkpoint dir to create")
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the written checkpoint")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the written checkpoint")
     ap.add_argument("--dtype", choices=("keep", "bfloat16", "float32"), default="keep",
                     help="parameter dtype in the output (keep = config.json's torch_dtype)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     ap.add_argument("--remove-stale-tmp", action="store_true",
                     help="delete <out>.tmp-<pid> dirs left by conversions whose process is gone (else reported)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
     args = ap.parse_args(argv)
     try:
         summary = convert_hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,

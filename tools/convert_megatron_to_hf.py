@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     ap.add_argument("--remove-stale-tmp", action="store_true",
                     help="delete <out>.tmp-<pid> dirs left by conversions whose process is gone (else reported)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
     ap.add_argument("--lora", choices=MODES, default=None,
                     help="a LoRA step: 'merge' into the base weights, or 'adapter' (PEFT format)")
     ap.add_argument("--base", default=None, help="with --lora: the base checkpoint (default: the step's pointer)")

@@ -22,10 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, write the checkpoint, print its path."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="checkpoint directory to create")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     ap.add_argument("--config-json", default=None,
                     help="build exactly this architecture (hub flat or nested text_config layout)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype the weights are written in")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="used when --config-json is absent")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     args = ap.parse_args(argv)

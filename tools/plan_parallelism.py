@@ -27,12 +27,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-memory", default="80GB", help="memory per GPU, e.g. 80GB, 141GB (GB read as GiB)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="TP never crosses a node")
     p.add_argument("--seq", type=int, default=4096, help="prompt tokens incl. image tokens")
-    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per forward/backward (train.micro_batch)")
     p.add_argument("--group-size", type=int, default=16, help="GRPO completions per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=110)
-    p.add_argument("--recompute", choices=("none", "selective", "full"), default="selective")
-    p.add_argument("--no-sequence-parallel", action="store_true")
-    p.add_argument("--no-distributed-optimizer", action="store_true")
+    p.add_argument("--max-new-tokens", type=int, default=110, help="longest completion (rollout.max_new_tokens)")
+    p.add_argument("--recompute", choices=("none", "selective", "full"), default="selective",
+                   help="activation recompute (model.recompute)")
+    p.add_argument("--no-sequence-parallel", action="store_true", help="model without megatron's sequence parallelism")
+    p.add_argument("--no-distributed-optimizer", action="store_true",
+                   help="model without the distributed optimizer (optimizer state not sharded over DP)")
     p.add_argument("--no-reference", action="store_true", help="no frozen reference model (KL off)")
     p.add_argument("--freeze-vision", action="store_true",
                    help="vision tower frozen (train with model.freeze_vision=true): bf16 weights only")

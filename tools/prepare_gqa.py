@@ -28,12 +28,16 @@ from megatron_sayo.data.gqa import ON_ERROR, RECIPES, GQASchemaError, prepare  #
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--questions", required=True, type=Path)
-    parser.add_argument("--scene-graphs", required=True, type=Path)
+    parser.add_argument("--questions", required=True, type=Path,
+                        help="GQA questions JSON (e.g. train_balanced_questions.json)")
+    parser.add_argument("--scene-graphs", required=True, type=Path, help="GQA scene graphs JSON (object boxes)")
     parser.add_argument("--images", required=True, type=Path, help="folder with <imageId>.jpg")
     parser.add_argument("--out", required=True, type=Path, help="new output folder")
-    parser.add_argument("--recipe", choices=RECIPES, default="sayo")
-    parser.add_argument("--max-rows", type=int, default=None)
+    parser.add_argument("--recipe", choices=RECIPES, default="sayo",
+                        help="'sayo': the authors' subset (one object per question); 'union': this project's "
+                             "earlier recipe")
+    parser.add_argument("--max-rows", type=int, default=None,
+                        help="--recipe union: a seeded sample of at most this many rows (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="--recipe union: sampling seed for --max-rows")
     parser.add_argument("--on-error", choices=ON_ERROR, default="stop",
                         help="an off-schema question or scene-graph object: stop with its error (exit 2, nothing "

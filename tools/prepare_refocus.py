@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+", type=Path, help="ReFocus_Data parquet shards")
     parser.add_argument("--out", required=True, type=Path, help="new output folder")
-    parser.add_argument("--recipe", choices=RECIPES, default="sayo")
+    parser.add_argument("--recipe", choices=RECIPES, default="sayo",
+                        help="'sayo': the authors' subset; 'fraction': this project's earlier seeded share of the rows")
     parser.add_argument("--fraction", type=float, default=0.25, help="--recipe fraction: share of boxed rows")
     parser.add_argument("--seed", type=int, default=0, help="--recipe fraction: sampling seed")
     args = parser.parse_args(argv)

@@ -26,9 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--refocus", nargs="+", required=True, type=Path, help="ReFocus_Data train-*.parquet")
-    parser.add_argument("--gqa-questions", required=True, type=Path)
-    parser.add_argument("--gqa-scene-graphs", required=True, type=Path)
-    parser.add_argument("--gqa-images", required=True, type=Path)
+    parser.add_argument("--gqa-questions", required=True, type=Path, help="GQA questions JSON")
+    parser.add_argument("--gqa-scene-graphs", required=True, type=Path, help="GQA scene graphs JSON (object boxes)")
+    parser.add_argument("--gqa-images", required=True, type=Path, help="folder with GQA's <imageId>.jpg")
     parser.add_argument("--out", required=True, type=Path, help="new output folder")
     parser.add_argument("--max-rows", type=int, default=SAYO_MIX_ROWS, help="rows in the mix (the authors': 20001)")
     parser.add_argument("--on-error", choices=ON_ERROR, default="stop",

@@ -166,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write a synthetic grounded dataset (shapes and colours).")
     parser.add_argument("--out", required=True, help="output folder (data.jsonl and images/)")
     parser.add_argument("--n", type=int, required=True, help="number of samples")
-    parser.add_argument("--task", choices=TASKS, default="shapes")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--task", choices=TASKS, default="shapes",
+                        help="which synthetic task (see this module's docstring)")
+    parser.add_argument("--seed", type=int, default=0, help="sample i depends only on (task, seed, i)")
     parser.add_argument("--size", type=_parse_size, default=(112, 112), help="image size WxH (default 112x112)")
     args = parser.parse_args(argv)
     print(make_synthetic(args.out, args.n, args.seed, args.size, args.task))

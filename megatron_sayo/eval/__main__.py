@@ -38,9 +38,12 @@ def parse_args(argv=None):
                         "e.g. the GQA rows of the SAYO mix; else 'answer')")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the server")
     p.add_argument("--compare", metavar="OTHER_DIR", help="second checkpoint (HF or megatron) to compare with")
-    p.add_argument("--temperature", type=float, default=D.PAPER_DECODING["temperature"])
-    p.add_argument("--top-p", type=float, default=D.PAPER_DECODING["top_p"])
-    p.add_argument("--max-tokens", type=int, default=D.PAPER_DECODING["max_new_tokens"])
+    p.add_argument("--temperature", type=float, default=D.PAPER_DECODING["temperature"],
+                   help="sampling temperature (default: the paper's evaluation decoding)")
+    p.add_argument("--top-p", type=float, default=D.PAPER_DECODING["top_p"],
+                   help="nucleus mass (default: the paper's evaluation decoding)")
+    p.add_argument("--max-tokens", type=int, default=D.PAPER_DECODING["max_new_tokens"],
+                   help="most new tokens per answer (default: the paper's)")
     p.add_argument("--parallelism", type=int, default=8, help="concurrent requests nemo-evaluator sends")
     p.add_argument("--instruction", default=None, help="answer-format instruction (default: the training one)")
     args = p.parse_args(argv)

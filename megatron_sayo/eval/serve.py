@@ -218,10 +218,11 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", help="HF checkpoint dir")
     src.add_argument("--megatron", help="megatron checkpoint dir (converted, step dir or run dir)")
-    p.add_argument("--tp", type=positive(int), default=1)
-    p.add_argument("--pp", type=positive(int), default=1)
+    p.add_argument("--tp", type=positive(int), default=1,
+                   help="tensor-parallel size (local ranks started by the server)")
+    p.add_argument("--pp", type=positive(int), default=1, help="pipeline-parallel size")
     p.add_argument("--host", default=D.host, help="bind address (default: loopback)")
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=int, required=True, help="TCP port to listen on")
     p.add_argument("--api-key", default=os.environ.get("SAYO_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $SAYO_API_KEY; none: no key)")
     p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: dir name)")
@@ -237,10 +238,12 @@ def parse_args(argv=None):
     lim.add_argument("--max-image-pixels", type=positive(int), default=None,
                      help=f"largest width x height in an image header, checked before decoding (default: "
                           f"{D.max_image_pixels_factor} x the processor's max_pixels)")
-    lim.add_argument("--max-images-per-request", type=positive(int), default=D.max_images_per_request)
+    lim.add_argument("--max-images-per-request", type=positive(int), default=D.max_images_per_request,
+                     help="images a request may carry, counted before any is decoded")
     lim.add_argument("--max-prompt-chars", type=positive(int), default=D.max_prompt_chars,
                      help="characters of message text, checked before tokenizing")
-    lim.add_argument("--max-body-bytes", type=positive(int), default=D.max_body_bytes)
+    lim.add_argument("--max-body-bytes", type=positive(int), default=D.max_body_bytes,
+                     help="largest request body; larger ones get 413 before being read")
     lim.add_argument("--max-connections", type=positive(int), default=D.max_connections,
                      help="open connections; requests beyond get 503")
     lim.add_argument("--backlog", type=positive(int), default=D.backlog, help="listen backlog")

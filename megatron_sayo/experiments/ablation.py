@@ -298,7 +298,8 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megatron_sayo.experiments.ablation", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m megatron_sayo.experiments.ablation",
+                                description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--out", required=True, type=Path, help="output folder (runs, data, warm-up, results)")
     p.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2], help="comma-separated GRPO seeds (default 0,1,2)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2: the two arms of a seed)")

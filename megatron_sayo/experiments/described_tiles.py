@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     from megatron_sayo.rl.trainer import build_policy
 
     p = argparse.ArgumentParser(prog="python -m megatron_sayo.experiments.described_tiles",
-                                description=__doc__.splitlines()[0])
+                                description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--out", required=True, type=Path, help="the ablation's --out")
     p.add_argument("overrides", nargs="*", help="the overrides the ablation ran with")
     args = p.parse_args(argv)

@@ -45,7 +45,7 @@ def counted_means(groups: dict) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m megatron_sayo.experiments.selected_tokens",
-                                description=__doc__.splitlines()[0])
+                                description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--out", required=True, type=Path, help="the ablation's --out (its warm-up is in OUT/warmup/)")
     out = p.parse_args(argv).out.resolve()
     cfg = load_config(str(A.CONFIG), A.arm_overrides(out, "sayo", 0, []))

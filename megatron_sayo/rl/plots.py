@@ -16,7 +16,8 @@ from megatron_sayo.rl.metrics import METRICS_FILE, read_metrics
 
 GROUPS = {
     "rewards": ("Rewards", ["reward_total", "reward_attention", "reward_format", "reward_accuracy"], "reward"),
-    "tas": ("Target attention score (TAS)", ["tas", "eval_tas"], "pooled a / v"),
+    "tas": ("Target attention score (TAS)", ["tas", "eval_tas"],
+            "TAS = A / V: region vs image-mean attention\n(selected tokens, docs/spec.md §3)"),
     "heldout": ("Held-out evaluation", ["eval_accuracy", "eval_format", "eval_reward_attention"], "mean over samples"),
     "kl": ("KL to the reference policy", ["kl"], "KL per token"),
     "entropy": ("Token entropy", ["entropy"], "nats"),
@@ -73,6 +74,11 @@ def draw_group(ax, rows: list[dict], keys: list[str], ylabel: str, smooth: int) 
     return drawn
 
 
+def trained_steps(rows: list[dict]) -> int:
+    """The last GRPO step logged (a step-0 evaluation row is not a step)."""
+    return max((int(r["step"]) for r in rows if "reward_total" in r), default=0)
+
+
 def plot_run(run_dir: Path, out_dir: Path | None = None, smooth: int = 0) -> list[Path]:
     """Write the PNGs for a run; returns their paths."""
     import matplotlib
@@ -105,7 +111,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None, smooth: int = 0) -> lis
             ax.set_title(title, fontsize=10)
         for ax in list(axes.flat)[len(present):]:
             ax.axis("off")
-        fig.suptitle(f"{Path(run_dir).resolve().name}: {len(rows)} steps", fontsize=12)
+        fig.suptitle(f"{Path(run_dir).resolve().name}: {trained_steps(rows)} steps", fontsize=12)
         fig.tight_layout()
         fig.savefig(out_dir / "overview.png", dpi=100)
         plt.close(fig)
@@ -115,7 +121,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None, smooth: int = 0) -> lis
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="PNG training curves from RUN_DIR/metrics.jsonl.")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a training run directory (holding metrics.jsonl)")
     p.add_argument("--out", default=None, help="output dir (default RUN_DIR/plots)")
     p.add_argument("--smooth", type=int, default=0, help="moving-average window (default: steps / 20)")
     args = p.parse_args(argv)
