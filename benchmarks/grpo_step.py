@@ -220,7 +220,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", choices=("demo", "57m", "both"), default="both")
     p.add_argument("--steps", type=int, default=8, help="steps per mode")
     p.add_argument("--skip", type=int, default=1, help="first steps per mode left out of the medians")
-    p.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench_grpo_step")
+    p.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench_grpo_step",
+                   help="where the benchmark checkpoints and data are made (reused when present)")
     p.add_argument("--baseline-rev", help="compare this tree (capture on) with the code at this git revision "
                                           "(capture off) instead of capture on/off on this tree")
     p.add_argument("--repeats", type=int, default=1, help="lockstep runs with --baseline-rev")
