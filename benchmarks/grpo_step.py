@@ -127,6 +127,143 @@ def run(name: str, ckpt: Path, data: Path, steps: int, skip: int, tp: int) -> No
     report(name, run_modes(ckpt, data, steps, tp, ("off", "on")), skip)
 
 
+# ---------------------------------------------------------------------------------------------- --model sayo
+
+SAYO_G, SAYO_SIDE = 8, 868          # 868 px -> 31 x 31 merged patches = 961 image tokens (+ ~40 text tokens)
+
+
+def _saved_bytes(params) -> tuple[object, dict]:
+    """A saved_tensors_hooks context counting the distinct storages autograd keeps for backward (parameters
+    excluded): the update's activation memory at its peak, the end of the forward (one micro-batch)."""
+    import torch
+
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), seen
+
+
+def _sayo_batch(ckpt: Path, hf, seed: int = 0):
+    """One prompt (an 868 px image, ~1,000 tokens, mostly image) and G = 8 completions of 56..110 tokens."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from megatron_sayo.data.processor import Processor
+    from megatron_sayo.rl.batch import ScoringBatch
+
+    proc = Processor.from_pretrained(ckpt, min_pixels=SAYO_SIDE ** 2, max_pixels=SAYO_SIDE ** 2)
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (SAYO_SIDE, SAYO_SIDE, 3), dtype=np.uint8), "RGB")
+    inputs = proc([[{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text":
+                   "Which object is left of the red box? Think briefly, then answer in <answer></answer>."}]}]])
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(56, 111, (SAYO_G,), generator=g)
+    lengths[0] = 110
+    T = int(lengths.max())
+    comp = torch.randint(10, 30000, (SAYO_G, T), generator=g)
+    cmask = (torch.arange(T)[None] < lengths[:, None]).long()
+    ids = inputs["input_ids"]
+    P = ids.shape[1]
+    region = torch.zeros(SAYO_G, P + T, dtype=torch.bool)
+    region[:, :P] = (ids[0] == hf.tokens.image) & (torch.rand(P, generator=g) < 0.2)
+    pix, thw = inputs["pixel_values"], inputs["image_grid_thw"]
+    batch = ScoringBatch(torch.cat([ids.repeat(SAYO_G, 1), comp * cmask], 1),
+                         torch.cat([inputs["attention_mask"].repeat(SAYO_G, 1), cmask], 1), P, cmask,
+                         [pix] * SAYO_G, [thw] * SAYO_G, region)
+    return batch, dict(old=-torch.rand(SAYO_G, T, generator=g) * 3, adv=torch.randn(SAYO_G, generator=g))
+
+
+def _sayo_rank(ckpt: str, repeats: int) -> dict | None:
+    """On 2 ranks (TP=2): per mode (unshared, shared), interleaved, the seconds of the scoring, reference and
+    update passes of one SAYO-shaped group, the update's saved activation bytes, and once the rollout."""
+    import torch
+    from megatron.core import parallel_state
+
+    from megatron_sayo.distributed import runtime
+    from megatron_sayo.rl.loss import grpo_token_loss
+    from megatron_sayo.rl.optimizer import wrap_for_training
+    from megatron_sayo.rl.rollout import SamplingParams, generate
+    from megatron_sayo.rl.scoring import reference_logprobs, score_policy
+    from megatron_sayo.rl.trainer import build_policy
+    from megatron_sayo.rl.update import accumulate_gradients
+    from megatron_sayo.testing.fixed_rollout import update_config
+
+    runtime.init_distributed(2, 1)
+    cfg = update_config(ckpt, 2, 1, train={"micro_batch": SAYO_G})
+    policy = build_policy(cfg, ckpt)
+    reference = build_policy(cfg, ckpt).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    ddp, optimizer, _ = wrap_for_training(policy, cfg.optim, cfg.train.steps)
+    batch, made = _sayo_batch(Path(ckpt), policy.hf)
+    T = batch.completion_mask.shape[1]
+    ref0 = reference_logprobs(reference, batch, SAYO_G, 1.0)
+    loss = grpo_token_loss(made["old"], ref0, made["adv"], cfg.loss)
+    rows = {"unshared": [], "shared": []}
+    for r in range(repeats):
+        for mode in (("unshared", "shared") if r % 2 == 0 else ("shared", "unshared")):
+            shared = mode == "shared"
+            t0 = time.perf_counter()
+            score_policy(policy, batch, SAYO_G, 1.0, shared=shared)
+            t1 = time.perf_counter()
+            ref = reference_logprobs(reference, batch, SAYO_G, 1.0, shared=shared)
+            t2 = time.perf_counter()
+            hooks, seen = _saved_bytes(policy.parameters())
+            with hooks:
+                reported = accumulate_gradients(ddp, optimizer, batch, SAYO_G, 1.0, loss, shared=shared)
+            t3 = time.perf_counter()
+            rows[mode].append({"time_score": t1 - t0, "time_reference": t2 - t1, "time_update": t3 - t2,
+                               "update_saved_mib": sum(seen.values()) / 2**20,
+                               "loss": float(sum(x["pg_loss"] + 0.05 * x["kl"] for x in reported)),
+                               "ref_logp_sum": float(ref.sum())})
+    policy.eval()
+    start = time.perf_counter()
+    inputs = {"input_ids": batch.sequences[:1, :batch.prompt_length],
+              "attention_mask": batch.attention_mask[:1, :batch.prompt_length],
+              "pixel_values": batch.pixel_values[0], "image_grid_thw": batch.image_grid_thw[0]}
+    tok = policy.hf.tokens
+    params = SamplingParams(temperature=1.0, max_new_tokens=T, seed=1,
+                            suppress_token_ids=(tok.image, tok.video, tok.vision_start, tok.vision_end))
+    generate(policy, inputs, params, num_return_sequences=SAYO_G)
+    rollout_s = time.perf_counter() - start
+    if parallel_state.get_tensor_model_parallel_rank():
+        return None
+    return {"rows": rows, "rollout": rollout_s, "prompt_tokens": batch.prompt_length,
+            "image_tokens": int((batch.sequences[0] == policy.hf.tokens.image).sum()),
+            "completion_tokens": batch.completion_mask.sum(1).tolist()}
+
+
+def run_sayo(ckpt: Path, repeats: int) -> None:
+    """The SAYO-shaped case (issue 30): prints medians per mode, the shared / unshared ratios, the whole step."""
+    from megatron_sayo.distributed.runtime import spawn_local
+
+    out = next(r for r in spawn_local(_sayo_rank, 2, str(ckpt), repeats, timeout_s=3600) if r is not None)
+    rows = out["rows"]
+    print(f"\nSAYO shape, 57M model, TP=2: prompt {out['prompt_tokens']} tokens ({out['image_tokens']} image), "
+          f"G={SAYO_G} completions of {out['completion_tokens']} tokens, kl_beta 0.05; median of {repeats} "
+          f"interleaved repeats")
+    med = {m: {k: statistics.median(r[k] for r in rows[m]) for k in rows[m][0]} for m in rows}
+    print(f"{'':<22}{'unshared':>10}{'shared':>10}{'ratio':>8}")
+    for key in ("time_score", "time_reference", "time_update", "update_saved_mib"):
+        u, s = med["unshared"][key], med["shared"][key]
+        print(f"{key:<22}{u:>10.3f}{s:>10.3f}{s / u:>8.2f}")
+    ru = med["unshared"]["time_reference"] + med["unshared"]["time_update"]
+    rs = med["shared"]["time_reference"] + med["shared"]["time_update"]
+    print(f"{'reference + update':<22}{ru:>10.3f}{rs:>10.3f}{rs / ru:>8.2f}")
+    for capture, extra in (("on", 0.0), ("off", 1.0)):
+        su = out["rollout"] + ru + extra * med["unshared"]["time_score"]
+        ss = out["rollout"] + rs + extra * med["shared"]["time_score"]
+        print(f"{'step, capture ' + capture:<22}{su:>10.3f}{ss:>10.3f}{ss / su:>8.2f}   (rollout {out['rollout']:.2f} s)")
+    print(f"loss unshared {med['unshared']['loss']:.6f} shared {med['shared']['loss']:.6f}; reference log-prob "
+          f"sums {med['unshared']['ref_logp_sum']:.4f} / {med['shared']['ref_logp_sum']:.4f}")
+
+
 # ---------------------------------------------------------------------------------------------- --baseline-rev
 
 def baseline_tree(rev: str, cache: Path) -> Path:
@@ -217,7 +354,8 @@ def compare_with_rev(name: str, tree: Path, rev: str, ckpt: Path, data: Path, st
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=("demo", "57m", "both"), default="both")
+    p.add_argument("--model", choices=("demo", "57m", "both", "sayo"), default="both",
+                   help="sayo: the prompt-sharing case (issue 30), shared vs unshared passes")
     p.add_argument("--steps", type=int, default=8, help="steps per mode")
     p.add_argument("--skip", type=int, default=1, help="first steps per mode left out of the medians")
     p.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench_grpo_step",
@@ -242,6 +380,9 @@ def main(argv=None) -> int:
     data = args.cache / "train.jsonl"
     if not data.exists():
         write_synthetic(data, 64, seed=0)
+    if args.model == "sayo":
+        run_sayo(ensure_checkpoint(args.cache / "ckpt_57m"), args.steps)
+        return 0
     models = []
     if args.model in ("demo", "both"):
         tiny = args.cache / "tiny_ckpt"
