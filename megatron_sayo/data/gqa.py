@@ -152,7 +152,8 @@ def _off_schema(exc: GQASchemaError, on_error: str, skipped: dict[str, int], sou
                 exc.question_id, exc.detail())
 
 
-def _check_on_error(on_error: str) -> None:
+def check_on_error(on_error: str) -> None:
+    """ValueError unless `on_error` is one of ON_ERROR."""
     if on_error not in ON_ERROR:
         raise ValueError(f"--on-error must be one of {ON_ERROR}, got {on_error!r}")
 
@@ -176,7 +177,7 @@ def sayo_rows(questions: dict, scene_graphs: dict, images_dir: Path, out_dir: Pa
 
     An off-schema question or object (module doc) raises GQASchemaError (on_error "stop") or is skipped,
     logged and counted ("skip"); `source` (the questions file) prefixes those messages."""
-    _check_on_error(on_error)
+    check_on_error(on_error)
     skipped = {} if skipped is None else skipped
     for qid, q in questions.items():
         try:
@@ -225,7 +226,8 @@ def _check_union_fields(qid: Any, q: dict) -> None:
     if annotations is not None:
         _require(annotations, "object", qid, "question", "question", "annotations")
         for name, spans in annotations.items():
-            _require(spans if spans is not None else {}, "object", qid, "question", "question", f"annotations.{name}")
+            if spans is not None:
+                _require(spans, "object", qid, "question", "question", f"annotations.{name}")
             for span, ids in (spans or {}).items():
                 _require(ids, "string", qid, "question", "question", f"annotations.{name}.{span}")
     semantic = q.get("semantic")
@@ -249,7 +251,7 @@ def union_rows(questions: dict, scene_graphs: dict, images_dir: Path, out_dir: P
                on_error: str = "stop", source: str = "") -> list[dict]:
     """Rows for every usable question (or a seeded sample of max_rows of them); `skipped` counts the questions
     left out, by reason; off-schema input as in sayo_rows."""
-    _check_on_error(on_error)
+    check_on_error(on_error)
     skipped = {} if skipped is None else skipped
     rows = []
     for qid in sorted(questions):
@@ -295,7 +297,7 @@ def prepare(questions_path: Path, scene_graphs_path: Path, images_dir: Path, out
 
     if recipe not in RECIPES:
         raise ValueError(f"--recipe must be one of {RECIPES}, got {recipe!r}")
-    _check_on_error(on_error)
+    check_on_error(on_error)
     questions = read_json(questions_path, "GQA questions")
     graphs = read_json(scene_graphs_path, "GQA scene graphs")
     skipped: dict[str, int] = {}

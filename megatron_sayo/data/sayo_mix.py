@@ -26,8 +26,7 @@ def prepare(refocus_files: list[Path], questions_path: Path, scene_graphs_path: 
     on_error "skip", is left out, logged and counted in `gqa_skipped`."""
     if max_rows < 1:
         raise ValueError(f"--max-rows must be >= 1, got {max_rows}")
-    if on_error not in gqa.ON_ERROR:
-        raise ValueError(f"--on-error must be one of {gqa.ON_ERROR}, got {on_error!r}")
+    gqa.check_on_error(on_error)
     questions = gqa.read_json(questions_path, "GQA questions")
     graphs = gqa.read_json(scene_graphs_path, "GQA scene graphs")
     skipped: dict[str, int] = {}
