@@ -67,7 +67,8 @@ def main() -> None:
     parser.add_argument("--extras", default="", help="comma-separated extras to include (e.g. test)")
     parser.add_argument("--except", dest="excluded", default="torch", help="comma-separated names to leave out")
     parser.add_argument("--keep-installed", metavar="NAME", help="print a constraint pinning the installed NAME")
-    parser.add_argument("--pyproject", type=Path, default=Path(__file__).resolve().parents[1] / "pyproject.toml")
+    parser.add_argument("--pyproject", type=Path, default=Path(__file__).resolve().parents[1] / "pyproject.toml",
+                        help="the project file to read (default: this repository's)")
     args = parser.parse_args()
     if args.keep_installed:
         print(keep_installed(args.pyproject, args.keep_installed))
