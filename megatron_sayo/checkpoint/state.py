@@ -157,6 +157,15 @@ def trained_sharded_state(model) -> dict:
     return model_sd
 
 
+# How megatron's distributed optimizer writes its state: 'fully_reshardable' (each state tensor in the model's
+# shape, so a run resumes at any TP/PP/DP as the model does), gathered over the DP group's gloo group onto DP rank
+# 0 ('mem_efficient': host memory for the gathered state on one rank of each DP group, not on all of them). Its
+# default, 'fully_sharded_model_space', fails to save in megatron-core 0.16 ("ShardedTensor.flattened_range is not
+# supported"). The plain megatron optimizers ignore this.
+OPTIMIZER_CHECKPOINT_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable",
+                               "distrib_optim_fully_reshardable_mem_efficient": True}
+
+
 def _training_sharded_state(model, optimizer, scheduler, step: int, extra: dict, *, loading: bool,
                             world_size_saved: int | None = None) -> dict:
     """The dict handed to dist_checkpointing for a training checkpoint (save, or load template)."""
@@ -170,10 +179,9 @@ def _training_sharded_state(model, optimizer, scheduler, step: int, extra: dict,
     per_rank = {"rng": rng_state()}
     if optimizer is not None:
         if _is_megatron_optimizer(optimizer):
-            if loading:
-                state["optimizer"] = optimizer.sharded_state_dict(trained_sharded_state(model), is_loading=True)
-            else:
-                state["optimizer"] = optimizer.sharded_state_dict(model_sd)
+            state["optimizer"] = optimizer.sharded_state_dict(
+                trained_sharded_state(model) if loading else model_sd, is_loading=loading,
+                metadata=OPTIMIZER_CHECKPOINT_FORMAT)
         else:
             per_rank["optimizer"] = optimizer.state_dict()
     if same_world:

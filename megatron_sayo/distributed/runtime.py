@@ -101,6 +101,7 @@ def init_distributed(tp: int = 1, pp: int = 1, *, launch: LaunchEnv | None = Non
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    _install_distributed_optimizer_fixes()
     if not torch.cuda.is_available():
         shm_collectives.enable()
     return launch
@@ -278,6 +279,92 @@ def megatron_tensor_types():
         yield
     finally:
         torch.Tensor.type = original
+
+
+def _align_group_index_map(optimizer) -> None:
+    """megatron-core 0.16's distributed optimizer gives its inner optimizer each group's float32 parameters first,
+    then the fp32 copies of its 16-bit ones, but numbers them (model_param_group_index_map, through which the
+    checkpoint is written and read) in buffer order. Where a group mixes both, as megatron's local layers do
+    with bf16 weights (their torch norm keeps float32 weights in the no-weight-decay group beside bf16 biases),
+    a checkpoint pairs a parameter with another one's Adam state: silently where the sizes agree. Renumber
+    each parameter by the position of its own shard in its group; a no-op where the numbering is right."""
+    inner = optimizer.optimizer
+    if getattr(optimizer.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False) or not all(
+            hasattr(optimizer, name) for name in ("model_param_group_index_map", "model_fp32_groups",
+                                                  "shard_fp32_from_float16_groups")):
+        return   # the fp32 copies live in the fused optimizer, or another megatron-core layout
+    for index, group in enumerate(inner.param_groups):
+        order = {id(shard): k for k, shard in enumerate(group["params"])}
+        pairs = [*zip(optimizer.model_fp32_groups[index], optimizer.shard_fp32_groups[index]),
+                 *zip(optimizer.model_float16_groups[index], optimizer.shard_fp32_from_float16_groups[index])]
+        for model_param, shard in pairs:
+            optimizer.model_param_group_index_map[model_param] = (index, order[id(shard)])
+
+
+_optimizer_fixes_installed = False
+
+
+def _install_distributed_optimizer_fixes() -> None:
+    """Work-arounds for megatron-core 0.16's distributed optimizer checkpoints, installed once (both are no-ops
+    where megatron is right, so a GPU run with Transformer Engine layers and optimizer runs it untouched):
+
+    - after construction, `_align_group_index_map` (float32 and bf16 parameters in one group);
+    - on torch's Adam (no Apex or Transformer Engine, as on CPU) a checkpoint cannot be loaded: building the
+      loading template reads the step from the per-parameter Adam state (state_dict asserts one step over the
+      states) and a fresh optimizer has none, so each parameter without state first gets what torch's Adam gives
+      it at its first step (step 0, zero moments), which the checkpoint then overwrites; and the fully
+      reshardable format hands over param / exp_avg / exp_avg_sq (the step travels in the param groups and
+      load_state_dict sets it) while _set_main_param_and_optimizer_states copies every key of the Adam state,
+      'step' included (KeyError): it copies the keys it is given; and load_state_dict hands every parameter's
+      state one and the same step tensor, which torch's Adam then increments once per parameter at each step
+      (the bias correction of every step after a resume wrong): each parameter gets its own copy."""
+    global _optimizer_fixes_installed
+    if _optimizer_fixes_installed:
+        return
+    from megatron.core.optimizer import distrib_optimizer
+
+    cls = distrib_optimizer.DistributedOptimizer
+    init = cls.__init__
+
+    def init_aligned(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        _align_group_index_map(self)
+
+    cls.__init__ = init_aligned
+    if not getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True) and hasattr(cls, "_set_main_param_and_optimizer_states"):
+        sharded_state_dict, set_states = cls.sharded_state_dict, cls._set_main_param_and_optimizer_states
+
+        def sharded_state_dict_filled(self, model_sharded_state_dict, is_loading=False, *args, **kwargs):
+            if is_loading and not self.ddp_config.use_megatron_fsdp:
+                adam = self.optimizer
+                for group in adam.param_groups:
+                    for p in group["params"]:
+                        if not adam.state[p]:
+                            adam.state[p].update(step=torch.tensor(0.0, dtype=torch.float32),
+                                                 exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            return sharded_state_dict(self, model_sharded_state_dict, is_loading, *args, **kwargs)
+
+        def set_given_states(self, model_param, tensors):
+            if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+                return set_states(self, model_param, tensors)
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            destination = {"param": main_param, **self.optimizer.state[main_param]}
+            for key, value in tensors.items():
+                destination[key].copy_(value)
+
+        load_state_dict = cls.load_state_dict
+
+        def load_state_dict_own_steps(self, state_dict):
+            load_state_dict(self, state_dict)
+            for state in self.optimizer.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
+
+        cls.sharded_state_dict = sharded_state_dict_filled
+        cls.load_state_dict = load_state_dict_own_steps
+        cls._set_main_param_and_optimizer_states = set_given_states
+    _optimizer_fixes_installed = True
 
 
 def _install_cpu_shims() -> None:
