@@ -92,8 +92,8 @@ def _rank_scores(hf_dir, megatron_dir, tp, pp, sample: Sample, completion, gener
     """On every rank: (generate,) score; the last stage's TP rank 0 returns (sequence, CompletionScores)."""
     from megatron.core import parallel_state
 
-    from megatron_sayo.distributed import runtime
     from megatron_sayo.checkpoint.loader import load_model_stage
+    from megatron_sayo.distributed import runtime
     from megatron_sayo.rl.batch import ScoringBatch
     from megatron_sayo.rl.scoring import score_policy
 
@@ -162,7 +162,8 @@ def draw_heatmap(image, cells: np.ndarray, box: list[float], report: dict, token
     _outline_region(ax, report, rows, cols, w, h)
     ax.set_title(f"selected tokens' attention over the image ({rows}x{cols} cells)", fontsize=11)
     ax.legend(loc="upper right", fontsize=8, framealpha=0.8)
-    fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.03,
+    # below the image, so neither the bar nor its label can run into the panel's or the figure's title
+    fig.colorbar(heat, ax=ax, orientation="horizontal", fraction=0.05, pad=0.08,
                  label="cell attention / mean cell (selected tokens, head mean; uniform = 1)")
     _token_panel(ax2, report, tokenizer)
     n_sel = sum(t["selected"] for t in report["tokens"])
@@ -272,8 +273,8 @@ def main(argv=None) -> int:
         from PIL import Image
 
         from megatron_sayo.data.processor import Processor
-        from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
         from megatron_sayo.distributed.runtime import spawn_local
+        from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
 
         hf = load_hf_config(ckpt)
         processor = Processor.from_pretrained(ckpt)

@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:      # SIGINT, or SIGTERM (Terminated): the temp dir is already removed
         print(f"interrupted ({exc or 'SIGINT'}): nothing written", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
-    print(f"wrote {args.out}: {summary['tensors']} HF tensors, {summary['elements']} elements, "
+    print(f"wrote {args.out}: {summary['megatron_tensors']} megatron tensors (the bar's count) from "
+          f"{summary['tensors']} HF tensors, {summary['elements']} elements, "
           f"{summary['seconds']:.1f}s, peak RSS {summary['peak_rss_mb']:.0f} MB")
     return 0
 

@@ -16,8 +16,14 @@ import shutil
 import time
 from pathlib import Path
 
-from megatron_sayo.checkpoint.files import (METADATA_FILE, CheckpointError, check_output_location, copy_side_files,
-                                            make_metadata, prepare_output)
+from megatron_sayo.checkpoint.files import (
+    METADATA_FILE,
+    CheckpointError,
+    check_output_location,
+    copy_side_files,
+    make_metadata,
+    prepare_output,
+)
 from megatron_sayo.convert.progress import FailAfter, Progress, bytes_fmt, terminate_as_interrupt
 from megatron_sayo.convert.rectangles import rectangle, span_pieces
 from megatron_sayo.formats.atomic import publish_dir, write_json_atomic
@@ -168,7 +174,8 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int =
     validate_layout(hf, layout)
     dtype_name = hf.torch_dtype if dtype == "keep" else dtype
     if dtype_name not in CAST_DTYPES:
-        raise CheckpointError(f"dtype {dtype_name!r} (from {'config.json torch_dtype' if dtype == 'keep' else '--dtype'})"
+        where = "config.json torch_dtype" if dtype == "keep" else "--dtype"
+        raise CheckpointError(f"dtype {dtype_name!r} (from {where})"
                               f" is not one of {list(CAST_DTYPES)}")
     source = HFSource(hf_dir)
     check_hf_checkpoint(source, hf)
@@ -177,7 +184,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int =
     check_hf_shapes(targets, source, hf)
     check_output_location(out_dir, [hf_dir])
     total = sum(hf.text.num_layers if t.stacked else 1 for t in targets)
-    bar = Progress(total, "hf->megatron", progress)
+    bar = Progress(total, "hf->megatron (megatron tensors)", progress)   # fused qkv / fc1: fewer than HF's
     if _fail_after is not None:
         bar = FailAfter(bar, _fail_after)
     tmp = writer = None
@@ -202,7 +209,8 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int =
     finally:
         bar.close()
         source.close()
-    return {"tensors": len(numel), "elements": elements, "seconds": time.perf_counter() - start,
+    return {"tensors": len(numel), "megatron_tensors": total, "elements": elements,
+            "seconds": time.perf_counter() - start,
             "bytes": writer.bytes_written, "peak_rss_mb": peak_rss_mb()}
 
 

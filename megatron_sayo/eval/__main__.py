@@ -5,7 +5,8 @@ python -m megatron_sayo.eval --hf DIR | --megatron DIR --benchmark sayo-suite|sa
 Starts our OpenAI-compatible server, runs nemo-evaluator against it and writes OUTDIR/results.json,
 OUTDIR/samples.jsonl and OUTDIR/summary.md. `--benchmark grounded` is our BYOB benchmark (accuracy + TAS);
 `sayo-suite` runs the paper's nine benchmarks (or `sayo-<name>` one of them) from hub datasets under --data-root
-with the SAYO authors' prompts and scoring (docs/eval.md); any other name is a task of an installed nemo-evaluator harness, run with the paper's decoding settings.
+with the SAYO authors' prompts and scoring (docs/eval.md); any other name is a task of an installed nemo-evaluator
+harness, run with the paper's decoding settings.
 With --compare, both checkpoints are evaluated (OUTDIR/a, OUTDIR/b) and OUTDIR/compare.{md,json} written.
 """
 
@@ -15,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from megatron_sayo import console
 from megatron_sayo.eval import driver as D
 from megatron_sayo.eval import nemo_glue, reports
 
@@ -46,6 +48,9 @@ def parse_args(argv=None):
                    help="most new tokens per answer (default: the paper's)")
     p.add_argument("--parallelism", type=int, default=8, help="concurrent requests nemo-evaluator sends")
     p.add_argument("--instruction", default=None, help="answer-format instruction (default: the training one)")
+    p.add_argument("--log-level", choices=console.LEVELS, default="warning",
+                   help="other libraries' log level on the console (nemo-evaluator's own output always goes to "
+                        "OUT/nemo_evaluator/nemo_evaluator.log)")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be >= 1")
@@ -81,6 +86,7 @@ def evaluate_one(args, model: dict, out: Path) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    console.setup(args.log_level)
     out = Path(args.out)
     try:
         if args.benchmark != "grounded" and not args.benchmark.startswith("sayo-"):

@@ -12,6 +12,7 @@ our package ships its own parser (`OUTPUT_PY`) that reads either place.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -152,8 +153,13 @@ def run_evaluation(eval_type: str, out_dir: Path, url: str, model_id: str, limit
                    parallelism: int, extra: dict | None = None):
     """nemo-evaluator's `evaluate` for one task against a chat-completions URL; returns its EvaluationResult.
     Call inside nemo_environment (the API key is read from API_KEY_ENV)."""
-    from nemo_evaluator.api.api_dataclasses import (ApiEndpoint, ConfigParams, EndpointType, EvaluationConfig,
-                                                    EvaluationTarget)
+    from nemo_evaluator.api.api_dataclasses import (
+        ApiEndpoint,
+        ConfigParams,
+        EndpointType,
+        EvaluationConfig,
+        EvaluationTarget,
+    )
     from nemo_evaluator.core.evaluate import evaluate
 
     params = ConfigParams(limit_samples=limit, parallelism=parallelism, request_timeout=3600, extra=extra or {},
@@ -161,10 +167,47 @@ def run_evaluation(eval_type: str, out_dir: Path, url: str, model_id: str, limit
     cfg = EvaluationConfig(type=eval_type, output_dir=str(out_dir), params=params)
     target = EvaluationTarget(api_endpoint=ApiEndpoint(url=url, model_id=model_id, type=EndpointType.CHAT,
                                                        api_key_name=API_KEY_ENV))
+    log_path = Path(out_dir) / LOG_FILE
+    print(f"nemo-evaluator: {eval_type} (its output: {log_path})", flush=True)
     try:
-        return evaluate(cfg, target)
+        with output_to(log_path):
+            return evaluate(cfg, target)
     except SystemExit as exc:   # nemo-evaluator exits on a failed command
-        raise EvalError(f"nemo-evaluator failed (exit {exc.code}) for {eval_type}; see {out_dir}") from None
+        raise EvalError(f"nemo-evaluator failed (exit {exc.code}) for {eval_type}; see {log_path}") from None
+
+
+LOG_FILE = "nemo_evaluator.log"
+
+
+@contextmanager
+def output_to(path: Path):
+    """This process's stdout and stderr appended to `path` while the block runs, restored after: file descriptors
+    1 and 2 (the harness's subprocesses, logging handlers bound to the console) and sys.stdout / sys.stderr.
+    nemo-evaluator logs at INFO meanwhile: all of it goes to the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    streams = sys.stdout, sys.stderr
+    harness_log = logging.getLogger("nemo_evaluator")
+    level = harness_log.level
+    harness_log.setLevel(logging.INFO)
+    for stream in streams:
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(path, "a", buffering=1, encoding="utf-8", errors="replace") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            sys.stdout = sys.stderr = log
+            try:
+                yield
+            finally:
+                log.flush()
+                sys.stdout, sys.stderr = streams
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        harness_log.setLevel(level)
+        for fd in saved:
+            os.close(fd)
 
 
 def find_output(out_dir: Path, name: str, task: str) -> Path:

@@ -10,6 +10,11 @@ streaming responses (server-sent events). Starlette rather than FastAPI: the API
 validation must answer in OpenAI's error format (openai_api.py does it), so FastAPI's pydantic layer would add
 a dependency and a second validation path for nothing.
 
+Prompts: the server applies the chat template to the messages exactly as sent and adds nothing. Training put
+`data.instruction` on its own line after each question ("Look at the image, think briefly, then give the final
+answer as <answer>...</answer>." unless the run's config.yaml says otherwise), and a model trained here answers
+well only when a client does the same: send "QUESTION\nINSTRUCTION" as the text (the grounded evaluation does).
+
 Process layout: rank 0 runs uvicorn in a thread and the batch scheduler (scheduler.py) on its main thread;
 under TP/PP the other ranks follow rank 0's broadcasts. With --tp/--pp > 1 and no torchrun/Slurm environment,
 the ranks are spawned locally.
@@ -25,6 +30,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_sayo import console
 from megatron_sayo.config import ServeConfig
 
 log = logging.getLogger("megatron_sayo.serve")
@@ -148,9 +154,9 @@ def start_http(state, host: str, port: int, *, backlog: int = D.backlog, max_con
 
 def build_engine(args):
     """Model + processor of this rank (parallel_state initialised)."""
+    from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.data.processor import Processor
     from megatron_sayo.eval.engine import Engine, processor_dir
-    from megatron_sayo.checkpoint.loader import load_model_stage
 
     model = load_model_stage(args.hf, args.megatron, tp=args.tp, pp=args.pp)
     return Engine(model, Processor.from_pretrained(processor_dir(args.hf, args.megatron)))
@@ -177,6 +183,9 @@ def run_rank(args) -> None:
     from megatron_sayo.eval.api_server import ServerState
     from megatron_sayo.eval.scheduler import Scheduler, follower_loop, make_broadcast
 
+    if runtime.read_launch_env().rank != 0:   # rank 0 alone handles SIGTERM/SIGINT and tells the others to stop
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
     runtime.init_distributed(args.tp, args.pp)
     engine = build_engine(args)
     broadcast = make_broadcast()
@@ -194,14 +203,36 @@ def run_rank(args) -> None:
 
     http = start_http(state, args.host, args.port, backlog=args.backlog, max_connections=args.max_connections,
                       read_timeout_s=args.read_timeout_s, keep_alive_s=args.keep_alive_s, on_bound=banner)
+    def stop(signum, _frame) -> None:
+        if not scheduler.stopped.is_set():
+            print(f"{signal.Signals(signum).name}: stopping the server (requests in flight finish first)", flush=True)
+        scheduler.stopped.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: scheduler.stopped.set())
+        signal.signal(sig, stop)
     try:
         scheduler.serve_forever()
     finally:
         http.stop()
     if scheduler.failure is not None:
         raise SystemExit(f"server stopped: {scheduler.failure}")
+    print("server stopped", flush=True)
+
+
+def forward_stop_signals() -> None:
+    """In the parent of locally spawned ranks: SIGTERM or SIGINT is passed on to the ranks as SIGTERM (rank 0
+    stops serving and ends the others), and the parent waits for them, so they exit cleanly instead of being
+    killed with it (no rank traceback, no leaked semaphores)."""
+    import multiprocessing
+    import signal
+
+    def forward(_signum, _frame) -> None:
+        for child in multiprocessing.active_children():
+            if child.pid is not None:
+                os.kill(child.pid, signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
 
 
 def positive(kind):
@@ -222,6 +253,8 @@ def parse_args(argv=None):
                    help="tensor-parallel size (local ranks started by the server)")
     p.add_argument("--pp", type=positive(int), default=1, help="pipeline-parallel size")
     p.add_argument("--host", default=D.host, help="bind address (default: loopback)")
+    p.add_argument("--log-level", choices=console.LEVELS, default="warning",
+                   help="other libraries' log level (default: their known noise hidden)")
     p.add_argument("--port", type=int, required=True, help="TCP port to listen on")
     p.add_argument("--api-key", default=os.environ.get("SAYO_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $SAYO_API_KEY; none: no key)")
@@ -260,12 +293,13 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
+    console.setup(args.log_level)
     world = args.tp * args.pp
     if world > 1 and "WORLD_SIZE" not in os.environ and "SLURM_NTASKS" not in os.environ:
         from megatron_sayo.distributed.runtime import spawn_local
 
+        forward_stop_signals()
         spawn_local(run_rank, world, args, timeout_s=float("inf"))
     else:
         if "WORLD_SIZE" not in os.environ and "SLURM_NTASKS" not in os.environ and "MASTER_PORT" not in os.environ:

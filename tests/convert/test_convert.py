@@ -252,8 +252,14 @@ def test_cli_roundtrip_and_error_exit(tiny_tied_ckpt, tmp_path):
                         "--out", str(tmp_path / "m"), "--tp", "3", "--no-progress"], capture_output=True, text=True)
     assert r.returncode == 2 and "not divisible by tp=3" in r.stderr
     r = subprocess.run([py, str(ROOT / "tools" / "convert_hf_to_megatron.py"), "--hf", str(tiny_tied_ckpt),
-                        "--out", str(tmp_path / "m"), "--no-progress"], capture_output=True, text=True)
+                        "--out", str(tmp_path / "m")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    import re
+
+    bar_done, bar_total = map(int, re.findall(r"(\d+)/(\d+) \[", r.stderr)[-1])   # tqdm's last count, on stderr
+    said = re.search(r"wrote .*: (\d+) megatron tensors \(the bar's count\) from (\d+) HF tensors", r.stdout)
+    assert said and bar_done == bar_total == int(said[1]), (r.stdout, r.stderr[-300:])
+    assert int(said[2]) == len(read_safetensors(tiny_tied_ckpt))
     r = subprocess.run([py, str(ROOT / "tools" / "convert_megatron_to_hf.py"), "--megatron", str(tmp_path / "m"),
                         "--out", str(tmp_path / "h"), "--no-progress"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -263,10 +269,10 @@ def test_cli_roundtrip_and_error_exit(tiny_tied_ckpt, tmp_path):
 
 def _megatron_save(ckpt: str, out: str, tp: int, pp: int) -> None:
     """One rank: our model (in the checkpoint's dtype) filled by the in-process HF loader, saved by megatron."""
-    from megatron_sayo.distributed import runtime
-    from megatron_sayo.checkpoint.state import save_model
-    from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
     from megatron_sayo.checkpoint.loader import load_model_stage
+    from megatron_sayo.checkpoint.state import save_model
+    from megatron_sayo.distributed import runtime
+    from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
 
     runtime.init_distributed(tp, pp)
     dtype = getattr(torch, load_hf_config(ckpt).torch_dtype)

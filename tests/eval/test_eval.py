@@ -7,10 +7,16 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("nemo_evaluator")
+
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def own_extract(text: str | None) -> str | None:
@@ -48,14 +54,22 @@ def test_missing_harness_names_the_package(capsys, tiny_ckpt, tmp_path):
 
 
 def test_grounded_end_to_end(tiny_ckpt, tmp_path):
+    """The command end to end (a subprocess, as a user runs it): nemo-evaluator's output goes to its log file,
+    the console gets our lines only."""
     from megatron_sayo.data.synthetic import make_synthetic
-    from megatron_sayo.eval.__main__ import main
 
     data = make_synthetic(tmp_path / "syn", 4)
     out = tmp_path / "eval"
-    rc = main(["--hf", str(tiny_ckpt), "--benchmark", "grounded", "--data", str(data), "--out", str(out),
-               "--limit", "3", "--max-tokens", "8"])
-    assert rc == 0
+    done = subprocess.run([sys.executable, "-m", "megatron_sayo.eval", "--hf", str(tiny_ckpt), "--benchmark",
+                           "grounded", "--data", str(data), "--out", str(out), "--limit", "3", "--max-tokens", "8"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = (out / "nemo_evaluator" / "nemo_evaluator.log").read_text()
+    console = done.stdout + done.stderr
+    for harness_line in ("User-invoked config:", "Evaluation complete", "Predictions written to"):
+        assert harness_line in log and harness_line not in console, harness_line
+    assert f"its output: {out / 'nemo_evaluator' / 'nemo_evaluator.log'}" in done.stdout
+    assert len(console.splitlines()) < 40, console
     answers = [json.loads(line)["answer"] for line in data.read_text().splitlines()][:3]
     for d in (out,):
         nemo = d / "nemo_evaluator"
