@@ -75,11 +75,11 @@ def _megatron_step(cfg: dict, args):
     import torch
 
     os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-    from megatron_sayo.distributed import runtime
     from megatron_sayo.attention.region_mass import RegionMassProbe, probe_state
+    from megatron_sayo.distributed import runtime
     from megatron_sayo.models.qwen25vl.hf_config import ParallelLayout, parse_hf_config
-    from megatron_sayo.models.qwen25vl.transformer_config import to_transformer_config
     from megatron_sayo.models.qwen25vl.model import build_model, model_inputs
+    from megatron_sayo.models.qwen25vl.transformer_config import to_transformer_config
 
     os.environ.setdefault("MASTER_PORT", str(runtime.free_port()))
     runtime.init_distributed(1, 1)

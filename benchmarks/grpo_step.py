@@ -117,7 +117,8 @@ def run_modes(ckpt: Path, data: Path, steps: int, tp: int, modes: tuple[str, ...
 
     with tempfile.TemporaryDirectory() as run_dir:
         overrides = [f"model.hf_path={ckpt}", "model.make_tiny_if_missing=false", f"data.train_file={data}",
-                     "data.eval_file=null", "data.synthetic_n=0", "eval.interval=0", "warmup.steps=0", "log.tensorboard=false",
+                     "data.eval_file=null", "data.synthetic_n=0", "eval.interval=0", "warmup.steps=0",
+                     "log.tensorboard=false",
                      "checkpoint.interval=0", f"train.steps={steps}", f"parallel.tp={tp}"]
         results = spawn_local(_rank, tp, overrides, run_dir, steps, modes, baton, timeout_s=3600)
     return next(r for r in results if r is not None)
@@ -182,7 +183,6 @@ def _sayo_batch(ckpt: Path, hf, seed: int = 0):
 def _sayo_rank(ckpt: str, repeats: int) -> dict | None:
     """On 2 ranks (TP=2): per mode (unshared, shared), interleaved, the seconds of the scoring, reference and
     update passes of one SAYO-shaped group, the update's saved activation bytes, and once the rollout."""
-    import torch
     from megatron.core import parallel_state
 
     from megatron_sayo.distributed import runtime
@@ -259,7 +259,8 @@ def run_sayo(ckpt: Path, repeats: int) -> None:
     for capture, extra in (("on", 0.0), ("off", 1.0)):
         su = out["rollout"] + ru + extra * med["unshared"]["time_score"]
         ss = out["rollout"] + rs + extra * med["shared"]["time_score"]
-        print(f"{'step, capture ' + capture:<22}{su:>10.3f}{ss:>10.3f}{ss / su:>8.2f}   (rollout {out['rollout']:.2f} s)")
+        print(f"{'step, capture ' + capture:<22}{su:>10.3f}{ss:>10.3f}{ss / su:>8.2f}"
+              f"   (rollout {out['rollout']:.2f} s)")
     print(f"loss unshared {med['unshared']['loss']:.6f} shared {med['shared']['loss']:.6f}; reference log-prob "
           f"sums {med['unshared']['ref_logp_sum']:.4f} / {med['shared']['ref_logp_sum']:.4f}")
 
@@ -311,7 +312,7 @@ def lockstep(tree: Path, ckpt: Path, data: Path, steps: int, tp: int) -> dict[tu
                     side = SIDES[(i + k) % len(SIDES)]
                     proc, baton = procs[side]
                     (baton / f"go_{i}").write_text("")
-                    _wait_for(baton / f"done_{i}", alive=lambda: proc.poll() is None)
+                    _wait_for(baton / f"done_{i}", alive=lambda proc=proc: proc.poll() is None)
             rows = {}
             for side, (proc, _) in procs.items():
                 out, err = proc.communicate(timeout=600)
@@ -342,7 +343,8 @@ def compare_with_rev(name: str, tree: Path, rev: str, ckpt: Path, data: Path, st
     for key in PHASES:
         med = [statistics.median(r[key] for r in pooled[s]) for s in SIDES]
         ratios = [f"{med[2] / m:.2f}" if m > 0 else "-" for m in (med[0], med[1])]
-        print(f"{key.removeprefix('time_'):<16}" + "".join(f"{m:>16.3f}" for m in med) + "".join(f"{r:>16}" for r in ratios))
+        print(f"{key.removeprefix('time_'):<16}" + "".join(f"{m:>16.3f}" for m in med)
+              + "".join(f"{r:>16}" for r in ratios))
     print("reward_total per step (run 1):")
     for side in SIDES:
         print(f"  {label[side]:<14}" + " ".join(f"{r['reward_total']:.4f}" for r in runs[0][side]))

@@ -80,9 +80,9 @@ def main() -> int:
     ap.add_argument("--workdir", default=None, help="folder for the checkpoint (default: a new temporary folder)")
     args = ap.parse_args()
 
+    import numpy as np
     from convert import bench_config
     from PIL import Image
-    import numpy as np
 
     from megatron_sayo.distributed.runtime import spawn_local
     from megatron_sayo.testing.fixed_rollout import fixed_rollout

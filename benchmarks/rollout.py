@@ -113,8 +113,8 @@ def main(argv=None) -> dict:
 
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from megatron_sayo.distributed import runtime
     from megatron_sayo.checkpoint.loader import load_model_stage
+    from megatron_sayo.distributed import runtime
 
     ckpt = ensure_checkpoint(args.ckpt)
     batch = make_batch(ckpt, args.batch)

@@ -13,9 +13,9 @@ tokens/s is taken against that round's sequential run (the shared machine's load
 from __future__ import annotations
 
 import argparse
-import statistics
 import base64
 import io
+import statistics
 import sys
 import tempfile
 import threading
@@ -91,9 +91,9 @@ class Sequential:
     """The no-server, no-batching baseline: one in-process `generate` call per request on the same checkpoint."""
 
     def __init__(self, hf_dir: str, max_tokens: int):
+        from megatron_sayo.checkpoint.loader import load_model_stage
         from megatron_sayo.data.processor import Processor
         from megatron_sayo.distributed import runtime
-        from megatron_sayo.checkpoint.loader import load_model_stage
         from megatron_sayo.rl.rollout import SamplingParams
 
         runtime.init_distributed(1, 1, launch=runtime.LaunchEnv(0, 1, 0, "127.0.0.1", runtime.free_port(), "single"))

@@ -43,7 +43,7 @@ def start_end(run_dir: Path, wall: float | None = None, heatmap: Path | None = N
     lines = [f"SAYO GRPO demo: {run_dir}, {len(steps)} GRPO steps"
              + (f", {wall:.0f} s wall time for the whole command" if wall is not None else ""),
              f"{'':<34}{'start':>9}{'end':>9}",
-             f"{'held-out accuracy (%d questions)' % first['eval_samples']:<34}"
+             f"{'held-out accuracy ({} questions)'.format(first['eval_samples']):<34}"
              f"{first['eval_accuracy']:>9.3f}{last['eval_accuracy']:>9.3f}",
              f"{'held-out TAS':<34}{first['eval_tas']:>9.3f}{last['eval_tas']:>9.3f}",
              f"{'held-out attention reward':<34}{first['eval_reward_attention']:>9.3f}"
@@ -51,7 +51,7 @@ def start_end(run_dir: Path, wall: float | None = None, heatmap: Path | None = N
     if "eval_reward_total" in first and "eval_reward_total" in last:
         lines.append(f"{'held-out reward_total':<34}{first['eval_reward_total']:>9.3f}"
                      f"{last['eval_reward_total']:>9.3f}")
-    lines += [f"{'reward_total (training, %d steps)' % WINDOW:<34}{window_mean(steps, 'reward_total', True):>9.3f}"
+    lines += [f"{f'reward_total (training, {WINDOW} steps)':<34}{window_mean(steps, 'reward_total', True):>9.3f}"
               f"{window_mean(steps, 'reward_total', False):>9.3f}",
               f"(held-out: step {first['step']}, before the first GRPO step, and step {last['step']}; training: "
               f"the mean over the first and the last {WINDOW} steps' sampled completions)",

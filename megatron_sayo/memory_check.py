@@ -14,8 +14,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from megatron_sayo.config import ConfigError, RunConfig
-from megatron_sayo.plan import (GIB, RESERVE, Arch, Layout, Row, Workload, format_table, layout_memory, layouts,
-                                load_arch)
+from megatron_sayo.plan import (
+    GIB,
+    RESERVE,
+    Arch,
+    Layout,
+    Row,
+    Workload,
+    format_table,
+    layout_memory,
+    layouts,
+    load_arch,
+)
 
 
 class MemoryDoesNotFit(ConfigError):

@@ -7,8 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_sayo.config import (ConfigError, RunConfig, config_from_dict, describe, load_config, parse_override,
-                                  reference_markdown)
+from megatron_sayo.config import (
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    describe,
+    load_config,
+    parse_override,
+    reference_markdown,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "megatron_sayo" / "configs" / "tiny.yaml"
@@ -227,4 +234,4 @@ def test_describe_lines_are_yaml_with_comments():
     cfg = load_config(TINY)
     text = describe(cfg)
     assert yaml.safe_load(text) == cfg.to_dict()
-    assert "  group_size: 8  # G completions per prompt" in text
+    assert f"  group_size: {cfg.rollout.group_size}  # G completions per prompt" in text

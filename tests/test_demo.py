@@ -32,21 +32,21 @@ def write_run(tmp_path, flat_steps=()):
 def test_summary_shows_training_windows_and_heldout_start_and_end(tmp_path):
     write_run(tmp_path, flat_steps=(2, 5, 9))
     text = summary(tmp_path).splitlines()
-    line = next(l for l in text if l.startswith("reward_total"))
+    line = next(ln for ln in text if ln.startswith("reward_total"))
     first, last = (float(v) for v in line.split()[1:])
     rewards = 1.0 + np.arange(1, STEPS + 1)
     assert first == np.mean(rewards[:WINDOW]) and last == np.mean(rewards[-WINDOW:])
-    assert any("held-out (32 samples)" in l and "step 0" in l and f"step {STEPS}" in l for l in text)
-    assert next(l for l in text if l.startswith("eval_accuracy")).split()[1:] == ["0.1250", "0.3750"]
-    assert next(l for l in text if l.startswith("eval_tas")).split()[1:] == ["0.9700", "1.0400"]
+    assert any("held-out (32 samples)" in ln and "step 0" in ln and f"step {STEPS}" in ln for ln in text)
+    assert next(ln for ln in text if ln.startswith("eval_accuracy")).split()[1:] == ["0.1250", "0.3750"]
+    assert next(ln for ln in text if ln.startswith("eval_tas")).split()[1:] == ["0.9700", "1.0400"]
     assert f"{STEPS} steps logged" in text[0]
-    assert any(l.startswith("steps with no learning signal") and l.endswith(f": 3 of {STEPS}") for l in text)
+    assert any(ln.startswith("steps with no learning signal") and ln.endswith(f": 3 of {STEPS}") for ln in text)
 
 
 def test_demo_block_names_start_end_and_the_outputs(tmp_path):
     write_run(tmp_path)
     text = start_end(tmp_path, wall=97.4, heatmap=tmp_path / "heatmap" / "heatmap.png")
-    rows = {l.split("  ")[0]: l.split()[-2:] for l in text.splitlines()}
+    rows = {ln.split("  ")[0]: ln.split()[-2:] for ln in text.splitlines()}
     assert rows["held-out accuracy (32 questions)"] == ["0.125", "0.375"]
     assert rows["held-out TAS"] == ["0.970", "1.040"] and rows["held-out attention reward"] == ["0.480", "0.520"]
     assert rows["held-out reward_total"] == ["1.105", "1.895"]

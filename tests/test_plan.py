@@ -148,8 +148,8 @@ def test_7b_tp2_pp2_stages_by_hand(tmp_path):
     s, h, tp, dp = 4096 + 110, 3584, 2, 2
     lm = model.model.language_model
     vision = numel(model.model.visual)                      # replicated on every TP rank: never divided by TP
-    first = vision + (numel(lm.embed_tokens) + sum(numel(l) for l in lm.layers[:14])) / tp
-    last = sum(numel(l) for l in lm.layers[14:]) + numel(lm.norm) + numel(model.lm_head)
+    first = vision + (numel(lm.embed_tokens) + sum(numel(layer) for layer in lm.layers[:14])) / tp
+    last = sum(numel(layer) for layer in lm.layers[14:]) + numel(lm.norm) + numel(model.lm_head)
     # ViT (depth 32, hidden 1280, SwiGLU 3420) on 1024 image tokens = 4096 patches, bf16: per block 8 tensors
     # of s x h and 4 of s x I, plus the merger's ~4 of s x h; 2 micro-batches in flight on the first stage
     patches = 1024 * 4

@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_sayo.checkpoint.files import CheckpointError  # noqa: E402
+from megatron_sayo.convert.lora_export import MODES, export_lora  # noqa: E402
 from megatron_sayo.convert.megatron_to_hf import convert_megatron_to_hf  # noqa: E402
 from megatron_sayo.convert.progress import Terminated  # noqa: E402
-from megatron_sayo.convert.lora_export import MODES, export_lora  # noqa: E402
 from megatron_sayo.models.qwen25vl.hf_config import ConfigError  # noqa: E402
 
 

@@ -14,9 +14,23 @@ import json
 import sys
 from dataclasses import asdict
 
-from megatron_sayo.plan import (GIB, RESERVE, TERMS, ConfigError, NoLayoutFits, Row, Workload, format_table,
-                                load_arch, parse_memory, plan, recommend, text_params, total_params, vision_params)
-
+from megatron_sayo.plan import (
+    GIB,
+    RESERVE,
+    TERMS,
+    ConfigError,
+    NoLayoutFits,
+    Row,
+    Workload,
+    format_table,
+    load_arch,
+    parse_memory,
+    plan,
+    recommend,
+    text_params,
+    total_params,
+    vision_params,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

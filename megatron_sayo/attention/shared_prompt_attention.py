@@ -111,12 +111,12 @@ class _SplitAttention(torch.autograd.Function):
         lse = torch.full((b, h, S), float("-inf"), dtype=torch.float32, device=q.device)
         pieces = []
         for row, qs, ks, causal in calls:
-            o, l = kernel.forward(q[row, :, qs], k[row, :, ks], v[row, :, ks], causal, scale)
-            pieces.append((row, qs, o.float(), l.float()))
-            lse[row, :, qs] = torch.logaddexp(lse[row, :, qs], l.float())
+            o, part_lse = kernel.forward(q[row, :, qs], k[row, :, ks], v[row, :, ks], causal, scale)
+            pieces.append((row, qs, o.float(), part_lse.float()))
+            lse[row, :, qs] = torch.logaddexp(lse[row, :, qs], part_lse.float())
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        for row, qs, o, l in pieces:
-            out[row, :, qs] += torch.exp(l - lse[row, :, qs])[..., None] * o
+        for row, qs, o, part_lse in pieces:
+            out[row, :, qs] += torch.exp(part_lse - lse[row, :, qs])[..., None] * o
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.calls, ctx.scale, ctx.kernel = calls, scale, kernel

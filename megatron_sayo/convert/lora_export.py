@@ -17,17 +17,29 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_sayo.checkpoint.files import (CheckpointError, copy_side_files, prepare_output, read_metadata,
-                                            resolve_checkpoint_dir)
-from megatron_sayo.formats.atomic import fsync_dir, publish_dir, write_json_atomic
+from megatron_sayo.checkpoint.files import (
+    CheckpointError,
+    copy_side_files,
+    prepare_output,
+    read_metadata,
+    resolve_checkpoint_dir,
+)
 from megatron_sayo.convert.megatron_to_hf import DistSource, convert_megatron_to_hf
+from megatron_sayo.formats.atomic import fsync_dir, publish_dir, write_json_atomic
+from megatron_sayo.formats.dtypes import DTYPES
 from megatron_sayo.formats.safetensors_files import header_bytes, read_header, weight_files
 from megatron_sayo.formats.tensor_copy import BAND_BYTES, cast, pwrite_all
-from megatron_sayo.formats.dtypes import DTYPES
 from megatron_sayo.memory import peak_rss_mb
 from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
-from megatron_sayo.models.qwen25vl.lora_names import (TARGETS, adapter_entries, hf_weight_name, lora_scale,
-                                                      param_name, peft_key, peft_target_regex)
+from megatron_sayo.models.qwen25vl.lora_names import (
+    TARGETS,
+    adapter_entries,
+    hf_weight_name,
+    lora_scale,
+    param_name,
+    peft_key,
+    peft_target_regex,
+)
 from megatron_sayo.models.qwen25vl.name_map import normalize_hf_name
 
 ADAPTER_CONFIG = "adapter_config.json"

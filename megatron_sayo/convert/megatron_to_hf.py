@@ -15,15 +15,28 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_sayo.checkpoint.files import (CheckpointError, check_output_location, copy_side_files, prepare_output,
-                                            read_metadata, resolve_checkpoint_dir)
+from megatron_sayo.checkpoint.files import (
+    CheckpointError,
+    check_output_location,
+    copy_side_files,
+    prepare_output,
+    read_metadata,
+    resolve_checkpoint_dir,
+)
 from megatron_sayo.convert.progress import Progress, bytes_fmt, terminate_as_interrupt
 from megatron_sayo.convert.rectangles import rectangle
 from megatron_sayo.formats.atomic import publish_dir, write_json_atomic
 from megatron_sayo.formats.dtypes import DTYPES
 from megatron_sayo.formats.safetensors_files import INDEX_FILE, header_bytes
-from megatron_sayo.formats.tensor_copy import (CAST_DTYPES, Piece, StoredMatrix, Writeback, as_matrix, pwrite_all,
-                                               write_matrix)
+from megatron_sayo.formats.tensor_copy import (
+    CAST_DTYPES,
+    Piece,
+    StoredMatrix,
+    Writeback,
+    as_matrix,
+    pwrite_all,
+    write_matrix,
+)
 from megatron_sayo.formats.torch_format import load_dcp_metadata, read_tensor_record
 from megatron_sayo.memory import peak_rss_mb
 from megatron_sayo.models.qwen25vl import dist_layout

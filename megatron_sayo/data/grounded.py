@@ -19,9 +19,10 @@ import io
 import json
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from PIL import Image
 
@@ -218,8 +219,7 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
     """(row number from 1, row dict) for each parquet row."""
     import pyarrow.parquet as pq
 
-    for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-        yield i, row
+    yield from enumerate(pq.read_table(path).to_pylist(), start=1)
 
 
 def iter_rows(path: str | Path) -> Iterator[tuple[int, Any]]:

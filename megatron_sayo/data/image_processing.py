@@ -77,7 +77,7 @@ class ImageProcessorConfig:
         return len(self.image_mean) * self.temporal_patch_size * self.patch_size ** 2
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "preprocessor_config.json") -> "ImageProcessorConfig":
+    def from_dict(cls, raw: dict, source: str = "preprocessor_config.json") -> ImageProcessorConfig:
         """Read and validate a preprocessor_config dict; `source` names the file in errors."""
         if not isinstance(raw, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(raw).__name__}")
@@ -113,7 +113,7 @@ class ImageProcessorConfig:
         return cfg
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ImageProcessorConfig":
+    def from_json(cls, path: str | Path) -> ImageProcessorConfig:
         """Load a preprocessor_config.json file, or a checkpoint directory in any layout transformers writes:
         preprocessor_config.json (4.x) or processor_config.json with the settings under "image_processor" (5.x)."""
         path = Path(path)

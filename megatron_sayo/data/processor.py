@@ -13,15 +13,13 @@ all conversations in batch order (both None when the batch holds no image).
 from __future__ import annotations
 
 import dataclasses
-
 from pathlib import Path
 
 import torch
 
 from megatron_sayo.data.chat_template import ChatTemplate, find_chat_template
 from megatron_sayo.data.image_processing import ImageProcessorConfig, process_image
-from megatron_sayo.data.tokenizer import (IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START,
-                                          Tokenizer)
+from megatron_sayo.data.tokenizer import IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, Tokenizer
 from megatron_sayo.models.qwen25vl.rope import tokens_per_image
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -97,7 +95,7 @@ class Processor:
 
     @classmethod
     def from_pretrained(cls, hf_dir: str | Path, min_pixels: int | None = None,
-                        max_pixels: int | None = None) -> "Processor":
+                        max_pixels: int | None = None) -> Processor:
         """Load the tokenizer, the image processor settings and the chat template from a checkpoint dir in any
         layout transformers writes (4.x: preprocessor_config.json, chat_template.json; 5.x: processor_config.json,
         chat_template.jinja); min/max_pixels (when given) override the file's image size bounds."""

@@ -24,9 +24,9 @@ The grid always comes from `image_grid_thw` (h / merge, w / merge), or from
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Sequence
 
 import torch
 

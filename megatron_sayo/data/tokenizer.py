@@ -35,7 +35,7 @@ class Tokenizer:
         self.video_pad_id = self.token_id(VIDEO_PAD)
 
     @classmethod
-    def from_pretrained(cls, hf_dir: str | Path) -> "Tokenizer":
+    def from_pretrained(cls, hf_dir: str | Path) -> Tokenizer:
         """Load tokenizer.json (+ tokenizer_config.json for eos/pad) from a checkpoint directory."""
         hf_dir = Path(hf_dir)
         path = hf_dir / "tokenizer.json"

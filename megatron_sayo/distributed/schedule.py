@@ -7,8 +7,8 @@ one `collect(output, microbatch)` result per microbatch (an empty list on other 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func

@@ -6,10 +6,11 @@ prompt and return its TAS, see engine.py).
 
 Order of work for a request, cheapest first: route; API key from the headers (constant-time compare) before
 any byte of the body is read; Content-Length against the body limit; the body, read within the read timeout
-and stopped at the limit; JSON (a nesting too deep for the parser is a 400); every string valid Unicode (a lone surrogate is a 400
-naming the field); the model name; then parameter and message checks, image decoding and tokenizing in a worker thread (openai_api.py) so the event loop keeps
-serving; then the job goes to the scheduler and the handler awaits its ticket, while a watcher marks the
-ticket cancelled if the client disconnects (its rows then end at the next decode step).
+and stopped at the limit; JSON (a nesting too deep for the parser is a 400); every string valid Unicode (a lone
+surrogate is a 400 naming the field); the model name; then parameter and message checks, image decoding and
+tokenizing in a worker thread (openai_api.py) so the event loop keeps serving; then the job goes to the
+scheduler and the handler awaits its ticket, while a watcher marks the ticket cancelled if the client
+disconnects (its rows then end at the next decode step).
 
 Every error is OpenAI-shaped JSON, including uvicorn's own 400 and 503 (serve.py) and unhandled 500s.
 """

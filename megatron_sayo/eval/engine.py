@@ -23,6 +23,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import torch
 
 from megatron_sayo.config import RewardConfig
@@ -302,7 +303,8 @@ class Engine:
         for t, token_id in enumerate(ids):
             item = entry(token_id, float(rollout.raw_logprobs[row, t]))
             item["top_logprobs"] = [entry(int(a), float(b)) for a, b in
-                                    zip(rollout.top_ids[row, t, :k].tolist(), rollout.top_logprobs[row, t, :k].tolist())]
+                                    zip(rollout.top_ids[row, t, :k].tolist(),
+                                        rollout.top_logprobs[row, t, :k].tolist())]
             out.append(item)
         return out
 

@@ -87,7 +87,8 @@ def main(argv=None) -> None:
                     inside += inside_answer(tok, ids, j)
                     total += 1
         mean = counted_means(dict(sorted(by_word.items(), key=lambda kv: -len(kv[1]))))
-        print(f"== {name}: {total} selected tokens, {inside} inside the answer word; most picked {picked.most_common(10)}")
+        print(f"== {name}: {total} selected tokens, {inside} inside the answer word; "
+              f"most picked {picked.most_common(10)}")
         print(f"   TAS by answer word (count, mean): {mean}")
         print(f"   TAS of correct / wrong answers: {counted_means(by_correct)}")
         print(f"   deciding-row TAS (query p - 1) of correct / wrong answers: {counted_means(decision_by_correct)}")

@@ -13,12 +13,18 @@ import json
 import math
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from megatron_sayo.formats.tensor_copy import StoredMatrix, Writeback, pwrite_all
-from megatron_sayo.formats.torch_format import (DcpMetadata, DcpTensor, StoredChunk, dump_dcp_metadata, object_record,
-                                        tensor_record)
+from megatron_sayo.formats.torch_format import (
+    DcpMetadata,
+    DcpTensor,
+    StoredChunk,
+    dump_dcp_metadata,
+    object_record,
+    tensor_record,
+)
 
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
                      "common_backend_version": 1}

@@ -59,14 +59,14 @@ class CompletionScores:
                 setattr(self, f.name, torch.where(self.mask, value, torch.zeros((), dtype=value.dtype)))
 
     @staticmethod
-    def cat(parts: list["CompletionScores"]) -> "CompletionScores":
+    def cat(parts: list[CompletionScores]) -> CompletionScores:
         """Row-wise concatenation (microbatches in order)."""
         def join(name):
             values = [getattr(p, name) for p in parts]
             return None if values[0] is None else torch.cat(values)
         return CompletionScores(**{f.name: join(f.name) for f in fields(CompletionScores)})
 
-    def mean_abs_difference(self, other: "CompletionScores") -> dict[str, float]:
+    def mean_abs_difference(self, other: CompletionScores) -> dict[str, float]:
         """Mean |self - other| over real tokens, per measured field (the capture-vs-scoring check)."""
         if not torch.equal(self.mask, other.mask):
             raise ValueError("the two CompletionScores cover different tokens")
@@ -98,7 +98,7 @@ class ScoringBatch:
         return self.sequences[:, self.prompt_length:]
 
     @classmethod
-    def from_rollout(cls, rollout, prompts, hf) -> "ScoringBatch":
+    def from_rollout(cls, rollout, prompts, hf) -> ScoringBatch:
         """Rollout rows (prompt rollout.group_ids[i] for row i) with their prompt's pixels and region."""
         rows = rollout.group_ids.tolist()
         pix, thw = images_per_prompt(prompts.inputs, hf)
@@ -110,7 +110,7 @@ class ScoringBatch:
 
     @classmethod
     def teacher_forced(cls, hf, prompt_inputs: dict, prompt_region: torch.Tensor | None,
-                       completions: list[list[int]], pad_id: int) -> "ScoringBatch":
+                       completions: list[list[int]], pad_id: int) -> ScoringBatch:
         """Left-padded prompts (a processor batch) followed by the given completions, right-padded."""
         ids, mask = prompt_inputs["input_ids"], prompt_inputs["attention_mask"]
         if len(completions) != ids.shape[0]:
@@ -130,7 +130,7 @@ class ScoringBatch:
                    region)
 
     @classmethod
-    def from_answers(cls, processor, hf, samples, instruction: str) -> "ScoringBatch":
+    def from_answers(cls, processor, hf, samples, instruction: str) -> ScoringBatch:
         """The samples' prompts followed by their reference answers in the SAYO format (the warm-up)."""
         from megatron_sayo.rl.prompts import build_prompt_batch, reference_completion
 
@@ -142,7 +142,7 @@ class ScoringBatch:
 
     @classmethod
     def from_completion(cls, hf, prompt_ids: list[int], completion_ids: list[int], pixel_values, image_grid_thw,
-                        region_mask: torch.Tensor, device=None) -> "ScoringBatch":
+                        region_mask: torch.Tensor, device=None) -> ScoringBatch:
         """One row: an unpadded prompt, a given completion, its images and the prompt's region mask [P]."""
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
         inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
@@ -205,7 +205,7 @@ class ScoringBatch:
             out.append(mb)
         return out
 
-    def rows(self, index: slice) -> "ScoringBatch":
+    def rows(self, index: slice) -> ScoringBatch:
         """The rows `index` (a slice), e.g. one data-parallel rank's share."""
         return replace(self, sequences=self.sequences[index], attention_mask=self.attention_mask[index],
                        completion_mask=self.completion_mask[index], pixel_values=self.pixel_values[index],

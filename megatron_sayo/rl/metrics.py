@@ -81,15 +81,16 @@ class MetricsLogger:
         if "reward_total" in metrics and self.first_step is None:
             self.first_step = step - 1
         if "eval_tas" in metrics:
-            print(f"eval {step:>5}/{self.total}  accuracy {metrics['eval_accuracy']:.3f}  format "
-                  f"{metrics['eval_format']:.3f}  tas {metrics['eval_tas']:.3f}  attn {metrics['eval_reward_attention']:.4f}"
-                  f"  ({metrics['eval_samples']} held-out samples, {metrics['time_eval']:.1f}s)", flush=True)
+            m = metrics
+            print(f"eval {step:>5}/{self.total}  accuracy {m['eval_accuracy']:.3f}  format {m['eval_format']:.3f}"
+                  f"  tas {m['eval_tas']:.3f}  attn {m['eval_reward_attention']:.4f}"
+                  f"  ({m['eval_samples']} held-out samples, {m['time_eval']:.1f}s)", flush=True)
         if "reward_total" in metrics and (step % self.print_every == 0 or step == self.total):
-            print(f"step {step:>5}/{self.total}  reward {metrics['reward_total']:+.4f}  attn {metrics['reward_attention']:+.4f}"
-                  f"  fmt {metrics['reward_format']:.3f}  acc {metrics['reward_accuracy']:.3f}  tas {metrics['tas']:.3f}"
-                  f"  loss {metrics.get('loss', 0):+.4f}  kl {metrics.get('kl', 0):.2e}  len {metrics['completion_tokens']:.1f}"
-                  f"  {metrics['tokens_per_s']:.0f} tok/s  {metrics['time_step']:.1f}s  eta {self.eta(step)}",
-                  flush=True)
+            m = metrics
+            print(f"step {step:>5}/{self.total}  reward {m['reward_total']:+.4f}  attn {m['reward_attention']:+.4f}"
+                  f"  fmt {m['reward_format']:.3f}  acc {m['reward_accuracy']:.3f}  tas {m['tas']:.3f}"
+                  f"  loss {m.get('loss', 0):+.4f}  kl {m.get('kl', 0):.2e}  len {m['completion_tokens']:.1f}"
+                  f"  {m['tokens_per_s']:.0f} tok/s  {m['time_step']:.1f}s  eta {self.eta(step)}", flush=True)
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:
             for k, v in scalars.items():
@@ -107,8 +108,8 @@ class MetricsLogger:
 
 
 def start_wandb(run_dir: Path, cfg, run_config: dict | None = None):
-    """A W&B run for `cfg` (LogConfig) recording `run_config`: offline by default (written under run_dir/wandb, nothing sent; `wandb
-    sync` uploads it later); online only with log.wandb_mode = online."""
+    """A W&B run for `cfg` (LogConfig) recording `run_config`: offline by default (written under run_dir/wandb,
+    nothing sent; `wandb sync` uploads it later); online only with log.wandb_mode = online."""
     try:
         import wandb
     except ImportError:

@@ -1,4 +1,6 @@
-"""Training curves from a GRPO run's metrics.jsonl: python -m megatron_sayo.rl.plots RUN_DIR (or tools/plot_metrics.py) [--out DIR] [--smooth K]
+"""Training curves from a GRPO run's metrics.jsonl:
+
+    python -m megatron_sayo.rl.plots RUN_DIR [--out DIR] [--smooth K]     (or tools/plot_metrics.py)
 
 Writes one PNG per group into RUN_DIR/plots/ (rewards, tas, kl, entropy, length, loss) and overview.png (all
 groups in a grid). Raw values are drawn thin, a trailing moving average (K steps) thick. Missing metrics are

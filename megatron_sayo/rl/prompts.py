@@ -11,7 +11,6 @@ from megatron_sayo.data.grounded import GroundedSample
 from megatron_sayo.data.regions import RegionSpec, batch_region_mask
 
 
-
 def reference_completion(sample: GroundedSample) -> str:
     """The completion the supervised warm-up teaches: the row's reasoning (when it has one), then the answer in
     the SAYO format (docs/spec.md §4)."""

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 import re
 import string
+from collections.abc import Mapping
 from fractions import Fraction
-from typing import Mapping
 
 import torch
 

@@ -26,8 +26,8 @@ def heldout_lines(rows: list[dict]) -> list[str]:
     if not evals:
         return []
     first, last = evals[0], evals[-1]
-    lines = ["", f"{'held-out (%d samples)' % first['eval_samples']:<24}{'step %d' % first['step']:>12}"
-                 f"{'step %d' % last['step']:>12}"]
+    lines = ["", f"{'held-out ({} samples)'.format(first['eval_samples']):<24}"
+                 f"{'step {}'.format(first['step']):>12}{'step {}'.format(last['step']):>12}"]
     for key in HELDOUT_KEYS:
         if key in first and key in last:
             lines.append(f"{key:<24}{first[key]:>12.4f}{last[key]:>12.4f}")
@@ -51,7 +51,7 @@ def run_summary(run_dir: Path, title: str = "run summary") -> str:
     if not steps:
         return f"no training steps in {run_dir / METRICS_FILE}"
     lines = [f"{title}: {len(steps)} steps logged in {run_dir}", "",
-             f"{'metric':<18}{'first %d steps' % WINDOW:>15}{'last %d steps' % WINDOW:>15}"]
+             f"{'metric':<18}{f'first {WINDOW} steps':>15}{f'last {WINDOW} steps':>15}"]
     for key in TRAIN_KEYS:
         lines.append(f"{key:<18}{window_mean(steps, key, True):>15.4f}{window_mean(steps, key, False):>15.4f}")
     lines += heldout_lines(rows)

@@ -18,9 +18,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_sayo.config import RunConfig
-from megatron_sayo.models.lora import adapters_disabled, attach_lora
 from megatron_sayo.data.grounded import decodable_samples
 from megatron_sayo.distributed import runtime
+from megatron_sayo.models.lora import adapters_disabled, attach_lora
 from megatron_sayo.rl import rewards as R
 from megatron_sayo.rl.advantages import distributed_group_advantages
 from megatron_sayo.rl.batch import CompletionScores, ScoringBatch
@@ -49,7 +49,8 @@ def build_policy(cfg: RunConfig, hf_dir: str):
     return load_model_stage(None if m.megatron_path else hf_dir, m.megatron_path, tp=cfg.parallel.tp,
                             pp=cfg.parallel.pp, params_dtype=m.params_dtype, for_training=True,
                             attention_backend=m.attention_backend, layer_backend=m.layer_backend,
-                            mass_kernel=m.region_mass_kernel, recompute=m.recompute, sequence_parallel=m.sequence_parallel)
+                            mass_kernel=m.region_mass_kernel, recompute=m.recompute,
+                            sequence_parallel=m.sequence_parallel)
 
 
 def freeze_vision_tower(model) -> int:
@@ -103,7 +104,8 @@ def resume_conflict(cfg: RunConfig) -> str | None:
             for key, want in (("rank", lora.rank), ("targets", list(lora.targets))):
                 if saved.get(key) != want:
                     return (f"{cfg.run_dir}: checkpoint {ckpt.name} holds adapters with lora.{key}={saved.get(key)!r}, "
-                            f"this run sets lora.{key}={want!r}; resume with the checkpoint's value or use a new run_dir")
+                            f"this run sets lora.{key}={want!r}; resume with the checkpoint's value or use a new "
+                            f"run_dir")
         return None
     return None
 

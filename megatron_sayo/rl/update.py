@@ -3,7 +3,7 @@ rank's valid tokens, handed to megatron with the token count), gradients accumul
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

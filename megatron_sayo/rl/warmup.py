@@ -26,10 +26,10 @@ from megatron_sayo.rl.prompts import PromptStream
 
 def run_warmup(cfg: RunConfig, hf_dir: str, samples: list) -> Path:
     """Train `warmup.steps` supervised steps from the config's checkpoint and save to warmup_dir."""
-    from megatron_sayo.checkpoint.state import save_model
     from megatron_sayo.checkpoint.files import make_metadata
-    from megatron_sayo.formats.atomic import publish_dir
+    from megatron_sayo.checkpoint.state import save_model
     from megatron_sayo.data.processor import Processor
+    from megatron_sayo.formats.atomic import publish_dir
     from megatron_sayo.rl.optimizer import wrap_for_training
     from megatron_sayo.rl.trainer import build_policy
     from megatron_sayo.rl.update import accumulate_gradients

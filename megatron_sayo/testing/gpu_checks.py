@@ -223,8 +223,8 @@ def nccl_startup(ctx: Context) -> CheckResult:
 
 def _our_logits(ckpt: Path, batch: dict, dtype, layer_backend: str):
     """[b, s, vocab] float32 CPU logits of our model (TP=1) on the GPU."""
-    from megatron_sayo.distributed.schedule import run_forward
     from megatron_sayo.checkpoint.loader import load_model_stage
+    from megatron_sayo.distributed.schedule import run_forward
     from megatron_sayo.models.qwen25vl.model import model_inputs
 
     _release()                              # the previous model is gone by now; hand its memory back
@@ -405,10 +405,10 @@ def _model_masses(ckpt: Path) -> tuple[dict, list[str]]:
     from PIL import Image
 
     from megatron_sayo.attention.region_mass import score_region_mass
+    from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.data.processor import Processor
     from megatron_sayo.data.regions import RegionSpec, batch_region_mask
     from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
-    from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.models.qwen25vl.model import model_inputs
 
     rng = np.random.default_rng(1)

@@ -13,10 +13,10 @@ INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
 def _rank_logits(hf_dir: str, tp: int, pp: int, batch: dict, megatron_dir: str | None):
     from megatron.core import parallel_state
 
-    from megatron_sayo.distributed import runtime
     from megatron_sayo.checkpoint.loader import load_model_stage
-    from megatron_sayo.models.qwen25vl.model import model_inputs
+    from megatron_sayo.distributed import runtime
     from megatron_sayo.distributed.schedule import run_forward
+    from megatron_sayo.models.qwen25vl.model import model_inputs
 
     runtime.init_distributed(tp, pp)
     model = load_model_stage(None if megatron_dir else hf_dir, megatron_dir or None, tp=tp, pp=pp)

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
+from megatron_sayo.config import ConfigError
 from megatron_sayo.data.image_processing import ImageProcessorConfig
 from megatron_sayo.formats.atomic import publish_dir
 from megatron_sayo.formats.dtypes import torch_dtype
 from megatron_sayo.formats.jsonfiles import read_json
-from megatron_sayo.config import ConfigError
 from megatron_sayo.models.qwen25vl.hf_config import parse_hf_config
 from megatron_sayo.models.qwen25vl.name_map import normalize_hf_name
 
@@ -216,8 +216,17 @@ def _training_corpus(seed: int, n_lines: int = 3000) -> list[str]:
 
 def build_tokenizer(special_ids: dict[str, int], seed: int = 0):
     """Byte-level BPE (Qwen2 pre-tokenizer) with `special_ids` at their exact ids; fillers fill the gaps."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, \
-        processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     specials = set(special_ids.values())
     regular = [i for i in range(max(specials) + 1) if i not in specials]   # ids left for BPE + fillers
     trainer = trainers.BpeTrainer(vocab_size=min(len(regular), MAX_BPE_TOKENS), show_progress=False,

@@ -186,10 +186,10 @@ def _grounded_batch(ckpt, make_image, padding_side="left"):
 def _rank_masses(ckpt, tp, pp, batch, region, image, mass_kernel="auto"):
     from megatron.core import parallel_state
 
-    from megatron_sayo.distributed import runtime
     from megatron_sayo.attention.region_mass import score_region_mass
-    from megatron_sayo.models.qwen25vl.model import model_inputs
     from megatron_sayo.checkpoint.loader import load_model_stage
+    from megatron_sayo.distributed import runtime
+    from megatron_sayo.models.qwen25vl.model import model_inputs
 
     runtime.init_distributed(tp, pp)
     model = load_model_stage(ckpt, tp=tp, pp=pp, mass_kernel=mass_kernel)

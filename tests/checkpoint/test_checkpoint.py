@@ -189,8 +189,8 @@ def _guard_scenario(hf_dir: str, run_dir: str, marker: str):
 
     from megatron_sayo.checkpoint import state as checkpoint
     from megatron_sayo.checkpoint.files import CheckpointError
-    from megatron_sayo.distributed import runtime
     from megatron_sayo.checkpoint.loader import load_model_stage
+    from megatron_sayo.distributed import runtime
 
     runtime.init_distributed(1, 1)
     out = {}
@@ -230,8 +230,8 @@ def _guard_scenario(hf_dir: str, run_dir: str, marker: str):
             (step_dir / name).write_bytes(pickle.dumps(md))
         else:
             torch.save({"x": _RunsACommand(marker)}, step_dir / name)
-        for what, load in (("resume", lambda: checkpoint.load_training_state(evil_run, *build())),
-                           ("inference", lambda: load_model_stage(megatron_dir=step_dir))):
+        for what, load in (("resume", lambda evil_run=evil_run: checkpoint.load_training_state(evil_run, *build())),
+                           ("inference", lambda step_dir=step_dir: load_model_stage(megatron_dir=step_dir))):
             try:
                 load()
                 out[f"{name} {what}"] = "loaded"

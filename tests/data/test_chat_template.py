@@ -126,7 +126,8 @@ def test_converters_carry_the_5x_files(tiny_ckpt, tmp_path, make_image):
     for weights in tiny_ckpt.glob("*.safetensors*"):
         shutil.copy(weights, v5 / weights.name)
     convert_hf_to_megatron(v5, tmp_path / "meg", tp=1, pp=1, progress=False)
-    assert (tmp_path / "meg" / "processor_config.json").is_file() and (tmp_path / "meg" / "chat_template.jinja").is_file()
+    meg = tmp_path / "meg"
+    assert (meg / "processor_config.json").is_file() and (meg / "chat_template.jinja").is_file()
     check_same(tmp_path / "meg", tiny_ckpt, make_image)
     convert_megatron_to_hf(tmp_path / "meg", tmp_path / "back", progress=False)
     for name in PROCESSOR_FILES:

@@ -13,7 +13,13 @@ import pytest
 from PIL import Image
 
 from megatron_sayo.data.grounded import (
-    DataError, EmptyDataError, check_file, decodable_samples, is_heldout, load_grounded, save_parquet,
+    DataError,
+    EmptyDataError,
+    check_file,
+    decodable_samples,
+    is_heldout,
+    load_grounded,
+    save_parquet,
     split_heldout,
 )
 from megatron_sayo.data.regions import box_to_cells

@@ -176,9 +176,12 @@ def odd_files(tmp_path, make_image) -> dict:
     pal.save(files.setdefault("palette", tmp_path / "p.png"))
     pal.save(files.setdefault("palette-transparent", tmp_path / "pt.png"), transparency=0)
     base.convert("CMYK").save(files.setdefault("cmyk", tmp_path / "c.jpg"), "JPEG", quality=95)
-    Image.fromarray(rng.integers(0, 65536, (30, 45), dtype=np.uint16)).save(files.setdefault("grey16", tmp_path / "g.png"))
-    Image.fromarray(rng.integers(0, 256, (30, 45, 4), dtype=np.uint8), "RGBA").save(files.setdefault("rgba", tmp_path / "a.png"))
-    Image.fromarray(rng.integers(0, 256, (30, 45, 2), dtype=np.uint8), "LA").save(files.setdefault("la", tmp_path / "la.png"))
+    Image.fromarray(rng.integers(0, 65536, (30, 45), dtype=np.uint16)).save(
+        files.setdefault("grey16", tmp_path / "g.png"))
+    Image.fromarray(rng.integers(0, 256, (30, 45, 4), dtype=np.uint8), "RGBA").save(
+        files.setdefault("rgba", tmp_path / "a.png"))
+    Image.fromarray(rng.integers(0, 256, (30, 45, 2), dtype=np.uint8), "LA").save(
+        files.setdefault("la", tmp_path / "la.png"))
     return files
 
 
@@ -192,7 +195,8 @@ def test_files_equal_transformers_load_image_then_processor(tmp_path, make_image
     from transformers.image_utils import load_image as hf_load_image
 
     from megatron_sayo.data.grounded import validate_row
-    from megatron_sayo.eval.media import MediaPolicy, load_image as serve_image
+    from megatron_sayo.eval.media import MediaPolicy
+    from megatron_sayo.eval.media import load_image as serve_image
 
     cfg = ImageProcessorConfig.from_dict(SMALL)
     files = odd_files(tmp_path, make_image)

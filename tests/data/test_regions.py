@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from megatron_sayo.data.regions import (
-    RegionError, RegionSpec, batch_region_mask, batch_region_positions, box_to_cells, boxes_to_cells,
-    image_grid, merge_grid_from_thw, region_positions, resized_size_from_thw,
+    RegionError,
+    RegionSpec,
+    batch_region_mask,
+    batch_region_positions,
+    box_to_cells,
+    boxes_to_cells,
+    image_grid,
+    merge_grid_from_thw,
+    region_positions,
+    resized_size_from_thw,
 )
 
 IMG = 9          # image_pad id in these fixtures

@@ -24,13 +24,13 @@ def server(tiny_ckpt, media_dir):
     (local media allowed in media_dir), `keyed` (API key, local media off). Yields a namespace."""
     from types import SimpleNamespace
 
+    from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.data.processor import Processor
     from megatron_sayo.distributed import runtime
     from megatron_sayo.eval.api_server import ServerState
     from megatron_sayo.eval.engine import Engine
     from megatron_sayo.eval.scheduler import Scheduler
     from megatron_sayo.eval.serve import start_http
-    from megatron_sayo.checkpoint.loader import load_model_stage
 
     runtime.init_distributed(1, 1, launch=runtime.LaunchEnv(0, 1, 0, "127.0.0.1", runtime.free_port(), "single"))
     engine = Engine(load_model_stage(tiny_ckpt), Processor.from_pretrained(tiny_ckpt))

@@ -115,7 +115,8 @@ def test_connection_cap_answers_503(tiny_ckpt, server):
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
         assert err.value.status_code == 503
         assert err.value.body == {"message": "the server is at its connection limit (--max-connections); retry "
-                                             "later", "type": "server_error", "param": None, "code": "server_overloaded"}
+                                             "later", "type": "server_error", "param": None,
+                                  "code": "server_overloaded"}
         for c in idle:
             c.close()
         time.sleep(0.3)

@@ -200,8 +200,9 @@ def long_server(server):
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
 def test_disconnected_client_is_cancelled(server, long_server, stream):
-    """A client asking for 4,000 greedy tokens (about 6 s on the tiny model) leaves (after 2 chunks, or while waiting); its generation stops within
-    a few decode steps and a 5-token request sent right after is answered in about the time it takes alone."""
+    """A client asking for 4,000 greedy tokens (about 6 s on the tiny model) leaves (after 2 chunks, or while
+    waiting); its generation stops within a few decode steps and a 5-token request sent right after is answered
+    in about the time it takes alone."""
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{long_server.port}/v1", api_key="x", max_retries=0,
                            timeout=120)
     t0 = time.monotonic()

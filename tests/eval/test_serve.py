@@ -17,7 +17,6 @@ import openai
 import pytest
 import torch
 
-
 TEXT = [{"role": "user", "content": "Say something."}]
 
 
@@ -194,7 +193,8 @@ def test_stop_string_stops_generation(server):
 # ------------------------------------------------------------------------------------------------ bad requests
 
 def _img(url):
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]}]
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "?"}]}]
 
 
 BAD = [
@@ -315,9 +315,9 @@ def test_tas_matches_direct_score_policy(server, media_dir):
     from megatron_sayo.data.grounded import load_grounded
     from megatron_sayo.data.synthetic import make_synthetic
     from megatron_sayo.eval.byob_grounded import byob_rows, prompt_text
+    from megatron_sayo.rl.batch import ScoringBatch
     from megatron_sayo.rl.prompts import build_prompt_batch
     from megatron_sayo.rl.rewards import sequence_attention_reward
-    from megatron_sayo.rl.batch import ScoringBatch
     from megatron_sayo.rl.scoring import score_policy
 
     url, engine = server.url, server.engine

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-
 from suite_fixtures import AUTHORS_SYSTEM_PROMPT, authors_item, write_suite
 
 from megatron_sayo.eval.benchmarks import prepare, suite

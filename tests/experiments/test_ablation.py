@@ -36,7 +36,8 @@ def test_arms_differ_only_in_reward_weights(tmp_path):
     other_seed = arm_config(tmp_path, "sayo", 1, extra)
     assert {k for k in sayo if sayo[k] != other_seed[k]} == {"train.seed", "run_dir"}
     # one warm-up for every arm and seed: its cache, data and seed do not depend on the arm or the GRPO seed
-    assert base["warmup.cache_dir"] == other_seed["warmup.cache_dir"] and base["warmup.seed"] == other_seed["warmup.seed"]
+    assert base["warmup.cache_dir"] == other_seed["warmup.cache_dir"]
+    assert base["warmup.seed"] == other_seed["warmup.seed"]
 
 
 @pytest.mark.parametrize("bad", ["reward.weights.attention=0.5", "train.seed=3", "run_dir=/tmp/x"])
@@ -53,7 +54,8 @@ def _write_run(run, seed, arm, steps=4):
     for step in range(0, steps + 1):
         row = {"step": step}
         if step:
-            row.update(reward_total=1.0, time_step=float(rng.uniform(0.5, 1.5)), time_rollout=0.3, time_score=0.1, time_reference=0.08,
+            row.update(reward_total=1.0, time_step=float(rng.uniform(0.5, 1.5)), time_rollout=0.3, time_score=0.1,
+                       time_reference=0.08,
                        tas=1.0, attention_group_std=0.01, adv_tas_corr=0.2, reward_accuracy=0.3, reward_attention=0.5)
         if step % 2 == 0:
             row.update(eval_tas=float(rng.uniform(0.9, 1.3)), eval_accuracy=float(rng.uniform(0, 1)),

@@ -15,14 +15,28 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
-                                                   MetadataIndex, StorageMeta, TensorProperties,
-                                                   TensorStorageMetadata)
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 from torch.utils.serialization import config
 
 from megatron_sayo.formats.dtypes import DTYPES
-from megatron_sayo.formats.torch_format import (DcpMetadata, DcpTensor, StoredChunk, dump_dcp_metadata,
-                                                load_dcp_metadata, object_record, read_tensor_record, tensor_record)
+from megatron_sayo.formats.torch_format import (
+    DcpMetadata,
+    DcpTensor,
+    StoredChunk,
+    dump_dcp_metadata,
+    load_dcp_metadata,
+    object_record,
+    read_tensor_record,
+    tensor_record,
+)
 
 pytestmark = pytest.mark.compat     # in every cell of `make compat` (docs/compat.md)
 

@@ -9,11 +9,11 @@ import torch
 def _rank_compare(ckpt, tp, batch):
     """Logits of a padded, image-bearing prompt through megatron's block and through the cached path, then one
     decode step through the cached path vs the block on the prompt + that token; returns relative errors."""
+    from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.distributed import runtime
     from megatron_sayo.models.qwen25vl import cached_decoder
     from megatron_sayo.models.qwen25vl.attention import AttentionState, KVCache
     from megatron_sayo.models.qwen25vl.model import model_inputs
-    from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.rl.rollout import decode_mask
 
     runtime.init_distributed(tp, 1)

@@ -11,8 +11,14 @@ from pathlib import Path
 import pytest
 from small_configs import HUB_7B, small_hub_config
 
-from megatron_sayo.models.qwen25vl.hf_config import (ConfigError, ParallelLayout, load_hf_config, padded_vocab_size,
-                                                     parse_hf_config, validate_layout)
+from megatron_sayo.models.qwen25vl.hf_config import (
+    ConfigError,
+    ParallelLayout,
+    load_hf_config,
+    padded_vocab_size,
+    parse_hf_config,
+    validate_layout,
+)
 from megatron_sayo.models.qwen25vl.transformer_config import to_transformer_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,7 +114,7 @@ def test_compare_tool_on_a_fresh_config(tmp_path, make_image):
     assert bad.returncode == 2 and "num_attention_heads 6 is not divisible by tp=4" in bad.stderr
 
 
-# ---------------------------------------------------------------- every layout transformers writes, against transformers
+# ---------------------------------------------------------- every layout transformers writes, against transformers
 
 HUB_72B = json.loads((ROOT / "examples/configs/qwen25vl_72b.config.json").read_text())
 # vision_config of the official Qwen2.5-VL-72B-Instruct-AWQ config.json (transformers 4.49: only non-default fields).

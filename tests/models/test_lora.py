@@ -13,8 +13,7 @@ import torch
 
 from megatron_sayo.data.processor import Processor
 from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
-from megatron_sayo.models.qwen25vl.lora_names import (TARGETS, adapter_entries, param_name, peft_key,
-                                                      peft_target_regex)
+from megatron_sayo.models.qwen25vl.lora_names import TARGETS, adapter_entries, param_name, peft_key, peft_target_regex
 from megatron_sayo.testing.fixed_rollout import random_adapters
 from megatron_sayo.testing.parity import INPUT_KEYS, compare_logits
 
@@ -49,7 +48,8 @@ def peft_reference_logits(ckpt, batch, adapters) -> np.ndarray:
     assert not [k for k in result.missing_keys if "lora_" in k]
     kwargs = {k: torch.as_tensor(v) for k, v in batch.items() if k in INPUT_KEYS and v is not None}
     ids = kwargs["input_ids"]
-    kwargs["mm_token_type_ids"] = (ids == base.config.image_token_id).int() + 2 * (ids == base.config.video_token_id).int()
+    image, video = base.config.image_token_id, base.config.video_token_id
+    kwargs["mm_token_type_ids"] = (ids == image).int() + 2 * (ids == video).int()
     with torch.no_grad():
         return model(**kwargs).logits.float().numpy()
 
@@ -58,11 +58,11 @@ def _rank_logits(ckpt, tp, pp, batch, adapters):
     """(base logits, with adapters, adapters off, KV-cached prefill with adapters or None) on the last stage."""
     from megatron.core import parallel_state
 
+    from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.distributed import runtime
     from megatron_sayo.distributed.schedule import run_forward
     from megatron_sayo.models.lora import adapters_disabled, attach_lora, load_full_adapters, trainable_parameters
     from megatron_sayo.models.qwen25vl.attention import AttentionState, KVCache
-    from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.models.qwen25vl.model import model_inputs
 
     runtime.init_distributed(tp, pp)

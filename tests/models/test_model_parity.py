@@ -64,10 +64,10 @@ def test_batch_exercises_padding_images_and_text_only(tiny_ckpt, make_image):
 def _rank_grads(hf_dir: str, tp: int, pp: int, batch: dict):
     from megatron.core import parallel_state, tensor_parallel
 
-    from megatron_sayo.distributed import runtime
-    from megatron_sayo.models.qwen25vl.model import model_inputs
     from megatron_sayo.checkpoint.loader import load_model_stage
+    from megatron_sayo.distributed import runtime
     from megatron_sayo.distributed.schedule import run_forward_backward
+    from megatron_sayo.models.qwen25vl.model import model_inputs
 
     runtime.init_distributed(tp, pp)
     model = load_model_stage(hf_dir, tp=tp, pp=pp).train()
@@ -88,9 +88,9 @@ def _rank_grads(hf_dir: str, tp: int, pp: int, batch: dict):
 
 
 def _full_grads(hf_dir, tp, pp, batch) -> dict[str, torch.Tensor]:
+    from megatron_sayo.distributed.runtime import spawn_local
     from megatron_sayo.models.qwen25vl.name_map import match_megatron
     from megatron_sayo.models.qwen25vl.weights import unshard
-    from megatron_sayo.distributed.runtime import spawn_local
 
     results = spawn_local(_rank_grads, tp * pp, hf_dir, tp, pp, batch)
     by_name: dict[str, dict[int, torch.Tensor]] = {}

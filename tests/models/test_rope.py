@@ -9,8 +9,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf  # noqa: E402
 
-from megatron_sayo.models.qwen25vl.rope import (decode_position_ids, get_rope_index,  # noqa: E402
-                                                 mrope_freqs, mrope_inv_freq)
+from megatron_sayo.models.qwen25vl.rope import decode_position_ids, get_rope_index, mrope_freqs, mrope_inv_freq  # noqa: E402
 
 IMAGE, VIDEO, VSTART, VEND, PAD = 100, 101, 102, 103, 0
 MERGE = 2

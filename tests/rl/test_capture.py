@@ -26,7 +26,8 @@ def _prompts(ckpt, make_image):
     from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
 
     proc = Processor.from_pretrained(ckpt)
-    two = [{"type": "image", "image": make_image(84, 56, seed=1)}, {"type": "image", "image": make_image(56, 56, seed=2)},
+    two = [{"type": "image", "image": make_image(84, 56, seed=1)},
+           {"type": "image", "image": make_image(56, 56, seed=2)},
            {"type": "text", "text": "Which picture is brighter?"}]
     one = [{"type": "image", "image": make_image(112, 84, seed=3)}, {"type": "text", "text": "Colour?"}]
     inputs = proc([[{"role": "user", "content": two}], [{"role": "user", "content": one}],
@@ -50,8 +51,8 @@ def _params(ckpt):
 def _rank(ckpt, tp, pp, inputs, region, params):
     from megatron.core import parallel_state
 
-    from megatron_sayo.distributed import runtime
     from megatron_sayo.checkpoint.loader import load_model_stage
+    from megatron_sayo.distributed import runtime
     from megatron_sayo.rl.batch import ScoringBatch
     from megatron_sayo.rl.rollout import generate
     from megatron_sayo.rl.scoring import score_policy

@@ -1,4 +1,5 @@
-"""Within-group steering diagnostics against numpy: per-group sample std, Pearson correlation of group-centred values."""
+"""Within-group steering diagnostics against numpy: per-group sample std, Pearson correlation of group-centred
+values."""
 
 from __future__ import annotations
 

@@ -46,10 +46,10 @@ def _config(ckpt, eval_file, decoding, temperature):
 def _rank_eval(ckpt, eval_file, tp, decoding, temperature):
     from megatron.core import parallel_state
 
+    from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.data.grounded import load_grounded
     from megatron_sayo.data.processor import Processor
     from megatron_sayo.distributed import runtime
-    from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.rl.heldout import HeldOutEvaluator
 
     runtime.init_distributed(tp, 1)

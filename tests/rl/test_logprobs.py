@@ -3,8 +3,11 @@
 import torch
 
 from megatron_sayo.distributed import runtime
-from megatron_sayo.rl.logprobs import (vocab_parallel_entropy, vocab_parallel_logprobs,
-                                       vocab_parallel_logprobs_and_entropy)
+from megatron_sayo.rl.logprobs import (
+    vocab_parallel_entropy,
+    vocab_parallel_logprobs,
+    vocab_parallel_logprobs_and_entropy,
+)
 
 TOL = 1e-6
 PADDED_VOCAB, VOCAB, T = 12, 9, 0.7   # ids 9..11 are TP padding (all on rank 1 at TP=2)

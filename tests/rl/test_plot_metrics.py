@@ -1,4 +1,5 @@
-"""megatron_sayo.rl.plots (tools/plot_metrics.py) on a metrics.jsonl with the trainer's field names: PNGs written, readable, sized."""
+"""megatron_sayo.rl.plots (tools/plot_metrics.py) on a metrics.jsonl with the trainer's field names: PNGs written,
+readable, sized."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 
 import pytest
 from PIL import Image
+
 
 @pytest.fixture(scope="module")
 def tool():

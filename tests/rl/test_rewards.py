@@ -8,9 +8,16 @@ import torch
 
 from megatron_sayo.config import RewardWeights
 from megatron_sayo.rl.batch import CompletionScores
-from megatron_sayo.rl.rewards import (accuracy_reward, attention_reward, extract_answer, format_reward,
-                                      select_top_entropy, sequence_attention_reward, top_k_count, total_reward)
-
+from megatron_sayo.rl.rewards import (
+    accuracy_reward,
+    attention_reward,
+    extract_answer,
+    format_reward,
+    select_top_entropy,
+    sequence_attention_reward,
+    top_k_count,
+    total_reward,
+)
 
 # ---------------------------------------------------------------- top-k entropy selection
 

@@ -54,8 +54,8 @@ def _hf_generate(ckpt, batch: dict, new_tokens: int) -> tuple[torch.Tensor, torc
 
 def _rank_generate(ckpt, tp, pp, batch, params, g, compact):
     """One rank: load our model at TP x PP, generate; every rank returns its Rollout as a dict."""
-    from megatron_sayo.distributed import runtime
     from megatron_sayo.checkpoint.loader import load_model_stage
+    from megatron_sayo.distributed import runtime
     from megatron_sayo.rl.rollout import generate
 
     runtime.init_distributed(tp, pp)
@@ -66,8 +66,8 @@ def _rank_generate(ckpt, tp, pp, batch, params, g, compact):
 
 def _no_cache_greedy(ckpt, batch: dict, new_tokens: int) -> torch.Tensor:
     """Our model, one process, re-running the whole prefix for every new token (no KV cache)."""
-    from megatron_sayo.distributed import runtime
     from megatron_sayo.checkpoint.loader import load_model_stage
+    from megatron_sayo.distributed import runtime
     from megatron_sayo.testing.reference_decode import greedy_without_cache
 
     runtime.init_distributed(1, 1)
@@ -204,7 +204,8 @@ def test_length_stop(ckpt, batch, hf_greedy):
 
 def test_top_p_filter_keeps_smallest_set():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    kept = lambda top_p: torch.isfinite(top_p_filter(logits, top_p))[0].tolist()
+    def kept(top_p):
+        return torch.isfinite(top_p_filter(logits, top_p))[0].tolist()
     assert kept(0.5) == [True, False, False, False]
     assert kept(0.6) == [True, True, False, False]
     assert kept(0.95) == [True, True, True, True] or kept(0.95) == [True, True, True, False]

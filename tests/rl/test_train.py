@@ -33,7 +33,8 @@ def overrides(assets, run_dir, steps, interval=3):
     return [f"model.hf_path={ckpt}", "model.make_tiny_if_missing=false", f"data.train_file={train}",
             "data.eval_file=null", "data.synthetic_n=0", f"run_dir={run_dir}", f"train.steps={steps}",
             "train.global_batch=2", "train.micro_batch=2", "rollout.group_size=2", "rollout.max_new_tokens=6",
-            f"checkpoint.interval={interval}", "checkpoint.keep=2", "log.tensorboard=false", "warmup.steps=0", "eval.interval=0"]
+            f"checkpoint.interval={interval}", "checkpoint.keep=2", "log.tensorboard=false", "warmup.steps=0",
+            "eval.interval=0"]
 
 
 def train_cmd(args):
@@ -250,7 +251,8 @@ def test_resume_with_another_lora_setting_is_refused_before_writing(assets, tmp_
     run = tmp_path / "run"
     step = run / "checkpoints" / "step_0000002"
     step.mkdir(parents=True)
-    lora = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],
+    lora = {"rank": 4, "alpha": 8.0, "dropout": 0.0,
+            "targets": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],
             "base": {}}
     (step / "checkpoint_metadata.json").write_text(json.dumps({"kind": "trained policy", "lora": lora}))
     (run / "config.yaml").write_text("# the LoRA run's config\n")

@@ -3,7 +3,6 @@ runs with a job's environment, a stand-in nvidia-smi and a stand-in interpreter 
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from slurm_utils import job_output, job_state, require_slurm, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -2,7 +2,6 @@
 import re
 
 import pytest
-
 from slurm_utils import job_output, require_slurm, submit, wait_for
 
 SCRIPT = """#!/bin/bash

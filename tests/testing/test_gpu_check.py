@@ -219,7 +219,8 @@ def test_summarize_steps_means_after_the_first_and_mfu():
     text = plan.TextArch(hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2, head_dim=64,
                          vocab=151936, tied=True)
     rows = [dict(tokens_per_s=t, time_rollout=1.0, time_score=0.2, time_reference=0.1, time_update=u,
-                 time_step=2.0, sequences=32, sequence_length=300) for t, u in ((10.0, 9.0), (100.0, 0.5), (300.0, 1.5))]
+                 time_step=2.0, sequences=32, sequence_length=300)
+            for t, u in ((10.0, 9.0), (100.0, 0.5), (300.0, 1.5))]
     out = C.summarize_steps(rows, text, peak=1e15)
     assert out["steps"] == 3 and out["tokens_per_s"] == 200.0 and out["time_update"] == 1.0
     flops = plan.training_flops(text, 32, 300)

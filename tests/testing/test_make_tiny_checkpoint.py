@@ -151,7 +151,8 @@ def test_config_json_with_scattered_ids(tmp_path):
 
 
 @pytest.mark.parametrize("mutate,match", [
-    (lambda c: c.update(rope_scaling={"type": "mrope", "mrope_section": [1, 1, 1]}), r"mrope_section.* sums to 3; expected head_dim/2 = 8"),
+    (lambda c: c.update(rope_scaling={"type": "mrope", "mrope_section": [1, 1, 1]}),
+     r"mrope_section.* sums to 3; expected head_dim/2 = 8"),
     (lambda c: c.pop("hidden_size"), r"mrope_section.*transformers 5\.24\.0's defaults: hidden_size"),
     (lambda c: c["vision_config"].pop("out_hidden_size"), r"out_hidden_size 3584 must equal hidden_size 64"),
     (lambda c: c.update(model_type="llama"), "model_type"),

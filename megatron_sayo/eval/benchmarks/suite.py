@@ -7,9 +7,9 @@ tests/eval/test_suite_prompts.py. Column order and names follow the paper's Tabl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from megatron_sayo.eval.benchmarks.hub_data import DatasetError, ImageRef, field, find_files, image_ref, read_rows
 

@@ -20,10 +20,9 @@ name the file and the field.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-
-import dataclasses
 
 from megatron_sayo.config import ConfigError
 from megatron_sayo.formats.jsonfiles import read_json
@@ -78,7 +77,7 @@ class VisionConfig:
         return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
 
     @classmethod
-    def from_hf_dict(cls, d: dict, source: str = "vision_config") -> "VisionConfig":
+    def from_hf_dict(cls, d: dict, source: str = "vision_config") -> VisionConfig:
         """Typed config from a `vision_config` dict, absent fields from transformers' defaults; ConfigError
         naming source and field."""
         if not isinstance(d, dict):

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import torch
 
-from megatron_sayo.models.qwen25vl.hf_config import TextConfig
-from megatron_sayo.models.qwen25vl.name_map import (Rule, hf_names, hf_rows, match_megatron, normalize_hf_name,
-                                                    row_map)
 from megatron_sayo.formats.safetensors_files import weight_files
-
+from megatron_sayo.models.qwen25vl.hf_config import TextConfig
+from megatron_sayo.models.qwen25vl.name_map import Rule, hf_names, hf_rows, match_megatron, normalize_hf_name, row_map
 
 # ---------------------------------------------------------------------------------------------------------
 # Tensor transforms. `full` means the TP=1 megatron tensor; a shard is one TP rank's slice of it.
@@ -119,7 +117,8 @@ def load_hf_into_model(model, reader: HFCheckpointReader, text: TextConfig, tp_r
             continue
         global_name = model.global_param_name(name)
         rule, fields = match_megatron(global_name)
-        full = hf_to_full(rule, [reader.get(n) for n in hf_names(rule, fields, text.tie_word_embeddings)], text, model.padded_vocab_size)
+        tensors = [reader.get(n) for n in hf_names(rule, fields, text.tie_word_embeddings)]
+        full = hf_to_full(rule, tensors, text, model.padded_vocab_size)
         value = shard(rule, full, tp_rank, tp)
         if value.shape != param.shape:
             raise ValueError(f"{global_name}: HF tensors give shape {tuple(value.shape)}, model expects "
