@@ -245,6 +245,9 @@ def main(argv=None) -> int:
 
     runtime.init_distributed(cfg.parallel.tp, cfg.parallel.pp, launch=launch)
     runtime.seed_everything(cfg.train.seed)
+    from megatron_sayo.distributed import topology
+
+    topology.report()   # rank 0 logs each rank's host and each TP/DP group's transport, once
     try:
         conflict = resume_conflict(cfg)   # every rank, before anything in run_dir is written
         if conflict is not None:
@@ -282,6 +285,11 @@ def main(argv=None) -> int:
 
             print("\n" + run_summary(Path(cfg.run_dir)), flush=True)
         return 0
+    except Exception as exc:
+        lost = topology.failure_message(exc)   # a peer died: name its ranks and host
+        if lost:
+            print(f"ERROR: {lost}", file=sys.stderr, flush=True)
+        raise
     finally:
         runtime.shutdown()
 

@@ -9,8 +9,16 @@ ahead never overwrites a slot a peer is still reading.
 
 Only on CPU (runtime installs it with the other CPU shims), for tensors up to SLOT_BYTES, for groups whose
 ranks share a host, on x86-64 (whose store order makes a flag written after the data safe to read), and when
-the host has a core for every local rank (a spinning rank must not hold the core of the peer it waits for).
-Anything else takes torch.distributed. MEGATRON_SAYO_SHM_COLLECTIVES=0 turns it off.
+the kernel has a core for every rank it runs (a spinning rank must not hold the core of the peer it waits for).
+Anything else takes torch.distributed. MEGATRON_SAYO_SHM_COLLECTIVES=0 turns it off; =always skips the core
+count (the ranks of a group must still share a host and the segment).
+
+"Same host" is the node as the network sees it: the same kernel (boot id), the same host name (UTS namespace)
+and the same network namespace. Two Slurm nodes made as namespaces of one machine (scripts/slurm_local.sh
+start --nodes N) are two hosts although /dev/shm is one tmpfs for both: their groups take gloo, over their
+addresses, as on separate machines. The segment handshake (_Channel.open) then proves that the ranks of one
+host do share the segment (containers with private /dev/shm mounts fail it and take gloo). The core budget is
+counted per kernel: nodes that are namespaces of one machine share its cores.
 """
 
 from __future__ import annotations
@@ -32,50 +40,93 @@ SPIN_S, YIELD_S = 50e-6, 2e-3  # busy-wait, then sched_yield, then sleep-poll
 TIMEOUT_S = 1800.0            # the process groups' own timeout (runtime.init_distributed)
 
 _host_ok: list[bool] | None = None          # per global rank: may use shared memory (set by `enable`)
-_host_of: list[int] | None = None           # per global rank: a hash of its host name
+_host_of: list[int] | None = None           # per global rank: its host id (_host_id)
+_why_not: list[str] | None = None           # per global rank: why it may not ("" where it may)
 _channels: dict = {}                        # process group -> _Channel or None (gloo)
+_reasons: dict = {}                         # process group -> why it takes shared memory or gloo
 _names = itertools.count()
 
 
-def _host_id() -> int:
-    """63 bits of a hash of this machine's host name and boot id (the same for every process on it)."""
+def _boot_id() -> bytes:
     try:
         with open("/proc/sys/kernel/random/boot_id", "rb") as f:
-            boot = f.read(64)
+            return f.read(64).strip()
     except OSError:
-        boot = b""
-    digest = hashlib.sha256(socket.gethostname().encode() + b"/" + boot).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+        return b""
+
+
+def _netns() -> bytes:
+    """This process's network namespace (its nsfs inode, unique on one kernel), b"" where unreadable."""
+    try:
+        return str(os.stat("/proc/self/ns/net").st_ino).encode()
+    except OSError:
+        return b""
+
+
+def _hash63(data: bytes) -> int:
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") & (2**63 - 1)
+
+
+def _host_id() -> int:
+    """63 bits of a hash of this host: kernel boot id, host name and network namespace (the same for every rank
+    of one node; different for nodes that are namespaces of one machine, see the module's docstring)."""
+    return _hash63(b"/".join((_boot_id(), socket.gethostname().encode(), _netns())))
+
+
+def _kernel_id() -> int:
+    """63 bits of a hash of the kernel's boot id: ranks with the same one share the machine's cores."""
+    return _hash63(_boot_id())
+
+
+def _mode() -> str:
+    """MEGATRON_SAYO_SHM_COLLECTIVES: "0" (off), "always" (no core count) or anything else (on)."""
+    value = os.environ.get("MEGATRON_SAYO_SHM_COLLECTIVES", "1").strip().lower()
+    return {"0": "off", "always": "always"}.get(value, "on")
 
 
 def enable() -> bool:
     """Decide, once per job, which ranks may use shared memory: one all-gather of (host, fit) over the world.
 
     Call on every rank after init_process_group. Returns whether this rank may."""
-    global _host_ok, _host_of
+    global _host_ok, _host_of, _why_not
     _channels.clear()
+    _reasons.clear()
     world = dist.get_world_size()
-    host = _host_id()
-    wanted = (os.environ.get("MEGATRON_SAYO_SHM_COLLECTIVES", "1") != "0"
-              and platform.machine().lower() in ("x86_64", "amd64") and os.path.isdir("/dev/shm"))
-    mine = torch.tensor([host, int(wanted), os.cpu_count() or 1], dtype=torch.int64)
+    mode = _mode()
+    supported = platform.machine().lower() in ("x86_64", "amd64") and os.path.isdir("/dev/shm")
+    # wanted: 0 off, 1 on, 2 always (no core count), -1 not supported here
+    wanted = -1 if not supported else {"off": 0, "on": 1, "always": 2}[mode]
+    mine = torch.tensor([_host_id(), wanted, os.cpu_count() or 1, _kernel_id()], dtype=torch.int64)
     every = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
     _host_of = [int(t[0]) for t in every]
-    _host_ok = usable_ranks(_host_of, [bool(t[1]) for t in every], [int(t[2]) for t in every])
+    kernels = [int(t[3]) for t in every]
+    _host_ok = usable_ranks(_host_of, [int(t[1]) > 0 for t in every], [int(t[2]) for t in every], kernels,
+                            always=[int(t[1]) == 2 for t in every])
+    _why_not = []
+    for ok, t, k in zip(_host_ok, every, kernels):
+        wish, cores = int(t[1]), int(t[2])
+        _why_not.append("" if ok else "MEGATRON_SAYO_SHM_COLLECTIVES=0" if wish == 0
+                        else "not x86-64 or no /dev/shm" if wish < 0
+                        else f"{kernels.count(k)} ranks share this machine's {cores} cores")
     return _host_ok[dist.get_rank()]
 
 
-def usable_ranks(hosts: list[int], wanted: list[bool], cores: list[int]) -> list[bool]:
-    """Per rank: it wants shared memory and its host has at least one core per rank placed there."""
-    return [w and c >= hosts.count(h) for h, w, c in zip(hosts, wanted, cores)]
+def usable_ranks(hosts: list[int], wanted: list[bool], cores: list[int], kernels: list[int] | None = None,
+                 always: list[bool] | None = None) -> list[bool]:
+    """Per rank: it wants shared memory and its machine has at least one core per rank placed on it (ranks
+    counted per kernel, `kernels`, default: per host; `always`: no core count for that rank)."""
+    kernels = hosts if kernels is None else kernels
+    always = [False] * len(hosts) if always is None else always
+    return [w and (a or c >= kernels.count(k)) for k, w, c, a in zip(kernels, wanted, cores, always)]
 
 
 def disable() -> None:
     """Forget every channel (process groups destroyed); collectives take torch.distributed until `enable`."""
-    global _host_ok, _host_of
-    _host_ok = _host_of = None
+    global _host_ok, _host_of, _why_not
+    _host_ok = _host_of = _why_not = None
     _channels.clear()
+    _reasons.clear()
 
 
 class _Channel:
@@ -178,10 +229,31 @@ def _channel(group, tensor: torch.Tensor) -> _Channel | None:
     group = group if group is not None else dist.group.WORLD
     if group not in _channels:
         ranks = dist.get_process_group_ranks(group)
-        same_host = len({_host_of[r] for r in ranks}) == 1
-        usable = same_host and all(_host_ok[r] for r in ranks) and len(ranks) > 1
-        _channels[group] = _Channel.open(group, ranks) if usable else None
+        hosts = len({_host_of[r] for r in ranks})
+        blocked = [r for r in ranks if not _host_ok[r]]
+        if len(ranks) == 1:
+            _channels[group], _reasons[group] = None, "one rank"
+        elif hosts > 1:
+            _channels[group], _reasons[group] = None, f"gloo: its ranks are on {hosts} hosts"
+        elif blocked:
+            _channels[group], _reasons[group] = None, f"gloo: rank {blocked[0]}: {_why_not[blocked[0]]}"
+        else:
+            _channels[group] = _Channel.open(group, ranks)
+            _reasons[group] = ("shared memory" if _channels[group] is not None
+                               else "gloo: one host, but the ranks do not share a /dev/shm segment")
     return _channels[group]
+
+
+def transport(group) -> str:
+    """How this group's TP all-reduces and all-gathers travel: "shared memory", or "gloo: <why not>".
+    Collective over `group` the first time (it opens the channel the group's collectives would open)."""
+    if not dist.is_initialized():
+        return "one process"
+    if _host_ok is None:
+        return "torch.distributed (shared-memory collectives not enabled: a GPU job, or before init)"
+    group = group if group is not None else dist.group.WORLD
+    _channel(group, torch.zeros(1))
+    return _reasons[group]
 
 
 def all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
