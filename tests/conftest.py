@@ -9,6 +9,11 @@ import pytest
 from PIL import Image
 
 
+def pytest_configure(config):
+    """The `multiproc` marker (tests/test_markers.py checks every test that starts processes carries it)."""
+    config.addinivalue_line("markers", "multiproc: starts processes (subprocesses, spawned ranks, torchrun)")
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """HF checkpoint dir of preset 'tiny' (GQA 4/2 heads, untied, vocab 512), seed 0, float32."""

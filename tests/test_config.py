@@ -139,6 +139,7 @@ def test_lora_block_defaults_and_errors():
                           "lora": {"enabled": True}})
 
 
+@pytest.mark.multiproc
 def test_cli_prints_resolved_config_and_exits_2_on_error():
     ok = subprocess.run([sys.executable, "-m", "megatron_sayo.config", str(TINY), "train.steps=7"],
                         cwd=ROOT, capture_output=True, text=True)
@@ -196,6 +197,7 @@ def test_synthetic_data_never_replaces_a_named_file(tmp_path):
     assert (mine.data.train_file, mine.data.eval_file) == ("my/train.jsonl", "my/e.jsonl")
 
 
+@pytest.mark.multiproc
 def test_every_field_has_a_doc_and_print_config_shows_it():
     """--print-config: the resolved values (file + overrides) as YAML, every field on its own line with a doc."""
     out = subprocess.run([sys.executable, "-m", "megatron_sayo.train", "--print-config", "--config", str(TINY),

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PKG = Path(__file__).resolve().parents[1] / "megatron_sayo"
 
 # Modules that must never import torch: the converters, the file formats, the checkpoint directory conventions,
@@ -85,6 +87,7 @@ def test_lower_layers_do_not_import_upper_ones():
         assert high not in graph[low], f"{low} imports {high}"
 
 
+@pytest.mark.multiproc
 def test_torch_free_modules_import_with_torch_blocked():
     script = f"""
 import importlib, sys

@@ -219,6 +219,7 @@ def test_lora_counts_frozen_base_adapter_state_and_no_reference():
     assert rows[(1, 1)].fits and not P.layout_memory(arch, P.Layout(1, 1, 8), P.Workload()).total <= 72 * GIB
 
 
+@pytest.mark.multiproc
 def test_cli_prints_full_and_lora_side_by_side():
     out = subprocess.run([sys.executable, str(ROOT / "tools/plan_parallelism.py"), "--model",
                           str(ROOT / "examples/configs/qwen25vl_7b.config.json"), "--gpus", "8", "--lora-rank", "16"],
@@ -251,6 +252,7 @@ def test_no_layout_fits_is_a_clear_error():
         P.recommend(P.plan(arch, gpus=8, gpu_memory=80 * GIB))
 
 
+@pytest.mark.multiproc
 def test_cli_json_and_errors(tmp_path):
     tool = [sys.executable, str(ROOT / "tools/plan_parallelism.py")]
     out = subprocess.run([*tool, "--model", str(ROOT / "examples/configs/qwen25vl_7b.config.json"),

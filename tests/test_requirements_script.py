@@ -47,6 +47,7 @@ def test_torch_range_verdict_matches_packaging(version):
     assert (requirements.outside_range(PYPROJECT, "torch", version) is None) == inside
 
 
+@pytest.mark.multiproc
 def test_cli_keeps_the_installed_torch_and_refuses_an_unknown_extra():
     import torch
 

@@ -97,6 +97,7 @@ FIELDS = ["input_ids", "image_token_positions", "region_token_positions", "tempe
 TOKEN_FIELDS = ["position", "token_id", "entropy", "region_mass", "image_mass", "selected"]
 
 
+@pytest.mark.multiproc
 @pytest.mark.slow
 @pytest.mark.parametrize("tp", [1, 2])
 def test_report_teacher_forced_equals_eager(tiny_ckpt, image_path, tmp_path, tp):
@@ -111,6 +112,7 @@ def test_report_teacher_forced_equals_eager(tiny_ckpt, image_path, tmp_path, tp)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
 
+@pytest.mark.multiproc
 @pytest.mark.slow
 def test_report_generate_mode(tiny_ckpt, image_path, tmp_path):
     assert _run(tiny_ckpt, image_path, tmp_path, "--generate", "6", "--seed", "1") == 0

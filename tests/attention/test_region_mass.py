@@ -148,6 +148,7 @@ def _tp2_worker(seed):
     return probe.result.region_mean, probe.result.image_mean, rows
 
 
+@pytest.mark.multiproc
 @pytest.mark.slow
 def test_probe_tp2_matches_naive_all_heads():
     from megatron_sayo.distributed import runtime
@@ -229,6 +230,7 @@ def grounded(tiny_ckpt, make_image):
     return batch, region, image, a_ref, v_ref
 
 
+@pytest.mark.multiproc
 @pytest.mark.slow
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
 def test_masses_equal_eager_attention(tiny_ckpt, grounded, tp, pp):
@@ -242,6 +244,7 @@ def test_masses_equal_eager_attention(tiny_ckpt, grounded, tp, pp):
     assert torch.allclose(torch.from_numpy(v).double(), v_ref, atol=TOL, rtol=0)
 
 
+@pytest.mark.multiproc
 @pytest.mark.slow
 @pytest.mark.parametrize("tp,padding_side", [(1, "right"), (2, "left")])
 def test_indicator_masses_equal_eager_attention(tiny_ckpt, make_image, tp, padding_side):

@@ -84,6 +84,7 @@ def _scenario(hf_dir: str, run_dir: str):
                 warned=[str(w.message) for w in caught if "falling back" in str(w.message)])
 
 
+@pytest.mark.multiproc
 def test_training_state_round_trip_and_fallback(tiny_ckpt, tmp_path):
     run_dir = tmp_path / "run"
     results = spawn_local(_scenario, 2, str(tiny_ckpt), str(run_dir))
@@ -98,6 +99,7 @@ def test_training_state_round_trip_and_fallback(tiny_ckpt, tmp_path):
     assert (root / "step_0000002" / "config.json").is_file()
 
 
+@pytest.mark.multiproc
 def test_trained_checkpoint_exports_policy_weights(tiny_ckpt, tmp_path):
     """A trainer step dir (model + optimizer + RNG) exports to HF: same names/shapes as the source."""
     from safetensors import safe_open
@@ -131,6 +133,7 @@ def _load_step_and_export(step_dir: str, hf_dir: str):
     return {k: torch.equal(v, exported[k]) for k, v in direct.items() if isinstance(v, torch.Tensor)}
 
 
+@pytest.mark.multiproc
 def test_training_step_loads_as_a_model(tiny_ckpt, tmp_path):
     """load_model_stage(megatron_dir=<trainer step dir>) (eval, serve, reports) gets the trained weights, equal
     to the step's HF export (a TP=2 step loaded at TP=1), not an error about the step's optimizer state."""
@@ -255,6 +258,7 @@ def _guard_scenario(hf_dir: str, run_dir: str, marker: str):
     return out
 
 
+@pytest.mark.multiproc
 def test_diverged_unsafe_and_all_corrupt_checkpoints(tiny_ckpt, tmp_path):
     marker = tmp_path / "PWNED"
     (r,) = spawn_local(_guard_scenario, 1, str(tiny_ckpt), str(tmp_path / "run"), str(marker))

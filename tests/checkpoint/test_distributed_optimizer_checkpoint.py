@@ -69,6 +69,7 @@ def _round_trip(hf_dir, data, run_dir):
             "dtypes": {str(p.dtype) for p in writer[0].parameters()}}
 
 
+@pytest.mark.multiproc
 def test_distributed_optimizer_state_survives_a_checkpoint(tiny_ckpt, make_image, tmp_path):
     from megatron_sayo.distributed.runtime import spawn_local
 

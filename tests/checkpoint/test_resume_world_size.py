@@ -72,6 +72,7 @@ def _resume_alone(hf_dir, run_dir):
             "scheduler_steps": scheduler.num_steps}
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("tp", [1, 2], ids=["dp2", "tp2"])
 def test_one_rank_resume_of_a_two_rank_run_warns_only_about_rng(tiny_ckpt, make_image, tmp_path, tp):
     from megatron_sayo.distributed.runtime import spawn_local

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 SAVER = """
 import sys, time, torch
 from megatron_sayo.checkpoint import state
@@ -44,6 +46,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.multiproc
 def test_writer_helpers_die_with_a_sigkilled_trainer(tiny_ckpt, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", SAVER, str(tiny_ckpt), str(tmp_path / "run")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

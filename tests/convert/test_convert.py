@@ -212,6 +212,7 @@ def test_interrupted_conversions_leave_no_final_dir(tiny_ckpt, converted_tp2pp2,
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.multiproc
 def test_killed_cli_leaves_no_final_dir(tiny_ckpt, tmp_path):
     """SIGKILL mid-run (after the temp dir appears): the final name never exists."""
     import os
@@ -246,6 +247,7 @@ def _wait_until_writing(proc, tmp_path: Path) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.multiproc
 def test_cli_roundtrip_and_error_exit(tiny_tied_ckpt, tmp_path):
     py = sys.executable
     r = subprocess.run([py, str(ROOT / "tools" / "convert_hf_to_megatron.py"), "--hf", str(tiny_tied_ckpt),
@@ -279,6 +281,7 @@ def _megatron_save(ckpt: str, out: str, tp: int, pp: int) -> None:
     save_model(load_model_stage(ckpt, tp=tp, pp=pp, params_dtype=dtype), out)
 
 
+@pytest.mark.multiproc
 @pytest.mark.compat
 @pytest.mark.parametrize("which", ["tiny_ckpt", "tiny_bf16_tied"])
 def test_streamed_checkpoint_equals_megatron_save(which, request, tmp_path):
@@ -355,6 +358,7 @@ def test_checkpoint_keeps_its_vocab_padding_at_another_tp(tmp_path, make_image):
     assert report.ok(1e-4), str(report)
 
 
+@pytest.mark.multiproc
 def test_converters_never_import_torch(tiny_tied_ckpt, tmp_path):
     """The converters move bytes: importing torch would cost them 1.3 s of a 1 GB conversion's 0.7 s."""
     code = ("import sys; sys.path.insert(0, 'tools'); import convert_hf_to_megatron as a, convert_megatron_to_hf as b; "
@@ -404,6 +408,7 @@ def test_output_overlapping_the_input_is_refused(tiny_ckpt, converted_tp2pp2, tm
     assert not list(tmp_path.rglob("*.tmp-*"))
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
 def test_signalled_cli_removes_its_temp_dir(tiny_ckpt, tmp_path, signame):
     """SIGTERM / SIGINT mid-write: the CLI removes `<out>.tmp-<pid>` and exits 143 / 130 (issue 14.16)."""
@@ -423,6 +428,7 @@ def test_signalled_cli_removes_its_temp_dir(tiny_ckpt, tmp_path, signame):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.multiproc
 def test_temp_dirs_of_dead_conversions_reported_then_removed(tiny_ckpt, tmp_path, caplog):
     """Leftover `<out>.tmp-<pid>` dirs of dead processes are reported; with remove_stale only those go, never
     a live process's, another name's or a non-matching one."""

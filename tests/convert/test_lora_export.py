@@ -71,6 +71,7 @@ def stable(row):
     return {k: v for k, v in row.items() if not k.startswith(VOLATILE)}
 
 
+@pytest.mark.multiproc
 def test_resume_equals_uninterrupted_bit_for_bit(runs, tmp_path):
     straight, resumed, m_straight, m_resumed = runs
     assert [r["step"] for r in m_resumed] == [1, 2, 3, 4]
@@ -81,6 +82,7 @@ def test_resume_equals_uninterrupted_bit_for_bit(runs, tmp_path):
     assert (a / "adapter_model.safetensors").read_bytes() == (b / "adapter_model.safetensors").read_bytes()
 
 
+@pytest.mark.multiproc
 def test_step_holds_adapters_only_and_points_at_the_base(runs, tiny_ckpt):
     from megatron_sayo.checkpoint.files import read_metadata, resolve_checkpoint_dir
     from megatron_sayo.convert.megatron_to_hf import DistSource
@@ -99,6 +101,7 @@ def test_step_holds_adapters_only_and_points_at_the_base(runs, tiny_ckpt):
     assert len(opt) == 2 * len(model_keys)
 
 
+@pytest.mark.multiproc
 def test_plain_export_of_a_lora_step_names_the_lora_option(runs, tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "tools/convert_megatron_to_hf.py"), "--megatron",
                            str(runs[0]), "--out", str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT)
@@ -113,6 +116,7 @@ def batch(tiny_ckpt, make_image):
     return Processor.from_pretrained(tiny_ckpt)(convs)
 
 
+@pytest.mark.multiproc
 def test_merged_export_matches_our_model_and_peft_matches_merged(runs, tiny_ckpt, batch, tmp_path):
     from peft import PeftModel
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -181,6 +185,7 @@ def test_bad_lora_metadata_names_file_and_field(tmp_path):
         lora_settings(tmp_path)
 
 
+@pytest.mark.multiproc
 def test_merge_onto_a_megatron_base_equals_the_hf_base(runs, tiny_ckpt, tmp_path):
     """--base pointing at the same weights converted to megatron (as a warm-up checkpoint is) merges to the same
     tensors as the HF base (float32 round trips are exact)."""

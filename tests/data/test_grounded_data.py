@@ -144,6 +144,7 @@ def test_validate_cli_reports_all_and_exit_codes(data_dir, capsys):
     assert validate_main([str(data_dir / "nope.jsonl")]) == 1
 
 
+@pytest.mark.multiproc
 def test_validate_cli_as_module(data_dir):
     proc = subprocess.run([sys.executable, "-m", "megatron_sayo.data.validate", str(data_dir / "bad.jsonl")],
                           capture_output=True, text=True)
@@ -239,6 +240,7 @@ def test_tiles_deterministic_and_size_checked(tmp_path):
         make_synthetic(tmp_path / "d", 1, task="stripes")
 
 
+@pytest.mark.multiproc
 def test_synthetic_cli(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "megatron_sayo.data.synthetic", "--out", str(tmp_path),
                            "--n", "3", "--seed", "2", "--size", "84x56"], capture_output=True, text=True)

@@ -139,6 +139,7 @@ def test_refocus_fraction_recipe_reads_the_real_schema(refocus_repo, tmp_path):
     assert half["written"] + half["dropped"] == round(0.5 * len(boxed))
 
 
+@pytest.mark.multiproc
 def test_refocus_cli(refocus_repo, tmp_path):
     proc = subprocess.run([sys.executable, str(TOOLS / "prepare_refocus.py"), "--out", str(tmp_path / "o"),
                            "--recipe", "sayo", *map(str, _train_shards(refocus_repo))], capture_output=True,
@@ -268,6 +269,7 @@ def test_gqa_sayo_one_object_full_answer_and_short_answer(gqa_files, tmp_path):
     assert [r["id"] for r in _rows(tmp_path / "cap" / "data.jsonl")] == ["q1", "q2"] and capped["written"] == 2
 
 
+@pytest.mark.multiproc
 def test_gqa_cli(gqa_files, tmp_path):
     proc = subprocess.run([sys.executable, str(TOOLS / "prepare_gqa.py"), "--questions", str(gqa_files / "q.json"),
                            "--scene-graphs", str(gqa_files / "sg.json"), "--images", str(gqa_files / "images"),
@@ -298,6 +300,7 @@ def test_sayo_mix_refocus_then_gqa_until_the_cap(refocus_repo, gqa_files, tmp_pa
     assert (one["refocus"], one["gqa"]) == (1, 0)
 
 
+@pytest.mark.multiproc
 def test_sayo_mix_cli(refocus_repo, gqa_files, tmp_path):
     proc = subprocess.run([sys.executable, str(TOOLS / "prepare_sayo_mix.py"), "--refocus",
                            *map(str, _train_shards(refocus_repo)), "--gqa-questions", str(gqa_files / "q.json"),
@@ -408,6 +411,7 @@ def _run_gqa_tool(gqa_files, graphs_file, out, *extra):
                            "--out", str(out), *extra], capture_output=True, text=True)
 
 
+@pytest.mark.multiproc
 def test_gqa_cli_on_error_stop_and_skip(gqa_files, tmp_path):
     """The tool: default --on-error stop exits 2 with the error (question id, object, field), no traceback and no
     output; --on-error skip writes the other questions, logs each skipped one with its reason and counts them in

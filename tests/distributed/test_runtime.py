@@ -53,6 +53,7 @@ def _world_info(tp, pp):
             ps.get_data_parallel_world_size())
 
 
+@pytest.mark.multiproc
 def test_parallel_state_layout_from_spawned_ranks():
     ranks = runtime.spawn_local(_world_info, 4, 2, 1)
     assert sorted(ranks) == [(0, 0, 2), (0, 0, 2), (1, 0, 2), (1, 0, 2)]
@@ -87,6 +88,7 @@ def _alive(pid: int) -> bool:
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
+@pytest.mark.multiproc
 def test_spawned_ranks_die_with_their_parent(tmp_path):
     """A tool or test killed with SIGKILL leaves no ranks behind (they would wait on collectives for 30 min)."""
     (tmp_path / "orphan_fn.py").write_text(ORPHAN_SCRIPT)

@@ -60,6 +60,7 @@ def _collectives():
     return True
 
 
+@pytest.mark.multiproc
 def test_shm_all_reduce_and_gather_equal_gloo():
     assert runtime.spawn_local(_collectives, 2, timeout_s=300) == [True, True]
 
@@ -78,6 +79,7 @@ def _late_peer():
     return "timed out"
 
 
+@pytest.mark.multiproc
 def test_a_peer_that_never_arrives_is_an_error_not_a_hang():
     assert runtime.spawn_local(_late_peer, 2, timeout_s=120) == ["timed out", "skipped"]
 
@@ -91,6 +93,7 @@ def _switched_off():
     return torch.equal(got, torch.full((3,), 2.0)) and shm_collectives._channels[group] is None
 
 
+@pytest.mark.multiproc
 def test_environment_switch_falls_back_to_gloo(monkeypatch):
     monkeypatch.setenv("MEGATRON_SAYO_SHM_COLLECTIVES", "0")
     assert runtime.spawn_local(_switched_off, 2, timeout_s=120) == [True, True]
@@ -103,6 +106,7 @@ def _one_reduce():
     return float(shm_collectives.all_reduce(torch.ones(1), parallel_state.get_tensor_model_parallel_group()))
 
 
+@pytest.mark.multiproc
 def test_no_segment_is_left_in_dev_shm():
     before = {f for f in os.listdir("/dev/shm") if f.startswith("megatron_sayo_")}
     assert runtime.spawn_local(_one_reduce, 2, timeout_s=120) == [2.0, 2.0]
@@ -122,6 +126,7 @@ def _unshared():
     return torch.equal(got, torch.ones(3)) and shm_collectives._channels[group] is None
 
 
+@pytest.mark.multiproc
 def test_ranks_that_do_not_share_the_segment_fall_back_to_gloo():
     assert runtime.spawn_local(_unshared, 2, timeout_s=120) == [True, True]
 
@@ -147,5 +152,6 @@ def _name_taken():
     return ok
 
 
+@pytest.mark.multiproc
 def test_a_file_already_at_the_segment_name_is_left_alone_and_gloo_is_used():
     assert runtime.spawn_local(_name_taken, 2, timeout_s=120) == [True, True]

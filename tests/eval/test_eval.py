@@ -53,6 +53,7 @@ def test_missing_harness_names_the_package(capsys, tiny_ckpt, tmp_path):
     assert not (tmp_path / "o" / "server.log").exists()      # failed before starting a server
 
 
+@pytest.mark.multiproc
 def test_grounded_end_to_end(tiny_ckpt, tmp_path):
     """The command end to end (a subprocess, as a user runs it): nemo-evaluator's output goes to its log file,
     the console gets our lines only."""

@@ -78,6 +78,7 @@ class Ticket:
         self.done.set()
 
 
+@pytest.mark.multiproc
 def test_a_job_that_fails_alone_fails_alone(server):
     """A job whose prompt holds an image placeholder but no pixels (the model refuses it, as it refused a sampled
     one) batched with a streaming greedy job of the same sampling key: the bad one gets a clear 500-class error,

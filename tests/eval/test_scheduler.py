@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from megatron_sayo.eval.scheduler import Scheduler
 
 
@@ -50,6 +52,7 @@ def run_scheduler(engine):
     return scheduler, thread
 
 
+@pytest.mark.multiproc
 def test_lone_job_starts_at_once_and_waiting_jobs_batch_together():
     engine = SlowEngine()
     scheduler, thread = run_scheduler(engine)
@@ -72,6 +75,7 @@ def test_lone_job_starts_at_once_and_waiting_jobs_batch_together():
         thread.join(10)
 
 
+@pytest.mark.multiproc
 def test_failed_batch_fails_its_tickets_and_the_scheduler_goes_on():
     engine = SlowEngine()
     engine.release.set()

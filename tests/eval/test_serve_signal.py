@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("to_group", [False, True], ids=["parent", "group"])
 def test_sigterm_stops_the_server_cleanly(tiny_ckpt, to_group):
     port = free_port()

@@ -31,6 +31,7 @@ def health(tp2) -> dict:
     return body
 
 
+@pytest.mark.multiproc
 @pytest.mark.slow
 def test_tp2_server_matches_tp1(server, tp2):
     ref = server.client.chat.completions.create(model="tiny", messages=TEXT, max_tokens=10, temperature=0,
@@ -56,6 +57,7 @@ def test_tp2_server_matches_tp1(server, tp2):
         assert cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens <= 10
 
 
+@pytest.mark.multiproc
 @pytest.mark.slow
 def test_tp2_server_survives_hot_sampling_and_cancels_a_departed_client(server, tp2):
     """Issue 29 at TP=2: the reproducer (temperature 2, n 16, seed 2) beside a greedy client samples no vision id
@@ -90,6 +92,7 @@ def test_tp2_server_survives_hot_sampling_and_cancels_a_departed_client(server, 
     assert after["failed_requests"] - before["failed_requests"] == 0
 
 
+@pytest.mark.multiproc
 @pytest.mark.slow
 def test_tp2_request_that_fails_alone_spares_its_neighbour_and_the_follower(server, tp2, make_image):
     """Issue 29 at TP=2: a request whose own model pass fails on both ranks (a /v1/tas completion holding an

@@ -360,6 +360,7 @@ def _mcore_save(out_dir: str) -> None:
     dist_checkpointing.save(sd, out_dir)
 
 
+@pytest.mark.multiproc
 def test_load_dcp_metadata_of_megatron_save(tmp_path):
     from megatron_sayo.distributed.runtime import spawn_local
 
@@ -423,6 +424,7 @@ def test_hand_written_checkpoint_loads_with_dcp(tmp_path):
 
 # --------------------------------------------------------------------------------------------- no torch
 
+@pytest.mark.multiproc
 def test_module_never_imports_torch(tmp_path):
     script = f"""
 import os, sys

@@ -45,6 +45,7 @@ def _rank_compare(ckpt, tp, batch):
     return prefill_err, decode_err, training_uses_block
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("tp", [1, 2])
 def test_cached_path_equals_megatron_block(tiny_ckpt, make_image, tp):
     from megatron_sayo.data.processor import Processor

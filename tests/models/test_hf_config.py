@@ -94,6 +94,7 @@ def test_padded_vocab(vocab, tp, expected):
     assert padded_vocab_size(vocab, tp) == expected and expected % (128 * tp) == 0
 
 
+@pytest.mark.multiproc
 def test_compare_tool_on_a_fresh_config(tmp_path, make_image):
     """compare_hf_megatron.py passes at TP=2xPP=2 on a --config-json checkpoint unlike the test presets."""
     cfg = small_hub_config(700)
@@ -240,6 +241,7 @@ def test_defaulted_out_hidden_size_that_cannot_fit_names_the_default(tmp_path):
         parse_hf_config(cfg, "3b/config.json")
 
 
+@pytest.mark.multiproc
 def test_diff_only_config_through_check_plan_and_converter(tmp_path):
     """train --check, plan_parallelism.py and convert_hf_to_megatron.py accept a diff-only config (or fail
     cleanly on a vision error, never with a traceback)."""

@@ -97,6 +97,7 @@ def reference(tiny_ckpt, make_image):
     return batch, adapters, peft_reference_logits(str(tiny_ckpt), batch, adapters)
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{t}pp{p}" for t, p in LAYOUTS])
 def test_adapted_logits_match_peft(tiny_ckpt, reference, tp, pp):
     from megatron_sayo.distributed.runtime import spawn_local

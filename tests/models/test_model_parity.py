@@ -107,6 +107,7 @@ def reference_grads(tiny_ckpt, make_image):
     return batch, _full_grads(str(tiny_ckpt), 1, 1, batch)
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
 def test_backward_matches_tp1(tiny_ckpt, reference_grads, tp, pp):
     batch, ref = reference_grads

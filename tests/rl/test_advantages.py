@@ -2,6 +2,7 @@
 
 import statistics
 
+import pytest
 import torch
 
 from megatron_sayo.distributed import runtime
@@ -59,6 +60,7 @@ def _dp2_worker():
     return out
 
 
+@pytest.mark.multiproc
 def test_split_over_two_dp_ranks_equals_single_process():
     rewards, ids = data()
     want = group_advantages(rewards, ids)

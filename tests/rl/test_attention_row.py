@@ -36,6 +36,7 @@ def _masses(ckpt, jsonl, completion, attention_row):
     return scores.region_mass[0, :n].double().numpy(), scores.image_mass[0, :n].double().numpy()
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("attention_row,shift", [("token", 0), ("decision", -1)])
 def test_attention_row_masses_equal_eager_attention(tiny_ckpt, tmp_path, attention_row, shift):
     """Against transformers' eager attentions: token j's masses are the last layer's head-mean attention on the

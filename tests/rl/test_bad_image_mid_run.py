@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from megatron_sayo.config import config_from_dict
 
 
@@ -29,6 +31,7 @@ def _steps(hf_dir, data_file, on_error, run_dir):
     return {"skipped": result.skipped, "metrics": sorted(result.metrics)}
 
 
+@pytest.mark.multiproc
 def test_image_corrupted_mid_run(tiny_ckpt, tmp_path):
     from megatron_sayo.distributed.runtime import spawn_local
     from megatron_sayo.train import write_synthetic

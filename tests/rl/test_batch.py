@@ -100,6 +100,7 @@ def _rank_shared_images(ckpt, data):
     return mb["inputs"]["image_order"], logits.detach(), grads
 
 
+@pytest.mark.multiproc
 def test_shared_images_match_transformers(tiny_ckpt, make_image):
     """Rows of one prompt share their pixel tensor; it goes through the vision tower once, and the completion
     logits and the vision tower's gradients equal transformers', which encodes every row's image (float32 eager;

@@ -75,6 +75,7 @@ def prompts(tiny_ckpt, make_image):
     return _prompts(tiny_ckpt, make_image)
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_captured_scores_equal_teacher_forced(tiny_ckpt, prompts, layout):
     from megatron_sayo.distributed.runtime import spawn_local

@@ -3,6 +3,7 @@ bit-identical while the language model moves (the planner's --freeze-vision mode
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from megatron_sayo.config import config_from_dict
@@ -40,6 +41,7 @@ def _one_update(hf_dir, data, freeze):
             "moved": {n: not torch.equal(before[n], p.detach()) for n, p in model.named_parameters()}}
 
 
+@pytest.mark.multiproc
 def test_frozen_vision_tower_has_no_grads_no_state_and_does_not_move(tiny_ckpt, make_image):
     from megatron_sayo.distributed.runtime import spawn_local
 

@@ -57,6 +57,7 @@ def reference(tiny_ckpt, make_image):
     return data, _full(spawn_local(_rank_grads, 1, str(tiny_ckpt), 1, 1, data))
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_update_gradients_match_single_process(tiny_ckpt, reference, layout):
     from megatron_sayo.distributed.runtime import spawn_local

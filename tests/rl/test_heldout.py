@@ -107,6 +107,7 @@ def _eager_tas(ckpt, sample, completion, temperature, ratio=0.3, eps=1e-8):
     return x, x * x / (1 + x * x)
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("tp,decoding,temperature", [(1, "greedy", 1.0), (2, "sample", 0.7)])
 def test_heldout_tas_equals_eager_reference(tiny_ckpt, held_out, tp, decoding, temperature):
     from megatron_sayo.data.grounded import load_grounded
@@ -127,6 +128,7 @@ def test_heldout_tas_equals_eager_reference(tiny_ckpt, held_out, tp, decoding, t
     assert summary["eval_samples"] == 6
 
 
+@pytest.mark.multiproc
 def test_eval_keys_in_metrics_of_a_short_run(tiny_ckpt, held_out, tmp_path):
     from megatron_sayo.distributed.runtime import free_port
 

@@ -93,6 +93,7 @@ def data(tiny_ckpt, make_image):
     return fixed_rollout(tiny_ckpt, make_image)
 
 
+@pytest.mark.multiproc
 def test_selective_and_full_recompute_give_the_gradients_of_none(tiny_ckpt, data):
     from megatron_sayo.distributed.runtime import spawn_local
 
@@ -120,6 +121,7 @@ def _optimizer_ranks(hf_dir, data, distributed: bool):
     return {"before": out["before"], "after": out["after"], "optimizer": out["optimizer"]}
 
 
+@pytest.mark.multiproc
 def test_distributed_optimizer_over_gloo_takes_the_plain_optimizers_step(tiny_ckpt, data):
     """DP=2: megatron's distributed optimizer (gradients reduce-scattered, each rank updating its shard, the
     parameters all-gathered) leaves every rank with the parameters the plain optimizer gives, within 1e-6."""
@@ -152,6 +154,7 @@ BF16_TOLERANCE = 8 * 2.0**-8
 LR = 1e-3   # _update's learning rate: below bf16's spacing (2^-7) at 1.0, so only fp32 main weights keep the step
 
 
+@pytest.mark.multiproc
 def test_bf16_parameters_with_fp32_main_weights_stay_within_bf16_precision(tiny_ckpt, data):
     """Same update in float32 and in bf16 with megatron's fp32 main weights: per-microbatch losses and each
     tensor's gradient within BF16_TOLERANCE (relative); Adam's first step, about +-LR per element, lands in the
@@ -186,6 +189,7 @@ def _frozen_pp2_ranks(hf_dir, data):
             "has_grad": {n: n in out["grads"] for n in moved}, "in_optimizer": out["in_optimizer"]}
 
 
+@pytest.mark.multiproc
 def test_frozen_vision_tower_at_pp2(tiny_ckpt, data):
     """PP=2 with model.freeze_vision: the tower (first stage) gets no gradient buffer, no optimizer state and
     does not move; the decoder layers of both stages move."""

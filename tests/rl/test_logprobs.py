@@ -1,5 +1,6 @@
 """Vocab-parallel log-probs and entropies vs a full-vocabulary torch computation (float64, tol 1e-6)."""
 
+import pytest
 import torch
 
 from megatron_sayo.distributed import runtime
@@ -77,6 +78,7 @@ def _tp2_worker():
     return logp.detach(), ent, x.grad, both
 
 
+@pytest.mark.multiproc
 def test_tp2_matches_full_vocab():
     logits, targets, weights = case()
     ref_logp, ref_ent, ref_grad = reference(logits, targets, weights)

@@ -69,6 +69,7 @@ def reference(tiny_ckpt, make_image):
     return data, adapters, results
 
 
+@pytest.mark.multiproc
 def test_base_frozen_optimizer_holds_adapters_only(reference):
     _, adapters, results = reference
     _, grads, base_with_grad, optimizer_is_adapters = results[0]
@@ -77,6 +78,7 @@ def test_base_frozen_optimizer_holds_adapters_only(reference):
     assert set(grads) == set(adapters)
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_adapter_gradients_match_single_process(tiny_ckpt, reference, layout):
     from megatron_sayo.distributed.runtime import spawn_local

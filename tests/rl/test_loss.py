@@ -134,6 +134,7 @@ def _dp2_worker():
     return loss_and_grad(rows)
 
 
+@pytest.mark.multiproc
 def test_two_dp_ranks_sum_to_the_single_process_gradient():
     """Summed over ranks and divided by the summed token count (what megatron's DDP + finalize_model_grads do
     with a per-token loss), the ranks' gradients are the single-process token-mean gradient."""

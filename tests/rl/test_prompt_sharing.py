@@ -181,6 +181,7 @@ def _tp1_and_leaky(hf_dir, data):
     return proper, _compare(hf_dir, 1, 1, data, (8,), ("full",), leaky=True)
 
 
+@pytest.mark.multiproc
 def test_shared_equals_unshared_tp1_and_a_leak_fails(tiny_ckpt, data):
     """TP1: the full model, LoRA (adapters only train), the frozen vision tower and the split (mask-free)
     attention; micro-batches of 3 rows (groups
@@ -194,6 +195,7 @@ def test_shared_equals_unshared_tp1_and_a_leak_fails(tiny_ckpt, data):
     assert err["token.logprobs"] > 1e-3 and err["reference"] > 1e-3 and err["grad"] > 1e-3, err
 
 
+@pytest.mark.multiproc
 @pytest.mark.slow
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_shared_equals_unshared_tp2_pp2(tiny_ckpt, data, tp, pp):
@@ -222,6 +224,7 @@ def _train(tiny_ckpt, train_file, run_dir, sharing: bool, capture: bool):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.multiproc
 @pytest.mark.slow
 def test_three_grpo_steps_take_the_unshared_metrics(tiny_ckpt, tmp_path, capture=False):
     """3 steps with a KL term, sharing on vs off, capture off (scoring, reference and update all shared; with

@@ -110,6 +110,7 @@ def test_batch_is_left_padded_with_an_image(batch):
     assert batch["pixel_values"] is not None
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
 def test_greedy_equals_transformers_generate(ckpt, batch, hf_reference, tp, pp):
     hf_sequences, hf_logprobs = hf_reference
@@ -123,6 +124,7 @@ def test_greedy_equals_transformers_generate(ckpt, batch, hf_reference, tp, pp):
         assert r["completion_mask"].all() and r["prompt_length"] == batch["input_ids"].shape[1]
 
 
+@pytest.mark.multiproc
 def test_greedy_equals_no_cache_recomputation(ckpt, batch):
     from megatron_sayo.distributed.runtime import spawn_local
 
@@ -132,6 +134,7 @@ def test_greedy_equals_no_cache_recomputation(ckpt, batch):
 
 # ------------------------------------------------------------------------------------------ sampling
 
+@pytest.mark.multiproc
 def test_sampling_reproducible_and_grouped(ckpt, batch):
     params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=8, seed=3, stop_token_ids=())
     a = _run(ckpt, batch, params, g=3)[0]
@@ -146,11 +149,13 @@ def test_sampling_reproducible_and_grouped(ckpt, batch):
     assert not torch.equal(a["sequences"], c["sequences"])
 
 
+@pytest.mark.multiproc
 def test_tiny_top_p_is_greedy(ckpt, batch, hf_greedy):
     params = SamplingParams(temperature=0.7, top_p=1e-6, max_new_tokens=NEW_TOKENS, seed=1, stop_token_ids=())
     assert torch.equal(_run(ckpt, batch, params)[0]["sequences"], hf_greedy)
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_sampling_same_under_tp_and_pp(ckpt, batch, tp, pp):
     """Same seed, same tokens and log-probs at TP=2 / PP=2 as on one rank, with rows stopping at different
@@ -165,6 +170,7 @@ def test_sampling_same_under_tp_and_pp(ckpt, batch, tp, pp):
         torch.testing.assert_close(r["logprobs"], one["logprobs"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.multiproc
 def test_stop_tokens_and_masks(ckpt, batch, hf_greedy):
     """Stop ids = greedy's token at step 3 of row 0 and step 5 of row 1: each row ends at its first stop id,
     padded after; the completion width is the longest row; compacted and uncompacted runs agree."""
@@ -193,6 +199,7 @@ def test_stop_tokens_and_masks(ckpt, batch, hf_greedy):
     torch.testing.assert_close(runs[0]["logprobs"], runs[1]["logprobs"])   # batch size changes the float sums
 
 
+@pytest.mark.multiproc
 def test_length_stop(ckpt, batch, hf_greedy):
     r = _run(ckpt, batch, SamplingParams(greedy=True, max_new_tokens=3, stop_token_ids=()))[0]
     p = batch["input_ids"].shape[1]

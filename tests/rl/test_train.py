@@ -64,6 +64,7 @@ def uninterrupted(assets, tmp_path_factory):
     return metrics(run)
 
 
+@pytest.mark.multiproc
 @pytest.mark.compat
 def test_stop_and_resume_is_bit_for_bit(assets, tmp_path, uninterrupted):
     run_train(overrides(assets, tmp_path, 3))
@@ -78,6 +79,7 @@ def test_stop_and_resume_is_bit_for_bit(assets, tmp_path, uninterrupted):
     assert metrics(tmp_path) == resumed
 
 
+@pytest.mark.multiproc
 def test_sigterm_leaves_a_resumable_checkpoint(assets, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(train_cmd(overrides(assets, tmp_path, 200, interval=0)), cwd=ROOT, env=env,
@@ -96,6 +98,7 @@ def test_sigterm_leaves_a_resumable_checkpoint(assets, tmp_path):
     assert [r["step"] for r in metrics(tmp_path)][-2:] == [stopped_at, stopped_at + 1]
 
 
+@pytest.mark.multiproc
 def test_corrupt_latest_checkpoint_falls_back(assets, tmp_path, uninterrupted):
     run_train(overrides(assets, tmp_path, 4, interval=1))
     ckpts = tmp_path / "checkpoints"
@@ -110,6 +113,7 @@ def test_corrupt_latest_checkpoint_falls_back(assets, tmp_path, uninterrupted):
     assert stable(redone[0]) == stable(uninterrupted[3]), "the step redone from step 3 equals the original"
 
 
+@pytest.mark.multiproc
 def test_non_finite_losses_skip_then_stop(assets, tmp_path):
     """An absurd learning rate makes the weights inf: those steps are skipped, then the run stops."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -122,6 +126,7 @@ def test_non_finite_losses_skip_then_stop(assets, tmp_path):
     assert rows[0]["skipped"] is False and rows[-1]["skipped"] is True
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("args,needle", [
     (["train.stepz=3"], "train.stepz"),
     (["rollout.top_p=1.5"], "rollout.top_p"),
@@ -138,6 +143,7 @@ def test_bad_config_fails_before_building(args, needle, tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.multiproc
 def test_training_from_a_converted_checkpoint_matches_the_hf_start(assets, tmp_path, uninterrupted):
     """model.megatron_path: a checkpoint converted at TP=1, trained at TP=2, gives the HF-started run's first step."""
     from megatron_sayo.convert.hf_to_megatron import convert_hf_to_megatron
@@ -148,6 +154,7 @@ def test_training_from_a_converted_checkpoint_matches_the_hf_start(assets, tmp_p
     assert [stable(r) for r in metrics(tmp_path / "run")] == [stable(uninterrupted[0])]
 
 
+@pytest.mark.multiproc
 def test_capture_off_and_check_agree_with_capture(assets, tmp_path, uninterrupted):
     """rollout.capture_scores=false (a teacher-forced scoring pass) takes the captured run's first steps: the
     same completions and rewards; rollout.capture_check logs |captured - teacher-forced| <= 1e-5 per step."""
@@ -194,6 +201,7 @@ def check_cmd(*args, env_world=None):
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
 
 
+@pytest.mark.multiproc
 def test_check_fails_on_missing_or_empty_data_file(assets, tmp_path):
     ckpt, train = assets
     base = [f"model.hf_path={ckpt}", "model.make_tiny_if_missing=false", "data.synthetic_n=0",
@@ -210,6 +218,7 @@ def test_check_fails_on_missing_or_empty_data_file(assets, tmp_path):
     assert done.returncode == 0 and "world size 2" in done.stdout, done.stderr
 
 
+@pytest.mark.multiproc
 def test_check_world_size_option_and_environment(assets, tmp_path):
     ckpt, train = assets
     base = [f"model.hf_path={ckpt}", "model.make_tiny_if_missing=false", "data.synthetic_n=0",
@@ -222,6 +231,7 @@ def test_check_world_size_option_and_environment(assets, tmp_path):
     assert done.returncode == 0 and "world size 4" in done.stdout, done.stderr
 
 
+@pytest.mark.multiproc
 def test_check_accepts_a_diff_only_vision_config(assets, tmp_path):
     """The 72B-AWQ config.json (transformers 4.49: vision_config with only non-default fields) passes --check
     at the 72B layout; a vision field no Qwen2.5-VL can have fails with the field named."""
@@ -244,6 +254,7 @@ def test_check_accepts_a_diff_only_vision_config(assets, tmp_path):
         in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
+@pytest.mark.multiproc
 def test_resume_with_another_lora_setting_is_refused_before_writing(assets, tmp_path):
     """Issue 29 item 6: a run dir whose newest checkpoint holds LoRA adapters, restarted with lora.enabled off
     (then with another lora.rank): the ranks exit 2 naming the setting and the checkpoint, before anything is written
@@ -268,6 +279,7 @@ def test_resume_with_another_lora_setting_is_refused_before_writing(assets, tmp_
         assert sorted((p.relative_to(run), p.read_bytes()) for p in run.rglob("*") if p.is_file()) == before
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("extra, needle", [
     ([], "is set together with data.synthetic_n = 1024"),        # tiny.yaml's synthetic set + a named file
     (["data.synthetic_n=0"], "data.train_file: {typo}: no such file"),

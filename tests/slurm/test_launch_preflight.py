@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -32,22 +34,26 @@ def launch(tmp_path: Path, nvidia_smi: str | None, extra_env: dict | None = None
     return out.returncode, out.stdout + out.stderr, args
 
 
+@pytest.mark.multiproc
 def test_check_gets_the_smallest_gpu_nvidia_smi_reports(tmp_path):
     rc, out, args = launch(tmp_path, "printf '81559\\n40960\\n'")
     assert rc == 3 and "config check failed (exit 3)" in out, out
     assert args.split()[-3:] == ["--check", "--gpu-memory", "40960MiB"], args
 
 
+@pytest.mark.multiproc
 def test_sayo_gpu_memory_wins(tmp_path):
     rc, _, args = launch(tmp_path, "printf '81559\\n'", {"SAYO_GPU_MEMORY": "141GB"})
     assert args.split()[-3:] == ["--check", "--gpu-memory", "141GB"], args
 
 
+@pytest.mark.multiproc
 def test_unknown_gpu_memory_stops_before_the_check(tmp_path):
     rc, out, args = launch(tmp_path, "exit 9")
     assert rc == 2 and "SAYO_GPU_MEMORY" in out and args == "", out
 
 
+@pytest.mark.multiproc
 def test_cpu_job_checks_without_gpu_memory(tmp_path):
     rc, _, args = launch(tmp_path, "exit 1", {"SLURM_GPUS_PER_NODE": "0"})
     assert rc == 3 and args.split()[-1] == "--check" and "--gpu-memory" not in args, args

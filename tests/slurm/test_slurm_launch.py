@@ -34,6 +34,7 @@ def test_expected_scripts_exist():
     assert {"train_72b.sbatch", "train_7b.sbatch", "convert.sbatch", "eval.sbatch", "launch.sh"} <= names
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_script_parses(script):
     out = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
@@ -60,6 +61,7 @@ def test_train_scripts_are_preemptible(name):
     assert re.search(r"^#SBATCH --signal=B:USR1@\d+$", text, re.M)
 
 
+@pytest.mark.multiproc
 def test_72b_layout_is_the_planners_recommendation():
     cfg = yaml.safe_load((ROOT / "examples/qwen25vl_72b.yaml").read_text())
     frozen = ["--freeze-vision"] if cfg["model"].get("freeze_vision") else []
@@ -125,6 +127,7 @@ def job_field(job: str, field: str) -> str | None:
     return m.group(1) if m else None
 
 
+@pytest.mark.multiproc
 @pytest.mark.slurm
 def test_config_typo_fails_in_seconds(tmp_path):
     require_slurm()
@@ -140,6 +143,7 @@ def test_config_typo_fails_in_seconds(tmp_path):
     assert took < 60, f"the typo took {took:.0f}s to fail"
 
 
+@pytest.mark.multiproc
 @pytest.mark.slurm
 def test_tiny_cpu_job_trains_and_checkpoints(tmp_path):
     require_slurm()
@@ -183,6 +187,7 @@ def preempt_after_next_step(job: str, run: Path, log: Path, scancel_args: list[s
     return stopped_at
 
 
+@pytest.mark.multiproc
 @pytest.mark.slurm
 def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
     """Preempted twice: USR1 to the batch shell (what `#SBATCH --signal=B:USR1@T` sends; the launcher forwards
@@ -206,6 +211,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
     assert latest_checkpoint(run).name == f"step_{steps:07d}"
 
 
+@pytest.mark.multiproc
 @pytest.mark.slurm
 def test_convert_job_writes_megatron_checkpoint(tmp_path, tiny_ckpt):
     require_slurm()

@@ -10,6 +10,7 @@ srun bash -c 'echo "rank PROCID=$SLURM_PROCID NTASKS=$SLURM_NTASKS SMOKE=$SMOKE_
 """
 
 
+@pytest.mark.multiproc
 @pytest.mark.slurm
 def test_two_task_job_sees_both_ranks(tmp_path):
     require_slurm()

@@ -60,6 +60,7 @@ def _alive(pid: int) -> bool:
 
 # ------------------------------------------------------------------------ runner
 
+@pytest.mark.multiproc
 def test_results_statuses_json_and_a_hung_check_killed_while_the_rest_run(tmp_path):
     checks = [_check("first", check_pass), _check("hangs", check_hangs, limit=4.0), _check("fails", check_fail),
               _check("raises", check_raises), _check("wrong_type", check_wrong_type),
@@ -147,6 +148,7 @@ def test_check_list_covers_the_issue_and_resolves():
     assert sum(c.limit_s for c in G.CHECKS if c.name != "grpo_steps") < 900
 
 
+@pytest.mark.multiproc
 def test_list_command_prints_every_check():
     proc = subprocess.run([sys.executable, "-m", "megatron_sayo.testing.gpu_check", "--list"], capture_output=True,
                           text=True, timeout=120, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
@@ -155,6 +157,7 @@ def test_list_command_prints_every_check():
         assert check.name in proc.stdout
 
 
+@pytest.mark.multiproc
 def test_script_runs_the_checks_and_writes_the_summary(tmp_path):
     """scripts/gpu_check.sh with an existing environment (this venv, no CUDA): the runner's JSON and the log."""
     root = Path(__file__).resolve().parents[2]
@@ -174,6 +177,7 @@ def test_script_runs_the_checks_and_writes_the_summary(tmp_path):
     assert "running the checks with a budget of" in (tmp_path / "gpu_check.log").read_text()
 
 
+@pytest.mark.multiproc
 def test_script_reports_a_setup_failure_as_json(tmp_path):
     root = Path(__file__).resolve().parents[2]
     out = tmp_path / "gpu_check.json"
