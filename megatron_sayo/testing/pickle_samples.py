@@ -2,7 +2,7 @@
 
 Each Python release pickles some objects its own way (early 3.11 releases: enum members as getattr(cls, name)),
 so the allow-list is tested on the exact bytes every supported interpreter produced. `make compat` runs this in
-each cell of the matrix and writes tests/formats/pickle_samples/<python>-torch<version>.json:
+each cell of the matrix and writes tests/formats/pickle_samples/<python>-torch<version>.json where it is missing:
 
     python -m megatron_sayo.testing.pickle_samples tests/formats/pickle_samples
 """
@@ -74,10 +74,14 @@ def samples() -> dict[str, bytes]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path, help="folder for <python>-torch<version>.json")
+    parser.add_argument("--refresh", action="store_true", help="write the file again where it exists")
     args = parser.parse_args(argv)
     import torch
 
     name = f"python{platform.python_version()}-torch{torch.__version__.split('+')[0]}.json"
+    if (args.out_dir / name).is_file() and not args.refresh:
+        print(f"pickle_samples: {args.out_dir / name} exists (--refresh writes it again)")
+        return
     record = {"python": sys.version, "torch": torch.__version__,
               "pickles": {k: base64.b64encode(v).decode() for k, v in sorted(samples().items())}}
     args.out_dir.mkdir(parents=True, exist_ok=True)
