@@ -104,6 +104,13 @@ class RolloutConfig:
     max_new_tokens: int = _f(110, ge=1)       # longest completion
     capture_scores: bool = True    # log-probs, entropies, region masses taken at decode (no scoring pass)
     capture_check: bool = False    # debug: score teacher-forced too, log mean |captured - teacher-forced|
+    # DAPO's dynamic sampling: groups whose rewards are all equal (zero advantages) are dropped and more prompts
+    # drawn until the step has train.global_batch groups with a reward spread (each DP rank its share); each step
+    # logs dynamic_batches, dynamic_groups_dropped, dynamic_groups_filled and dynamic_extra_rollouts
+    dynamic_sampling: bool = False
+    # most prompt batches drawn in a step with dynamic_sampling, the first included; still short after them,
+    # a rank fills its share with the first flat groups it drew (zero advantages)
+    dynamic_sampling_max_batches: int = _f(4, ge=1)
 
 
 @dataclass
@@ -141,6 +148,8 @@ class LossConfig:
     """GRPO loss: clipped ratio + beta * k3 KL, averaged over the global batch's valid tokens."""
 
     clip_eps: float = _f(0.2, gt=0.0)       # PPO ratio clip range 1 +- clip_eps
+    # upper clip (DAPO's clip-higher): the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high]; null: clip_eps
+    clip_eps_high: float | None = _f(None, gt=0.0)
     kl_beta: float = _f(0.001, ge=0.0)      # weight of the k3 KL to the reference policy (0: no reference pass)
     aggregation: Literal["token"] = "token"   # mean over the global batch's valid completion tokens
     advantage_eps: float = _f(1e-4, gt=0.0)   # A = (r - mean) / (std + advantage_eps)

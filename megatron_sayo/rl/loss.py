@@ -24,9 +24,10 @@ def k3_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
               advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float = _L.clip_eps,
-              kl_beta: float = _L.kl_beta):
+              kl_beta: float = _L.kl_beta, clip_eps_high: float | None = _L.clip_eps_high):
     """(loss, metrics): PPO clipped ratio + kl_beta * k3 KL summed over valid tokens, for log-probs [B, T],
-    advantages [B], mask [B, T].
+    advantages [B], mask [B, T]. The ratio is clipped to [1 - clip_eps, 1 + clip_eps_high] (DAPO's clip-higher;
+    clip_eps_high None: clip_eps, the symmetric PPO clip).
 
     Metrics are detached: pg_loss, kl, clip_fraction (tokens where the clipped branch is taken), ratio_mean are
     sums over valid tokens; ratio_min/ratio_max are local extremes; tokens is the valid count.
@@ -36,8 +37,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     logp = torch.where(mask, logp, zero)  # padding may hold anything; keep it out of exp() and the grads
     old_logp = torch.where(mask, old_logp, zero)
     adv = advantages.to(logp.dtype).unsqueeze(-1)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     ratio = torch.exp(logp - old_logp)
-    clipped_ratio = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    clipped_ratio = ratio.clamp(1.0 - clip_eps, 1.0 + high)
     pg = -torch.minimum(ratio * adv, clipped_ratio * adv)
     per_token = pg
     kl = torch.zeros_like(logp)
@@ -50,7 +52,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
         def masked_sum(x):
             return torch.where(mask, x, zero).sum()
 
-        taken = ((ratio < 1.0 - clip_eps) & (adv < 0)) | ((ratio > 1.0 + clip_eps) & (adv > 0))
+        taken = ((ratio < 1.0 - clip_eps) & (adv < 0)) | ((ratio > 1.0 + high) & (adv > 0))
         metrics = {
             "pg_loss": masked_sum(pg), "kl": masked_sum(kl), "clip_fraction": masked_sum(taken.to(logp.dtype)),
             "ratio_mean": masked_sum(ratio),
@@ -73,5 +75,5 @@ def grpo_token_loss(old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advan
     """grpo_loss bound to a batch's old/ref log-probs [N, T] and advantages [N]: (logp, rows, mask) -> (loss, m)."""
     def token_loss(logp: torch.Tensor, rows: slice, mask: torch.Tensor):
         return grpo_loss(logp, old_logp[rows], None if ref_logp is None else ref_logp[rows], advantages[rows],
-                         mask, cfg.clip_eps, cfg.kl_beta)
+                         mask, cfg.clip_eps, cfg.kl_beta, cfg.clip_eps_high)
     return token_loss

@@ -25,12 +25,14 @@ from megatron_sayo.rl import rewards as R
 from megatron_sayo.rl.advantages import distributed_group_advantages
 from megatron_sayo.rl.batch import CompletionScores, ScoringBatch
 from megatron_sayo.rl.diagnostics import flat_groups, steering_metrics
+from megatron_sayo.rl.dynamic_sampling import (draw_until_full, group_has_signal, group_rows, merge_batches,
+                                               merge_scores)
 from megatron_sayo.rl.heldout import HeldOutEvaluator
 from megatron_sayo.rl.loss import grpo_token_loss
 from megatron_sayo.rl.metrics import MetricsLogger
 from megatron_sayo.rl.optimizer import wrap_for_training
 from megatron_sayo.rl.prompts import PromptStream, build_prompt_batch
-from megatron_sayo.rl.rollout import SamplingParams, generate
+from megatron_sayo.rl.rollout import SamplingParams, generate, share_from_sampler
 from megatron_sayo.rl.scoring import reference_logprobs, score_policy
 from megatron_sayo.rl.update import accumulate_gradients
 
@@ -181,11 +183,62 @@ class GRPOTrainer:
 
     # -- one GRPO step ------------------------------------------------------------------------------------
     def train_step(self) -> StepResult:
-        cfg, hf = self.cfg, self.hf
+        cfg = self.cfg
         t0 = time.perf_counter()
         per_rank = cfg.train.global_batch // self.dp
-        indices = self.stream.take(cfg.train.global_batch)
         first = self.step * cfg.train.global_batch + self.dp_rank * per_rank
+        g = cfg.rollout.group_size
+        draws: list[dict | None] = []
+        if cfg.rollout.dynamic_sampling:
+            def draw(index: int, roll: bool):
+                draws.append(self._draw(index, per_rank, roll))
+                return None if draws[-1] is None else draws[-1]["signal"]
+            chosen, stats = draw_until_full(draw, per_rank, g, cfg.rollout.dynamic_sampling_max_batches,
+                                            parallel_state.get_data_parallel_group() if self.dp > 1 else None)
+            part = self._merge(draws, chosen)
+            dynamic = stats.metrics()
+        else:
+            part, dynamic = self._draw(0, per_rank, True), {}
+        batch, scores, check = part["batch"], part["scores"], part["check"]
+        t1, t2 = part["t1"], part["t2"]
+        ref_logp = self._reference_logprobs(batch, cfg.train.micro_batch)
+        t3 = time.perf_counter()
+
+        last = parallel_state.is_pipeline_last_stage()
+        metrics: dict = {}
+        advantages = None
+        if last:
+            terms, tas, texts, total = part["terms"], part["tas"], part["texts"], part["total"]
+            group_ids = torch.arange(total.numel(), device=total.device) // g + first
+            advantages = distributed_group_advantages(total, group_ids, eps=cfg.loss.advantage_eps)
+            metrics = self._rollout_metrics(terms, total, tas, scores)
+            metrics.update(steering_metrics(terms["attention"], terms["accuracy"], tas, advantages, group_ids))
+            metrics.update(self._no_signal(total, group_ids))
+            metrics.update(dynamic)
+        loss_metrics, grad_norm, skipped = self._update(batch, scores, ref_logp, advantages)
+        t4 = time.perf_counter()
+        self.step += 1
+        if last:
+            metrics.update(loss_metrics)
+            metrics.update(check)
+            n_tokens = float(batch.completion_mask.sum()) * self.dp
+            metrics.update(step=self.step, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
+                           tokens_per_s=n_tokens / (t4 - t0), skipped=skipped,
+                           time_rollout=t1 - t0, time_score=t2 - t1, time_reference=t3 - t2, time_update=t4 - t3,
+                           time_step=t4 - t0, sample_completion=texts[0][:200],
+                           sequences=batch.sequences.shape[0] * self.dp, sequence_length=batch.sequences.shape[1])
+            if torch.cuda.is_available():
+                metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return StepResult(metrics, skipped)
+
+    def _draw(self, index: int, per_rank: int, roll: bool) -> dict | None:
+        """Prompt batch `index` of this step: this rank's prompts (always taken from the stream, so every rank's
+        stream stays at one position), and when `roll`, their rollout, scores and, on the last stage, the
+        reward terms; `signal` (every stage): per group, whether its rewards differ (dynamic sampling)."""
+        cfg, hf = self.cfg, self.hf
+        indices = self.stream.take(cfg.train.global_batch)
+        if not roll:
+            return None
         local = decodable_samples(self.samples, indices[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank],
                                   cfg.data.on_error)
         prompts = build_prompt_batch(self.processor, local, hf.tokens.image, hf.vision.spatial_merge_size,
@@ -195,7 +248,7 @@ class GRPOTrainer:
                                 max_new_tokens=cfg.rollout.max_new_tokens,
                                 suppress_token_ids=(hf.tokens.image, hf.tokens.video, hf.tokens.vision_start,
                                                     hf.tokens.vision_end),
-                                seed=cfg.train.seed * 1_000_003 + self.step * 1009 + self.dp_rank)
+                                seed=cfg.train.seed * 1_000_003 + self.step * 1009 + self.dp_rank + index * 104_729)
         self.policy.eval()
         inputs = {k: (v.to(runtime.device()) if isinstance(v, torch.Tensor) else v)
                   for k, v in prompts.inputs.items()}
@@ -206,45 +259,46 @@ class GRPOTrainer:
 
         rows = rollout.group_ids.tolist()
         batch = ScoringBatch.from_rollout(rollout, prompts, hf)
-        mb = cfg.train.micro_batch
         check = {}
         if not capture or cfg.rollout.capture_check:
-            scores = score_policy(self.policy, batch, mb, cfg.rollout.temperature,
+            scores = score_policy(self.policy, batch, cfg.train.micro_batch, cfg.rollout.temperature,
                                   attention_row=cfg.reward.attention_row, shared=cfg.train.prompt_sharing)
             if capture and scores is not None:
                 check = {f"capture_diff_{k}": v for k, v in rollout.scores.mean_abs_difference(scores).items()}
         if capture:
             scores = rollout.scores
-        t2 = time.perf_counter()
-        ref_logp = self._reference_logprobs(batch, mb)
-        t3 = time.perf_counter()
-
-        last = parallel_state.is_pipeline_last_stage()
-        metrics: dict = {}
-        advantages = None
-        if last:
+        out = dict(batch=batch, scores=scores, check=check, t1=t1, t2=time.perf_counter())
+        signal = torch.zeros(len(local), dtype=torch.float64, device=rollout.sequences.device)
+        if parallel_state.is_pipeline_last_stage():
             terms, tas, texts = self._rewards(rollout, scores, [local[r] for r in rows])
             total = R.total_reward(terms, cfg.reward.weights)
-            group_ids = torch.as_tensor(rows, device=total.device) + first
-            advantages = distributed_group_advantages(total, group_ids, eps=cfg.loss.advantage_eps)
-            metrics = self._rollout_metrics(terms, total, tas, scores)
-            metrics.update(steering_metrics(terms["attention"], terms["accuracy"], tas, advantages, group_ids))
-            metrics.update(self._no_signal(total, group_ids))
-        loss_metrics, grad_norm, skipped = self._update(batch, scores, ref_logp, advantages)
-        t4 = time.perf_counter()
-        self.step += 1
-        if last:
-            metrics.update(loss_metrics)
-            metrics.update(check)
-            n_tokens = float(rollout.completion_mask.sum()) * self.dp
-            metrics.update(step=self.step, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
-                           tokens_per_s=n_tokens / (t4 - t0), skipped=skipped,
-                           time_rollout=t1 - t0, time_score=t2 - t1, time_reference=t3 - t2, time_update=t4 - t3,
-                           time_step=t4 - t0, sample_completion=texts[0][:200],
-                           sequences=len(rows) * self.dp, sequence_length=rollout.sequences.shape[1])
-            if torch.cuda.is_available():
-                metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        return StepResult(metrics, skipped)
+            out.update(terms=terms, tas=tas, texts=texts, total=total)
+            signal = group_has_signal(total, g).double()
+        if cfg.rollout.dynamic_sampling:   # the last stage's flags, on every stage (TP ranks computed them alike)
+            out["signal"] = [bool(f) for f in share_from_sampler(signal).tolist()]
+        return out
+
+    def _merge(self, draws: list[dict | None], chosen: list[tuple[int, int]]) -> dict:
+        """One step's batch from the chosen (draw, group) pairs of dynamic sampling: rows, scores, terms."""
+        g = self.cfg.rollout.group_size
+        by_draw: dict[int, list[int]] = {}
+        for d, group in chosen:
+            by_draw.setdefault(d, []).append(group)
+        parts = [(draws[d], group_rows(groups, g)) for d, groups in sorted(by_draw.items())]
+        first = draws[0]
+        pad = self.hf.tokens.pad if self.hf.tokens.pad is not None else self.hf.tokens.eos[0]
+        out = dict(batch=merge_batches([(p["batch"], rows) for p, rows in parts], pad), check=first["check"],
+                   t1=first["t1"], t2=time.perf_counter())
+        out["scores"] = (None if first["scores"] is None else
+                         merge_scores([(p["scores"], rows) for p, rows in parts]))
+        if "terms" in first:
+            def pick(values, rows):
+                return values[torch.as_tensor(rows, dtype=torch.long, device=values.device)]
+            out["terms"] = {k: torch.cat([pick(p["terms"][k], rows) for p, rows in parts]) for k in first["terms"]}
+            out["tas"] = torch.cat([pick(p["tas"], rows) for p, rows in parts])
+            out["total"] = torch.cat([pick(p["total"], rows) for p, rows in parts])
+            out["texts"] = [p["texts"][r] for p, rows in parts for r in rows]
+        return out
 
     def _reference_logprobs(self, batch: ScoringBatch, mb: int):
         """The reference policy's log-probs (None without a KL term): the frozen copy, or with LoRA the
