@@ -14,6 +14,36 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "multiproc: starts processes (subprocesses, spawned ranks, torchrun)")
 
 
+UNMARKED_STARTS: list[str] = []   # tests that started a process without the multiproc marker (this session)
+
+
+@pytest.fixture(autouse=True)
+def _note_unmarked_process_starts(request, monkeypatch):
+    """Record a test without the multiproc marker that starts a process (listed at the end of the session)."""
+    if request.node.get_closest_marker("multiproc") is not None:
+        yield
+        return
+    import multiprocessing.process
+    import subprocess
+
+    started = []
+    popen_start, process_start = subprocess.Popen._execute_child, multiprocessing.process.BaseProcess.start
+    monkeypatch.setattr(subprocess.Popen, "_execute_child",
+                        lambda self, *a, **k: started.append(1) or popen_start(self, *a, **k))
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start",
+                        lambda self: started.append(1) or process_start(self))
+    yield
+    if started:
+        UNMARKED_STARTS.append(request.node.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if UNMARKED_STARTS:
+        terminalreporter.section("tests that started processes without @pytest.mark.multiproc")
+        for nodeid in UNMARKED_STARTS:
+            terminalreporter.write_line(nodeid)
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """HF checkpoint dir of preset 'tiny' (GQA 4/2 heads, untied, vocab 512), seed 0, float32."""

@@ -112,6 +112,7 @@ def _batch(hf_dir: Path, make_image):
     return dict(input_ids=ids, attention_mask=am, pixel_values=pv, image_grid_thw=thw)
 
 
+@pytest.mark.multiproc
 @pytest.mark.compat
 @pytest.mark.parametrize("tp,pp", [(1, 1), (1, 2)])
 def test_tp2pp2_checkpoint_loads_resharded_at_parity(tiny_ckpt, converted_tp2pp2, make_image, tp, pp):
@@ -336,6 +337,7 @@ def dcp_tensors(d: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+@pytest.mark.multiproc
 def test_checkpoint_keeps_its_vocab_padding_at_another_tp(tmp_path, make_image):
     """vocab 384 pads to 512 rows at TP=2 but 384 at TP=1: a TP=2 conversion (512 stored rows) loads at TP=1
     (megatron's vocab tensors allow the padding to differ) and gives transformers' logits."""

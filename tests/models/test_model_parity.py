@@ -42,6 +42,7 @@ def case(request, tiny_ckpt, tiny_tied_ckpt, make_image):
     return ckpt, batch, hf_logits(str(ckpt), batch)
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{t}pp{p}" for t, p in LAYOUTS])
 def test_logits_match_transformers(case, tp, pp):
     ckpt, batch, ref = case
