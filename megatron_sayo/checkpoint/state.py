@@ -2,8 +2,9 @@
 atomic save and resume. The HF <-> Megatron converters (convert/) build on the helpers here.
 
 On disk a model checkpoint is a torch_dist directory as `model.sharded_state_dict()` saves it (the HF converter
-writes the same files itself, see models/qwen25vl/dist_layout.py): every global tensor is the TP=1 megatron tensor (decoder layers stacked on a leading axis, SwiGLU fc1 = [gate; up], QKV packed
-by query group, vocabulary padded for the TP it was written at), so megatron reshards it on load. Next to it:
+writes the same files itself, see models/qwen25vl/dist_layout.py): every global tensor is the TP=1 megatron tensor
+(decoder layers stacked on a leading axis, SwiGLU fc1 = [gate; up], QKV packed by query group, vocabulary padded
+for the TP it was written at), so megatron reshards it on load. Next to it:
 `checkpoint_metadata.json` (what it is) and, when known, the HF config.json / tokenizer / processor files.
 
 Training checkpoints live in `run_dir/checkpoints/step_XXXXXXX/` (model + optimizer + per-rank RNG + step +
@@ -23,11 +24,19 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_sayo.checkpoint.files import (
+    LATEST_FILE,
+    METADATA_FILE,
+    STEP_PREFIX,
+    CheckpointError,
+    copy_side_files,
+    make_metadata,
+    next_resumable,
+    prune_checkpoints,
+    read_metadata,
+)
 from megatron_sayo.formats.atomic import publish_dir, write_bytes_atomic, write_json_atomic
 from megatron_sayo.formats.pickle_guard import UnsafePickle, check_checkpoint_pickles
-from megatron_sayo.checkpoint.files import (LATEST_FILE, METADATA_FILE, STEP_PREFIX, CheckpointError,
-                                           copy_side_files, make_metadata, next_resumable, prune_checkpoints,
-                                           read_metadata)
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +252,7 @@ def _writer_results_queue() -> None:
     from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
+
     from megatron_sayo.distributed.runtime import die_with_parent
 
     if getattr(filesystem_async, "_results_queue", False) is not None:
