@@ -130,6 +130,10 @@ class RewardConfig:
     attention_form: Literal["paper", "code"] = "paper"   # R_attn = x^2 / (1 + x^2) ('paper') or tanh(log x) ('code')
     eps: float = _f(1e-8, gt=0.0)                        # TAS x = (A + eps) / (V + eps)
     top_entropy_ratio: float = _f(0.3, gt=0.0, le=1.0)   # share of a completion's tokens selected, by entropy
+    # which completion tokens the attention reward pools over: 'entropy' the top top_entropy_ratio by entropy (the
+    # paper), 'all' every token, 'reasoning' those before the last <answer> block, 'answer' those inside it.
+    # Training only: held-out TAS keeps the paper's entropy selection, one yardstick for every variant.
+    token_selection: Literal["entropy", "all", "reasoning", "answer"] = "entropy"
     format_long_bound: int = _f(100, ge=1)    # completions longer than this get a length penalty
     format_short_bound: int = _f(60, ge=1)    # completions shorter than this get a length penalty
     format_factor: float = _f(0.6, ge=0.0)    # scale of the length penalties

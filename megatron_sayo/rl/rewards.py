@@ -44,6 +44,61 @@ def select_top_entropy(entropy: torch.Tensor, mask: torch.Tensor,
     return (rank < k.view(-1, 1)) & mask
 
 
+TOKEN_SELECTIONS = ("entropy", "all", "reasoning", "answer")
+
+
+def answer_block(text: str) -> tuple[int, int, int] | None:
+    """(start of its <answer> tag, start and end of its content) of the last complete <answer>...</answer> block
+    (the one extract_answer reads), or None."""
+    last = None
+    for last in _ANSWER.finditer(text):
+        pass
+    return None if last is None else (last.start(), last.start(1), last.end(1))
+
+
+def token_parts(char_ends: list[int], text: str) -> tuple[list[bool], list[bool]]:
+    """(reasoning, answer) flags of tokens whose decoded text ends at `char_ends` (cumulative) in `text`:
+    reasoning = ends at or before the last answer block's <answer> tag (every token when there is no block),
+    answer = overlaps the block's content. A token straddling the tag is in neither."""
+    block = answer_block(text)
+    starts = [0, *char_ends[:-1]]
+    if block is None:
+        return [True] * len(char_ends), [False] * len(char_ends)
+    tag, lo, hi = block
+    return ([e <= tag for e in char_ends], [s < hi and e > lo for s, e in zip(starts, char_ends)])
+
+
+def completion_parts(completion_ids: torch.Tensor, lengths: torch.Tensor, decode) -> tuple[torch.Tensor,
+                                                                                            torch.Tensor]:
+    """bool [B, T] (reasoning, answer) token flags of completions, `decode(ids) -> str` as the rewards decode
+    them (token_parts on the cumulative decoded lengths); padding is in neither."""
+    reasoning = torch.zeros(completion_ids.shape, dtype=torch.bool, device=completion_ids.device)
+    answer = torch.zeros_like(reasoning)
+    for row, n in enumerate(lengths.tolist()):
+        ids = completion_ids[row, :n].tolist()
+        ends = [len(decode(ids[:j + 1])) for j in range(n)]
+        r, a = token_parts(ends, decode(ids))
+        reasoning[row, :n] = torch.tensor(r, dtype=torch.bool)
+        answer[row, :n] = torch.tensor(a, dtype=torch.bool)
+    return reasoning, answer
+
+
+def select_tokens(selection: str, entropy: torch.Tensor, mask: torch.Tensor, ratio: float = _R.top_entropy_ratio,
+                  parts: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """bool [B, T], reward.token_selection: 'entropy' the top `ratio` by entropy (select_top_entropy), 'all'
+    every real token, 'reasoning' / 'answer' the real tokens flagged in parts = completion_parts(...)."""
+    mask = mask.bool()
+    if selection == "entropy":
+        return select_top_entropy(entropy, mask, ratio)
+    if selection == "all":
+        return mask
+    if selection in ("reasoning", "answer"):
+        if parts is None:
+            raise ValueError(f"reward.token_selection = {selection}: needs the completions' parts (completion_parts)")
+        return parts[0 if selection == "reasoning" else 1].to(mask.device).bool() & mask
+    raise ValueError(f"reward.token_selection must be one of {', '.join(TOKEN_SELECTIONS)}, got {selection!r}")
+
+
 def attention_reward(region_mass: torch.Tensor, image_mass: torch.Tensor, selected: torch.Tensor,
                      form: str = _R.attention_form, eps: float = _R.eps) -> tuple[torch.Tensor, torch.Tensor]:
     """(R_attn [B], TAS [B]): pool a and v over the selected tokens, x = (A + eps)/(V + eps), then the form.
@@ -165,10 +220,12 @@ def total_reward(components: Mapping[str, torch.Tensor], weights: RewardWeights 
 
 
 def sequence_attention_reward(scores: CompletionScores, ratio: float = _R.top_entropy_ratio,
-                              form: str = _R.attention_form, eps: float = _R.eps):
-    """select -> reward in one call: (reward [B], tas [B], selected [B, T]) from a scoring's masses/entropies."""
+                              form: str = _R.attention_form, eps: float = _R.eps,
+                              selection: str = _R.token_selection, parts=None):
+    """select -> reward in one call: (reward [B], tas [B], selected [B, T]) from a scoring's masses/entropies;
+    `selection` and `parts` as select_tokens."""
     if scores.region_mass is None or scores.image_mass is None:
         raise ValueError("the attention reward needs region and image masses (score with the region probe)")
-    selected = select_top_entropy(scores.entropy, scores.mask, ratio)
+    selected = select_tokens(selection, scores.entropy, scores.mask, ratio, parts)
     reward, tas = attention_reward(scores.region_mass, scores.image_mass, selected, form, eps)
     return reward, tas, selected

@@ -314,9 +314,14 @@ class GRPOTrainer:
     def _rewards(self, rollout, scores: CompletionScores, samples):
         """Per-completion reward terms (attention, format, accuracy) and TAS, on the last stage."""
         cfg = self.cfg.reward
-        attn, tas, _ = R.sequence_attention_reward(scores, cfg.top_entropy_ratio, cfg.attention_form, cfg.eps)
-        texts, fmt, acc = [], [], []
         tok = self.processor.tokenizer
+        parts = None
+        if cfg.token_selection in ("reasoning", "answer"):
+            parts = R.completion_parts(rollout.completion_ids, rollout.completion_lengths,
+                                       lambda ids: tok.decode(ids, skip_special_tokens=True))
+        attn, tas, _ = R.sequence_attention_reward(scores, cfg.top_entropy_ratio, cfg.attention_form, cfg.eps,
+                                                   cfg.token_selection, parts)
+        texts, fmt, acc = [], [], []
         for row, n in enumerate(rollout.completion_lengths.tolist()):
             text = tok.decode(rollout.completion_ids[row, :n].tolist(), skip_special_tokens=True)
             texts.append(text)

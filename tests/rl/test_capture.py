@@ -2,7 +2,7 @@
 
 Reference: rl/scoring.score_policy on the same completions (itself held to transformers' eager attention and
 full-vocab log-softmax in tests/attention and tests/eval). float32 CPU, tolerance 1e-5 absolute, at TP=1,
-TP=2 and PP=2, on left-padded prompts (one with two images, one text-only) and rows stopping at different
+TP=2 and PP=2 (rewards under every reward.token_selection), on left-padded prompts (one with two images, one text-only) and rows stopping at different
 steps (a fifth of the vocabulary stops a row).
 """
 
@@ -116,3 +116,17 @@ def test_captured_scores_equal_teacher_forced(tiny_ckpt, prompts, layout):
     adv_got = group_advantages(r_got.double() + fmt, captured.group_ids)
     adv_ref = group_advantages(r_ref.double() + fmt, captured.group_ids)
     torch.testing.assert_close(adv_got, adv_ref, atol=TOL, rtol=0)
+
+    # every reward.token_selection: the same tokens and rewards from captured and teacher-forced scores (the
+    # reasoning/answer parts come from the completion ids, which every rank holds alike: checked above)
+    from megatron_sayo.data.tokenizer import Tokenizer
+    from megatron_sayo.rl.rewards import TOKEN_SELECTIONS, completion_parts
+
+    tok = Tokenizer.from_pretrained(tiny_ckpt)
+    parts = completion_parts(captured.completion_ids, lengths, lambda ids: tok.decode(ids, skip_special_tokens=True))
+    for selection in TOKEN_SELECTIONS:
+        r_got, tas_got, sel_got = sequence_attention_reward(got, selection=selection, parts=parts)
+        r_ref, tas_ref, sel_ref = sequence_attention_reward(teacher, selection=selection, parts=parts)
+        assert torch.equal(sel_got, sel_ref), selection
+        torch.testing.assert_close(r_got, r_ref, atol=TOL, rtol=0)
+        torch.testing.assert_close(tas_got, tas_ref, atol=TOL, rtol=TOL)

@@ -201,14 +201,15 @@ def _train(tiny_ckpt, tmp_path, extra):
 @pytest.mark.parametrize("layout, weights, want", [
     # DP=2, every group flat (a random model earns no format or accuracy reward): both ranks draw to the cap,
     # then train on the first flat groups; dropped 2 x 2 - 2, extra rollouts 1 batch x 1 group x G=2 x 2 ranks
-    ("parallel.tp=1", "reward.weights.attention=0", dict(dynamic_batches=2, dynamic_groups_dropped=2,
+    # (and the attention reward, weighted 0, pooled over the reasoning tokens: reward.token_selection in a run)
+    ("parallel.tp=1", "reward.weights.attention=0 reward.token_selection=reasoning", dict(dynamic_batches=2, dynamic_groups_dropped=2,
                                                           dynamic_groups_filled=2, dynamic_extra_rollouts=4)),
     # PP=2, the attention reward gives every group a spread: the first stage learns that from the last one
     ("parallel.pp=2", "reward.weights.attention=1", dict(dynamic_batches=1, dynamic_groups_dropped=0,
                                                           dynamic_groups_filled=0, dynamic_extra_rollouts=0)),
 ])
 def test_trainer_dynamic_sampling_at_dp2_and_pp2(tiny_ckpt, tmp_path, layout, weights, want):
-    rows = _train(tiny_ckpt, tmp_path, ["parallel.tp=1", layout, weights])
+    rows = _train(tiny_ckpt, tmp_path, ["parallel.tp=1", layout, *weights.split()])
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
         assert {k: row[k] for k in want} == want
