@@ -91,6 +91,7 @@ def test_half_sent_body_times_out_with_408(server):
     s.close()
 
 
+@pytest.mark.multiproc
 def test_connection_cap_answers_503(tiny_ckpt, server):
     """With --max-connections 4, four idle connections fill the server: the next request gets 503 in OpenAI's
     error format (as the openai client reads it), and once they close the server answers again."""

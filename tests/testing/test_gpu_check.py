@@ -92,6 +92,7 @@ def test_results_statuses_json_and_a_hung_check_killed_while_the_rest_run(tmp_pa
     assert not list(out.parent.glob("*.tmp*"))                     # atomic write left nothing behind
 
 
+@pytest.mark.multiproc
 def test_budget_cuts_limits_and_skips_what_no_longer_fits(tmp_path):
     ticks = iter([0.0, 0.0, 0.0, 95.0, 95.0, 95.0, 95.0, 95.0, 95.0, 95.0, 95.0])
     checks = [_check("a", check_pass, limit=30.0), _check("b", check_pass, limit=30.0)]
@@ -102,6 +103,7 @@ def test_budget_cuts_limits_and_skips_what_no_longer_fits(tmp_path):
     assert b["status"] == "skip" and "only 5 s left of the 100 s budget" in b["reason"]
 
 
+@pytest.mark.multiproc
 def test_gpu_checks_skip_with_the_reason_without_cuda(tmp_path):
     """The real check list on this CPU machine: every CUDA check is skipped, naming why; the environment
     check still runs and reports the versions."""
