@@ -61,9 +61,10 @@ def start_end(run_dir: Path, wall: float | None = None, heatmap: Path | None = N
     return "\n".join(lines)
 
 
-def draw_heatmap(run_dir: Path, cfg) -> Path | None:
-    """tools/attention_report.py on the final checkpoint for the first held-out question, answered greedily
-    (top_p 0.01 keeps only the most likely token; entropies at temperature 1 as in training)."""
+def start_heatmap(run_dir: Path, cfg) -> tuple[subprocess.Popen, Path] | None:
+    """Start tools/attention_report.py on the final checkpoint for the first held-out question, answered greedily
+    (top_p 0.01 keeps only the most likely token; entropies at temperature 1 as in training); None without the
+    tool. finish_heatmap waits for it."""
     from megatron_sayo.data.grounded import load_grounded
     from megatron_sayo.rl.prompts import conversation
 
@@ -77,11 +78,21 @@ def draw_heatmap(run_dir: Path, cfg) -> Path | None:
            "--bbox", ",".join(str(v) for v in sample.boxes[0]), "--prompt", text,
            "--generate", str(cfg.rollout.max_new_tokens), "--temperature", "1", "--top-p", "0.01",
            "--top-entropy-ratio", str(cfg.reward.top_entropy_ratio), "--out", str(out)]
-    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
-    if done.returncode != 0:
-        print(f"heatmap failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    return proc, out / "heatmap.png"
+
+
+def finish_heatmap(started: tuple[subprocess.Popen, Path] | None) -> Path | None:
+    """The heatmap's path once its process has ended well; None (and its error) otherwise."""
+    if started is None:
         return None
-    return out / "heatmap.png"
+    proc, path = started
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        print(f"heatmap failed ({proc.returncode}):\n{err[-2000:]}")
+        return None
+    return path
 
 
 def main(argv=None) -> int:
@@ -102,8 +113,9 @@ def main(argv=None) -> int:
     if rc == 0:
         from megatron_sayo.rl import plots
 
+        started = start_heatmap(run_dir, cfg)   # one process for the heatmap while this one draws the plots
         plots.plot_run(run_dir)
-        heatmap = draw_heatmap(run_dir, cfg)
+        heatmap = finish_heatmap(started)
     print()
     print(start_end(run_dir, time.monotonic() - t0, heatmap))
     return rc

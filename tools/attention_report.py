@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,7 +274,7 @@ def main(argv=None) -> int:
         from PIL import Image
 
         from megatron_sayo.data.processor import Processor
-        from megatron_sayo.distributed.runtime import spawn_local
+        from megatron_sayo.distributed.runtime import free_port, spawn_local
         from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
 
         hf = load_hf_config(ckpt)
@@ -286,9 +287,13 @@ def main(argv=None) -> int:
     except (ReportError, ValueError, OSError) as exc:
         print(f"attention_report: {exc}", file=sys.stderr)
         return 2
-    results = spawn_local(_rank_scores, args.tp * args.pp, str(args.hf) if args.hf else None,
-                          str(ckpt) if args.megatron else None, args.tp, args.pp, sample, completion, args.generate,
-                          args.temperature, args.top_p, args.seed)
+    rank_args = (str(args.hf) if args.hf else None, str(ckpt) if args.megatron else None, args.tp, args.pp, sample,
+                 completion, args.generate, args.temperature, args.top_p, args.seed)
+    if args.tp * args.pp == 1:   # one rank: here, without starting a second interpreter
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        results = [_rank_scores(*rank_args)]
+    else:
+        results = spawn_local(_rank_scores, args.tp * args.pp, *rank_args)
     sequence, scores = next(r for r in results if r is not None)
     report = build_report(sequence, scores, sample, args.temperature, args.top_entropy_ratio, args.eps)
     args.out.mkdir(parents=True, exist_ok=True)
