@@ -201,6 +201,8 @@ class WarmupConfig:
     steps: int = _f(0, ge=0)      # supervised steps on the reference answers before GRPO (0: none)
     lr: float = _f(1e-3, gt=0.0)  # its learning rate (constant)
     seed: int = 0                 # its data order; independent of train.seed so GRPO seeds share one warm-up
+    # reference answers per step over all ranks (None: train.global_batch x rollout.group_size)
+    batch: int | None = _f(None, ge=1)
     cache_dir: str | None = None  # where warm-ups are cached, each in a folder keyed by its settings' hash
 
 
@@ -298,7 +300,14 @@ class RunConfig:
         if completions % (dp * self.train.micro_batch):
             raise ConfigError(f"train: global_batch*group_size = {completions} completions must split evenly "
                               f"into dp={dp} ranks x train.micro_batch={self.train.micro_batch}")
+        if self.warmup.steps and self.warmup_answers() % dp:
+            raise ConfigError(f"warmup: {self.warmup_answers()} answers per step (warmup.batch) must split evenly "
+                              f"over dp={dp} data-parallel ranks")
         return dp
+
+    def warmup_answers(self) -> int:
+        """Reference answers per warm-up step over all ranks: warmup.batch, else the GRPO step's completions."""
+        return self.warmup.batch or self.train.global_batch * self.rollout.group_size
 
 
 def synthetic_files(data: DataConfig) -> tuple[str, str]:

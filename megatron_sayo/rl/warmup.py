@@ -40,7 +40,7 @@ def run_warmup(cfg: RunConfig, hf_dir: str, samples: list) -> Path:
     processor = Processor.from_pretrained(hf_dir, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     stream = PromptStream(len(samples), w.seed)
     dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    rows = cfg.train.global_batch * cfg.rollout.group_size // dp
+    rows = cfg.warmup_answers() // dp   # divisible: RunConfig.validate_world
     for step in range(1, w.steps + 1):
         picked = stream.take(rows * dp)[rank * rows:(rank + 1) * rows]
         batch = ScoringBatch.from_answers(processor, policy.hf, decodable_samples(samples, picked, cfg.data.on_error),
@@ -72,7 +72,7 @@ def fingerprint(cfg: RunConfig, hf_dir: str) -> dict:
     return {"source": str(Path(hf_dir).resolve()), "steps": cfg.warmup.steps, "lr": cfg.warmup.lr,
             "seed": cfg.warmup.seed, "train_file": str(train),
             "train_file_stat": [stat.st_size, stat.st_mtime_ns] if stat else None,
-            "global_batch": cfg.train.global_batch, "group_size": cfg.rollout.group_size,
+            "batch": cfg.warmup_answers(),
             "instruction": cfg.data.instruction, "pixels": [cfg.data.min_pixels, cfg.data.max_pixels],
             "params_dtype": cfg.model.params_dtype,
             "optim": [o.weight_decay, o.grad_clip, o.adam_beta1, o.adam_beta2, o.adam_eps]}

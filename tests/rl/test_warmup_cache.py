@@ -48,6 +48,7 @@ def test_same_settings_reuse_one_warmup(tmp_path, trained):
 
 
 @pytest.mark.parametrize("override", ["warmup.steps=7", "warmup.lr=0.5", "warmup.seed=3", "rollout.group_size=2",
+                                      "warmup.batch=8",
                                       "data.synthetic_n=64", "data.synthetic_task=shapes"])
 def test_other_settings_get_their_own_folder(tmp_path, trained, override):
     cfg = load_config(CONFIG, [f"warmup.cache_dir={tmp_path}"])
@@ -76,3 +77,13 @@ def test_folder_with_other_recorded_settings_is_trained_again(tmp_path, trained)
     (out / "metadata.json").write_text("{}")
     (out / "checkpoint_metadata.json").write_text(json.dumps({"warmup_steps": 40}))
     assert warmup.warmed_up(cfg, "ckpt", []) == out and trained == [cfg]
+
+
+def test_warmup_batch_must_split_over_data_parallel_ranks():
+    from megatron_sayo.config import ConfigError
+
+    cfg = load_config(CONFIG, ["parallel.tp=1", "warmup.batch=15"])
+    with pytest.raises(ConfigError, match="warmup: 15 answers per step .warmup.batch. must split evenly over dp=2"):
+        cfg.validate_world(2)
+    assert cfg.validate_world(1) == 1 and load_config(CONFIG, ["parallel.tp=1", "warmup.batch=16"]).validate_world(2)
+    assert cfg.warmup_answers() == 15 and load_config(CONFIG).warmup_answers() == 4 * 4   # gb x G of tiny.yaml
