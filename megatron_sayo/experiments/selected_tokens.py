@@ -48,7 +48,7 @@ def main(argv=None) -> None:
                                 description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--out", required=True, type=Path, help="the ablation's --out (its warm-up is in OUT/warmup/)")
     out = p.parse_args(argv).out.resolve()
-    cfg = load_config(str(A.CONFIG), A.arm_overrides(out, "sayo", 0, []))
+    cfg = load_config(str(A.CONFIG), A.arm_overrides(out, "tiles", A.ARMS["full"], "full", 0, []))
     warmup = A.warmup_checkpoint(cfg)
     if not (warmup / "metadata.json").is_file():
         raise SystemExit(f"{warmup}: no warm-up checkpoint (run the ablation with --out {out} first)")
