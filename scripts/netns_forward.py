@@ -4,9 +4,10 @@
     netns_forward.py --listen 127.0.0.1:6817 [--netns /run/netns/sayo-ctl] --connect 10.250.0.1:6817 --pidfile F
 
 The listening socket is made in the namespace this process starts in (the host's, or a node's); then the
-process enters `--netns` if given, so every connection it opens to `--connect` leaves from inside that namespace. This is how Slurm
-clients on the host (sbatch, squeue, scontrol, scancel, sinfo) reach a slurmctld that lives on a subnet which
-exists only inside the namespaces of the local multi-node cluster: the host gets no address or route on it.
+process enters `--netns` if given, so every connection it opens to `--connect` leaves from inside that
+namespace. This is how Slurm clients on the host (sbatch, squeue, scontrol, scancel, sinfo) reach a slurmctld
+that lives on a subnet which exists only inside the namespaces of the local multi-node cluster: the host gets
+no address or route on it.
 """
 from __future__ import annotations
 
@@ -65,10 +66,16 @@ def hostport(text: str) -> tuple[str, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--listen", required=True, type=hostport)
+    ap.add_argument("--listen", required=True, type=hostport, metavar="HOST:PORT",
+                    help="address to accept connections on, bound in the namespace this process starts in "
+                         "(e.g. 127.0.0.1:6817)")
     ap.add_argument("--netns", help="path of the namespace to connect from (/run/netns/NAME); default: this one")
-    ap.add_argument("--connect", required=True, type=hostport)
-    ap.add_argument("--pidfile")
+    ap.add_argument("--connect", required=True, type=hostport, metavar="HOST:PORT",
+                    help="address each accepted connection is forwarded to, reached from inside --netns "
+                         "(e.g. slurmctld at 10.250.0.1:6817)")
+    ap.add_argument("--pidfile", metavar="FILE",
+                    help="write this process's pid to FILE once it listens (slurm_local.sh waits for it and "
+                         "stops the forwarder by it)")
     args = ap.parse_args()
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
