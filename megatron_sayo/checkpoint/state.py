@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import warnings
 from pathlib import Path
 
@@ -253,14 +254,33 @@ def _writer_results_queue() -> None:
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from megatron_sayo.distributed.runtime import die_with_parent
-
     if getattr(filesystem_async, "_results_queue", False) is not None:
         return                            # already started, or a megatron without this helper
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+    # Slurm signals every process of a job step (USR1 to preempt, TERM on scancel): the helper must outlive
+    # them, or the checkpoint the trainer writes on that signal fails. Blocked from before its start (the
+    # spawned interpreter inherits the mask) until it ignores them, so one arriving meanwhile is dropped too.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STEP_SIGNALS)
+    try:
+        manager.start(initializer=_writer_helper_init, initargs=(os.getpid(),))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     filesystem_async._results_queue = manager.Queue()
     _writer_results_queue.manager = manager   # keep it (and its process) alive with this one
+
+
+_STEP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+
+
+def _writer_helper_init(parent: int) -> None:
+    """In the writer's helper process: ignore the signals Slurm sends a whole job step (the trainer handles
+    them and still needs its helper to write the checkpoint), and die by SIGKILL with the trainer."""
+    from megatron_sayo.distributed.runtime import die_with_parent
+
+    for sig in _STEP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    die_with_parent(parent, signal.SIGKILL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STEP_SIGNALS)
 
 
 def _layout() -> tuple[int, int]:

@@ -413,14 +413,14 @@ def argsort_descending(x: torch.Tensor) -> torch.Tensor:
 # Local multi-process launch (tools and tests start their own ranks; no torchrun needed).
 # --------------------------------------------------------------------------------------------------------------
 
-def die_with_parent(parent: int) -> None:
-    """Linux: have the kernel send this process SIGTERM when its parent dies, so a killed tool or test leaves
-    no ranks (or helper processes) behind (ranks would wait on their collectives until the process-group
-    timeout)."""
+def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
+    """Linux: have the kernel send this process `sig` (SIGTERM; SIGKILL for a process that ignores SIGTERM)
+    when its parent dies, so a killed tool or test leaves no ranks (or helper processes) behind (ranks would
+    wait on their collectives until the process-group timeout)."""
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))   # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux
         return
     if os.getppid() != parent:         # the parent died before prctl took effect

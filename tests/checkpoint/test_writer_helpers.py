@@ -70,3 +70,55 @@ def test_writer_helpers_die_with_a_sigkilled_trainer(tiny_ckpt, tmp_path):
     for p in left:                          # do not leave them behind on the old code either
         os.kill(p, signal.SIGKILL)
     assert not left, f"helper processes {left} outlived their trainer"
+
+
+SAVE_TWICE = """
+import signal, sys, time, torch
+from megatron_sayo.checkpoint import state
+from megatron_sayo.checkpoint.loader import load_model_stage
+from megatron_sayo.distributed import runtime
+for sig in (signal.SIGUSR1, signal.SIGTERM):        # the trainer catches them (it checkpoints, then stops)
+    signal.signal(sig, lambda *_: print("trainer got", _[0], flush=True))
+runtime.init_distributed(1, 1, launch=runtime.LaunchEnv(0, 1, 0, "127.0.0.1", runtime.free_port(), "single"))
+model = load_model_stage(sys.argv[1])
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+state.save_training_state(sys.argv[2], 1, model, opt)
+print("saved 1", flush=True)
+sys.stdin.readline()
+state.save_training_state(sys.argv[2], 2, model, opt)
+print("saved 2", flush=True)
+"""
+
+
+@pytest.mark.multiproc
+def test_writer_helpers_outlive_the_signals_slurm_sends_a_step(tiny_ckpt, tmp_path):
+    """Slurm sends USR1 (preemption) or TERM (scancel) to every process of a job step, the writer's helper
+    included; the trainer catches them and writes a checkpoint, which needs the helper: it must ignore them.
+    (Before: the spawned helper died on USR1 and the preemption checkpoint failed with EOFError.)"""
+    proc = subprocess.Popen([sys.executable, "-c", SAVE_TWICE, str(tiny_ckpt), str(tmp_path / "run")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("saved 1"):
+                break
+        assert lines and lines[-1].startswith("saved 1"), "".join(lines[-20:])
+        helpers = children(proc.pid)
+        assert helpers, "the writer started no helper process (nothing to test)"
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
+            for p in helpers:
+                os.kill(p, sig)
+        time.sleep(1)
+        dead = [p for p in helpers if not alive(p)]
+        assert not dead, f"helper processes {dead} died on the step's signals"
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        lines += proc.stdout.readlines()      # to the end: the second save, then exit
+        assert proc.wait(120) == 0 and "saved 2\n" in lines, "".join(lines[-30:])
+        assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_0000002"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
