@@ -40,8 +40,8 @@ ablation: venv                  ## accuracy-only vs SAYO GRPO on CPU, three seed
 test: venv                      ## the whole test suite (what CI runs)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra
 
-test-fast: venv
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow and not slurm"
+test-fast: venv                 ## the in-process tests (no slow, slurm or multi-process ones): about a minute
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow and not slurm and not multiproc"
 
 compat:                         ## the support matrix (Python 3.11/3.13, torch, megatron-core): compat.json, docs/compat.md
 	bash scripts/compat.sh

@@ -55,28 +55,29 @@ fi
 stamp() { sha256sum pyproject.toml | cut -c1-16; echo "$1"; }
 
 # Build (once) the venv of a cell; prints nothing, fails with the reason.
-build_host_venv() {  # venv python torch
-    local venv=$1 py=$2 torch=$3
+build_host_venv() {  # venv python torch log
+    local venv=$1 py=$2 torch=$3 log=$4
     if [ "${COMPAT_REBUILD:-0}" != 1 ] && [ "$(cat "$venv/.installed" 2>/dev/null)" = "$(stamp "$torch")" ]; then
         return 0
     fi
-    say "building $venv ($py, $torch)"
+    say "building $venv ($py, $torch; log: $log)"
     rm -rf "$venv"
-    "$py" -m venv "$venv" && "$venv/bin/python" -m pip install -q --upgrade pip \
-        && "$venv/bin/python" -m pip install -q "$torch" && "$venv/bin/python" -m pip install -q -e ".[test]" \
-        && stamp "$torch" > "$venv/.installed"
+    { "$py" -m venv "$venv" && "$venv/bin/python" -m pip install -q --upgrade pip \
+        && "$venv/bin/python" -m pip install -q "$torch" && "$venv/bin/python" -m pip install -q -e ".[test]"; } \
+        >"$log" 2>&1 && stamp "$torch" > "$venv/.installed" || { tail -5 "$log" >&2; return 1; }
 }
 
-build_root_venv() {  # torch
+build_root_venv() {  # torch log
     scripts/debian_root.sh build "$ROOT313" trixie python3.13 >&2 || return 1
     if [ "${COMPAT_REBUILD:-0}" != 1 ] && [ "$(cat "$ROOT313/opt/venv/.installed" 2>/dev/null)" = "$(stamp "$1")" ]; then
         return 0
     fi
-    say "building the Python 3.13 venv in $ROOT313"
+    say "building the Python 3.13 venv in $ROOT313 (log: $2)"
     rm -rf "$ROOT313/opt/venv"
     scripts/debian_root.sh run "$ROOT313" -- bash -c "python3.13 -m venv /opt/venv \
         && /opt/venv/bin/pip install -q --upgrade pip && /opt/venv/bin/pip install -q '$1' \
-        && /opt/venv/bin/pip install -q -e '.[test]'" >&2 && stamp "$1" > "$ROOT313/opt/venv/.installed"
+        && /opt/venv/bin/pip install -q -e '.[test]'" >"$2" 2>&1 && stamp "$1" > "$ROOT313/opt/venv/.installed" \
+        || { tail -5 "$2" >&2; return 1; }
 }
 
 VERSIONS='import json, platform, torch, megatron.core, transformers
@@ -95,12 +96,12 @@ for c in "${CELLS[@]}"; do
         continue
     fi
     if [[ "$py" == root:* ]]; then
-        build_root_venv "$torch" || { say "$name: building failed"; status=1;
+        build_root_venv "$torch" "$CACHE/results/$name.build.log" || { say "$name: building failed"; status=1;
             printf '{"cell": "%s", "status": "build failed"}\n' "$name" > "$result"; continue; }
         run=(scripts/debian_root.sh run "$ROOT313" -- env OMP_NUM_THREADS=1 /opt/venv/bin/python)
     else
         venv=$CACHE/venv-$name
-        build_host_venv "$venv" "$py" "$torch" || { say "$name: building failed"; status=1;
+        build_host_venv "$venv" "$py" "$torch" "$CACHE/results/$name.build.log" || { say "$name: building failed"; status=1;
             printf '{"cell": "%s", "status": "build failed"}\n' "$name" > "$result"; continue; }
         run=("$venv/bin/python")
     fi

@@ -8,12 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-
-def pytest_configure(config):
-    """The `multiproc` marker (tests/test_markers.py checks every test that starts processes carries it)."""
-    config.addinivalue_line("markers", "multiproc: starts processes (subprocesses, spawned ranks, torchrun)")
-
-
 UNMARKED_STARTS: list[str] = []   # tests that started a process without the multiproc marker (this session)
 
 

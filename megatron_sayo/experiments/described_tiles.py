@@ -84,7 +84,8 @@ def main(argv=None) -> None:
     p.add_argument("overrides", nargs="*", help="the overrides the ablation ran with")
     args = p.parse_args(argv)
     out = args.out.resolve()
-    cfg = load_config(str(A.CONFIG), A.arm_overrides(out, A.toy_of(args.overrides), A.ARMS["full"], "full", 0, args.overrides))
+    overrides = A.arm_overrides(out, A.toy_of(args.overrides), A.ARMS["full"], "full", 0, args.overrides)
+    cfg = load_config(str(A.CONFIG), overrides)
     warmup = A.warmup_checkpoint(cfg)
     if not (warmup / "metadata.json").is_file():
         raise SystemExit(f"{warmup}: no warm-up checkpoint (run the ablation with --out {out} first)")

@@ -11,13 +11,18 @@ from __future__ import annotations
 import _compat_pickle
 import io
 import os
-import pickle
 import zipfile
 from pathlib import Path
 
 from megatron_sayo.formats.dtypes import DTYPES
-from megatron_sayo.formats.torch_format import (StandInUnpickler, data_pickle, is_stand_in_class,
-                                                 load_dcp_metadata, open_record, read_member)
+from megatron_sayo.formats.torch_format import (
+    StandInUnpickler,
+    data_pickle,
+    is_stand_in_class,
+    load_dcp_metadata,
+    open_record,
+    read_member,
+)
 
 _MD = "torch.distributed.checkpoint.metadata"
 _PLANNER = "torch.distributed.checkpoint.planner"
@@ -45,11 +50,12 @@ ALLOWED: frozenset[tuple[str, str]] = frozenset({
 })
 
 
-# Enum classes a checkpoint's pickles hold, with their member names. Early Python 3.11 releases (3.11.2, Debian 12's
-# python3, among them) pickle an enum member as getattr(EnumClass, "NAME"); later ones as EnumClass(value). So
-# builtins.getattr is accepted only as (one of these classes, one of its members); any other use is refused.
+# Enum classes a checkpoint's pickles hold, with their member names. Early Python 3.11 releases (3.11.2, Debian
+# 12's python3, among them) pickle an enum member as getattr(EnumClass, "NAME"); later ones as EnumClass(value).
+# So builtins.getattr is accepted only as (one of these classes, one of its members); any other use is refused.
 ENUM_MEMBERS: dict[tuple[str, str], frozenset[str]] = {
-    (_MD, "_MEM_FORMAT_ENCODING"): frozenset({"TORCH_CONTIGUOUS_FORMAT", "TORCH_CHANNELS_LAST", "TORCH_PRESERVE_FORMAT"}),
+    (_MD, "_MEM_FORMAT_ENCODING"): frozenset({"TORCH_CONTIGUOUS_FORMAT", "TORCH_CHANNELS_LAST",
+                                              "TORCH_PRESERVE_FORMAT"}),
     (_PLANNER, "WriteItemType"): frozenset({"TENSOR", "SHARD", "BYTE_IO"}),
     (_PLANNER, "LoadItemType"): frozenset({"TENSOR", "BYTE_IO"}),
 }
@@ -85,7 +91,8 @@ class _CheckingUnpickler(StandInUnpickler):
         """getattr as early Python 3.11 releases pickle an enum member: (an allowed enum class, one of its names)."""
         cls, member = (args + (None, None))[:2]
         key = (cls._module, cls._name) if is_stand_in_class(cls) else None
-        if len(args) != 2 or key not in ENUM_MEMBERS or not isinstance(member, str) or member not in ENUM_MEMBERS[key]:
+        allowed = ENUM_MEMBERS.get(key, frozenset())
+        if len(args) != 2 or not (isinstance(member, str) and member in allowed):
             shown = ".".join(key) if key else type(cls).__name__
             self.refuse(f"the global builtins.getattr on ({shown}, {member!r:.60}), not an enum member")
         return cls(member)

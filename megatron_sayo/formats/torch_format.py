@@ -25,7 +25,6 @@ from typing import Any
 
 from megatron_sayo.formats.dtypes import DTYPES, DType, dtype
 
-
 _BY_STORAGE = {d.storage: d for d in DTYPES.values() if d.storage != "UntypedStorage"}
 _dtype = dtype
 

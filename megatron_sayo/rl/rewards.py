@@ -50,9 +50,8 @@ TOKEN_SELECTIONS = ("entropy", "all", "reasoning", "answer")
 def answer_block(text: str) -> tuple[int, int, int] | None:
     """(start of its <answer> tag, start and end of its content) of the last complete <answer>...</answer> block
     (the one extract_answer reads), or None."""
-    last = None
-    for last in _ANSWER.finditer(text):
-        pass
+    matches = list(_ANSWER.finditer(text))
+    last = matches[-1] if matches else None
     return None if last is None else (last.start(), last.start(1), last.end(1))
 
 

@@ -25,8 +25,7 @@ from megatron_sayo.rl import rewards as R
 from megatron_sayo.rl.advantages import distributed_group_advantages
 from megatron_sayo.rl.batch import CompletionScores, ScoringBatch
 from megatron_sayo.rl.diagnostics import flat_groups, steering_metrics
-from megatron_sayo.rl.dynamic_sampling import (draw_until_full, group_has_signal, group_rows, merge_batches,
-                                               merge_scores)
+from megatron_sayo.rl.dynamic_sampling import draw_until_full, group_has_signal, group_rows, merge_batches, merge_scores
 from megatron_sayo.rl.heldout import HeldOutEvaluator
 from megatron_sayo.rl.loss import grpo_token_loss
 from megatron_sayo.rl.metrics import MetricsLogger

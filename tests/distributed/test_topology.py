@@ -65,8 +65,9 @@ def test_failure_message_names_the_lost_ranks_and_host(monkeypatch):
 
 
 def test_describe_lists_hosts_and_group_transports():
-    rows = [{"rank": r, "host": f"n{r // 2 + 1}", "addr": f"10.0.0.{r // 2 + 1}", "tp_ranks": [r - r % 2, r - r % 2 + 1],
-             "tp": "shared memory", "dp_ranks": [r % 2, r % 2 + 2], "dp": "gloo"} for r in range(4)]
+    rows = [{"rank": r, "host": f"n{r // 2 + 1}", "addr": f"10.0.0.{r // 2 + 1}",
+             "tp_ranks": [r - r % 2, r - r % 2 + 1], "tp": "shared memory", "dp_ranks": [r % 2, r % 2 + 2],
+             "dp": "gloo"} for r in range(4)]
     lines = topology.describe(rows)
     assert lines[:4] == [f"topology: rank {r} host n{r // 2 + 1} addr 10.0.0.{r // 2 + 1}" for r in range(4)]
     assert lines[4:] == ["topology: TP group [0, 1] hosts n1: shared memory",

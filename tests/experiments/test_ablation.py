@@ -60,6 +60,7 @@ def test_overrides_that_define_an_arm_are_refused(bad):
         A.check_overrides(["train.steps=3", bad])
 
 
+@pytest.mark.multiproc     # A.main starts the arms' training processes if its checks let a bad argument through
 @pytest.mark.parametrize("argv, needle", [
     (["--arm", "x=attention:train.steps=3"], "train.steps is not a method-variant setting"),
     (["--arm", "x=sayo:reward.token_selection=all"], "BASE one of attention, accuracy, full"),

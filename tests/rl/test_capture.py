@@ -2,8 +2,8 @@
 
 Reference: rl/scoring.score_policy on the same completions (itself held to transformers' eager attention and
 full-vocab log-softmax in tests/attention and tests/eval). float32 CPU, tolerance 1e-5 absolute, at TP=1,
-TP=2 and PP=2 (rewards under every reward.token_selection), on left-padded prompts (one with two images, one text-only) and rows stopping at different
-steps (a fifth of the vocabulary stops a row).
+TP=2 and PP=2 (rewards under every reward.token_selection), on left-padded prompts (one with two images, one
+text-only) and rows stopping at different steps (a fifth of the vocabulary stops a row).
 """
 
 from __future__ import annotations

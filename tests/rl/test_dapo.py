@@ -183,8 +183,9 @@ def _train(tiny_ckpt, tmp_path, extra):
 
     root = Path(__file__).resolve().parents[2]
     write_synthetic(tmp_path / "train.jsonl", 8, seed=0)
-    args = [f"model.hf_path={tiny_ckpt}", "model.make_tiny_if_missing=false", f"data.train_file={tmp_path / 'train.jsonl'}",
-            "data.eval_file=null", "data.synthetic_n=0", f"run_dir={tmp_path / 'run'}", "train.steps=2",
+    args = [f"model.hf_path={tiny_ckpt}", "model.make_tiny_if_missing=false",
+            f"data.train_file={tmp_path / 'train.jsonl'}", "data.eval_file=null", "data.synthetic_n=0",
+            f"run_dir={tmp_path / 'run'}", "train.steps=2",
             "train.global_batch=2", "train.micro_batch=2", "rollout.group_size=2", "rollout.max_new_tokens=4",
             "checkpoint.interval=0", "log.tensorboard=false", "warmup.steps=0", "eval.interval=0",
             "rollout.dynamic_sampling=true", "rollout.dynamic_sampling_max_batches=2", *extra]
@@ -202,8 +203,8 @@ def _train(tiny_ckpt, tmp_path, extra):
     # DP=2, every group flat (a random model earns no format or accuracy reward): both ranks draw to the cap,
     # then train on the first flat groups; dropped 2 x 2 - 2, extra rollouts 1 batch x 1 group x G=2 x 2 ranks
     # (and the attention reward, weighted 0, pooled over the reasoning tokens: reward.token_selection in a run)
-    ("parallel.tp=1", "reward.weights.attention=0 reward.token_selection=reasoning", dict(dynamic_batches=2, dynamic_groups_dropped=2,
-                                                          dynamic_groups_filled=2, dynamic_extra_rollouts=4)),
+    ("parallel.tp=1", "reward.weights.attention=0 reward.token_selection=reasoning",
+     dict(dynamic_batches=2, dynamic_groups_dropped=2, dynamic_groups_filled=2, dynamic_extra_rollouts=4)),
     # PP=2, the attention reward gives every group a spread: the first stage learns that from the last one
     ("parallel.pp=2", "reward.weights.attention=1", dict(dynamic_batches=1, dynamic_groups_dropped=0,
                                                           dynamic_groups_filled=0, dynamic_extra_rollouts=0)),

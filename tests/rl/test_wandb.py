@@ -1,15 +1,14 @@
 """log.wandb: the metrics logger writes a Weights & Biases run in offline mode (the default), under run_dir/wandb,
-with the scalars of each step; nothing is sent (no API key, offline). Uses the real wandb client, an optional
-package (pip install wandb): without it this module is skipped and log.wandb = true stops with that advice."""
+with the scalars of each step; nothing is sent (no API key, offline). Uses the real wandb client (in the test extra;
+for users an optional extra, `pip install 'megatron_sayo[wandb]'`: without it log.wandb = true stops with that
+advice)."""
 
 from __future__ import annotations
 
-import pytest
+import wandb
 
 from megatron_sayo.config import LogConfig
 from megatron_sayo.rl.metrics import MetricsLogger
-
-wandb = pytest.importorskip("wandb", reason="wandb is optional (log.wandb); pip install wandb")
 
 
 def test_offline_run_holds_the_logged_scalars(tmp_path, monkeypatch):
