@@ -62,7 +62,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Grounded training data (JSONL/parquet, see README) or a synthetic task."""
+    """Grounded training data (JSONL/parquet, see docs/data.md) or a synthetic task."""
 
     train_file: str | None = None    # training set, JSONL or parquet (docs/data.md); a missing file is an error
     eval_file: str | None = None     # held-out set for eval.interval; a missing file is an error
