@@ -111,7 +111,8 @@ def is_command(line: str) -> bool:
 
 @cache
 def argparse_flags(path: Path) -> frozenset[str]:
-    """--flag string constants (add_argument's, hand-parsed ones) in a file and in the megatron_sayo modules it imports (one level)."""
+    """--flag string constants (add_argument's, hand-parsed ones) in a file and in the megatron_sayo modules it
+    imports (one level)."""
     files = [path]
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
@@ -121,7 +122,7 @@ def argparse_flags(path: Path) -> frozenset[str]:
     flags = set()
     for f in files:
         for node in ast.walk(ast.parse(f.read_text())):
-            # add_argument("--x", ...), or a hand-parsed flag: a string constant "--x" (config.py: args == ["--markdown"])
+            # add_argument("--x", ...), or a hand-parsed one: a constant "--x" (config.py: args == ["--markdown"])
             if isinstance(node, ast.Constant) and re.fullmatch(r"--[a-z][a-z0-9-]*", str(node.value)):
                 flags.add(node.value)
     return frozenset(flags)
