@@ -1,6 +1,7 @@
 """train.prompt_sharing (issue 30): the packed [prompt | c_1 | ... | c_k] passes give the unshared rows' per-token
 log-probs, entropies, region/image masses (both reward.attention_row forms), reference log-probs, loss and every
-parameter's gradient, within 1e-5 relative in float32 at TP1, TP2 and PP2. Reference: the unshared path (each
+parameter's gradient, within 1e-5 relative in float32 at TP1, TP2, PP2 and TP2xPP2 (also with
+model.region_mass_kernel 'indicator'), and GRPO steps with capture on and off. Reference: the unshared path (each
 row [prompt | c_i] on its own, causal + padding mask) on the same weights. The batch (testing/shared_prompt_batch)
 has a two-image prompt, a text-only prompt and a one-image prompt with region keys, left-padded, G = 3/2/3,
 completions of 1..6 tokens; micro-batches of 3 and 4 rows cut groups (the prompt then goes once per piece)."""
@@ -112,6 +113,13 @@ def _compare(hf_dir, tp, pp, data, micro_batches, variants, leaky=False):
     batch = scoring_batch(data)
     errors = {}
     for variant in variants:
+        if variant == "indicator":   # model.region_mass_kernel: indicator (the masses from a 0/1-valued attention)
+            cfg = update_config(hf_dir, tp, pp, model={"hf_path": str(hf_dir), "params_dtype": "float32",
+                                                       "region_mass_kernel": "indicator"})
+            model = build_policy(cfg, hf_dir)
+            errors.update({(variant, mbs): _compare_indicator_masses(model, batch, mbs, last)
+                           for mbs in micro_batches})
+            continue
         cfg = update_config(hf_dir, tp, pp)
         model = build_policy(cfg, hf_dir)
         if variant == "lora":   # B != 0 (random_adapters), else every A gradient is 0 and proves nothing
@@ -151,6 +159,51 @@ def _compare(hf_dir, tp, pp, data, micro_batches, variants, leaky=False):
     return parallel_state.get_tensor_model_parallel_rank(), last, errors
 
 
+def _compare_indicator_masses(model, batch, mbs, last):
+    """model.region_mass_kernel 'indicator' (model built with it): shared vs unshared scores of both
+    attention_row forms with the indicator kernel, and shared-indicator vs the unshared 'lse' masses; counts the
+    indicator calls with and without sharing (0 would mean the path under test never ran)."""
+    from megatron_sayo.attention import region_mass
+    from megatron_sayo.models.qwen25vl.attention import CoreAttention
+    from megatron_sayo.rl.scoring import score_policy
+
+    calls = {"n": 0}
+    real = region_mass.indicator_mass_sums
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    def set_kernel(kernel):
+        for m in model.modules():
+            if isinstance(m, CoreAttention):
+                m.mass_kernel = kernel
+
+    err = {}
+    region_mass.indicator_mass_sums = counted
+    try:
+        for row in ("token", "decision"):
+            set_kernel("indicator")
+            before = calls["n"]
+            a = score_policy(model, batch, mbs, 0.7, attention_row=row)
+            unshared_calls = calls["n"] - before
+            s = score_policy(model, batch, mbs, 0.7, attention_row=row, shared=True)
+            err[f"indicator_calls.{row}.unshared"] = unshared_calls
+            err[f"indicator_calls.{row}.shared"] = calls["n"] - before - unshared_calls
+            set_kernel("lse")
+            e = score_policy(model, batch, mbs, 0.7, attention_row=row)
+            if last:
+                for k in ("logprobs", "entropy", "region_mass", "image_mass"):
+                    err[f"{row}.{k}"] = rel_err(getattr(s, k), getattr(a, k))
+                for k in ("region_mass", "image_mass"):
+                    err[f"{row}.{k}_vs_lse"] = rel_err(getattr(s, k), getattr(e, k))
+                    err[f"{row}.{k}_nonzero"] = int((getattr(a, k) != 0).sum())
+    finally:
+        region_mass.indicator_mass_sums = real
+        set_kernel("indicator")
+    return err
+
+
 @pytest.fixture(scope="module")
 def data(tiny_ckpt, make_image):
     from megatron_sayo.testing.shared_prompt_batch import shared_prompt_rollout
@@ -163,6 +216,9 @@ def _check(results, want_variants):
     for _, last, errors in results:
         for (variant, mbs), err in errors.items():
             seen.add(variant)
+            if variant == "indicator":
+                _check_indicator(err, last, mbs)
+                continue
             assert err["grad_nonzero_fraction"] > 0.5, (variant, mbs, err)
             if variant == "frozen":
                 assert err["frozen_params"] > 0
@@ -173,6 +229,18 @@ def _check(results, want_variants):
         if last:
             assert any("token.logprobs" in e for e in errors.values())
     assert seen == set(want_variants)
+
+
+def _check_indicator(err, last, mbs):
+    for key, value in err.items():
+        if key.startswith("indicator_calls"):
+            assert value > 0, f"micro_batch={mbs}: the indicator kernel never ran ({key}): {err}"
+        elif key.endswith("_nonzero"):
+            assert value > 0, f"micro_batch={mbs}: {key} - all masses 0, the comparison proves nothing"
+        else:
+            assert value <= REL_TOL, f"indicator micro_batch={mbs} {key}: relative error {value:.2e}"
+    if last:
+        assert "token.region_mass" in err and "decision.image_mass_vs_lse" in err, err
 
 
 def _tp1_and_leaky(hf_dir, data):
@@ -195,12 +263,34 @@ def test_shared_equals_unshared_tp1_and_a_leak_fails(tiny_ckpt, data):
     assert err["token.logprobs"] > 1e-3 and err["reference"] > 1e-3 and err["grad"] > 1e-3, err
 
 
+def _indicator_and_leaky(hf_dir, data):
+    """One process: the indicator-kernel mass comparison, then the same with a leaky mask (patched last)."""
+    proper = _compare(hf_dir, 1, 1, data, (3, 8), ("indicator",))
+    return proper, _compare(hf_dir, 1, 1, data, (8,), ("indicator",), leaky=True)
+
+
+@pytest.mark.multiproc
+def test_shared_equals_unshared_indicator_mass_kernel(tiny_ckpt, data):
+    """model.region_mass_kernel 'indicator' on CPU (the masked shared form hands the probe the segment mask;
+    torch's default SDPA runs the 0/1-valued attention): shared vs unshared log-probs, entropies, region and
+    image masses of both attention_row forms within 1e-5 relative, the shared indicator masses also vs the
+    unshared 'lse' ones; micro-batches of 3 (groups cut) and 8; the indicator kernel ran on both paths. Then
+    a mask letting completions see each other moves the masses far above the tolerance."""
+    from megatron_sayo.distributed.runtime import spawn_local
+
+    (proper, (_, _, leaked)), = spawn_local(_indicator_and_leaky, 1, str(tiny_ckpt), data)
+    _check([proper], ("indicator",))
+    err = leaked[("indicator", 8)]
+    assert err["token.region_mass"] > 1e-3 and err["token.image_mass"] > 1e-3, err
+    assert err["decision.image_mass"] > 1e-3, err
+
+
 @pytest.mark.multiproc
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
 def test_shared_equals_unshared_tp2_pp2(tiny_ckpt, data, tp, pp):
-    """TP2 (vocab-parallel log-probs, head-split masses) and PP2 (1F1B over packed micro-batches of one shape);
-    micro-batches of 4 rows cut the second group."""
+    """TP2 (vocab-parallel log-probs, head-split masses), PP2 (1F1B over packed micro-batches of one shape) and
+    TP2xPP2 (4 ranks: both at once); micro-batches of 4 rows cut the second group."""
     from megatron_sayo.distributed.runtime import spawn_local
 
     _check(spawn_local(_compare, tp * pp, str(tiny_ckpt), tp, pp, data, (4,), ("full",)), ("full",))
@@ -208,10 +298,10 @@ def test_shared_equals_unshared_tp2_pp2(tiny_ckpt, data, tp, pp):
 
 # ------------------------------------------------------------------------------------- 3 GRPO steps
 
-def _train(tiny_ckpt, train_file, run_dir, sharing: bool, capture: bool):
+def _train(tiny_ckpt, train_file, run_dir, sharing: bool, capture: bool, steps: int = 3):
     config = ROOT / "megatron_sayo/configs/tiny.yaml"
     args = [f"model.hf_path={tiny_ckpt}", "model.make_tiny_if_missing=false", f"data.train_file={train_file}",
-            "data.eval_file=null", "data.synthetic_n=0", f"run_dir={run_dir}", "train.steps=3",
+            "data.eval_file=null", "data.synthetic_n=0", f"run_dir={run_dir}", f"train.steps={steps}",
             "train.global_batch=2", "train.micro_batch=3", "rollout.group_size=3", "rollout.max_new_tokens=6",
             "checkpoint.interval=0", "log.tensorboard=false", "warmup.steps=0", "eval.interval=0",
             "parallel.tp=1", "loss.kl_beta=0.05", f"train.prompt_sharing={str(sharing).lower()}",
@@ -226,16 +316,18 @@ def _train(tiny_ckpt, train_file, run_dir, sharing: bool, capture: bool):
 
 @pytest.mark.multiproc
 @pytest.mark.slow
-def test_three_grpo_steps_take_the_unshared_metrics(tiny_ckpt, tmp_path, capture=False):
-    """3 steps with a KL term, sharing on vs off, capture off (scoring, reference and update all shared; with
-    capture on only the scoring pass is skipped): the same completions and every logged number within 1e-5
-    relative (+ ABS_FLOOR)."""
+@pytest.mark.parametrize("capture,steps", [(False, 3), (True, 2)], ids=["capture_off", "capture_on"])
+def test_three_grpo_steps_take_the_unshared_metrics(tiny_ckpt, tmp_path, capture, steps):
+    """Steps with a KL term, sharing on vs off: capture off, 3 steps (scoring, reference and update all shared),
+    and capture on, 2 steps (the rollout's captured scores; reference and update shared; 2 steps keep the two
+    cases near 90 s on a loaded 2-core machine and still sample step 2 from the updated weights): the same
+    completions and every logged number within 1e-5 relative (+ ABS_FLOOR)."""
     from megatron_sayo.train import write_synthetic
 
     write_synthetic(tmp_path / "train.jsonl", 8, seed=0)
-    on = _train(tiny_ckpt, tmp_path / "train.jsonl", tmp_path / "on", True, capture)
-    off = _train(tiny_ckpt, tmp_path / "train.jsonl", tmp_path / "off", False, capture)
-    assert len(on) == len(off) == 3
+    on = _train(tiny_ckpt, tmp_path / "train.jsonl", tmp_path / "on", True, capture, steps)
+    off = _train(tiny_ckpt, tmp_path / "train.jsonl", tmp_path / "off", False, capture, steps)
+    assert len(on) == len(off) == steps
     bad = []
     for a, b in zip(on, off):
         assert a["sample_completion"] == b["sample_completion"]
