@@ -194,7 +194,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
     it), then USR1 to the job's steps (what `--signal=USR1@T` or `scancel --signal=USR1 JOB` send). Each time
     the trainer checkpoints, the job requeues itself and the next run resumes from that step."""
     require_slurm()
-    steps = 8
+    # the tiny steps take ~0.2 s: with 8 the run ended (in its final checkpoint) before the first USR1 landed;
+    # 30 leave seconds between "a new step was logged" and the end for each preemption to arrive mid-run
+    steps = 30
     job = submit_tiny(tmp_path, "preempt", tiny_overrides(tmp_path, steps))
     run, log = tmp_path / "run", tmp_path / f"preempt-{job}.out"
 

@@ -31,7 +31,10 @@ COMPARED = ("reward_total", "reward_attention", "reward_format", "reward_accurac
             "grad_norm")
 REL = 1e-6
 
-pytestmark = pytest.mark.slurm
+OWN_STATE = Path("/run/slurm_local_test2")      # the separate cluster of this module (see `cluster`)
+OWN_PREFIX = "sayot"
+
+pytestmark = [pytest.mark.slurm, pytest.mark.multiproc]   # Slurm jobs, sbatch and the cluster script
 
 
 def _run(cmd, env=None, timeout=120, check=False):
@@ -94,7 +97,7 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster():
     env = dict(os.environ)
     nodes = _namespace_nodes(env)
     if len(nodes) >= 2:
@@ -103,15 +106,21 @@ def cluster(tmp_path_factory):
     why = _why_no_namespaces()
     if why:
         pytest.skip(f"two-node local Slurm: {why}")
-    base = tmp_path_factory.mktemp("cluster2")
-    env.update(SLURM_CONF=str(base / "slurm.conf"), SLURM_LOCAL_STATE=str(base / "state"),
-               SLURM_LOCAL_PREFIX="sayot", SLURM_LOCAL_PORT="6917", SLURM_LOCAL_SUBNET="10.250.7")
-    own = Cluster(env, ["sayot-node1", "sayot-node2"], own=True)
+    # a fixed state folder (not a pytest tmp one): a session killed before its teardown left this cluster up,
+    # and the `stop` below removes it before the start (its pid files and node count are found there)
+    base = OWN_STATE
+    env.update(SLURM_CONF=str(base / "slurm.conf"), SLURM_LOCAL_STATE=str(base),
+               SLURM_LOCAL_PREFIX=OWN_PREFIX, SLURM_LOCAL_PORT="6917", SLURM_LOCAL_SUBNET="10.250.7")
+    own = Cluster(env, [f"{OWN_PREFIX}-node1", f"{OWN_PREFIX}-node2"], own=True)
     try:
+        own.script("stop")
         own.script("start", "--nodes", "2")
         yield own
     finally:
-        _run([SCRIPT, "stop"], env=env, timeout=180)
+        out = _run([SCRIPT, "stop"], env=env, timeout=180)
+        left = sorted(p.name for p in Path("/run/netns").glob(f"{OWN_PREFIX}-*"))
+        left += [f"/etc/netns/{p.name}" for p in Path("/etc/netns").glob(f"{OWN_PREFIX}-*")]
+        assert out.returncode == 0 and not left, f"stop left {left}:\n{out.stdout}\n{out.stderr}"
 
 
 def job_args(tmp: Path, name: str, nodes: int, per_node: int) -> list[str]:
