@@ -53,13 +53,13 @@ run)
     [ $# -ge 1 ] || die "run: no command"
     [ -d "$root/usr" ] || die "$root is not a root (build it first)"
     copy_host_files
-    mkdir -p "$root$repo"
     exec unshare --mount --propagation private -- bash -c '
         set -e; root=$1; repo=$2; shift 2
         mount -t proc proc "$root/proc"
         mount --rbind /dev "$root/dev"
         mount -t tmpfs -o mode=1777 tmpfs "$root/dev/shm"
         mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
+        mkdir -p "$root$repo"                # after the tmpfs: a repository under /tmp lives on it
         mount --bind "$repo" "$root$repo"
         exec chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/local/bin:/usr/bin:/bin \
             LANG=C.UTF-8 PIP_CERT=/etc/ssl/certs/host-ca.crt SSL_CERT_FILE=/etc/ssl/certs/host-ca.crt \
