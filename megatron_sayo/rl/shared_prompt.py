@@ -73,16 +73,6 @@ def segments_of(prompt_mask: torch.Tensor, lengths: list[int], width: int) -> to
     return seg
 
 
-def shared_allowed(segments: torch.Tensor) -> torch.Tensor:
-    """bool [b, S, S] (True = attend) of packed rows' segment ids [b, S]: causal, real keys, prompt keys or the
-    query's own completion; a padded query keeps only its own key (no empty softmax row)."""
-    q, k = segments[:, :, None], segments[:, None, :]
-    S = segments.shape[1]
-    causal = torch.ones(S, S, dtype=torch.bool, device=segments.device).tril()
-    allowed = causal & (k >= 0) & ((k == 0) | (k == q)) & (q >= 0)
-    return allowed | torch.eye(S, dtype=torch.bool, device=segments.device)
-
-
 def packed_positions(prompt_positions: torch.Tensor, prompt_mask: torch.Tensor, lengths: list[int],
                      width: int) -> torch.Tensor:
     """long [3, width]: the prompt's M-RoPE positions [3, P] (0 on padding), then completion token j of every

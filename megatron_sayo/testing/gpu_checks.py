@@ -602,8 +602,12 @@ def shared_prompt_attention(ctx: Context) -> CheckResult:
     import torch
     import torch.nn.functional as F
 
-    from megatron_sayo.attention.shared_prompt_attention import AtenFlashKernel, MathKernel, split_attention
-    from megatron_sayo.rl.shared_prompt import shared_allowed
+    from megatron_sayo.models.qwen25vl.shared_prompt_attention import (
+        AtenFlashKernel,
+        MathKernel,
+        shared_allowed,
+        split_attention,
+    )
 
     _strict_fp32()
     figures, failures = {}, []

@@ -1,5 +1,5 @@
-"""The mask-free attention of packed rows (attention/shared_prompt_attention.py, issue 30): prompt part + own
-completion part merged by log-sum-exp equals the masked form (SDPA with rl/shared_prompt.shared_allowed's dense
+"""The mask-free attention of packed rows (models/qwen25vl/shared_prompt_attention.py, issue 30): prompt part + own
+completion part merged by log-sum-exp equals the masked form (SDPA with shared_allowed's dense
 mask) within 1e-6 relative in float32, outputs and q/k/v gradients, for the math and torch's fused kernels."""
 
 from __future__ import annotations
@@ -8,8 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_sayo.attention.shared_prompt_attention import AtenFlashKernel, MathKernel, row_parts, split_attention
-from megatron_sayo.rl.shared_prompt import shared_allowed
+from megatron_sayo.models.qwen25vl.shared_prompt_attention import (
+    AtenFlashKernel,
+    MathKernel,
+    row_parts,
+    shared_allowed,
+    split_attention,
+)
 
 TOL = 1e-6
 

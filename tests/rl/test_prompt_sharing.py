@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_sayo.models.qwen25vl import shared_prompt_attention
 from megatron_sayo.rl import shared_prompt as sp
 
 REL_TOL = 1e-5
@@ -34,7 +35,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def test_mask_hand_case():
     """Segments: left pad, 2 prompt tokens, completion 1 (2 tokens), completion 2 (2 tokens), right pad."""
     seg = torch.tensor([[-1, 0, 0, 1, 1, 2, 2, -1]])
-    allowed = sp.shared_allowed(seg)[0].int().tolist()
+    allowed = shared_prompt_attention.shared_allowed(seg)[0].int().tolist()
     assert allowed == [[1, 0, 0, 0, 0, 0, 0, 0],
                        [0, 1, 0, 0, 0, 0, 0, 0],
                        [0, 1, 1, 0, 0, 0, 0, 0],
@@ -106,8 +107,10 @@ def _compare(hf_dir, tp, pp, data, micro_batches, variants, leaky=False):
     from megatron_sayo.testing.shared_prompt_batch import scoring_batch
 
     if leaky:
-        sp.shared_allowed = lambda seg: (torch.ones(seg.shape[1], seg.shape[1], dtype=torch.bool).tril()[None]
-                                         & (seg[:, None, :] >= 0)) | torch.eye(seg.shape[1], dtype=torch.bool)
+        def leaky_mask(seg):          # causal over every real key: completions see each other
+            causal = torch.ones(seg.shape[1], seg.shape[1], dtype=torch.bool).tril()[None]
+            return (causal & (seg[:, None, :] >= 0)) | torch.eye(seg.shape[1], dtype=torch.bool)
+        shared_prompt_attention.shared_allowed = leaky_mask
     runtime.init_distributed(tp, pp)
     last = parallel_state.is_pipeline_last_stage()
     batch = scoring_batch(data)

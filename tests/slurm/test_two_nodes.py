@@ -235,7 +235,7 @@ def test_two_nodes_preempted_equal_one_node(cluster, reference, tmp_path):
     for _, ranks, group_hosts, transport in tp:
         assert len(group_hosts) == 1 and {hosts[r] for r in ranks} == set(group_hosts), groups
         assert transport == "shared memory", groups
-    for _, ranks, group_hosts, transport in dp:
+    for _, _ranks, group_hosts, transport in dp:
         assert sorted(group_hosts) == sorted(cluster.nodes), groups
         assert transport == "gloo", groups
 

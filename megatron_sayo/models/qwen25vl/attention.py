@@ -145,9 +145,9 @@ class CoreAttention(MegatronModule):
 
 
     def _split(self, q, k, v, wants_probe: bool) -> torch.Tensor:
-        """Packed prompt-sharing rows without a dense mask (attention/shared_prompt_attention.py); the probe gets
+        """Packed prompt-sharing rows without a dense mask (shared_prompt_attention.py); the probe gets
         the merged row log-sum-exp (image keys are prompt keys, which every completion query sees)."""
-        from megatron_sayo.attention.shared_prompt_attention import kernel_for, split_attention
+        from megatron_sayo.models.qwen25vl.shared_prompt_attention import kernel_for, split_attention
 
         out, lse = split_attention(q, k, v, self.state.shared_segments, self.scale, kernel_for(q.device, q.dtype))
         if wants_probe:

@@ -15,7 +15,7 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.transformer_block import TransformerBlock
 
-from megatron_sayo.models.qwen25vl import cached_decoder
+from megatron_sayo.models.qwen25vl import cached_decoder, shared_prompt_attention
 from megatron_sayo.models.qwen25vl.attention import AttentionState, CoreAttention
 from megatron_sayo.models.qwen25vl.hf_config import Qwen25VLConfig, padded_vocab_size
 from megatron_sayo.models.qwen25vl.rope import mrope_freqs, mrope_inv_freq, tokens_per_image
@@ -38,7 +38,7 @@ class Qwen25VLModel(LanguageModule):
         self.padded_vocab_size = padded_vocab_size(self.vocab_size, config.tensor_model_parallel_size)
         self.share_embeddings_and_output_weights = hf.text.tie_word_embeddings
         self.layer_backend = layer_backend
-        # packed prompt-sharing rows: "split" (no dense mask, attention/shared_prompt_attention.py), "masked" (the
+        # packed prompt-sharing rows: "split" (no dense mask, shared_prompt_attention.py), "masked" (the
         # segment mask, SDPA), "auto" = split on CUDA, masked elsewhere
         self.shared_form = "auto"
         self.register_buffer("inv_freq", mrope_inv_freq(hf.text.head_dim, hf.text.rope_theta), persistent=False)
@@ -113,8 +113,7 @@ class Qwen25VLModel(LanguageModule):
         if shared_segments is not None:
             form = self.shared_form if self.shared_form != "auto" else ("split" if device.type == "cuda" else "masked")
             if form == "masked":
-                from megatron_sayo.rl.shared_prompt import shared_allowed
-                attention_mask = ~shared_allowed(shared_segments.to(device))[:, None]
+                attention_mask = ~shared_prompt_attention.shared_allowed(shared_segments.to(device))[:, None]
             else:
                 state.shared_segments = shared_segments
         for core in self.core_attentions():

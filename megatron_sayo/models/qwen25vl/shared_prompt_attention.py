@@ -150,3 +150,13 @@ def kernel_for(device: torch.device, dtype: torch.dtype):
     if device.type == "cpu" or dtype in (torch.float16, torch.bfloat16):
         return AtenFlashKernel
     return MathKernel
+
+
+def shared_allowed(segments: torch.Tensor) -> torch.Tensor:
+    """bool [b, S, S] (True = attend) of packed rows' segment ids [b, S]: causal, real keys, prompt keys or the
+    query's own completion; a padded query keeps only its own key (no empty softmax row)."""
+    q, k = segments[:, :, None], segments[:, None, :]
+    S = segments.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=segments.device).tril()
+    allowed = causal & (k >= 0) & ((k == 0) | (k == q)) & (q >= 0)
+    return allowed | torch.eye(S, dtype=torch.bool, device=segments.device)
