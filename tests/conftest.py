@@ -8,6 +8,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def launch_environment_unchanged():
+    """A test (or the code it runs in this process) must not leave a rank's launch variables behind: every later
+    subprocess would inherit them and rendezvous on a port that may still be held (EADDRINUSE in unrelated tests)."""
+    import os
+
+    before = {k: os.environ.get(k) for k in LAUNCH_VARIABLES}
+    yield
+    after = {k: os.environ.get(k) for k in LAUNCH_VARIABLES}
+    assert after == before, f"launch variables left in this process's environment: {before} -> {after}"
+
+
 UNMARKED_STARTS: list[str] = []   # tests that started a process without the multiproc marker (this session)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,7 +273,7 @@ def main(argv=None) -> int:
         from PIL import Image
 
         from megatron_sayo.data.processor import Processor
-        from megatron_sayo.distributed.runtime import free_port, spawn_local
+        from megatron_sayo.distributed.runtime import one_local_rank, spawn_local
         from megatron_sayo.models.qwen25vl.hf_config import load_hf_config
 
         hf = load_hf_config(ckpt)
@@ -290,8 +289,8 @@ def main(argv=None) -> int:
     rank_args = (str(args.hf) if args.hf else None, str(ckpt) if args.megatron else None, args.tp, args.pp, sample,
                  completion, args.generate, args.temperature, args.top_p, args.seed)
     if args.tp * args.pp == 1:   # one rank: here, without starting a second interpreter
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        results = [_rank_scores(*rank_args)]
+        with one_local_rank():
+            results = [_rank_scores(*rank_args)]
     else:
         results = spawn_local(_rank_scores, args.tp * args.pp, *rank_args)
     sequence, scores = next(r for r in results if r is not None)

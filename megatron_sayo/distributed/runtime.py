@@ -117,6 +117,22 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def one_local_rank():
+    """A one-rank job here, in this process (a tool's single-rank path): the launch variables it lacks are set for
+    the block, then removed with the process group, so neither a test process nor a later job inherits them."""
+    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(free_port())}
+    added = {k: v for k, v in defaults.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        shutdown()
+        for k in added:
+            os.environ.pop(k, None)
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch (and megatron's TP RNG tracker on GPU) identically on every rank."""
     torch.manual_seed(seed)
