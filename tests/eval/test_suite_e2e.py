@@ -30,6 +30,7 @@ def sent_requests(nemo_out) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.multiproc
 def test_suite_end_to_end(tiny_ckpt, tmp_path):
     from megatron_sayo.eval.__main__ import main
 

@@ -5,12 +5,14 @@ advice)."""
 
 from __future__ import annotations
 
+import pytest
 import wandb
 
 from megatron_sayo.config import LogConfig
 from megatron_sayo.rl.metrics import MetricsLogger
 
 
+@pytest.mark.multiproc     # the wandb client starts its service process
 def test_offline_run_holds_the_logged_scalars(tmp_path, monkeypatch):
     from wandb.proto import wandb_internal_pb2
 

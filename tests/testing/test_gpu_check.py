@@ -256,6 +256,7 @@ def smoke_grpo(ctx):
 
 
 @pytest.mark.slow
+@pytest.mark.multiproc
 def test_check_bodies_run_on_cpu_with_the_tiny_checkpoint(tmp_path):
     """The GPU checks' code paths on CPU (tiny model): parity against transformers (fp32 within 1e-4; bf16 within
     the stated bound), masses of both kernels against eager attention within 1e-5, both generators, and a
