@@ -3,7 +3,7 @@
 For every page: each repository path exists; each `python -m X` module resolves to a file; each `--flag` after a
 tool of ours is one that tool's argparse defines (read from its source with ast; shell scripts: the flag is in the
 script's text), and a `--flag` named outside a command is defined by some tool of ours; each `make X` is a Makefile
-target; each dotted config key (`rollout.group_size`, `train.steps=500`) resolves in megatron_sayo/config.py's
+target; each dotted config key (`rollout.group_size`, `train.steps=500`) resolves in megatron_sayo/config/schema.py's
 dataclasses. For README.md also: it is at most 12 KB, and every command in its code blocks is one that a test or
 script runs (its tool, and each of its flags, appear in a file of tests/, scripts/, .ci/, mk/, slurm/ or the
 Makefile that names the tool). What cannot be checked here is in the commented allow-lists below.
@@ -122,7 +122,7 @@ def argparse_flags(path: Path) -> frozenset[str]:
     flags = set()
     for f in files:
         for node in ast.walk(ast.parse(f.read_text())):
-            # add_argument("--x", ...), or a hand-parsed one: a constant "--x" (config.py: args == ["--markdown"])
+            # add_argument("--x", ...), or a hand-parsed one: a constant "--x" (config/__main__: args == ["--markdown"])
             if isinstance(node, ast.Constant) and re.fullmatch(r"--[a-z][a-z0-9-]*", str(node.value)):
                 flags.add(node.value)
     return frozenset(flags)

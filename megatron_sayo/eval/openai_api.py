@@ -16,30 +16,29 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from megatron_sayo.config import ServeConfig
 from megatron_sayo.eval.errors import ApiError
 from megatron_sayo.eval.media import MediaPolicy, load_image
+from megatron_sayo.eval.serve_config import SERVE_DEFAULTS
 
 __all__ = ["ApiError", "Limits", "parse_chat_request", "parse_tas_request"]
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 IMAGE_TAG = re.compile(r"<image_url>(.*?)</image_url>", re.DOTALL)
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format")
-_D = ServeConfig()
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Server-side bounds of one request (defaults: config.ServeConfig)."""
+    """Server-side bounds of one request (defaults: serve_config.SERVE_DEFAULTS)."""
 
     max_len: int                                    # prompt + completion tokens
-    max_tokens: int = _D.max_tokens_limit
-    default_max_tokens: int = _D.default_max_tokens
-    max_images: int = _D.max_images_per_request
-    max_prompt_chars: int = _D.max_prompt_chars
-    max_n: int = _D.max_n
-    max_stop: int = _D.max_stop
-    max_top_logprobs: int = _D.max_top_logprobs
+    max_tokens: int = SERVE_DEFAULTS.max_tokens_limit
+    default_max_tokens: int = SERVE_DEFAULTS.default_max_tokens
+    max_images: int = SERVE_DEFAULTS.max_images_per_request
+    max_prompt_chars: int = SERVE_DEFAULTS.max_prompt_chars
+    max_n: int = SERVE_DEFAULTS.max_n
+    max_stop: int = SERVE_DEFAULTS.max_stop
+    max_top_logprobs: int = SERVE_DEFAULTS.max_top_logprobs
     media: MediaPolicy = MediaPolicy()
 
 

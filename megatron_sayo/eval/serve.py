@@ -31,10 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_sayo import console
-from megatron_sayo.config import ServeConfig
+from megatron_sayo.eval.serve_config import SERVE_DEFAULTS
 
 log = logging.getLogger("megatron_sayo.serve")
-D = ServeConfig()
 
 
 # ------------------------------------------------------------------------------------------------ uvicorn
@@ -122,8 +121,9 @@ class HttpServer:
         self.thread.join(timeout)
 
 
-def start_http(state, host: str, port: int, *, backlog: int = D.backlog, max_connections: int = D.max_connections,
-               read_timeout_s: float = D.read_timeout_s, keep_alive_s: float = D.keep_alive_s,
+def start_http(state, host: str, port: int, *, backlog: int = SERVE_DEFAULTS.backlog,
+               max_connections: int = SERVE_DEFAULTS.max_connections,
+               read_timeout_s: float = SERVE_DEFAULTS.read_timeout_s, keep_alive_s: float = SERVE_DEFAULTS.keep_alive_s,
                on_bound=None) -> HttpServer:
     """Bind host:port and serve the API over `state` in a daemon thread; returns once it accepts connections.
 
@@ -167,7 +167,8 @@ def limits_for(args, engine):
     from megatron_sayo.eval.media import MediaPolicy
     from megatron_sayo.eval.openai_api import Limits
 
-    max_pixels = args.max_image_pixels or D.max_image_pixels_factor * engine.processor.image_config.max_pixels
+    max_pixels = args.max_image_pixels or \
+        SERVE_DEFAULTS.max_image_pixels_factor * engine.processor.image_config.max_pixels
     media = MediaPolicy(args.allowed_local_media_path, max_pixels)
     return Limits(max_len=min(engine.max_len, args.max_model_len or engine.max_len), max_tokens=args.max_tokens_limit,
                   max_images=args.max_images_per_request, max_prompt_chars=args.max_prompt_chars, media=media)
@@ -252,7 +253,7 @@ def parse_args(argv=None):
     p.add_argument("--tp", type=positive(int), default=1,
                    help="tensor-parallel size (local ranks started by the server)")
     p.add_argument("--pp", type=positive(int), default=1, help="pipeline-parallel size")
-    p.add_argument("--host", default=D.host, help="bind address (default: loopback)")
+    p.add_argument("--host", default=SERVE_DEFAULTS.host, help="bind address (default: loopback)")
     p.add_argument("--log-level", choices=console.LEVELS, default="warning",
                    help="other libraries' log level (default: their known noise hidden)")
     p.add_argument("--port", type=int, required=True, help="TCP port to listen on")
@@ -263,26 +264,27 @@ def parse_args(argv=None):
                    help="let requests name local image files, only inside DIR (after resolving links); "
                         "default: local media off")
     lim = p.add_argument_group("limits (README: Security and limits)")
-    lim.add_argument("--max-batch", type=positive(int), default=D.max_batch, help="most requests per batch")
-    lim.add_argument("--max-tokens-limit", type=positive(int), default=D.max_tokens_limit,
+    lim.add_argument("--max-batch", type=positive(int), default=SERVE_DEFAULTS.max_batch,
+                     help="most requests per batch")
+    lim.add_argument("--max-tokens-limit", type=positive(int), default=SERVE_DEFAULTS.max_tokens_limit,
                      help="largest max_tokens a request may ask for")
     lim.add_argument("--max-model-len", type=positive(int), default=None,
                      help="prompt + completion tokens (default: the model's max_position_embeddings)")
     lim.add_argument("--max-image-pixels", type=positive(int), default=None,
                      help=f"largest width x height in an image header, checked before decoding (default: "
-                          f"{D.max_image_pixels_factor} x the processor's max_pixels)")
-    lim.add_argument("--max-images-per-request", type=positive(int), default=D.max_images_per_request,
+                          f"{SERVE_DEFAULTS.max_image_pixels_factor} x the processor's max_pixels)")
+    lim.add_argument("--max-images-per-request", type=positive(int), default=SERVE_DEFAULTS.max_images_per_request,
                      help="images a request may carry, counted before any is decoded")
-    lim.add_argument("--max-prompt-chars", type=positive(int), default=D.max_prompt_chars,
+    lim.add_argument("--max-prompt-chars", type=positive(int), default=SERVE_DEFAULTS.max_prompt_chars,
                      help="characters of message text, checked before tokenizing")
-    lim.add_argument("--max-body-bytes", type=positive(int), default=D.max_body_bytes,
+    lim.add_argument("--max-body-bytes", type=positive(int), default=SERVE_DEFAULTS.max_body_bytes,
                      help="largest request body; larger ones get 413 before being read")
-    lim.add_argument("--max-connections", type=positive(int), default=D.max_connections,
+    lim.add_argument("--max-connections", type=positive(int), default=SERVE_DEFAULTS.max_connections,
                      help="open connections; requests beyond get 503")
-    lim.add_argument("--backlog", type=positive(int), default=D.backlog, help="listen backlog")
-    lim.add_argument("--read-timeout-s", type=positive(float), default=D.read_timeout_s,
+    lim.add_argument("--backlog", type=positive(int), default=SERVE_DEFAULTS.backlog, help="listen backlog")
+    lim.add_argument("--read-timeout-s", type=positive(float), default=SERVE_DEFAULTS.read_timeout_s,
                      help="request headers, then the body, must arrive within this")
-    lim.add_argument("--keep-alive-s", type=positive(float), default=D.keep_alive_s,
+    lim.add_argument("--keep-alive-s", type=positive(float), default=SERVE_DEFAULTS.keep_alive_s,
                      help="idle keep-alive connections are closed after this")
     args = p.parse_args(argv)
     if not 0 <= args.port < 65536:

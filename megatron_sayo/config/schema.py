@@ -1,26 +1,17 @@
-"""Typed run configuration: dataclasses with the paper's defaults, YAML files, dotted command-line overrides.
+"""The run config's schema: typed dataclasses with the paper's defaults, their ranges and the checks between keys.
 
-The dataclasses below are the single source of truth for every default. Paths are kept as written
-(relative paths are relative to the working directory). Validate a file from the shell with
-`python -m megatron_sayo.config FILE [key.sub=value ...]` (exit status 2 on a bad config).
+The dataclasses below are the single source of truth for every default; the comment beside (or just above) a
+field is its one-line doc (config/reference.py reads them). Paths are kept as written (relative paths are relative
+to the working directory).
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
-import io
-import math
-import sys
-import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
-
-import yaml
 
 
 class ConfigError(ValueError):
@@ -337,7 +328,7 @@ def _resolve_synthetic(data: DataConfig, where: str) -> None:
         setattr(data, key, want)
 
 
-def _cross_checks(cfg: RunConfig, where: str) -> None:
+def cross_checks(cfg: RunConfig, where: str) -> None:
     """Relations between keys that a single field's type cannot express."""
     if (cfg.model.hf_path is None) == (cfg.model.megatron_path is None):
         raise ConfigError(f"{where}: set exactly one of model.hf_path and model.megatron_path")
@@ -371,21 +362,23 @@ def _lora_checks(lora: LoRAConfig, model: ModelConfig, where: str) -> None:
                           f"RMSNorm into linear_qkv/linear_fc1, so an adapter there would see un-normalised input)")
 
 
+
 # --------------------------------------------------------------------------------------------------------------
-# Building dataclasses from plain data, with errors that name the key
+# Field types as a user reads them (in errors and in docs/config.md)
 # --------------------------------------------------------------------------------------------------------------
 
-def _type_name(tp) -> str:
+def type_name(tp) -> str:
+    """A field type in words: 'one of ...', 'int or null', 'a list of str'."""
     if typing.get_origin(tp) is list:
-        return "a list of " + _type_name(typing.get_args(tp)[0])
+        return "a list of " + type_name(typing.get_args(tp)[0])
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
-    if _optional_inner(tp) is not None:
-        return _type_name(_optional_inner(tp)) + " or null"
+    if optional_inner(tp) is not None:
+        return type_name(optional_inner(tp)) + " or null"
     return getattr(tp, "__name__", str(tp))
 
 
-def _optional_inner(tp):
+def optional_inner(tp):
     """`X` for `X | None`, else None."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -393,301 +386,3 @@ def _optional_inner(tp):
             return args[0]
     return None
 
-
-def _coerce(value, tp, key: str, where: str):
-    """`value` as type `tp` (int -> float allowed, '5e-6' -> float allowed), else ConfigError."""
-    bad = ConfigError(f"{where}: {key} = {value!r}: expected {_type_name(tp)}")
-    inner = _optional_inner(tp)
-    if inner is not None:
-        return None if value is None else _coerce(value, inner, key, where)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, where)
-    if typing.get_origin(tp) is Literal:
-        if value not in typing.get_args(tp) or isinstance(value, bool):
-            raise bad
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise bad from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise bad
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    if typing.get_origin(tp) is list:
-        if not isinstance(value, list):
-            raise bad
-        (item,) = typing.get_args(tp)
-        return [_coerce(v, item, f"{key}[{n}]", where) for n, v in enumerate(value)]
-    raise TypeError(f"config field {key}: unsupported type {tp}")
-
-
-def _check_range(value, bounds: dict, key: str, where: str) -> None:
-    ops = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"),
-           "le": (lambda v, b: v <= b, "<="), "lt": (lambda v, b: v < b, "<")}
-    for name, bound in bounds.items():
-        ok, sym = ops[name]
-        if value is not None and not ok(value, bound):
-            raise ConfigError(f"{where}: {key} = {value!r}: must be {sym} {bound}")
-
-
-def _build(cls, data, prefix: str, where: str):
-    """Instantiate dataclass `cls` from a mapping, checking every key, type and range."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: {prefix or 'top level'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        raise ConfigError(f"{where}: unknown key {key!r}; valid keys here: {', '.join(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = _coerce(value, hints[name], key, where)
-        _check_range(kwargs[name], fields[name].metadata, key, where)
-    return cls(**kwargs)
-
-
-def _set_dotted(tree: dict, key: str, value) -> None:
-    """tree['a']['b'] = value for key 'a.b' (intermediate mappings created)."""
-    *parents, leaf = key.split(".")
-    node = tree
-    for part in parents:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
-    node[leaf] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """'train.steps=20' -> ('train.steps', 20); the value is read as a YAML scalar or list."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
-        raise ConfigError(f"command line: override {text!r} must look like section.key=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"command line: {key}: cannot parse value {raw!r}: {exc}") from None
-    return key.strip(), value
-
-
-def config_from_dict(data: dict, where: str = "config", complete: bool = True) -> RunConfig:
-    """RunConfig from a plain mapping (as `to_dict` writes it), fully validated; complete=False skips the checks
-    between keys (a partial config, e.g. the defaults alone, for --print-config)."""
-    cfg = _build(RunConfig, data, "", where)
-    if complete:
-        _cross_checks(cfg, where)
-    return cfg
-
-
-def _merge(base: dict, over: dict) -> dict:
-    """`over` on top of `base`: mappings merged key by key, anything else (lists too) replaced."""
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
-    """A config file as plain data with its `defaults:` resolved: `defaults: other.yaml` (or a list of files,
-    later ones winning; paths relative to this file's folder) is read first and this file's keys merged on top."""
-    path = Path(path)
-    if path.resolve() in _seen:
-        chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
-        raise ConfigError(f"{path}: defaults form a cycle ({chain})")
-    try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    parents = data.pop("defaults", None)
-    if parents is None:
-        return data
-    if isinstance(parents, str):
-        parents = [parents]
-    if not isinstance(parents, list) or not all(isinstance(p, str) and p for p in parents):
-        raise ConfigError(f"{path}: defaults = {parents!r}: expected a file name or a list of file names")
-    merged: dict = {}
-    for parent in parents:
-        merged = _merge(merged, read_config_file(path.parent / parent, (*_seen, path.resolve())))
-    return _merge(merged, data)
-
-
-def load_config(path: str | None, overrides: list[str] = (), complete: bool = True) -> RunConfig:
-    """Read YAML `path` (None: defaults only; its `defaults:` files first), apply `key.sub=value` overrides,
-    validate (complete=False: each key only, see config_from_dict)."""
-    data: dict = {}
-    where = str(path) if path is not None else "defaults"
-    if path is not None:
-        data = read_config_file(path)
-    if overrides:
-        _build(RunConfig, data, "", where)  # report file errors against the file first
-        for text in overrides:
-            key, value = parse_override(text)
-            _set_dotted(data, key, value)
-        where = f"{where} + command line"
-    return config_from_dict(data, where, complete)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Field documentation: the comments beside (or just above) each field in this file are its one-line doc
-# --------------------------------------------------------------------------------------------------------------
-
-def field_docs(cls) -> dict[str, str]:
-    """{field name: doc} of a dataclass in this module: the comment lines just above the field, else the comment
-    at the end of its line, joined into one line."""
-    source = inspect.getsource(cls)
-    comments: dict[int, str] = {}
-    code_lines: set[int] = set()
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT:
-            comments[tok.start[0]] = tok.string.lstrip("#").strip()
-        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
-                              tokenize.ENDMARKER):
-            code_lines.add(tok.start[0])
-    docs = {}
-    for node in ast.parse(source).body[0].body:
-        if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
-            continue
-        above, line = [], node.lineno - 1
-        while line in comments and line not in code_lines:
-            above.insert(0, comments[line])
-            line -= 1
-        trailing = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
-        docs[node.target.id] = " ".join(above or trailing)
-    return docs
-
-
-def _sections(cls=None, prefix: str = ""):
-    """(dotted prefix, dataclass) of RunConfig and every nested config dataclass, depth first."""
-    cls = cls or RunConfig
-    yield prefix, cls
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            yield from _sections(hints[f.name], f"{prefix}{f.name}.")
-
-
-def _scalar(value) -> str:
-    """A value as one line of YAML (flow style for lists and mappings)."""
-    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
-
-
-def describe(cfg: RunConfig) -> str:
-    """The resolved config as YAML, each field followed by its one-line doc (`train --print-config`)."""
-    lines: list[str] = []
-
-    def walk(obj, indent: str) -> None:
-        docs = field_docs(type(obj))
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                doc = (type(value).__doc__ or "").strip().splitlines()[0]
-                lines.append(f"{indent}{f.name}:{'  # ' + doc if doc else ''}")
-                walk(value, indent + "  ")
-            else:
-                doc = docs.get(f.name, "")
-                lines.append(f"{indent}{f.name}: {_scalar(value)}{'  # ' + doc if doc else ''}")
-
-    walk(cfg, "")
-    return "\n".join(lines) + "\n"
-
-
-def reference_markdown() -> str:
-    """docs/config.md: every section and field of RunConfig with its type, default and doc, from the
-    dataclasses (tests/test_config.py checks the file is current)."""
-    out = ["<!-- generated by `python -m megatron_sayo.config --markdown > docs/config.md` from "
-           "megatron_sayo/config.py; do not edit by hand -->", "", "# Run config reference", "",
-           "Every key of a run config, its type, its default and what it does. A config file may start from others "
-           "with `defaults: other.yaml` (or a list; paths relative to the file, later files and the file itself "
-           "winning key by key). `python -m megatron_sayo.train --print-config [--config FILE] [key=value ...]` "
-           "prints the resolved config with these docs.", ""]
-    defaults = RunConfig()
-    for prefix, cls in _sections():
-        hints, docs = typing.get_type_hints(cls), field_docs(cls)
-        leaves = [f for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints[f.name])]
-        if not leaves:
-            continue
-        obj = defaults
-        for part in prefix.rstrip(".").split(".") if prefix else []:
-            obj = getattr(obj, part)
-        title = prefix.rstrip(".") or "top level"
-        heading = f"`{title}`" if prefix else "Top level"
-        out += [f"## {heading}", "", " ".join((cls.__doc__ or "").split()), "",
-                "| key | type | default | description |", "|---|---|---|---|"]
-        for f in leaves:
-            doc = docs.get(f.name, "").replace("|", "\\|")
-            kind = _type_name(hints[f.name]).replace("|", "\\|")
-            default = _scalar(getattr(obj, f.name)).replace("|", "\\|")
-            out.append(f"| `{prefix}{f.name}` | {kind} | `{default}` | {doc} |")
-        out.append("")
-    return "\n".join(out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Validate a config file with overrides and print the resolved config as YAML."""
-    args = sys.argv[1:] if argv is None else argv
-    if args == ["--markdown"]:
-        print(reference_markdown(), end="")
-        return 0
-    if not args or args[0] in ("-h", "--help"):
-        print("usage: python -m megatron_sayo.config FILE [section.key=value ...]\n"
-              "       python -m megatron_sayo.config --markdown   (the reference docs/config.md)", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(args[0], args[1:])
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Server (python -m megatron_sayo.eval.serve: its command-line defaults; not part of a run config)
-# --------------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Defaults of every server limit (each one a --flag of the same name; README "Security and limits")."""
-
-    host: str = "127.0.0.1"                 # loopback unless told otherwise
-    max_batch: int = 32                     # most requests generated together
-    max_tokens_limit: int = 4096            # largest max_tokens a request may ask for
-    default_max_tokens: int = 256           # max_tokens when a request gives none
-    max_images_per_request: int = 8         # counted before any image is decoded
-    max_image_pixels_factor: int = 4        # --max-image-pixels default: this x the processor's max_pixels
-    max_prompt_chars: int = 1_000_000       # characters of message text, checked before tokenizing
-    max_body_bytes: int = 64 << 20          # request body; larger ones get 413 before being read
-    max_connections: int = 256              # open connections; requests beyond get 503
-    backlog: int = 2048                     # listen backlog (the kernel caps it at net.core.somaxconn)
-    read_timeout_s: float = 30.0            # a request's headers, and then its body, must arrive within this
-    keep_alive_s: float = 5.0               # idle keep-alive connections are closed after this
-    max_n: int = 16                         # choices per request
-    max_stop: int = 4                       # stop strings per request
-    max_top_logprobs: int = 20              # OpenAI's bound
