@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from megatron_sayo.config import ConfigError, load_config
-from megatron_sayo.experiments import ablation as A
+from megatron_sayo.experiments import ablation
 
 
 def flat(tree: dict, prefix: str = "") -> dict:
@@ -24,13 +24,14 @@ def flat(tree: dict, prefix: str = "") -> dict:
 
 
 def arm_config(tmp_path, arm, seed, extra=(), toy="tiles", overrides=None):
-    over = A.ARMS[arm] if overrides is None else overrides
-    return flat(load_config(str(A.CONFIG), A.arm_overrides(tmp_path, toy, over, arm, seed, list(extra))).to_dict())
+    over = ablation.ARMS[arm] if overrides is None else overrides
+    overrides = ablation.arm_overrides(tmp_path, toy, over, arm, seed, list(extra))
+    return flat(load_config(str(ablation.CONFIG), overrides).to_dict())
 
 
 def test_arms_differ_only_in_reward_weights(tmp_path):
     extra = ["optim.lr=2e-4"]
-    cfgs = {arm: arm_config(tmp_path, arm, 0, extra) for arm in A.ARMS}
+    cfgs = {arm: arm_config(tmp_path, arm, 0, extra) for arm in ablation.ARMS}
     want = {"attention": (1.0, 0.0, 1.0), "accuracy": (0.0, 1.0, 1.0), "full": (1.0, 1.0, 1.0)}
     for arm, cfg in cfgs.items():
         differ = {k for k in cfg if cfg[k] != cfgs["full"][k]}
@@ -43,11 +44,11 @@ def test_arms_differ_only_in_reward_weights(tmp_path):
     assert cfgs["accuracy"]["warmup.cache_dir"] == other_seed["warmup.cache_dir"]
     assert cfgs["accuracy"]["warmup.seed"] == other_seed["warmup.seed"]
     # a variant arm differs from its base in its own key only; a toy in the toy's settings only
-    name, over = A.parse_arm("attention_answer=attention:reward.token_selection=answer", A.ARMS)
+    name, over = ablation.parse_arm("attention_answer=attention:reward.token_selection=answer", ablation.ARMS)
     variant = arm_config(tmp_path, name, 0, extra, overrides=over)
     assert {k for k in variant if variant[k] != cfgs["attention"][k]} == {"reward.token_selection", "run_dir"}
     reasoning = arm_config(tmp_path, "full", 0, extra, toy="tiles_reasoning")
-    toy_keys = {o.split("=")[0] for toy in A.TOYS.values() for o, _ in toy}
+    toy_keys = {o.split("=")[0] for toy in ablation.TOYS.values() for o, _ in toy}
     assert {k for k in reasoning if reasoning[k] != cfgs["full"][k]} <= toy_keys | {"run_dir", "data.train_file",
                                                                                    "data.eval_file"}
     assert reasoning["data.synthetic_task"] == "tiles_reasoning" and cfgs["full"]["data.synthetic_task"] == "tiles"
@@ -57,10 +58,10 @@ def test_arms_differ_only_in_reward_weights(tmp_path):
                                  "data.synthetic_task=shapes"])
 def test_overrides_that_define_an_arm_are_refused(bad):
     with pytest.raises(ConfigError, match="set per (arm|toy)"):
-        A.check_overrides(["train.steps=3", bad])
+        ablation.check_overrides(["train.steps=3", bad])
 
 
-@pytest.mark.multiproc     # A.main starts the arms' training processes if its checks let a bad argument through
+@pytest.mark.multiproc     # ablation.main starts the arms' training processes if its checks let a bad argument through
 @pytest.mark.parametrize("argv, needle", [
     (["--arm", "x=attention:train.steps=3"], "train.steps is not a method-variant setting"),
     (["--arm", "x=sayo:reward.token_selection=all"], "BASE one of attention, accuracy, full"),
@@ -71,7 +72,7 @@ def test_overrides_that_define_an_arm_are_refused(bad):
 ])
 def test_bad_arms_and_toys_fail_before_anything_runs(tmp_path, capsys, argv, needle):
     out = tmp_path / "out"
-    assert A.main(["--out", str(out), *argv]) == 2
+    assert ablation.main(["--out", str(out), *argv]) == 2
     assert needle in capsys.readouterr().err
     assert not out.exists()
 
@@ -99,17 +100,17 @@ def test_results_schema_summary_and_plot(tmp_path):
     seeds, toys = [0, 1, 2], ["tiles", "tiles_reasoning"]
     written, by_toy = {}, {}
     for toy in toys:
-        for arm in A.ARMS:
+        for arm in ablation.ARMS:
             for s in seeds:
-                written[(toy, arm, s)] = _write_run(A.run_dir(tmp_path / toy, arm, s), s, arm + toy)
-        by_toy[toy] = A.collect(tmp_path / toy, list(A.ARMS), seeds,
-                                {"eval_samples": 8, "arm_overrides": {a: list(o) for a, o in A.ARMS.items()}})
-    A.write_outputs(tmp_path, by_toy)
+                written[(toy, arm, s)] = _write_run(ablation.run_dir(tmp_path / toy, arm, s), s, arm + toy)
+        by_toy[toy] = ablation.collect(tmp_path / toy, list(ablation.ARMS), seeds,
+                                {"eval_samples": 8, "arm_overrides": {a: list(o) for a, o in ablation.ARMS.items()}})
+    ablation.write_outputs(tmp_path, by_toy)
     top = (tmp_path / "summary.md").read_text()
     for toy in toys:
         loaded = json.loads((tmp_path / toy / "results.json").read_text())
         assert set(loaded) == {"arms", "config"} and list(loaded["arms"]) == ["attention", "accuracy", "full"]
-        for arm in A.ARMS:
+        for arm in ablation.ARMS:
             assert set(loaded["arms"][arm]) == {"0", "1", "2"}
             for s in seeds:
                 got, rows = loaded["arms"][arm][str(s)], written[(toy, arm, s)]
@@ -151,23 +152,37 @@ def test_tiny_ablation_end_to_end(tmp_path, tiny_ckpt):
     out = tmp_path / "out"
     tiny = [f"model.hf_path={tiny_ckpt}", "model.make_tiny_if_missing=false", "data.synthetic_n=16",
             "warmup.steps=1", "train.steps=1", "eval.interval=1", "eval.num_samples=2", "eval.batch=2",
-            "rollout.group_size=2", "train.global_batch=2", "train.micro_batch=4", "rollout.max_new_tokens=3"]
-    assert A.main(["--out", str(out), "--arms", "attention,full", "--seeds", "0", *tiny]) == 0
+            "rollout.group_size=2", "train.global_batch=2", "train.micro_batch=2", "rollout.max_new_tokens=3"]
+    assert ablation.main(["--out", str(out), "--arms", "attention,full", "--seeds", "0", *tiny]) == 0
     top = (out / "summary.md").read_text()
-    for toy in A.TOYS:
+    for toy in ablation.TOYS:
         results = json.loads((out / toy / "results.json").read_text())
         assert list(results["arms"]) == ["attention", "full"] and set(results["arms"]["full"]) == {"0"}
         got = results["arms"]["full"]["0"]
         assert got["curve"]["step"] == [0, 1] and {"format_end", "reward_attention_end"} <= set(got)
         assert results["config"]["shared"]["data"]["synthetic_task"] == toy
+        assert results["config"]["warmup_ranks"] == 2         # the shared warm-up ran data parallel on 2 ranks
         assert f"## {toy}" in top and "| w/ Attn. Reward |" in top and "| Full (Attn. + Acc.) |" in top
         assert (out / toy / "ablation.png").is_file()
     assert (out / "ablation.png").is_file()
 
 
 def test_a_run_without_evaluations_is_an_error(tmp_path):
-    run = A.run_dir(tmp_path, "full", 0)
+    run = ablation.run_dir(tmp_path, "full", 0)
     run.mkdir(parents=True)
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward_total": 1.0, "time_step": 1.0}) + "\n")
     with pytest.raises(ValueError, match="without held-out evaluations"):
-        A.arm_result(A.read_rows(run))
+        ablation.arm_result(ablation.read_rows(run))
+
+
+def test_the_shared_warm_up_runs_on_as_many_ranks_as_split_its_batches(tmp_path):
+    """One rank per --jobs core when the warm-up's answers and the step's batches split evenly, else fewer."""
+    def ranks(jobs, *extra):
+        cfg = load_config(str(ablation.CONFIG), ablation.arm_overrides(tmp_path, "tiles", ablation.ARMS["full"],
+                                                                       "full", 0, list(extra)))
+        return ablation.warmup_ranks(cfg, jobs)
+
+    assert ranks(2) == 2 and ranks(1) == 1
+    assert ranks(4) == 2                                   # 32 completions do not fill 4 ranks x micro_batch 16
+    assert ranks(4, "train.micro_batch=8") == 4
+    assert ranks(2, "train.global_batch=3") == 1           # 3 prompts do not split over 2 ranks
