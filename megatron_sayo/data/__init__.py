@@ -1,0 +1,1 @@
+"""Training and evaluation data: images, tokenizer and chat template, grounded datasets, regions, paper sources."""

@@ -1,0 +1,1 @@
+"""Experiments on top of training: the accuracy-only vs SAYO ablation and its selected-token and tile analyses."""

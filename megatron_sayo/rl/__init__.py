@@ -1,0 +1,1 @@
+"""GRPO training: rewards, advantages, loss, update, optimizer, metrics, held-out evaluation and the trainer."""
