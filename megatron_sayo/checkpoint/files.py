@@ -13,7 +13,7 @@ import time
 import warnings
 from pathlib import Path
 
-from megatron_sayo.formats.torch_format import load_dcp_metadata
+from megatron_sayo.formats.dcp_metadata import load_dcp_metadata
 
 METADATA_FILE = "checkpoint_metadata.json"
 # Where megatron keeps the non-sharded state: common.pt up to megatron-core 0.16, an object of this key inside the

@@ -3,9 +3,9 @@
 A byte move planned from config.json alone: each megatron chunk (one layer x one TP rank's slice, where
 megatron's TP x PP save puts it: models/qwen25vl/dist_layout.py) is a rectangle of the TP=1 tensor, whose rows
 are row ranges of HF tensors (name_map.row_map). tensor_copy.py moves whole rows in the kernel and slices or
-casts through a bounded buffer; torch_format.py frames the torch.save records and the DCP metadata. Writes
-`<out>.tmp-<pid>`, fsyncs, renames at the end, and asserts that every source tensor was consumed and every
-target produced. CLI: tools/convert_hf_to_megatron.py; the other direction: megatron_to_hf.py.
+casts through a bounded buffer; torch_save_writer.py and dcp_metadata.py frame the torch.save records and
+the DCP metadata. Writes `<out>.tmp-<pid>`, fsyncs, renames at the end, and asserts that every source tensor was
+consumed and every target produced. CLI: tools/convert_hf_to_megatron.py; the other direction: megatron_to_hf.py.
 """
 
 from __future__ import annotations

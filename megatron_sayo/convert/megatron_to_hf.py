@@ -1,9 +1,9 @@
 """Megatron -> HF checkpoint conversion, streaming, in one process, without torch and without a model.
 
 The reverse byte move of hf_to_megatron.py: each exported HF tensor is made of the checkpoint's chunks (found
-through the DCP metadata, torch_format.py) by the same row map, sharded by size into safetensors files with
-an index. Writes `<out>.tmp-<pid>`, fsyncs, renames at the end, and asserts that every chunk element was used
-and every HF tensor produced. CLI: tools/convert_megatron_to_hf.py.
+through the DCP metadata, dcp_metadata.py, and located in their records by torch_save_reader.py) by the same
+row map, sharded by size into safetensors files with an index. Writes `<out>.tmp-<pid>`, fsyncs, renames at the
+end, and asserts that every chunk element was used and every HF tensor produced. CLI: tools/convert_megatron_to_hf.py.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from megatron_sayo.checkpoint.files import (
 from megatron_sayo.convert.progress import Progress, bytes_fmt, terminate_as_interrupt
 from megatron_sayo.convert.rectangles import rectangle
 from megatron_sayo.formats.atomic import publish_dir, write_json_atomic
+from megatron_sayo.formats.dcp_metadata import load_dcp_metadata
 from megatron_sayo.formats.dtypes import DTYPES
 from megatron_sayo.formats.safetensors_files import INDEX_FILE, header_bytes
 from megatron_sayo.formats.tensor_copy import (
@@ -37,7 +38,7 @@ from megatron_sayo.formats.tensor_copy import (
     pwrite_all,
     write_matrix,
 )
-from megatron_sayo.formats.torch_format import load_dcp_metadata, read_tensor_record
+from megatron_sayo.formats.torch_save_reader import read_tensor_record
 from megatron_sayo.memory import peak_rss_mb
 from megatron_sayo.models.qwen25vl import dist_layout
 from megatron_sayo.models.qwen25vl.hf_config import load_hf_config

@@ -3,8 +3,8 @@
 The files are what `dist_checkpointing.save` produces: per-rank `__<rank>_0.distcp` data files holding each
 chunk as a torch.save record, a pickled torch.distributed.checkpoint `Metadata` in `.metadata` (global shapes,
 chunks, byte ranges), megatron's `metadata.json` and an empty common state `common.pt`. The record framing
-comes from torch_format.py; the chunk's bytes are written straight into place by a caller's fill function
-(tensor_copy.py), so memory never holds a chunk.
+comes from torch_save_writer.py and dcp_metadata.py; the chunk's bytes are written straight into place by a
+caller's fill function (tensor_copy.py), so memory never holds a chunk.
 """
 
 from __future__ import annotations
@@ -16,15 +16,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from megatron_sayo.formats.dcp_metadata import DcpMetadata, DcpTensor, StoredChunk, dump_dcp_metadata
 from megatron_sayo.formats.tensor_copy import StoredMatrix, Writeback, pwrite_all
-from megatron_sayo.formats.torch_format import (
-    DcpMetadata,
-    DcpTensor,
-    StoredChunk,
-    dump_dcp_metadata,
-    object_record,
-    tensor_record,
-)
+from megatron_sayo.formats.torch_save_writer import object_record, tensor_record
 
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
                      "common_backend_version": 1}

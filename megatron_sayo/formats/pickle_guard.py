@@ -3,7 +3,8 @@
 torch's DCP reader unpickles `.metadata` and every stored object with plain pickle, so a crafted checkpoint
 could run code. Here each pickle is walked by an unpickler that imports nothing and calls nothing: every
 global it names is checked against ALLOWED (the classes and functions our checkpoints are made of) and
-replaced by an inert stand-in (torch_format's, which records and runs nothing). Torch-free (standard library only).
+replaced by an inert stand-in (dcp_metadata's, which records and runs nothing). Torch-free (standard library
+only).
 """
 
 from __future__ import annotations
@@ -14,15 +15,9 @@ import os
 import zipfile
 from pathlib import Path
 
+from megatron_sayo.formats.dcp_metadata import StandInUnpickler, is_stand_in_class, load_dcp_metadata
 from megatron_sayo.formats.dtypes import DTYPES
-from megatron_sayo.formats.torch_format import (
-    StandInUnpickler,
-    data_pickle,
-    is_stand_in_class,
-    load_dcp_metadata,
-    open_record,
-    read_member,
-)
+from megatron_sayo.formats.torch_save_reader import data_pickle, open_record, read_member
 
 _MD = "torch.distributed.checkpoint.metadata"
 _PLANNER = "torch.distributed.checkpoint.planner"

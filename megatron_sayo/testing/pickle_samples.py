@@ -44,7 +44,7 @@ def samples() -> dict[str, bytes]:
     from torch.distributed.checkpoint import metadata, planner
 
     from megatron_sayo.distributed.runtime import spawn_local
-    from megatron_sayo.formats.torch_format import load_dcp_metadata
+    from megatron_sayo.formats.dcp_metadata import load_dcp_metadata
 
     out: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,12 +1,9 @@
-"""megatron_sayo.formats.torch_format against torch itself: torch.save bytes, torch.load of our records, DCP metadata
-pickled and parsed both ways, a DCP checkpoint written by hand and loaded by torch, and no torch import."""
+"""megatron_sayo.formats.dcp_metadata against torch itself: `.metadata` pickled and parsed both ways, a DCP checkpoint
+written by hand and loaded by torch, and the torch-free modules running without torch."""
 
 from __future__ import annotations
 
-import io
-import os
 import pickle
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,229 +21,20 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.utils.serialization import config
+from torch_reference import check_record, load_bytes, raw, sample
 
-from megatron_sayo.formats.dtypes import DTYPES
-from megatron_sayo.formats.torch_format import (
+from megatron_sayo.formats.dcp_metadata import (
     DcpMetadata,
     DcpTensor,
     StoredChunk,
     dump_dcp_metadata,
     load_dcp_metadata,
-    object_record,
-    read_tensor_record,
-    tensor_record,
 )
+from megatron_sayo.formats.torch_save_writer import object_record, tensor_record
 
 pytestmark = pytest.mark.compat     # in every cell of `make compat` (docs/compat.md)
 
 ROOT = Path(__file__).resolve().parents[2]
-SHAPES = [(2, 3), (5,), (1, 4, 8), (0, 3), ()]
-SERIALIZATION_ID = re.compile(rb"(serialization_idFB..Z*)(\d{40})", re.S)
-
-
-def torch_save(obj, crc: bool = False) -> bytes:
-    with config.patch({"save.compute_crc32": crc}):
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def raw(t: torch.Tensor) -> bytes:
-    """A tensor's elements as little-endian bytes."""
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def sample(dtype: str, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * 4).to(getattr(torch, dtype))
-
-
-def mask_id(b: bytes) -> bytes:
-    masked, n = SERIALIZATION_ID.subn(lambda m: m.group(1) + b"0" * 40, b)
-    assert n == 1
-    return masked
-
-
-def load_bytes(b: bytes):
-    return torch.load(io.BytesIO(b), weights_only=True)
-
-
-# --------------------------------------------------------------------------------------------- writing records
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_tensor_record_is_torch_save(dtype, shape):
-    t = sample(dtype, shape)
-    head, tail = tensor_record(dtype, shape)
-    ours = head + raw(t) + tail
-    assert mask_id(ours) == mask_id(torch_save(t))
-    back = load_bytes(ours)
-    assert back.dtype == t.dtype and back.shape == t.shape and torch.equal(back, t)
-
-
-@pytest.mark.parametrize("dtype", sorted(set(DTYPES) - {"float32", "bfloat16", "float16"}))
-def test_tensor_record_other_dtypes(dtype):
-    t = sample(dtype, (3, 5), seed=1)
-    head, tail = tensor_record(dtype, (3, 5))
-    assert DTYPES[dtype].itemsize == t.element_size()
-    assert mask_id(head + raw(t) + tail) == mask_id(torch_save(t))
-    back = load_bytes(head + raw(t) + tail)
-    assert back.dtype == t.dtype and torch.equal(back.view(torch.uint8), t.view(torch.uint8))
-
-
-def test_serialization_id_is_zeros_and_torch_loads_it():
-    """The telemetry id is not reproduced (zeros); everything else is torch's bytes, and torch loads it."""
-    head, tail = tensor_record("float32", (2, 3))
-    ours = head + raw(torch.ones(2, 3)) + tail
-    assert SERIALIZATION_ID.search(ours).group(2) == b"0" * 40
-    assert torch.equal(load_bytes(ours), torch.ones(2, 3))
-
-
-def test_archive_name_of_a_path(tmp_path):
-    t = sample("bfloat16", (4, 2))
-    torch.save(t, tmp_path / "foo.pt")
-    head, tail = tensor_record("bfloat16", (4, 2), archive="foo")
-    with config.patch({"save.compute_crc32": False}):
-        torch.save(t, tmp_path / "foo.pt")
-    assert mask_id(head + raw(t) + tail) == mask_id((tmp_path / "foo.pt").read_bytes())
-
-
-@pytest.mark.parametrize("obj", [[None], {"a": 1}, {"iteration": 7, "args": (1, "x", 2.5)}], ids=str)
-def test_object_record(obj):
-    ours = object_record(obj)
-    assert load_bytes(ours) == obj
-    assert mask_id(ours) == mask_id(torch_save(obj))
-
-
-def test_bad_inputs_to_writers():
-    with pytest.raises(ValueError, match="dtype 'complex64'"):
-        tensor_record("complex64", (2,))
-    with pytest.raises(ValueError, match="shape"):
-        tensor_record("float32", (2, -1))
-    with pytest.raises(ValueError, match="torch"):
-        object_record([torch.Size([1])])
-
-
-# --------------------------------------------------------------------------------------------- reading records
-
-def check_record(path: Path, offset: int, length: int, t: torch.Tensor) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        r = read_tensor_record(fd, offset, length)
-        assert (r.dtype, r.shape, r.nbytes) == (str(t.dtype).removeprefix("torch."), tuple(t.shape),
-                                                t.numel() * t.element_size())
-        assert 0 <= r.data_offset and r.data_offset + r.nbytes <= length
-        assert os.pread(fd, r.nbytes, offset + r.data_offset) == raw(t)
-    finally:
-        os.close(fd)
-
-
-@pytest.mark.parametrize("crc", [True, False])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float8_e4m3fn"])
-@pytest.mark.parametrize("shape", SHAPES + [(3000, 7)], ids=str)
-def test_read_torch_save(tmp_path, crc, dtype, shape):
-    t = sample(dtype, shape)
-    p = tmp_path / "t.pt"
-    p.write_bytes(torch_save(t, crc=crc))
-    check_record(p, 0, p.stat().st_size, t)
-
-
-def test_read_saved_to_path(tmp_path):
-    """torch.save(t, "foo.pt") names its records foo/..."""
-    t = sample("float16", (6, 5))
-    torch.save(t, tmp_path / "foo.pt")
-    check_record(tmp_path / "foo.pt", 0, (tmp_path / "foo.pt").stat().st_size, t)
-
-
-def test_read_our_records_inside_a_bigger_file(tmp_path):
-    tensors = [sample("bfloat16", (7, 3), 1), sample("float32", (), 2), sample("float16", (0, 4), 3),
-               sample("float32", (129,), 4)]
-    p, spans = tmp_path / "many.bin", []
-    with open(p, "wb") as f:
-        f.write(b"junk" * 17)
-        for t in tensors:
-            head, tail = tensor_record(str(t.dtype).removeprefix("torch."), tuple(t.shape))
-            start = f.tell()
-            f.write(head + raw(t) + tail)
-            spans.append((start, f.tell() - start))
-            f.write(torch_save(t)[:50])      # a stray partial record between them
-    for t, (start, length) in zip(tensors, spans):
-        check_record(p, start, length, t)
-
-
-def test_read_view_into_bigger_storage(tmp_path):
-    big = sample("float32", (10, 4))
-    view = big[3:7]
-    assert view.storage_offset() == 12
-    p = tmp_path / "view.pt"
-    p.write_bytes(torch_save(view))
-    assert p.stat().st_size > len(torch_save(view.clone()))     # the whole storage is in the record
-    check_record(p, 0, p.stat().st_size, view)
-    p.write_bytes(torch_save(big.view(-1)[5:6].view(())))
-    check_record(p, 0, p.stat().st_size, big.view(-1)[5])
-
-
-def read_bytes(tmp_path: Path, b: bytes, offset: int = 0, length: int | None = None):
-    p = tmp_path / "x.bin"
-    p.write_bytes(b)
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        return read_tensor_record(fd, offset, len(b) - offset if length is None else length)
-    finally:
-        os.close(fd)
-
-
-def test_read_rejects(tmp_path):
-    good = torch_save(sample("float32", (4, 3)))
-    with pytest.raises(ValueError, match="non-contiguous"):
-        read_bytes(tmp_path, torch_save(sample("float32", (4, 3)).t()))
-    with pytest.raises(ValueError, match="no readable zip directory"):
-        read_bytes(tmp_path, good[:-7])
-    with pytest.raises(ValueError):
-        read_bytes(tmp_path, good[: len(good) // 2])
-    with pytest.raises(ValueError):
-        read_bytes(tmp_path, good, length=len(good) + 10)              # past the end of the file
-    with pytest.raises(ValueError):
-        read_bytes(tmp_path, os.urandom(3000))
-    with pytest.raises(ValueError):
-        read_bytes(tmp_path, b"")
-    cd = good.rindex(b"PK\x01\x02")
-    with pytest.raises(ValueError):
-        read_bytes(tmp_path, good[:cd] + b"XX" + good[cd + 2:])        # broken central directory
-    with pytest.raises(ValueError, match="not a tensor"):
-        read_bytes(tmp_path, object_record({"a": 1}))
-    with pytest.raises(ValueError, match="_rebuild_parameter"):
-        read_bytes(tmp_path, torch_save(torch.nn.Parameter(torch.ones(2))))
-    with pytest.raises(ValueError, match="collections.Counter"):
-        read_bytes(tmp_path, object_record(__import__("collections").Counter("ab")))
-    crc_saved = torch_save(sample("float32", (4, 3)), crc=True)
-    pkl = crc_saved.index(b"data.pkl") + 60                    # a byte inside data.pkl's pickle
-    with pytest.raises(ValueError, match="CRC-32"):
-        read_bytes(tmp_path, crc_saved[:pkl] + bytes([crc_saved[pkl] ^ 1]) + crc_saved[pkl + 1:])
-
-
-def test_compressed_record_is_refused_clearly(tmp_path):
-    """A record re-zipped with deflate (as a compressing tool would) is refused naming the compression, not
-    with a misleading zip error later."""
-    import zipfile
-    good = torch_save(sample("float32", (64, 8)), crc=True)
-    src = zipfile.ZipFile(io.BytesIO(good))
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as out:
-        for name in src.namelist():
-            out.writestr(name, src.read(name))
-    with pytest.raises(ValueError, match="compressed"):
-        read_bytes(tmp_path, buf.getvalue())
-
-
-def test_transform_descriptors_are_refused(tmp_path):
-    """A DCP checkpoint written through transforms (e.g. compression extensions) is refused by name."""
-    md = torch_metadata(sample_metadata(), "/c", "s")
-    index = next(iter(md.storage_data))
-    md.storage_data[index] = _StorageInfo("__0_0.distcp", 0, 1000, transform_descriptors=["zstd"])
-    with pytest.raises(ValueError, match=r"transforms \['zstd'\].*save without transforms"):
-        load_dcp_metadata(pickle.dumps(md))
 
 
 # --------------------------------------------------------------------------------------------- DCP metadata
@@ -296,6 +84,15 @@ def from_torch(m: Metadata) -> DcpMetadata:
                       for c in v.chunks]
             md.tensors[key] = DcpTensor(str(v.properties.dtype).removeprefix("torch."), tuple(v.size), chunks)
     return md
+
+
+def test_transform_descriptors_are_refused(tmp_path):
+    """A DCP checkpoint written through transforms (e.g. compression extensions) is refused by name."""
+    md = torch_metadata(sample_metadata(), "/c", "s")
+    index = next(iter(md.storage_data))
+    md.storage_data[index] = _StorageInfo("__0_0.distcp", 0, 1000, transform_descriptors=["zstd"])
+    with pytest.raises(ValueError, match=r"transforms \['zstd'\].*save without transforms"):
+        load_dcp_metadata(pickle.dumps(md))
 
 
 def test_dump_dcp_metadata_loads_as_torch_metadata():
@@ -425,20 +222,21 @@ def test_hand_written_checkpoint_loads_with_dcp(tmp_path):
 # --------------------------------------------------------------------------------------------- no torch
 
 @pytest.mark.multiproc
-def test_module_never_imports_torch(tmp_path):
+def test_modules_never_import_torch(tmp_path):
     script = f"""
 import os, sys
-import megatron_sayo.formats.torch_format as f
-head, tail = f.tensor_record("bfloat16", (2, 3))
+from megatron_sayo.formats import dcp_metadata, torch_save_reader, torch_save_writer
+head, tail = torch_save_writer.tensor_record("bfloat16", (2, 3))
 p = {str(tmp_path / "r.bin")!r}
 with open(p, "wb") as out:
-    out.write(b"x" * 5 + head + bytes(range(12)) + tail + f.object_record([None]))
+    out.write(b"x" * 5 + head + bytes(range(12)) + tail + torch_save_writer.object_record([None]))
 fd = os.open(p, os.O_RDONLY)
-r = f.read_tensor_record(fd, 5, len(head) + 12 + len(tail))
+r = torch_save_reader.read_tensor_record(fd, 5, len(head) + 12 + len(tail))
 assert (r.dtype, r.shape, os.pread(fd, r.nbytes, 5 + r.data_offset)) == ("bfloat16", (2, 3), bytes(range(12))), r
-md = f.DcpMetadata({{"w": f.DcpTensor("bfloat16", (2, 3), [f.StoredChunk((0, 0), (2, 3), "__0_0.distcp", 5, 9)])}},
-                   {{"o": ("__0_0.distcp", 14, 100)}})
-assert f.load_dcp_metadata(f.dump_dcp_metadata(md, "c", "s")) == md
+chunk = dcp_metadata.StoredChunk((0, 0), (2, 3), "__0_0.distcp", 5, 9)
+md = dcp_metadata.DcpMetadata({{"w": dcp_metadata.DcpTensor("bfloat16", (2, 3), [chunk])}},
+                              {{"o": ("__0_0.distcp", 14, 100)}})
+assert dcp_metadata.load_dcp_metadata(dcp_metadata.dump_dcp_metadata(md, "c", "s")) == md
 assert "torch" not in sys.modules, sorted(m for m in sys.modules if m.startswith("torch"))
 print("ok")
 """
