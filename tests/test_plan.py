@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from megatron_sayo import plan as P
+from megatron_sayo import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
@@ -69,29 +69,29 @@ def tiny_config(tied: bool) -> Qwen2_5_VLConfig:
 def test_count_equals_transformers_on_tiny_nested_config(tied):
     cfg = tiny_config(tied)
     model = Qwen2_5_VLForConditionalGeneration(cfg)
-    arch = P.parse_arch(json.loads(cfg.to_json_string()), "tiny")
-    assert P.total_params(arch) == numel(model)
-    assert P.vision_params(arch.vision) == numel(model.model.visual)
+    arch = plan.parse_arch(json.loads(cfg.to_json_string()), "tiny")
+    assert plan.total_params(arch) == numel(model)
+    assert plan.vision_params(arch.vision) == numel(model.model.visual)
 
 
 @pytest.mark.parametrize("size", sorted(TABLE))
 def test_count_equals_transformers_at_real_size(size, tmp_path):
     size, path, model = real_size(size, tmp_path)
-    arch = P.load_arch(path)
-    assert P.total_params(arch) == numel(model)
-    assert P.vision_params(arch.vision) == numel(model.model.visual)
-    assert P.total_params(arch) == pytest.approx(PUBLISHED[size], rel=0.01)
+    arch = plan.load_arch(path)
+    assert plan.total_params(arch) == numel(model)
+    assert plan.vision_params(arch.vision) == numel(model.model.visual)
+    assert plan.total_params(arch) == pytest.approx(PUBLISHED[size], rel=0.01)
 
 
 def test_example_configs_match_the_facts_table():
     for size in TABLE:
-        example = P.load_arch(ROOT / f"examples/configs/qwen25vl_{size}.config.json")
-        assert example == P.parse_arch(hub_config(size), size)
+        example = plan.load_arch(ROOT / f"examples/configs/qwen25vl_{size}.config.json")
+        assert example == plan.parse_arch(hub_config(size), size)
 
 
 def test_model_dir_is_accepted(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hub_config("7b")))
-    assert P.load_arch(tmp_path) == P.parse_arch(hub_config("7b"))
+    assert plan.load_arch(tmp_path) == plan.parse_arch(hub_config("7b"))
 
 
 # ---------------------------------------------------------------- config errors
@@ -101,8 +101,8 @@ def test_missing_field_names_file_and_field(tmp_path):
     del cfg["num_attention_heads"]
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
-    with pytest.raises(P.ConfigError, match=r"config\.json: .*mrope_section.* defaults: .*num_attention_heads"):
-        P.load_arch(path)
+    with pytest.raises(plan.ConfigError, match=r"config\.json: .*mrope_section.* defaults: .*num_attention_heads"):
+        plan.load_arch(path)
 
 
 def test_bad_vision_field_names_vision_config(tmp_path):
@@ -110,30 +110,31 @@ def test_bad_vision_field_names_vision_config(tmp_path):
     cfg["vision_config"]["depth"] = -1
     path = tmp_path / "c.json"
     path.write_text(json.dumps(cfg))
-    with pytest.raises(P.ConfigError, match=r"c\.json: vision_config: field 'depth' = -1 must be a positive integer"):
-        P.load_arch(path)
+    with pytest.raises(plan.ConfigError,
+                       match=r"c\.json: vision_config: field 'depth' = -1 must be a positive integer"):
+        plan.load_arch(path)
 
 
 def test_invalid_json_and_missing_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(P.ConfigError, match="bad.json: not valid JSON"):
-        P.load_arch(bad)
-    with pytest.raises(P.ConfigError, match="no such file"):
-        P.load_arch(tmp_path / "absent.json")
+    with pytest.raises(plan.ConfigError, match="bad.json: not valid JSON"):
+        plan.load_arch(bad)
+    with pytest.raises(plan.ConfigError, match="no such file"):
+        plan.load_arch(tmp_path / "absent.json")
 
 
 # ---------------------------------------------------------------- memory formulas by hand
 
 def test_megatron_bytes_per_param():
     """Megatron-LM README: 18 bytes/param without the distributed optimizer, 6 + 12/DP with it."""
-    assert sum(P.state_bytes_per_param(8, distributed_optimizer=False).values()) == 18
-    assert sum(P.state_bytes_per_param(8).values()) == 6 + 12 / 8
+    assert sum(plan.state_bytes_per_param(8, distributed_optimizer=False).values()) == 18
+    assert sum(plan.state_bytes_per_param(8).values()) == 6 + 12 / 8
 
 
 def test_korthikanti_activations_per_layer():
     s, b, h, a, t = 4096, 2, 8192, 64, 8
-    f = P.activation_bytes_per_layer
+    f = plan.activation_bytes_per_layer
     assert f(s, b, h, a, t, "none", True) == s * b * h * (34 + 5 * a * s / h) / t
     assert f(s, b, h, a, t, "none", False) == s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
     assert f(s, b, h, a, t, "selective", True) == 34 * s * b * h / t
@@ -143,8 +144,8 @@ def test_korthikanti_activations_per_layer():
 
 def test_7b_tp2_pp2_stages_by_hand(tmp_path):
     _, path, model = real_size("7b", tmp_path)
-    w = P.Workload(seq=4096, max_new_tokens=110, micro_batch=1, group_size=16, recompute="selective")
-    lay = P.Layout(tp=2, pp=2, dp=2)
+    w = plan.Workload(seq=4096, max_new_tokens=110, micro_batch=1, group_size=16, recompute="selective")
+    lay = plan.Layout(tp=2, pp=2, dp=2)
     s, h, tp, dp = 4096 + 110, 3584, 2, 2
     lm = model.model.language_model
     vision = numel(model.model.visual)                      # replicated on every TP rank: never divided by TP
@@ -155,7 +156,7 @@ def test_7b_tp2_pp2_stages_by_hand(tmp_path):
     patches = 1024 * 4
     vit = 32 * patches * (16 * 1280 + 8 * 3420) + 8 * patches * 1280
 
-    got = P.stage_memory(P.load_arch(path), lay, w, first=True, last=False)
+    got = plan.stage_memory(plan.load_arch(path), lay, w, first=True, last=False)
     assert got.weights == pytest.approx(2 * first)
     assert got.grads == pytest.approx(4 * first)
     assert got.optimizer == pytest.approx(12 * first / dp)
@@ -167,17 +168,17 @@ def test_7b_tp2_pp2_stages_by_hand(tmp_path):
     static = (2 + 4 + 12 / dp + 2) * first
     assert got.total == pytest.approx(static + max(34 * s * h / tp * 28 + 2 * vit, 2 * 14 * 2 * 128 * 2 * 16 * s))
 
-    got = P.stage_memory(P.load_arch(path), lay, w, first=False, last=True)
+    got = plan.stage_memory(plan.load_arch(path), lay, w, first=False, last=True)
     assert got.weights == pytest.approx(2 * last / tp)
     assert got.activations == pytest.approx(34 * s * h / tp * 14) and got.vision_activations == 0
     assert got.logits == pytest.approx(4 * s * 152064 / tp)
 
 
 def test_frozen_vision_keeps_weights_drops_grads_and_optimizer():
-    arch = P.load_arch(ROOT / "examples/configs/qwen25vl_7b.config.json")
-    lay, vision = P.Layout(tp=4, pp=1, dp=2), 676_550_144  # vision tower of 7B, counted by transformers above
-    trained = P.stage_memory(arch, lay, P.Workload(), first=True, last=True)
-    frozen = P.stage_memory(arch, lay, P.Workload(freeze_vision=True), first=True, last=True)
+    arch = plan.load_arch(ROOT / "examples/configs/qwen25vl_7b.config.json")
+    lay, vision = plan.Layout(tp=4, pp=1, dp=2), 676_550_144  # vision tower of 7B, counted by transformers above
+    trained = plan.stage_memory(arch, lay, plan.Workload(), first=True, last=True)
+    frozen = plan.stage_memory(arch, lay, plan.Workload(freeze_vision=True), first=True, last=True)
     assert frozen.weights == trained.weights
     assert trained.grads - frozen.grads == pytest.approx(4 * vision)          # replicated: not divided by TP=4
     assert trained.optimizer - frozen.optimizer == pytest.approx(12 * vision / 2)
@@ -186,28 +187,28 @@ def test_frozen_vision_keeps_weights_drops_grads_and_optimizer():
 
 def test_vision_tower_is_replicated_over_tp():
     """Going from TP=4 to TP=8 halves the language model's share per GPU, never the vision tower's."""
-    arch = P.load_arch(ROOT / "examples/configs/qwen25vl_72b.config.json")
-    vision, w = P.vision_params(arch.vision), P.Workload()
-    text_first = P.stage_params(arch, 2, first=True, last=False) - vision
+    arch = plan.load_arch(ROOT / "examples/configs/qwen25vl_72b.config.json")
+    vision, w = plan.vision_params(arch.vision), plan.Workload()
+    text_first = plan.stage_params(arch, 2, first=True, last=False) - vision
     for tp in (1, 4, 8):
-        got = P.stage_memory(arch, P.Layout(tp, 2, 64 // (2 * tp)), w, first=True, last=False)
+        got = plan.stage_memory(arch, plan.Layout(tp, 2, 64 // (2 * tp)), w, first=True, last=False)
         assert got.weights == pytest.approx(2 * (text_first / tp + vision))
     # the issue's figure: at TP8 PP2 DP4 the old model undercounted the first stage by about 6 GiB
-    got = P.stage_memory(arch, P.Layout(8, 2, 4), w, first=True, last=False)
+    got = plan.stage_memory(arch, plan.Layout(8, 2, 4), w, first=True, last=False)
     old_static = (2 + 4 + 12 / 4 + 2) * (text_first + vision) / 8
     assert 5 * GIB < (got.weights + got.grads + got.optimizer + got.reference) - old_static < 7 * GIB
 
 
 def test_lora_counts_frozen_base_adapter_state_and_no_reference():
-    arch = P.load_arch(ROOT / "examples/configs/qwen25vl_7b.config.json")
-    lay, t = P.Layout(tp=2, pp=1, dp=4), arch.text
-    full = P.stage_memory(arch, lay, P.Workload(), first=True, last=True)
-    lora = P.stage_memory(arch, lay, P.Workload(lora_rank=16), first=True, last=True)
+    arch = plan.load_arch(ROOT / "examples/configs/qwen25vl_7b.config.json")
+    lay, t = plan.Layout(tp=2, pp=1, dp=4), arch.text
+    full = plan.stage_memory(arch, lay, plan.Workload(), first=True, last=True)
+    lora = plan.stage_memory(arch, lay, plan.Workload(lora_rank=16), first=True, last=True)
     # by hand for 7B (h 3584, 28 heads x 128, 4 kv heads, ffn 18944), r = 16, TP = 2, per layer:
     # q/k/v A 3 x 16 x 3584, B 16 x (3584 + 2 x 512) / 2; gate/up A 2 x 16 x 3584, B 2 x 16 x 18944 / 2;
     # o A 16 x 3584 / 2, B 16 x 3584; down A 16 x 18944 / 2, B 16 x 3584
     per_layer = 16 * (3 * 3584 + 4608 / 2 + 2 * 3584 + 18944 + 3584 / 2 + 3584 + 18944 / 2 + 3584)
-    assert P.lora_layer_params(t, 16, 2) == pytest.approx(per_layer)
+    assert plan.lora_layer_params(t, 16, 2) == pytest.approx(per_layer)
     adapters = 28 * per_layer
     assert lora.reference == 0 and full.reference > 0
     assert lora.weights == pytest.approx(full.weights + 2 * adapters)
@@ -215,8 +216,8 @@ def test_lora_counts_frozen_base_adapter_state_and_no_reference():
     assert lora.optimizer == pytest.approx(12 * adapters / 4)
     assert (lora.activations, lora.logits, lora.kv_cache) == (full.activations, full.logits, full.kv_cache)
     # 7B at TP=1 on 80 GB: full fine-tuning does not fit, LoRA does
-    rows = {(r.layout.tp, r.layout.pp): r for r in P.plan(arch, 8, 80 * GIB, P.Workload(lora_rank=16))}
-    assert rows[(1, 1)].fits and not P.layout_memory(arch, P.Layout(1, 1, 8), P.Workload()).total <= 72 * GIB
+    rows = {(r.layout.tp, r.layout.pp): r for r in plan.plan(arch, 8, 80 * GIB, plan.Workload(lora_rank=16))}
+    assert rows[(1, 1)].fits and not plan.layout_memory(arch, plan.Layout(1, 1, 8), plan.Workload()).total <= 72 * GIB
 
 
 @pytest.mark.multiproc
@@ -233,12 +234,12 @@ def test_cli_prints_full_and_lora_side_by_side():
 def test_72b_on_64_gpus_fits_with_tp_at_most_8():
     """With the vision tower frozen (the 72B example's setting) TP8 PP2 DP4 fits on 80 GB; training the ViT on
     1024 image tokens per sample does not fit any TP <= 8 layout on 80 GB, and does on 141 GB."""
-    arch = P.load_arch(ROOT / "examples/configs/qwen25vl_72b.config.json")
-    with pytest.raises(P.NoLayoutFits, match="--freeze-vision"):
-        P.recommend(P.plan(arch, gpus=64, gpu_memory=80 * GIB))
-    assert P.recommend(P.plan(arch, gpus=64, gpu_memory=141 * GIB)).fits
-    rows = P.plan(arch, gpus=64, gpu_memory=80 * GIB, w=P.Workload(freeze_vision=True))
-    best = P.recommend(rows)
+    arch = plan.load_arch(ROOT / "examples/configs/qwen25vl_72b.config.json")
+    with pytest.raises(plan.NoLayoutFits, match="--freeze-vision"):
+        plan.recommend(plan.plan(arch, gpus=64, gpu_memory=80 * GIB))
+    assert plan.recommend(plan.plan(arch, gpus=64, gpu_memory=141 * GIB)).fits
+    rows = plan.plan(arch, gpus=64, gpu_memory=80 * GIB, w=plan.Workload(freeze_vision=True))
+    best = plan.recommend(rows)
     assert best.fits and best.layout.tp <= 8 and (best.layout.tp, best.layout.pp) == (8, 2)
     assert best.layout.tp * best.layout.pp * best.layout.dp == 64
     assert best.memory.total <= 0.9 * 80 * GIB
@@ -247,9 +248,9 @@ def test_72b_on_64_gpus_fits_with_tp_at_most_8():
 
 
 def test_no_layout_fits_is_a_clear_error():
-    arch = P.load_arch(ROOT / "examples/configs/qwen25vl_72b.config.json")
-    with pytest.raises(P.NoLayoutFits, match="no TP/PP/DP layout fits"):
-        P.recommend(P.plan(arch, gpus=8, gpu_memory=80 * GIB))
+    arch = plan.load_arch(ROOT / "examples/configs/qwen25vl_72b.config.json")
+    with pytest.raises(plan.NoLayoutFits, match="no TP/PP/DP layout fits"):
+        plan.recommend(plan.plan(arch, gpus=8, gpu_memory=80 * GIB))
 
 
 @pytest.mark.multiproc
@@ -280,21 +281,21 @@ def test_training_flops_equal_torch_flop_counter():
     ids = torch.randint(0, cfg.vocab_size, (batch, seq))
     with FlopCounterMode(display=False) as counter:
         model(input_ids=ids).logits.float().sum().backward()
-    arch = P.TextArch(hidden=64, intermediate=176, layers=3, heads=4, kv_heads=2, head_dim=16, vocab=500, tied=False)
-    assert P.training_flops(arch, batch, seq) == pytest.approx(counter.get_total_flops(), rel=1e-12)
+    arch = plan.TextArch(hidden=64, intermediate=176, layers=3, heads=4, kv_heads=2, head_dim=16, vocab=500, tied=False)
+    assert plan.training_flops(arch, batch, seq) == pytest.approx(counter.get_total_flops(), rel=1e-12)
 
 
 def test_megatron_bytes_per_param_float32():
     """Megatron-LM's table, float32 parameters and gradients: 16 bytes/param, 8 + 8/DP distributed."""
-    assert sum(P.state_bytes_per_param(8, distributed_optimizer=False, params_dtype="float32").values()) == 16
-    assert sum(P.state_bytes_per_param(8, params_dtype="float32").values()) == 8 + 8 / 8
+    assert sum(plan.state_bytes_per_param(8, distributed_optimizer=False, params_dtype="float32").values()) == 16
+    assert sum(plan.state_bytes_per_param(8, params_dtype="float32").values()) == 8 + 8 / 8
 
 
 def test_rollout_kv_cache_holds_global_batch_over_dp_prompts(tmp_path):
     """The trainer rolls out global_batch / DP prompts x G at once: 7B (28 layers, 4 KV heads of 128) at TP=4,
     16 prompts over DP=2 -> 8 x 16 rows of K and V in bf16."""
     _, path, _ = real_size("7b", tmp_path)
-    w = P.Workload(seq=1000, max_new_tokens=24, group_size=16, global_batch=16)
+    w = plan.Workload(seq=1000, max_new_tokens=24, group_size=16, global_batch=16)
     s = 1000 + 24
-    got = P.stage_memory(P.load_arch(path), P.Layout(tp=4, pp=1, dp=2), w, first=True, last=True).kv_cache
+    got = plan.stage_memory(plan.load_arch(path), plan.Layout(tp=4, pp=1, dp=2), w, first=True, last=True).kv_cache
     assert got == 2 * 28 * (4 // 4) * 128 * 2 * 16 * s * 8
