@@ -4,7 +4,7 @@
     python -m megatron_sayo.testing.gpu_check --list
 
 scripts/gpu_check.sh sets up the environment and calls this. A check is a function `fn(ctx) -> CheckResult`
-named "module:function" (the GPU checks live in `gpu_checks.py`). Each runs in a fresh Python process in its
+named "module:function" (the GPU checks live in `gpu_check_cases.py`). Each runs in a fresh Python process in its
 own process group (so a hung NCCL or CUDA call, or a check's own children, are killed whole), and is given
 min(its limit, the time left in the budget). The summary is rewritten atomically after every check, so a run
 cut short still leaves what it measured. A check that needs CUDA is skipped with the reason when there is none;
@@ -68,26 +68,26 @@ class Context:
     workdir: Path
 
 
-_G = "megatron_sayo.testing.gpu_checks"
+_CASES = "megatron_sayo.testing.gpu_check_cases"
 CHECKS: tuple[Check, ...] = (
-    Check("environment", f"{_G}:environment", 60, "torch/CUDA/device, Transformer Engine and flash-attn status",
+    Check("environment", f"{_CASES}:environment", 60, "torch/CUDA/device, Transformer Engine and flash-attn status",
           needs_cuda=False),
-    Check("nccl_startup", f"{_G}:nccl_startup", 60, "runtime.init_distributed with one rank on NCCL: "
+    Check("nccl_startup", f"{_CASES}:nccl_startup", 60, "runtime.init_distributed with one rank on NCCL: "
           "backend, megatron groups, an all-reduce on the GPU"),
-    Check("parity_tiny", f"{_G}:parity_tiny", 90, "tiny random Qwen2.5-VL: our logits vs transformers on the "
+    Check("parity_tiny", f"{_CASES}:parity_tiny", 90, "tiny random Qwen2.5-VL: our logits vs transformers on the "
           "same GPU, fp32 and bf16, local spec (and TE spec when installed)"),
-    Check("region_mass", f"{_G}:region_mass", 90, "region/image masses on CUDA vs eager softmax, right-padded "
+    Check("region_mass", f"{_CASES}:region_mass", 90, "region/image masses on CUDA vs eager softmax, right-padded "
           "uneven batch (indicator kernel and LSE path), kernel and tiny model; memory vs full scores"),
-    Check("shared_prompt_attention", f"{_G}:shared_prompt_attention", 60, "prompt sharing's mask-free attention "
+    Check("shared_prompt_attention", f"{_CASES}:shared_prompt_attention", 60, "prompt sharing's mask-free attention "
           "(prompt part + own completion merged by log-sum-exp) vs the dense segment mask, fp32 math and bf16 "
           "flash kernels, outputs and gradients, a 1,000-token prompt with 8 completions"),
-    Check("checkpoint_05b", f"{_G}:checkpoint_05b", 120, "write the ~0.5B random Qwen2.5-VL checkpoint the "
+    Check("checkpoint_05b", f"{_CASES}:checkpoint_05b", 120, "write the ~0.5B random Qwen2.5-VL checkpoint the "
           "next checks share (only they need it)"),
-    Check("parity_05b", f"{_G}:parity_05b", 120, "~0.5B random config: our logits vs transformers on the "
+    Check("parity_05b", f"{_CASES}:parity_05b", 120, "~0.5B random config: our logits vs transformers on the "
           "same GPU, fp32 and bf16, local spec (and TE spec when installed)", needs=("checkpoint_05b",)),
-    Check("rollout", f"{_G}:rollout", 120, "rollout tokens/s: our KV-cached generate vs transformers' "
+    Check("rollout", f"{_CASES}:rollout", 120, "rollout tokens/s: our KV-cached generate vs transformers' "
           "generate, bf16, batch 16, same prompt ids", needs=("checkpoint_05b",)),
-    Check("grpo_steps", f"{_G}:grpo_steps", 240, "20 GRPO steps of the ~0.5B config in bf16 on one GPU: "
+    Check("grpo_steps", f"{_CASES}:grpo_steps", 240, "20 GRPO steps of the ~0.5B config in bf16 on one GPU: "
           "tokens/s, seconds per phase, peak memory, MFU of the update (Megatron-LM's FLOP count)",
           needs=("checkpoint_05b",)),
 )

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_sayo.testing import gpu_check as G
-from megatron_sayo.testing import gpu_checks as C
+from megatron_sayo.testing import gpu_check, gpu_check_cases
 
 ME = __name__
 
@@ -25,11 +24,11 @@ ME = __name__
 
 def check_pass(ctx):
     (ctx.workdir / "ran_pass").write_text("yes")
-    return G.CheckResult(True, {"answer": 42, "ratio": 1.5})
+    return gpu_check.CheckResult(True, {"answer": 42, "ratio": 1.5})
 
 
 def check_fail(ctx):
-    return G.CheckResult(False, {"err": 0.1}, "error 0.1 > 1e-4")
+    return gpu_check.CheckResult(False, {"err": 0.1}, "error 0.1 > 1e-4")
 
 
 def check_raises(ctx):
@@ -47,7 +46,7 @@ def check_wrong_type(ctx):
 
 
 def _check(name, fn, limit=30.0, **kw):
-    return G.Check(name, f"{ME}:{fn.__name__}", limit, f"test check {name}", needs_cuda=False, **kw)
+    return gpu_check.Check(name, f"{ME}:{fn.__name__}", limit, f"test check {name}", needs_cuda=False, **kw)
 
 
 def _alive(pid: int) -> bool:
@@ -67,14 +66,14 @@ def test_results_statuses_json_and_a_hung_check_killed_while_the_rest_run(tmp_pa
               _check("after", check_pass, needs=("first",)), _check("blocked", check_pass, needs=("fails",))]
     out = tmp_path / "gpu_check.json"
     t0 = time.monotonic()
-    summary = G.run_checks(checks, out, tmp_path / "work", budget_s=120, cuda=(False, "no CUDA here"))
+    summary = gpu_check.run_checks(checks, out, tmp_path / "work", budget_s=120, cuda=(False, "no CUDA here"))
     took = time.monotonic() - t0
     by = {e["name"]: e for e in summary["checks"]}
     assert [e["name"] for e in summary["checks"]] == [c.name for c in checks]
     assert by["first"]["status"] == "pass" and by["first"]["figures"] == {"answer": 42, "ratio": 1.5}
     assert (tmp_path / "work" / "ran_pass").read_text() == "yes"
     assert by["hangs"]["status"] == "fail" and "timed out after 4 s" in by["hangs"]["reason"]
-    assert 4.0 <= by["hangs"]["seconds"] < 4.0 + 2 * G.KILL_GRACE_S
+    assert 4.0 <= by["hangs"]["seconds"] < 4.0 + 2 * gpu_check.KILL_GRACE_S
     pid = int((tmp_path / "work" / "grandchild.pid").read_text())
     deadline = time.monotonic() + 10
     while _alive(pid) and time.monotonic() < deadline:
@@ -96,7 +95,7 @@ def test_results_statuses_json_and_a_hung_check_killed_while_the_rest_run(tmp_pa
 def test_budget_cuts_limits_and_skips_what_no_longer_fits(tmp_path):
     ticks = iter([0.0, 0.0, 0.0, 95.0, 95.0, 95.0, 95.0, 95.0, 95.0, 95.0, 95.0])
     checks = [_check("a", check_pass, limit=30.0), _check("b", check_pass, limit=30.0)]
-    summary = G.run_checks(checks, tmp_path / "s.json", tmp_path / "w", budget_s=100,
+    summary = gpu_check.run_checks(checks, tmp_path / "s.json", tmp_path / "w", budget_s=100,
                            cuda=(True, ""), clock=lambda: next(ticks))
     a, b = summary["checks"]
     assert a["status"] == "pass" and a["limit_s"] == 30.0
@@ -107,10 +106,10 @@ def test_budget_cuts_limits_and_skips_what_no_longer_fits(tmp_path):
 def test_gpu_checks_skip_with_the_reason_without_cuda(tmp_path):
     """The real check list on this CPU machine: every CUDA check is skipped, naming why; the environment
     check still runs and reports the versions."""
-    ok, reason = G.cuda_status()
+    ok, reason = gpu_check.cuda_status()
     assert not ok and "CUDA is not available" in reason and "torch" in reason
-    checks = [dataclasses.replace(c, limit_s=600) for c in G.CHECKS]  # a busy CI machine imports slowly
-    summary = G.run_checks(checks, tmp_path / "gpu_check.json", tmp_path / "w", budget_s=300)
+    checks = [dataclasses.replace(c, limit_s=600) for c in gpu_check.CHECKS]  # a busy CI machine imports slowly
+    summary = gpu_check.run_checks(checks, tmp_path / "gpu_check.json", tmp_path / "w", budget_s=300)
     by = {e["name"]: e for e in summary["checks"]}
     assert by["environment"]["status"] == "pass"
     assert by["environment"]["figures"]["cuda_available"] is False
@@ -124,30 +123,30 @@ def test_gpu_checks_skip_with_the_reason_without_cuda(tmp_path):
 # ------------------------------------------------------------------------ arguments and the check list
 
 def test_parse_args_defaults_and_errors(tmp_path, capsys):
-    args = G.parse_args(["--out", str(tmp_path / "r.json")])
+    args = gpu_check.parse_args(["--out", str(tmp_path / "r.json")])
     assert args.budget_s == 420 and args.only == [] and args.skip == []
     assert args.workdir == tmp_path / "r.json.work"
-    args = G.parse_args(["--only", "parity_tiny,region_mass", "--skip", "rollout", "--budget-s", "90"])
+    args = gpu_check.parse_args(["--only", "parity_tiny,region_mass", "--skip", "rollout", "--budget-s", "90"])
     assert args.only == ["parity_tiny", "region_mass"] and args.skip == ["rollout"] and args.budget_s == 90
-    assert [c.name for c in G.select(G.CHECKS, args.only, args.skip)] == ["parity_tiny", "region_mass"]
+    assert [c.name for c in gpu_check.select(gpu_check.CHECKS, args.only, args.skip)] == ["parity_tiny", "region_mass"]
     with pytest.raises(SystemExit):
-        G.parse_args(["--only", "parity,region_mass"])
+        gpu_check.parse_args(["--only", "parity,region_mass"])
     assert "unknown check(s) parity" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        G.parse_args(["--budget-s", "0"])
+        gpu_check.parse_args(["--budget-s", "0"])
     assert "--budget-s must be > 0" in capsys.readouterr().err
 
 
 def test_check_list_covers_the_issue_and_resolves():
-    names = [c.name for c in G.CHECKS]
+    names = [c.name for c in gpu_check.CHECKS]
     assert len(set(names)) == len(names)
     assert {"nccl_startup", "parity_tiny", "parity_05b", "region_mass", "grpo_steps", "rollout"} <= set(names)
-    for i, check in enumerate(G.CHECKS):
+    for i, check in enumerate(gpu_check.CHECKS):
         module, _, fn = check.target.partition(":")
         assert callable(getattr(importlib.import_module(module), fn)), check.target
         assert set(check.needs) <= set(names[:i]), f"{check.name} needs a later check"
         assert 0 < check.limit_s <= 300
-    assert sum(c.limit_s for c in G.CHECKS if c.name != "grpo_steps") < 900
+    assert sum(c.limit_s for c in gpu_check.CHECKS if c.name != "grpo_steps") < 900
 
 
 @pytest.mark.multiproc
@@ -155,7 +154,7 @@ def test_list_command_prints_every_check():
     proc = subprocess.run([sys.executable, "-m", "megatron_sayo.testing.gpu_check", "--list"], capture_output=True,
                           text=True, timeout=120, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     assert proc.returncode == 0, proc.stderr
-    for check in G.CHECKS:
+    for check in gpu_check.CHECKS:
         assert check.name in proc.stdout
 
 
@@ -193,19 +192,19 @@ def test_script_reports_a_setup_failure_as_json(tmp_path):
 # ------------------------------------------------------------------------ the checks' pure parts
 
 def test_peak_table_matches_the_specific_part_first():
-    assert C.peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
-    assert C.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert C.peak_bf16_flops("NVIDIA H200") == 989e12
-    assert C.peak_bf16_flops("Some Future GPU") is None
-    assert C.mfu(989e12, 2.0, 989e12) == 0.5 and C.mfu(1.0, 1.0, None) is None
+    assert gpu_check_cases.peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu_check_cases.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_check_cases.peak_bf16_flops("NVIDIA H200") == 989e12
+    assert gpu_check_cases.peak_bf16_flops("Some Future GPU") is None
+    assert gpu_check_cases.mfu(989e12, 2.0, 989e12) == 0.5 and gpu_check_cases.mfu(1.0, 1.0, None) is None
 
 
 def test_grpo_run_config_is_a_valid_run_config(tmp_path):
     from megatron_sayo.config import load_config
 
-    ctx = G.Context(workdir=tmp_path)
-    cfg = load_config(str(C.grpo_run_config(ctx, tmp_path / "run")))
-    assert cfg.train.steps == C.GRPO_STEPS and cfg.model.params_dtype == "bfloat16"
+    ctx = gpu_check.Context(workdir=tmp_path)
+    cfg = load_config(str(gpu_check_cases.grpo_run_config(ctx, tmp_path / "run")))
+    assert cfg.train.steps == gpu_check_cases.GRPO_STEPS and cfg.model.params_dtype == "bfloat16"
     assert cfg.model.region_mass_kernel == "auto"
     assert cfg.validate_world(1) == 1
 
@@ -214,7 +213,7 @@ def test_05b_config_is_about_half_a_billion_parameters():
     from megatron_sayo import plan
     from megatron_sayo.testing.tiny_checkpoint import hub_config
 
-    cfg = hub_config(C.config_05b(), source="config_05b")
+    cfg = hub_config(gpu_check_cases.config_05b(), source="config_05b")
     assert 0.45e9 < plan.total_params(plan.parse_arch(cfg)) < 0.7e9
     assert cfg["image_token_id"] < cfg["vocab_size"]
 
@@ -227,7 +226,7 @@ def test_summarize_steps_means_after_the_first_and_mfu():
     rows = [dict(tokens_per_s=t, time_rollout=1.0, time_score=0.2, time_reference=0.1, time_update=u,
                  time_step=2.0, sequences=32, sequence_length=300)
             for t, u in ((10.0, 9.0), (100.0, 0.5), (300.0, 1.5))]
-    out = C.summarize_steps(rows, text, peak=1e15)
+    out = gpu_check_cases.summarize_steps(rows, text, peak=1e15)
     assert out["steps"] == 3 and out["tokens_per_s"] == 200.0 and out["time_update"] == 1.0
     flops = plan.training_flops(text, 32, 300)
     assert out["mfu_update"] == pytest.approx((flops / 0.5 + flops / 1.5) / 2 / 1e15)
@@ -236,23 +235,24 @@ def test_summarize_steps_means_after_the_first_and_mfu():
 # ------------------------------------------------------------------------ the check bodies, smoke-run on CPU
 
 def smoke_parity(ctx):
-    return C.parity(C.tiny_checkpoint(ctx), batch_size=2)
+    return gpu_check_cases.parity(gpu_check_cases.tiny_checkpoint(ctx), batch_size=2)
 
 
 def smoke_model_masses(ctx):
-    C._init_rank()
-    figures, failures = C._model_masses(C.tiny_checkpoint(ctx))
-    return G.CheckResult(not failures, figures, "; ".join(failures))
+    gpu_check_cases._init_rank()
+    figures, failures = gpu_check_cases._model_masses(gpu_check_cases.tiny_checkpoint(ctx))
+    return gpu_check.CheckResult(not failures, figures, "; ".join(failures))
 
 
 def smoke_rollout(ctx):
     import torch
 
-    return C.rollout_throughput(C.tiny_checkpoint(ctx), 2, 6, torch.float32)
+    return gpu_check_cases.rollout_throughput(gpu_check_cases.tiny_checkpoint(ctx), 2, 6, torch.float32)
 
 
 def smoke_grpo(ctx):
-    return C.grpo_run(ctx, C.tiny_checkpoint(ctx), steps=2, dtype="float32", max_new_tokens=12)
+    return gpu_check_cases.grpo_run(ctx, gpu_check_cases.tiny_checkpoint(ctx), steps=2, dtype="float32",
+                                    max_new_tokens=12)
 
 
 @pytest.mark.slow
@@ -263,7 +263,7 @@ def test_check_bodies_run_on_cpu_with_the_tiny_checkpoint(tmp_path):
     2-step run of the real trainer whose metrics give the MFU inputs. What only CUDA can show is not shown."""
     checks = [_check("parity", smoke_parity, 300), _check("masses", smoke_model_masses, 300),
               _check("rollout", smoke_rollout, 300), _check("grpo", smoke_grpo, 400)]
-    summary = G.run_checks(checks, tmp_path / "s.json", tmp_path / "w", budget_s=1200, cuda=(False, ""))
+    summary = gpu_check.run_checks(checks, tmp_path / "s.json", tmp_path / "w", budget_s=1200, cuda=(False, ""))
     by = {e["name"]: e for e in summary["checks"]}
     for name, entry in by.items():
         assert entry["status"] == "pass", f"{name}: {entry.get('reason')}\n{entry.get('log_tail', '')}"
