@@ -15,7 +15,7 @@ import torch
 
 from megatron_sayo.config import load_config
 from megatron_sayo.data.synthetic import TILES_QUESTION, TILES_REASONING
-from megatron_sayo.experiments import ablation as A
+from megatron_sayo.experiments import ablation
 
 
 def asked_colour(question: str) -> str:
@@ -44,7 +44,7 @@ def split_by_description(rows: list[tuple[str, str, bool, float]]) -> dict:
 
 def evaluate(model, cfg, processor, samples) -> dict:
     """Greedy completions of `samples`, scored by the training path; split_by_description of them."""
-    from megatron_sayo.rl import rewards as R
+    from megatron_sayo.rl import rewards
     from megatron_sayo.rl.batch import ScoringBatch
     from megatron_sayo.rl.prompts import build_prompt_batch
     from megatron_sayo.rl.rollout import SamplingParams, generate
@@ -60,11 +60,11 @@ def evaluate(model, cfg, processor, samples) -> dict:
                                      hf.vision.patch_size, cfg.data.instruction)
         ro = generate(model, prompts.inputs, params, num_return_sequences=1)
         scores = score_policy(model, ScoringBatch.from_rollout(ro, prompts, hf), 16, 1.0)
-        _, tas, _ = R.sequence_attention_reward(scores, r.top_entropy_ratio, r.attention_form, r.eps)
+        _, tas, _ = rewards.sequence_attention_reward(scores, r.top_entropy_ratio, r.attention_form, r.eps)
         for row, sample in enumerate(chunk):
             text = tok.decode(ro.completion_ids[row, :int(ro.completion_lengths[row])].tolist(),
                               skip_special_tokens=True)
-            correct = R.accuracy_reward(R.extract_answer(text), sample.answer, r.accuracy_match) > 0
+            correct = rewards.accuracy_reward(rewards.extract_answer(text), sample.answer, r.accuracy_match) > 0
             rows.append((asked_colour(sample.question), described_colour(text), correct, float(tas[row])))
     return split_by_description(rows)
 
@@ -84,9 +84,10 @@ def main(argv=None) -> None:
     p.add_argument("overrides", nargs="*", help="the overrides the ablation ran with")
     args = p.parse_args(argv)
     out = args.out.resolve()
-    overrides = A.arm_overrides(out, A.toy_of(args.overrides), A.ARMS["full"], "full", 0, args.overrides)
-    cfg = load_config(str(A.CONFIG), overrides)
-    warmup = A.warmup_checkpoint(cfg)
+    overrides = ablation.arm_overrides(out, ablation.toy_of(args.overrides), ablation.ARMS["full"], "full", 0,
+                                       args.overrides)
+    cfg = load_config(str(ablation.CONFIG), overrides)
+    warmup = ablation.warmup_checkpoint(cfg)
     if not (warmup / "metadata.json").is_file():
         raise SystemExit(f"{warmup}: no warm-up checkpoint (run the ablation with --out {out} first)")
     runtime.init_distributed(1, 1)

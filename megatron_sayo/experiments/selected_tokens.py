@@ -23,8 +23,8 @@ from megatron_sayo.config import load_config
 from megatron_sayo.data.grounded import load_grounded
 from megatron_sayo.data.processor import Processor
 from megatron_sayo.distributed import runtime
-from megatron_sayo.experiments import ablation as A
-from megatron_sayo.rl import rewards as R
+from megatron_sayo.experiments import ablation
+from megatron_sayo.rl import rewards
 from megatron_sayo.rl.batch import ScoringBatch
 from megatron_sayo.rl.prompts import build_prompt_batch
 from megatron_sayo.rl.rollout import SamplingParams, generate
@@ -48,8 +48,8 @@ def main(argv=None) -> None:
                                 description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--out", required=True, type=Path, help="the ablation's --out (its warm-up is in OUT/warmup/)")
     out = p.parse_args(argv).out.resolve()
-    cfg = load_config(str(A.CONFIG), A.arm_overrides(out, "tiles", A.ARMS["full"], "full", 0, []))
-    warmup = A.warmup_checkpoint(cfg)
+    cfg = load_config(str(ablation.CONFIG), ablation.arm_overrides(out, "tiles", ablation.ARMS["full"], "full", 0, []))
+    warmup = ablation.warmup_checkpoint(cfg)
     if not (warmup / "metadata.json").is_file():
         raise SystemExit(f"{warmup}: no warm-up checkpoint (run the ablation with --out {out} first)")
     runtime.init_distributed(1, 1)
@@ -73,12 +73,13 @@ def main(argv=None) -> None:
             ro = generate(model, prompts.inputs, params, num_return_sequences=g)
             batch = ScoringBatch.from_rollout(ro, prompts, hf)
             sc = score_policy(model, batch, 16, params.temperature)
-            _, tas, selected = R.sequence_attention_reward(sc, r.top_entropy_ratio, r.attention_form, r.eps)
+            _, tas, selected = rewards.sequence_attention_reward(sc, r.top_entropy_ratio, r.attention_form, r.eps)
             decided = score_policy(model, batch, 16, params.temperature, attention_row="decision")
-            _, decision_tas, _ = R.sequence_attention_reward(decided, r.top_entropy_ratio, r.attention_form, r.eps)
+            _, decision_tas, _ = rewards.sequence_attention_reward(decided, r.top_entropy_ratio, r.attention_form,
+                                                                   r.eps)
             for row in range(ro.sequences.shape[0]):
                 ids = ro.completion_ids[row, :int(ro.completion_lengths[row])].tolist()
-                answer = R.extract_answer(tok.decode(ids, skip_special_tokens=True)) or "<none>"
+                answer = rewards.extract_answer(tok.decode(ids, skip_special_tokens=True)) or "<none>"
                 by_word[answer].append(float(tas[row]))
                 by_correct[answer == chunk[row // g].answer].append(float(tas[row]))
                 decision_by_correct[answer == chunk[row // g].answer].append(float(decision_tas[row]))
