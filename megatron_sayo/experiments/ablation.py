@@ -178,6 +178,10 @@ def warmup_ranks(cfg, jobs: int) -> int:
 def _warmup_worker(overrides: list[str]) -> None:
     """Make the data and the shared warm-up checkpoint (data parallel over the spawned ranks, one thread each),
     before any arm starts."""
+    from megatron_sayo import console
+
+    cfg = load_config(str(CONFIG), overrides)
+    console.setup(cfg.log.level)     # before megatron is imported: its known warnings stay off the console
     import torch
 
     from megatron_sayo.data.grounded import load_grounded
@@ -185,7 +189,6 @@ def _warmup_worker(overrides: list[str]) -> None:
     from megatron_sayo.rl.warmup import warmed_up
     from megatron_sayo.train import check_before_launch, prepare_assets
 
-    cfg = load_config(str(CONFIG), overrides)
     world = int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1 if world > 1 else torch.get_num_threads())
     hf_dir = check_before_launch(cfg, world)
