@@ -186,9 +186,11 @@ def _sayo_rank(ckpt: str, repeats: int) -> dict | None:
     from megatron.core import parallel_state
 
     from megatron_sayo.distributed import runtime
+    from megatron_sayo.inference.decode import generate
+    from megatron_sayo.inference.sampling import SamplingParams
     from megatron_sayo.rl.loss import grpo_token_loss
     from megatron_sayo.rl.optimizer import wrap_for_training
-    from megatron_sayo.rl.rollout import SamplingParams, generate
+    from megatron_sayo.rl.phase_timer import PhaseTimer
     from megatron_sayo.rl.scoring import reference_logprobs, score_policy
     from megatron_sayo.rl.trainer import build_policy
     from megatron_sayo.rl.update import accumulate_gradients
@@ -209,16 +211,16 @@ def _sayo_rank(ckpt: str, repeats: int) -> dict | None:
     for r in range(repeats):
         for mode in (("unshared", "shared") if r % 2 == 0 else ("shared", "unshared")):
             shared = mode == "shared"
-            t0 = time.perf_counter()
-            score_policy(policy, batch, SAYO_G, 1.0, shared=shared)
-            t1 = time.perf_counter()
-            ref = reference_logprobs(reference, batch, SAYO_G, 1.0, shared=shared)
-            t2 = time.perf_counter()
-            hooks, seen = _saved_bytes(policy.parameters())
-            with hooks:
-                reported = accumulate_gradients(ddp, optimizer, batch, SAYO_G, 1.0, loss, shared=shared)
-            t3 = time.perf_counter()
-            rows[mode].append({"time_score": t1 - t0, "time_reference": t2 - t1, "time_update": t3 - t2,
+            timer = PhaseTimer()
+            with timer.phase("score"):
+                score_policy(policy, batch, SAYO_G, 1.0, shared=shared)
+            with timer.phase("reference"):
+                ref = reference_logprobs(reference, batch, SAYO_G, 1.0, shared=shared)
+            with timer.phase("update"):
+                hooks, seen = _saved_bytes(policy.parameters())
+                with hooks:
+                    reported = accumulate_gradients(ddp, optimizer, batch, SAYO_G, 1.0, loss, shared=shared)
+            rows[mode].append({**timer.metrics(),
                                "update_saved_mib": sum(seen.values()) / 2**20,
                                "loss": float(sum(x["pg_loss"] + 0.05 * x["kl"] for x in reported)),
                                "ref_logp_sum": float(ref.sum())})

@@ -77,7 +77,8 @@ def timed(fn) -> tuple[float, object]:
 
 
 def ours_cached(model, batch: dict, new_tokens: int) -> torch.Tensor:
-    from megatron_sayo.rl.rollout import SamplingParams, generate
+    from megatron_sayo.inference.decode import generate
+    from megatron_sayo.inference.sampling import SamplingParams
 
     params = SamplingParams(greedy=True, max_new_tokens=new_tokens, stop_token_ids=())
     return generate(model, batch, params).sequences

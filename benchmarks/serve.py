@@ -94,7 +94,7 @@ class Sequential:
         from megatron_sayo.checkpoint.loader import load_model_stage
         from megatron_sayo.data.processor import Processor
         from megatron_sayo.distributed import runtime
-        from megatron_sayo.rl.rollout import SamplingParams
+        from megatron_sayo.inference.sampling import SamplingParams
 
         runtime.init_distributed(1, 1, launch=runtime.LaunchEnv(0, 1, 0, "127.0.0.1", runtime.free_port(), "single"))
         self.model, self.proc = load_model_stage(hf_dir), Processor.from_pretrained(hf_dir)
@@ -105,7 +105,7 @@ class Sequential:
         """(seconds, tokens): processor + generate per conversation."""
         import torch
 
-        from megatron_sayo.rl.rollout import generate
+        from megatron_sayo.inference.decode import generate
 
         tokens, t0 = 0, time.perf_counter()
         with torch.no_grad():

@@ -78,7 +78,8 @@ def build_sample(processor, hf, image, prompt: str, box: list[float]) -> Sample:
 
 def _generate(model, sample: Sample, steps: int, temperature: float, top_p: float, seed: int) -> list[int]:
     """Sample `steps` tokens at most with the KV-cached rollout (every rank calls it; ids are shared)."""
-    from megatron_sayo.rl.rollout import SamplingParams, generate
+    from megatron_sayo.inference.decode import generate
+    from megatron_sayo.inference.sampling import SamplingParams
 
     t = model.hf.tokens
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=steps, seed=seed,

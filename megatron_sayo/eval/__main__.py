@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 
 from megatron_sayo import console
-from megatron_sayo.eval import driver as D
-from megatron_sayo.eval import nemo_glue, reports
+from megatron_sayo.eval import driver, nemo_glue, reports
 
 
 def parse_args(argv=None):
@@ -40,11 +39,11 @@ def parse_args(argv=None):
                         "e.g. the GQA rows of the SAYO mix; else 'answer')")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the server")
     p.add_argument("--compare", metavar="OTHER_DIR", help="second checkpoint (HF or megatron) to compare with")
-    p.add_argument("--temperature", type=float, default=D.PAPER_DECODING["temperature"],
+    p.add_argument("--temperature", type=float, default=driver.PAPER_DECODING["temperature"],
                    help="sampling temperature (default: the paper's evaluation decoding)")
-    p.add_argument("--top-p", type=float, default=D.PAPER_DECODING["top_p"],
+    p.add_argument("--top-p", type=float, default=driver.PAPER_DECODING["top_p"],
                    help="nucleus mass (default: the paper's evaluation decoding)")
-    p.add_argument("--max-tokens", type=int, default=D.PAPER_DECODING["max_new_tokens"],
+    p.add_argument("--max-tokens", type=int, default=driver.PAPER_DECODING["max_new_tokens"],
                    help="most new tokens per answer (default: the paper's)")
     p.add_argument("--parallelism", type=int, default=8, help="concurrent requests nemo-evaluator sends")
     p.add_argument("--instruction", default=None, help="answer-format instruction (default: the training one)")
@@ -77,11 +76,11 @@ def evaluate_one(args, model: dict, out: Path) -> dict:
     """One checkpoint on the chosen benchmark, written to out/."""
     out.mkdir(parents=True, exist_ok=True)
     if args.benchmark == "grounded":
-        return D.run_grounded(args, model, out)
+        return driver.run_grounded(args, model, out)
     if args.benchmark.startswith("sayo-"):
         from megatron_sayo.eval.benchmarks.run import run_suite
         return run_suite(args, model, out)
-    return D.run_harness(args, model, out)
+    return driver.run_harness(args, model, out)
 
 
 def main(argv=None) -> int:
@@ -91,15 +90,15 @@ def main(argv=None) -> int:
     try:
         if args.benchmark != "grounded" and not args.benchmark.startswith("sayo-"):
             nemo_glue.check_harness_task(args.benchmark)   # fail before starting any server
-        model = D.model_spec(args.hf, args.megatron)
+        model = driver.model_spec(args.hf, args.megatron)
         if not args.compare:
             results = evaluate_one(args, model, out)
         else:
-            other = D.detect_checkpoint(args.compare)
+            other = driver.detect_checkpoint(args.compare)
             a, b = evaluate_one(args, model, out / "a"), evaluate_one(args, other, out / "b")
             print(reports.write_compare(out, a, b))
             return 0
-    except D.EvalError as exc:
+    except driver.EvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print((out / "summary.md").read_text())

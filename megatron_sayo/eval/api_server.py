@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from megatron_sayo.eval import openai_responses as R
+from megatron_sayo.eval import openai_responses
 from megatron_sayo.eval.errors import ApiError
 from megatron_sayo.eval.openai_api import Limits, parse_chat_request, parse_tas_request
 
@@ -218,7 +218,7 @@ async def chat_completions(request: Request, state: ServerState):
     watcher = watched(request, ticket)
     if not job["stream"]:
         try:
-            return JSONResponse(R.chat_completion(await wait_result(ticket), state.model_name))
+            return JSONResponse(openai_responses.chat_completion(await wait_result(ticket), state.model_name))
         finally:
             watcher.cancel()
     return StreamingResponse(stream_events(ticket, job, state.model_name, watcher), media_type="text/event-stream",
@@ -228,30 +228,33 @@ async def chat_completions(request: Request, state: ServerState):
 async def stream_events(ticket: AsyncTicket, job: dict, model: str, watcher: asyncio.Task | None = None):
     """The SSE body of a streaming request (see openai_responses.py for the order of chunks); a client that
     leaves before the end (its body's generator closed or cancelled) cancels the ticket."""
-    rid, created, n = R.new_id(), int(time.time()), job["params"][4]
+    rid, created, n = openai_responses.new_id(), int(time.time()), job["params"][4]
     sent: dict[int, str] = {}
     finished = False
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        return openai_responses.sse(openai_responses.chunk(rid, created, model, choices, usage))
+
     try:
-        yield R.sse(R.chunk(rid, created, model, [R.delta_choice(c, {"role": "assistant", "content": ""})
-                                                  for c in range(n)]))
+        yield chunk([openai_responses.delta_choice(c, {"role": "assistant", "content": ""}) for c in range(n)])
         while True:
             event = await ticket.events.get()
             if event[0] == "delta":
                 _, choice, text = event
                 sent[choice] = sent.get(choice, "") + text
-                yield R.sse(R.chunk(rid, created, model, [R.delta_choice(choice, {"content": text})]))
+                yield chunk([openai_responses.delta_choice(choice, {"content": text})])
             elif event[0] == "error":
                 finished = True
-                yield R.sse(internal_error(event[1]).body())
+                yield openai_responses.sse(internal_error(event[1]).body())
                 break
             else:
                 finished = True
                 result = event[1]
-                yield R.sse(R.chunk(rid, created, model, R.final_choices(result, sent)))
+                yield chunk(openai_responses.final_choices(result, sent))
                 if job["include_usage"]:
-                    yield R.sse(R.chunk(rid, created, model, [], R.usage(result)))
+                    yield chunk([], openai_responses.usage(result))
                 break
-        yield R.sse("[DONE]")
+        yield openai_responses.sse("[DONE]")
     finally:
         if not finished:
             ticket.cancel()

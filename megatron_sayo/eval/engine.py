@@ -223,7 +223,8 @@ class Engine:
         when `cancelled(job)` (rank 0; shared each step) says the client left; vision ids are never sampled.
         `sink(job, choice, text)` (rank 0) receives streamed text as it settles."""
         from megatron_sayo.distributed.runtime import device
-        from megatron_sayo.rl.rollout import SamplingParams, generate
+        from megatron_sayo.inference.decode import generate
+        from megatron_sayo.inference.sampling import SamplingParams
 
         temperature, top_p, greedy, _, n, seed = jobs[0]["params"]
         k = max((j.get("logprobs") or 0) for j in jobs) if jobs[0].get("logprobs") is not None else None

@@ -44,10 +44,11 @@ def split_by_description(rows: list[tuple[str, str, bool, float]]) -> dict:
 
 def evaluate(model, cfg, processor, samples) -> dict:
     """Greedy completions of `samples`, scored by the training path; split_by_description of them."""
+    from megatron_sayo.inference.decode import generate
+    from megatron_sayo.inference.sampling import SamplingParams
     from megatron_sayo.rl import rewards
     from megatron_sayo.rl.batch import ScoringBatch
     from megatron_sayo.rl.prompts import build_prompt_batch
-    from megatron_sayo.rl.rollout import SamplingParams, generate
     from megatron_sayo.rl.scoring import score_policy
 
     hf, tok, r = model.hf, processor.tokenizer, cfg.reward

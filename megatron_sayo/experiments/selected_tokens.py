@@ -24,10 +24,11 @@ from megatron_sayo.data.grounded import load_grounded
 from megatron_sayo.data.processor import Processor
 from megatron_sayo.distributed import runtime
 from megatron_sayo.experiments import ablation
+from megatron_sayo.inference.decode import generate
+from megatron_sayo.inference.sampling import SamplingParams
 from megatron_sayo.rl import rewards
 from megatron_sayo.rl.batch import ScoringBatch
 from megatron_sayo.rl.prompts import build_prompt_batch
-from megatron_sayo.rl.rollout import SamplingParams, generate
 from megatron_sayo.rl.scoring import score_policy
 from megatron_sayo.rl.trainer import build_policy
 

@@ -1,5 +1,5 @@
-"""The per-token data flow's two types: `ScoringBatch` (prompt + completion rows as the model sees them) and
-`CompletionScores` (what scoring, or the rollout itself, measured per completion token).
+"""`ScoringBatch`: prompt + completion rows as the teacher-forced passes see them (what they measure per token is
+inference/completion_scores.py's `CompletionScores`).
 
 Index conventions (docs/spec.md §3): sequences are [N, S], prompts left-padded into columns [0, P), completion
 token j at column P + j, completions right-padded. Token j's log-prob and the entropy of the distribution it
@@ -9,7 +9,7 @@ was sampled from come from logits column P + j - 1; its attention row is query c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -31,52 +31,6 @@ def completion_view(values: torch.Tensor, prompt_length: int, width: int, by: Li
         raise ValueError(f"completion columns [{start}, {start + width}) by {by} are outside the {values.shape[1]} "
                          f"columns given (prompt length {prompt_length}, first column {first_column})")
     return values[:, start:start + width]
-
-
-# ------------------------------------------------------------------------------------------------ scores
-
-@dataclass
-class CompletionScores:
-    """Per completion token, [N, T] float32 (0 where `mask` is False): the token's log-prob at the sampling
-    temperature, the entropy it was sampled from, and the last layer's region / image attention mass
-    a(t), v(t) of its row (None when not measured, e.g. reference log-probs)."""
-
-    logprobs: torch.Tensor
-    entropy: torch.Tensor
-    region_mass: torch.Tensor | None
-    image_mass: torch.Tensor | None
-    mask: torch.Tensor                     # bool [N, T]
-    key_weights: torch.Tensor | None = None  # [N, T, S] head-mean attention on each image key (reports only)
-
-    def __post_init__(self):
-        self.mask = self.mask.bool()
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name not in ("mask", "key_weights") and value is not None:
-                if value.shape != self.mask.shape:
-                    raise ValueError(f"CompletionScores.{f.name} is {tuple(value.shape)}, the mask "
-                                     f"{tuple(self.mask.shape)}")
-                setattr(self, f.name, torch.where(self.mask, value, torch.zeros((), dtype=value.dtype)))
-
-    @staticmethod
-    def cat(parts: list[CompletionScores]) -> CompletionScores:
-        """Row-wise concatenation (microbatches in order)."""
-        def join(name):
-            values = [getattr(p, name) for p in parts]
-            return None if values[0] is None else torch.cat(values)
-        return CompletionScores(**{f.name: join(f.name) for f in fields(CompletionScores)})
-
-    def mean_abs_difference(self, other: CompletionScores) -> dict[str, float]:
-        """Mean |self - other| over real tokens, per measured field (the capture-vs-scoring check)."""
-        if not torch.equal(self.mask, other.mask):
-            raise ValueError("the two CompletionScores cover different tokens")
-        n = max(int(self.mask.sum()), 1)
-        out = {}
-        for name in ("logprobs", "entropy", "region_mass", "image_mass"):
-            a, b = getattr(self, name), getattr(other, name)
-            if a is not None and b is not None:
-                out[name] = float((a.double() - b.double()).abs().sum()) / n
-        return out
 
 
 # ------------------------------------------------------------------------------------------------ batch

@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from megatron_sayo.rl.batch import CompletionScores, ScoringBatch
+from megatron_sayo.inference.completion_scores import CompletionScores
+from megatron_sayo.rl.batch import ScoringBatch
 
 
 def group_has_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

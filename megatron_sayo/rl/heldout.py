@@ -18,10 +18,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_sayo.config import EvalConfig, RewardConfig, RunConfig
-from megatron_sayo.rl import rewards as R
-from megatron_sayo.rl.batch import CompletionScores, ScoringBatch
+from megatron_sayo.inference.completion_scores import CompletionScores
+from megatron_sayo.inference.decode import Rollout, generate
+from megatron_sayo.inference.sampling import SamplingParams
+from megatron_sayo.rl import rewards
+from megatron_sayo.rl.batch import ScoringBatch
 from megatron_sayo.rl.prompts import build_prompt_batch
-from megatron_sayo.rl.rollout import Rollout, SamplingParams, generate
 from megatron_sayo.rl.scoring import score_policy
 
 METRIC_KEYS = ("eval_accuracy", "eval_format", "eval_tas", "eval_reward_attention")
@@ -50,14 +52,15 @@ class SampleScores:
 def score_completions(rollout: Rollout, scores: CompletionScores, answers: list[str], tokenizer,
                       reward: RewardConfig) -> SampleScores:
     """Accuracy, format, TAS and attention reward of each completion row, from its CompletionScores."""
-    attn, tas, _ = R.sequence_attention_reward(scores, reward.top_entropy_ratio, reward.attention_form, reward.eps)
+    attn, tas, _ = rewards.sequence_attention_reward(scores, reward.top_entropy_ratio, reward.attention_form,
+                                                     reward.eps)
     texts, fmt, acc = [], [], []
     for row, n in enumerate(rollout.completion_lengths.tolist()):
         text = tokenizer.decode(rollout.completion_ids[row, :n].tolist(), skip_special_tokens=True)
         texts.append(text)
-        fmt.append(R.format_reward(text, n, reward.format_long_bound, reward.format_short_bound,
+        fmt.append(rewards.format_reward(text, n, reward.format_long_bound, reward.format_short_bound,
                                    reward.format_factor))
-        acc.append(R.accuracy_reward(R.extract_answer(text), answers[row], reward.accuracy_match))
+        acc.append(rewards.accuracy_reward(rewards.extract_answer(text), answers[row], reward.accuracy_match))
     return SampleScores(acc, fmt, [float(t) for t in tas], [float(a) for a in attn], texts)
 
 

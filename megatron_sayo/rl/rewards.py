@@ -1,7 +1,8 @@
 """SAYO rewards (docs/spec.md §3-4): attention reward from region/image attention mass, format+length, accuracy.
 
 Pure functions on per-completion-token arrays [B, T] (T = completion width, `mask` marks real tokens): the
-attention reward reads a CompletionScores (rl/batch.py, where the position rule lives) and nothing else.
+attention reward reads a CompletionScores (inference/completion_scores.py; the position rule is rl/batch.py's)
+and nothing else.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from fractions import Fraction
 import torch
 
 from megatron_sayo.config import RewardConfig, RewardWeights
-from megatron_sayo.rl.batch import CompletionScores
+from megatron_sayo.inference.completion_scores import CompletionScores
 
 _R = RewardConfig  # defaults below come from the config dataclass (one source of truth)
 

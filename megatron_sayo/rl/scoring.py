@@ -12,7 +12,8 @@ from megatron.core import parallel_state
 
 from megatron_sayo.attention.region_mass import score_region_mass
 from megatron_sayo.distributed.schedule import run_forward
-from megatron_sayo.rl.batch import CompletionScores, ScoringBatch, completion_view
+from megatron_sayo.inference.completion_scores import CompletionScores
+from megatron_sayo.rl.batch import ScoringBatch, completion_view
 from megatron_sayo.rl.logprobs import vocab_parallel_logprobs_and_entropy
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,22 +19,28 @@ from megatron.core import parallel_state
 from megatron_sayo.config import RunConfig
 from megatron_sayo.data.grounded import decodable_samples
 from megatron_sayo.distributed import runtime
+from megatron_sayo.inference.completion_scores import CompletionScores
+from megatron_sayo.inference.decode import completion_pad_id, generate
+from megatron_sayo.inference.parallel import share_from_sampler
+from megatron_sayo.inference.sampling import SamplingParams
 from megatron_sayo.models.lora import adapters_disabled, attach_lora
-from megatron_sayo.rl import rewards as R
+from megatron_sayo.rl import rewards
 from megatron_sayo.rl.advantages import distributed_group_advantages
-from megatron_sayo.rl.batch import CompletionScores, ScoringBatch
+from megatron_sayo.rl.batch import ScoringBatch
 from megatron_sayo.rl.diagnostics import flat_groups, steering_metrics
 from megatron_sayo.rl.dynamic_sampling import draw_until_full, group_has_signal, group_rows, merge_batches, merge_scores
 from megatron_sayo.rl.heldout import HeldOutEvaluator
 from megatron_sayo.rl.loss import grpo_token_loss
 from megatron_sayo.rl.metrics import MetricsLogger
 from megatron_sayo.rl.optimizer import wrap_for_training
+from megatron_sayo.rl.phase_timer import PhaseTimer
 from megatron_sayo.rl.prompts import PromptStream, build_prompt_batch
-from megatron_sayo.rl.rollout import SamplingParams, generate, share_from_sampler
 from megatron_sayo.rl.scoring import reference_logprobs, score_policy
 from megatron_sayo.rl.update import accumulate_gradients
 
 log = logging.getLogger("megatron_sayo.train")
+
+STEP_PHASES = ("rollout", "score", "reference", "update")   # a step's timed phases: time_rollout, ... in metrics
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,63 +188,72 @@ class GRPOTrainer:
     # -- one GRPO step ------------------------------------------------------------------------------------
     def train_step(self) -> StepResult:
         cfg = self.cfg
-        t0 = time.perf_counter()
+        timer = PhaseTimer(STEP_PHASES)
         per_rank = cfg.train.global_batch // self.dp
         first = self.step * cfg.train.global_batch + self.dp_rank * per_rank
         g = cfg.rollout.group_size
         draws: list[dict | None] = []
         if cfg.rollout.dynamic_sampling:
             def draw(index: int, roll: bool):
-                draws.append(self._draw(index, per_rank, roll))
+                draws.append(self._draw(index, per_rank, roll, timer))
                 return None if draws[-1] is None else draws[-1]["signal"]
             chosen, stats = draw_until_full(draw, per_rank, g, cfg.rollout.dynamic_sampling_max_batches,
                                             parallel_state.get_data_parallel_group() if self.dp > 1 else None)
-            part = self._merge(draws, chosen)
+            with timer.phase("score"):
+                part = self._merge(draws, chosen)
             dynamic = stats.metrics()
         else:
-            part, dynamic = self._draw(0, per_rank, True), {}
+            part, dynamic = self._draw(0, per_rank, True, timer), {}
         batch, scores, check = part["batch"], part["scores"], part["check"]
-        t1, t2 = part["t1"], part["t2"]
-        ref_logp = self._reference_logprobs(batch, cfg.train.micro_batch)
-        t3 = time.perf_counter()
+        with timer.phase("reference"):
+            ref_logp = self._reference_logprobs(batch, cfg.train.micro_batch)
 
         last = parallel_state.is_pipeline_last_stage()
         metrics: dict = {}
         advantages = None
-        if last:
-            terms, tas, texts, total = part["terms"], part["tas"], part["texts"], part["total"]
-            group_ids = torch.arange(total.numel(), device=total.device) // g + first
-            advantages = distributed_group_advantages(total, group_ids, eps=cfg.loss.advantage_eps)
-            metrics = self._rollout_metrics(terms, total, tas, scores)
-            metrics.update(steering_metrics(terms["attention"], terms["accuracy"], tas, advantages, group_ids))
-            metrics.update(self._no_signal(total, group_ids))
-            metrics.update(dynamic)
-        loss_metrics, grad_norm, skipped = self._update(batch, scores, ref_logp, advantages)
-        t4 = time.perf_counter()
+        with timer.phase("update"):
+            if last:
+                terms, tas, texts, total = part["terms"], part["tas"], part["texts"], part["total"]
+                group_ids = torch.arange(total.numel(), device=total.device) // g + first
+                advantages = distributed_group_advantages(total, group_ids, eps=cfg.loss.advantage_eps)
+                metrics = self._rollout_metrics(terms, total, tas, scores)
+                metrics.update(steering_metrics(terms["attention"], terms["accuracy"], tas, advantages, group_ids))
+                metrics.update(self._no_signal(total, group_ids))
+                metrics.update(dynamic)
+            loss_metrics, grad_norm, skipped = self._update(batch, scores, ref_logp, advantages)
+        step_seconds = timer.elapsed()
         self.step += 1
         if last:
             metrics.update(loss_metrics)
             metrics.update(check)
             n_tokens = float(batch.completion_mask.sum()) * self.dp
             metrics.update(step=self.step, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
-                           tokens_per_s=n_tokens / (t4 - t0), skipped=skipped,
-                           time_rollout=t1 - t0, time_score=t2 - t1, time_reference=t3 - t2, time_update=t4 - t3,
-                           time_step=t4 - t0, sample_completion=texts[0][:200],
+                           tokens_per_s=n_tokens / step_seconds, skipped=skipped, **timer.metrics(),
+                           time_step=step_seconds, sample_completion=texts[0][:200],
                            sequences=batch.sequences.shape[0] * self.dp, sequence_length=batch.sequences.shape[1])
             if torch.cuda.is_available():
                 metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return StepResult(metrics, skipped)
 
-    def _draw(self, index: int, per_rank: int, roll: bool) -> dict | None:
+    def _draw(self, index: int, per_rank: int, roll: bool, timer: PhaseTimer) -> dict | None:
         """Prompt batch `index` of this step: this rank's prompts (always taken from the stream, so every rank's
-        stream stays at one position), and when `roll`, their rollout, scores and, on the last stage, the
-        reward terms; `signal` (every stage): per group, whether its rewards differ (dynamic sampling)."""
-        cfg, hf = self.cfg, self.hf
+        stream stays at one position), and when `roll`, their rollout (timed as "rollout"), scores and, on the
+        last stage, the reward terms (timed as "score"); `signal` (every stage): per group, whether its rewards
+        differ (dynamic sampling)."""
+        cfg = self.cfg
         indices = self.stream.take(cfg.train.global_batch)
         if not roll:
             return None
-        local = decodable_samples(self.samples, indices[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank],
-                                  cfg.data.on_error)
+        with timer.phase("rollout"):
+            local = decodable_samples(self.samples, indices[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank],
+                                      cfg.data.on_error)
+            prompts, rollout = self._rollout(local, index)
+        with timer.phase("score"):
+            return self._score(local, prompts, rollout)
+
+    def _rollout(self, local: list, index: int):
+        """(prompt batch, rollout) of this rank's samples `local` in prompt batch `index` of the step."""
+        cfg, hf = self.cfg, self.hf
         prompts = build_prompt_batch(self.processor, local, hf.tokens.image, hf.vision.spatial_merge_size,
                                      hf.vision.patch_size, cfg.data.instruction, cfg.data.max_text_tokens)
         g = cfg.rollout.group_size
@@ -252,10 +266,14 @@ class GRPOTrainer:
         inputs = {k: (v.to(runtime.device()) if isinstance(v, torch.Tensor) else v)
                   for k, v in prompts.inputs.items()}
         capture = cfg.rollout.capture_scores
-        rollout = generate(self.policy, inputs, params, num_return_sequences=g,
-                           capture_region=prompts.region_mask if capture else None)
-        t1 = time.perf_counter()
+        return prompts, generate(self.policy, inputs, params, num_return_sequences=g,
+                                 capture_region=prompts.region_mask if capture else None)
 
+    def _score(self, local: list, prompts, rollout) -> dict:
+        """The rollout's batch and scores (captured, or a teacher-forced pass), on the last stage its reward
+        terms, and with dynamic sampling the per-group `signal` flags on every stage."""
+        cfg, hf = self.cfg, self.hf
+        g, capture = cfg.rollout.group_size, cfg.rollout.capture_scores
         rows = rollout.group_ids.tolist()
         batch = ScoringBatch.from_rollout(rollout, prompts, hf)
         check = {}
@@ -266,11 +284,11 @@ class GRPOTrainer:
                 check = {f"capture_diff_{k}": v for k, v in rollout.scores.mean_abs_difference(scores).items()}
         if capture:
             scores = rollout.scores
-        out = dict(batch=batch, scores=scores, check=check, t1=t1, t2=time.perf_counter())
+        out = dict(batch=batch, scores=scores, check=check)
         signal = torch.zeros(len(local), dtype=torch.float64, device=rollout.sequences.device)
         if parallel_state.is_pipeline_last_stage():
             terms, tas, texts = self._rewards(rollout, scores, [local[r] for r in rows])
-            total = R.total_reward(terms, cfg.reward.weights)
+            total = rewards.total_reward(terms, cfg.reward.weights)
             out.update(terms=terms, tas=tas, texts=texts, total=total)
             signal = group_has_signal(total, g).double()
         if cfg.rollout.dynamic_sampling:   # the last stage's flags, on every stage (TP ranks computed them alike)
@@ -285,9 +303,8 @@ class GRPOTrainer:
             by_draw.setdefault(d, []).append(group)
         parts = [(draws[d], group_rows(groups, g)) for d, groups in sorted(by_draw.items())]
         first = draws[0]
-        pad = self.hf.tokens.pad if self.hf.tokens.pad is not None else self.hf.tokens.eos[0]
-        out = dict(batch=merge_batches([(p["batch"], rows) for p, rows in parts], pad), check=first["check"],
-                   t1=first["t1"], t2=time.perf_counter())
+        batch = merge_batches([(p["batch"], rows) for p, rows in parts], completion_pad_id(self.hf))
+        out = dict(batch=batch, check=first["check"])
         out["scores"] = (None if first["scores"] is None else
                          merge_scores([(p["scores"], rows) for p, rows in parts]))
         if "terms" in first:
@@ -316,17 +333,18 @@ class GRPOTrainer:
         tok = self.processor.tokenizer
         parts = None
         if cfg.token_selection in ("reasoning", "answer"):
-            parts = R.completion_parts(rollout.completion_ids, rollout.completion_lengths,
+            parts = rewards.completion_parts(rollout.completion_ids, rollout.completion_lengths,
                                        lambda ids: tok.decode(ids, skip_special_tokens=True))
-        attn, tas, _ = R.sequence_attention_reward(scores, cfg.top_entropy_ratio, cfg.attention_form, cfg.eps,
+        attn, tas, _ = rewards.sequence_attention_reward(scores, cfg.top_entropy_ratio, cfg.attention_form, cfg.eps,
                                                    cfg.token_selection, parts)
         texts, fmt, acc = [], [], []
         for row, n in enumerate(rollout.completion_lengths.tolist()):
             text = tok.decode(rollout.completion_ids[row, :n].tolist(), skip_special_tokens=True)
             texts.append(text)
-            fmt.append(R.format_reward(text, n, cfg.format_long_bound, cfg.format_short_bound, cfg.format_factor))
-            acc.append(R.accuracy_reward(R.extract_answer(text), samples[row].reference(cfg.accuracy_target),
-                                          cfg.accuracy_match))
+            fmt.append(rewards.format_reward(text, n, cfg.format_long_bound, cfg.format_short_bound,
+                                             cfg.format_factor))
+            acc.append(rewards.accuracy_reward(rewards.extract_answer(text),
+                                               samples[row].reference(cfg.accuracy_target), cfg.accuracy_match))
         terms = {"attention": attn.float(), "format": torch.tensor(fmt, device=attn.device),
                  "accuracy": torch.tensor(acc, device=attn.device)}
         return terms, tas, texts
@@ -395,9 +413,10 @@ class GRPOTrainer:
 
     def evaluate(self) -> dict:
         """Held-out metrics (eval_*) of the current policy, with the seconds they took."""
-        t0 = time.perf_counter()
-        out = self.heldout.evaluate(self.policy)
-        return {**out, "time_eval": time.perf_counter() - t0} if out else {}
+        timer = PhaseTimer()
+        with timer.phase("eval"):
+            out = self.heldout.evaluate(self.policy)
+        return {**out, **timer.metrics()} if out else {}
 
     # -- the loop ----------------------------------------------------------------------------------------
     def _stop_requested(self) -> bool:

@@ -460,7 +460,8 @@ def rollout_throughput(ckpt: Path, batch_size: int, new_tokens: int, dtype) -> C
     import torch
 
     from megatron_sayo.checkpoint.loader import load_model_stage
-    from megatron_sayo.rl.rollout import SamplingParams, generate
+    from megatron_sayo.inference.decode import generate
+    from megatron_sayo.inference.sampling import SamplingParams
 
     _init_rank()
     batch = _to_device(prompt_batch(ckpt, batch_size))

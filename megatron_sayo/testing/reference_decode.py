@@ -1,4 +1,4 @@
-"""The no-cache greedy decoder: the reference `rl.rollout.generate` is tested against, and the benchmark baseline."""
+"""The no-cache greedy decoder: what `inference.decode.generate` is tested against, and the benchmarks' baseline."""
 
 from __future__ import annotations
 

@@ -101,7 +101,7 @@ def test_grounded_end_to_end(tiny_ckpt, tmp_path):
 
 def test_compare_wiring(tiny_ckpt, tiny_tied_ckpt, tmp_path, monkeypatch):
     """--compare evaluates both checkpoints (OUTDIR/a, OUTDIR/b) and writes the side-by-side table."""
-    from megatron_sayo.eval import driver as D
+    from megatron_sayo.eval import driver
     from megatron_sayo.eval.__main__ import main
 
     seen = []
@@ -114,7 +114,7 @@ def test_compare_wiring(tiny_ckpt, tiny_tied_ckpt, tmp_path, monkeypatch):
         (out / "summary.md").write_text("x")
         return res
 
-    monkeypatch.setattr(D, "run_grounded", fake_run)
+    monkeypatch.setattr(driver, "run_grounded", fake_run)
     out = tmp_path / "cmp"
     assert main(["--hf", str(tiny_ckpt), "--benchmark", "grounded", "--data", "x.jsonl", "--out", str(out),
                  "--compare", str(tiny_tied_ckpt)]) == 0
@@ -123,8 +123,8 @@ def test_compare_wiring(tiny_ckpt, tiny_tied_ckpt, tmp_path, monkeypatch):
     assert table["metrics"]["tas"] == {"a": 1.0, "b": 1.25, "delta": 0.25}
     assert table["metrics"]["accuracy"]["delta"] == 0.0
     assert "| tas | 1.0000 | 1.2500 | 0.2500 |" in (out / "compare.md").read_text()
-    with pytest.raises(D.EvalError, match="neither an HF checkpoint"):
-        D.detect_checkpoint(str(tmp_path))
+    with pytest.raises(driver.EvalError, match="neither an HF checkpoint"):
+        driver.detect_checkpoint(str(tmp_path))
 
 
 def test_nemo_environment_is_scoped(tmp_path, monkeypatch):

@@ -11,10 +11,10 @@ def _rank_compare(ckpt, tp, batch):
     decode step through the cached path vs the block on the prompt + that token; returns relative errors."""
     from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.distributed import runtime
+    from megatron_sayo.inference.decode import decode_mask
     from megatron_sayo.models.qwen25vl import cached_decoder
     from megatron_sayo.models.qwen25vl.attention import AttentionState, KVCache
     from megatron_sayo.models.qwen25vl.model import model_inputs
-    from megatron_sayo.rl.rollout import decode_mask
 
     runtime.init_distributed(tp, 1)
     model = load_model_stage(ckpt, tp=tp)

@@ -1,4 +1,4 @@
-"""The typed batch and scores: the p / p-1 column rule by hand, images split per prompt row, padding zeroed."""
+"""The typed batch: the p / p-1 column rule by hand, images split per prompt row."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megatron_sayo.rl.batch import CompletionScores, ScoringBatch, completion_view, images_per_prompt
+from megatron_sayo.rl.batch import ScoringBatch, completion_view, images_per_prompt
 
 HF = SimpleNamespace(tokens=SimpleNamespace(image=9), vision=SimpleNamespace(spatial_merge_size=2))
 
@@ -27,18 +27,6 @@ def test_completion_view_rejects_columns_outside():
         completion_view(torch.zeros(1, 6), 3, 4, "query")
     with pytest.raises(ValueError, match="outside"):
         completion_view(torch.zeros(1, 6), 0, 2, "logits")
-
-
-def test_scores_zero_padding_and_check_shapes():
-    mask = torch.tensor([[1, 1, 0]])
-    s = CompletionScores(torch.tensor([[-1.0, -2.0, float("nan")]]), torch.ones(1, 3), None, None, mask)
-    assert s.logprobs.tolist() == [[-1.0, -2.0, 0.0]] and s.entropy.tolist() == [[1.0, 1.0, 0.0]]
-    with pytest.raises(ValueError, match="entropy"):
-        CompletionScores(torch.zeros(1, 3), torch.zeros(1, 2), None, None, mask)
-    both = CompletionScores.cat([s, s])
-    assert both.logprobs.shape == (2, 3) and both.region_mass is None
-    other = CompletionScores(torch.tensor([[-1.5, -2.0, 7.0]]), torch.ones(1, 3), None, None, mask)
-    assert s.mean_abs_difference(other) == {"logprobs": 0.25, "entropy": 0.0}
 
 
 def test_images_per_prompt_with_several_images_and_a_text_row():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_sayo.config import RewardWeights
-from megatron_sayo.rl.batch import CompletionScores
+from megatron_sayo.inference.completion_scores import CompletionScores
 from megatron_sayo.rl.rewards import (
     accuracy_reward,
     attention_reward,

@@ -1,7 +1,7 @@
 """reward.token_selection (entropy | all | reasoning | answer) against naive references: the reasoning / answer
 tokens of completions assembled piece by piece from the tiny tokenizer (so which token is which is known by
 construction, not found by the code under test), the selections as per-token loops, the pooled reward as a
-direct mean over the chosen tokens. TP/PP exactness: tests/rl/test_capture.py (every selection, TP=2, PP=2)."""
+direct mean over the chosen tokens. TP/PP exactness: tests/inference/test_capture.py (every selection, TP=2, PP=2)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron_sayo.config import ConfigError, RewardConfig, load_config
-from megatron_sayo.rl.batch import CompletionScores
+from megatron_sayo.inference.completion_scores import CompletionScores
 from megatron_sayo.rl.rewards import TOKEN_SELECTIONS, completion_parts, select_tokens, sequence_attention_reward
 
 # pieces: (text, label); r = reasoning, a = answer content, - = neither (tags, end token)

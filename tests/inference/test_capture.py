@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megatron_sayo.rl.rollout import SamplingParams
+from megatron_sayo.inference.sampling import SamplingParams
 
 TOL = 1e-5
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
@@ -53,8 +53,8 @@ def _rank(ckpt, tp, pp, inputs, region, params):
 
     from megatron_sayo.checkpoint.loader import load_model_stage
     from megatron_sayo.distributed import runtime
+    from megatron_sayo.inference.decode import generate
     from megatron_sayo.rl.batch import ScoringBatch
-    from megatron_sayo.rl.rollout import generate
     from megatron_sayo.rl.scoring import score_policy
 
     runtime.init_distributed(tp, pp)

@@ -1,0 +1,1 @@
+"""Generation shared by rollouts, held-out evaluation, serving, tools and benchmarks: sampling, decode, capture."""
