@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 EXTRAS ?= test
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test test-fast compat gpu-check clean
+.PHONY: venv demo ablation test test-fast compat gpu-check clean
 venv: $(VENV)/.installed
 
 # SYSTEM_TORCH=1 (inside a container whose torch, Transformer Engine and flash-attn belong together): the venv sees
@@ -34,7 +34,7 @@ endif
 demo: venv                      ## the embedded default: tiny Qwen2.5-VL SAYO GRPO run on CPU
 	$(BIN)/python -m megatron_sayo.demo
 
-ablation: venv                  ## accuracy-only vs SAYO GRPO on CPU, three seeds (runs/ablation/summary.md)
+ablation: venv                  ## the paper's Table 2 on CPU: 3 arms x 2 toys x 3 seeds, ~17 min (runs/ablation/summary.md)
 	$(BIN)/python -m megatron_sayo.experiments.ablation --out runs/ablation
 
 test: venv                      ## the whole test suite (what CI runs)
