@@ -233,8 +233,8 @@ def _slow_cli(tool: str, args: list[str]) -> str:
     """python -c source running a converter CLI with each progress step slowed (the tiny conversion takes
     0.1 s, too quick for a signal to land mid-write)."""
     return (f"import sys, time; sys.path.insert(0, {str(ROOT / 'tools')!r}); import {tool} as cli; "
-            "import megatron_sayo.convert.progress as c; step = c.Progress.update; "
-            "c.Progress.update = lambda self, n: (time.sleep(0.05), step(self, n)); "
+            "from megatron_sayo.convert import progress; step = progress.Progress.update; "
+            "progress.Progress.update = lambda self, n: (time.sleep(0.05), step(self, n)); "
             f"sys.exit(cli.main({args!r}))")
 
 
@@ -363,11 +363,11 @@ def test_checkpoint_keeps_its_vocab_padding_at_another_tp(tmp_path, make_image):
 @pytest.mark.multiproc
 def test_converters_never_import_torch(tiny_tied_ckpt, tmp_path):
     """The converters move bytes: importing torch would cost them 1.3 s of a 1 GB conversion's 0.7 s."""
-    code = ("import sys; sys.path.insert(0, 'tools'); import convert_hf_to_megatron as a, convert_megatron_to_hf as b; "
-            f"assert a.main(['--hf', {str(tiny_tied_ckpt)!r}, '--out', {str(tmp_path / 'm')!r}, '--tp', '2', "
-            f"'--no-progress']) == 0; "
-            f"assert b.main(['--megatron', {str(tmp_path / 'm')!r}, '--out', {str(tmp_path / 'h')!r}, "
-            f"'--no-progress']) == 0; "
+    code = ("import sys; sys.path.insert(0, 'tools'); import convert_hf_to_megatron, convert_megatron_to_hf; "
+            f"assert convert_hf_to_megatron.main(['--hf', {str(tiny_tied_ckpt)!r}, '--out', "
+            f"{str(tmp_path / 'm')!r}, '--tp', '2', '--no-progress']) == 0; "
+            f"assert convert_megatron_to_hf.main(['--megatron', {str(tmp_path / 'm')!r}, '--out', "
+            f"{str(tmp_path / 'h')!r}, '--no-progress']) == 0; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
