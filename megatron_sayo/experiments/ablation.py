@@ -67,9 +67,10 @@ TOYS: dict[str, tuple[tuple[str, str], ...]] = {
                                                 "choice, so a reward on attention has something to act on"),
         ("data.synthetic_n=4096", "a 2500-step warm-up would see 1024 images 78 times"),
         ("warmup.steps=2500", "the answer NLL sits at ~0.13-0.16 (the colour at chance) until the lookup is learned, "
-                              "which happened between steps 1500 and 2000 in an exploration run (held-out accuracy "
-                              "0.53 at 1500, 0.95 at 2000, 0.94 at 2500; another run's 1500-step warm-up had 0.98): "
-                              "2500 leaves margin; ~7 minutes on 2 quiet cores, data parallel over --jobs ranks"),
+                              "which happened between steps 1500 and 2000 with this warmup.seed (held-out accuracy "
+                              "0.53 at 1500, 0.95 at 2000, 0.94 at 2500) and before step 1000 with warmup.seed=1 "
+                              "(1.0 at 1000, 2000 and 2500): 2500 leaves margin; ~8 minutes on 2 quiet cores, data "
+                              "parallel over --jobs ranks"),
         ("rollout.max_new_tokens=40", "a described tile plus the tagged answer is about 30-36 tokens"),
         ("reward.format_long_bound=40", "the format reward's long bound at the completion length"),
     ),
