@@ -46,20 +46,31 @@ def alive(pid: int) -> bool:
         return False
 
 
+def start_saver(proc: subprocess.Popen, marker: str) -> tuple[list[str], list[int]]:
+    """Read `proc`'s output up to the line starting with `marker` (its first save); (lines read, the writer's
+    helper processes, at least one)."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(marker):
+            break
+    assert lines and lines[-1].startswith(marker), "".join(lines[-20:])
+    helpers = children(proc.pid)
+    assert helpers, "the writer started no helper process (nothing to test)"
+    return lines, helpers
+
+
+def run_script(script: str, *args, **popen) -> subprocess.Popen:
+    """`script` in a fresh python with `args`, output merged and read as text, one thread."""
+    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **popen)
+
+
 @pytest.mark.multiproc
 def test_writer_helpers_die_with_a_sigkilled_trainer(tiny_ckpt, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(tiny_ckpt), str(tmp_path / "run")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_script(SAVER, tiny_ckpt, tmp_path / "run")
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("saved"):
-                break
-        assert lines and lines[-1].startswith("saved"), "".join(lines[-20:])
-        helpers = children(proc.pid)
-        assert helpers, "the writer started no helper process (nothing to test)"
+        _, helpers = start_saver(proc, "saved")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
@@ -95,18 +106,9 @@ def test_writer_helpers_outlive_the_signals_slurm_sends_a_step(tiny_ckpt, tmp_pa
     """Slurm sends USR1 (preemption) or TERM (scancel) to every process of a job step, the writer's helper
     included; the trainer catches them and writes a checkpoint, which needs the helper: it must ignore them.
     (Before: the spawned helper died on USR1 and the preemption checkpoint failed with EOFError.)"""
-    proc = subprocess.Popen([sys.executable, "-c", SAVE_TWICE, str(tiny_ckpt), str(tmp_path / "run")],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    lines = []
+    proc = run_script(SAVE_TWICE, tiny_ckpt, tmp_path / "run", stdin=subprocess.PIPE)
     try:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("saved 1"):
-                break
-        assert lines and lines[-1].startswith("saved 1"), "".join(lines[-20:])
-        helpers = children(proc.pid)
-        assert helpers, "the writer started no helper process (nothing to test)"
+        lines, helpers = start_saver(proc, "saved 1")
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
             for p in helpers:
                 os.kill(p, sig)
