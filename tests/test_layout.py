@@ -19,6 +19,7 @@ TORCH_FREE = [
     "megatron_sayo.formats.tensor_copy",
     "megatron_sayo.formats.safetensors_files", "megatron_sayo.formats.jsonfiles", "megatron_sayo.formats.dist_writer",
     "megatron_sayo.formats.dtypes", "megatron_sayo.formats.atomic", "megatron_sayo.formats.pickle_guard",
+    "megatron_sayo.formats.unpickling",
     "megatron_sayo.convert.lora_export",
     "megatron_sayo.checkpoint.files", "megatron_sayo.convert.hf_to_megatron", "megatron_sayo.convert.megatron_to_hf",
     "megatron_sayo.convert.rectangles", "megatron_sayo.convert.progress",

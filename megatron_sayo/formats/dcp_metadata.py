@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from megatron_sayo.formats import dtypes
 from megatron_sayo.formats.pickle_writer import Global, NewObj, Pickler, Reduce
+from megatron_sayo.formats.unpickling import load_restricted
 
 
 @dataclass(frozen=True)
@@ -223,12 +224,7 @@ def _dcp_tensor(key: str, meta, where: dict) -> DcpTensor:
 def load_dcp_metadata(data: bytes) -> DcpMetadata:
     """Parse a `.metadata` pickle without importing torch (restricted unpickler: every global becomes a stand-in;
     nothing is imported or called). Raises ValueError for anything that is not DCP metadata."""
-    try:
-        root = StandInUnpickler(io.BytesIO(data)).load()
-    except ValueError:
-        raise
-    except Exception as e:
-        raise ValueError(f"not a pickle: {type(e).__name__}: {e}") from None
+    root = load_restricted(StandInUnpickler(io.BytesIO(data)), "not a pickle")
     if not _is(root, _MD, "Metadata"):
         raise ValueError(f"pickle holds {root!r:.100}, not torch.distributed.checkpoint Metadata")
     f = _fields(root, "Metadata")

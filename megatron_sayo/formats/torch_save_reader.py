@@ -13,6 +13,7 @@ import zipfile
 from dataclasses import dataclass
 
 from megatron_sayo.formats.dtypes import DTYPES, DType
+from megatron_sayo.formats.unpickling import load_restricted
 from megatron_sayo.formats.torch_save_writer import LOCAL_HEADER, LOCAL_HEADER_SIZE, contiguous_strides
 
 _BY_STORAGE = {d.storage: d for d in DTYPES.values() if d.storage != "UntypedStorage"}
@@ -183,12 +184,7 @@ class _TensorUnpickler(pickle.Unpickler):
 
 
 def _unpickle_tensor(pkl: bytes) -> _Rebuilt:
-    try:
-        t = _TensorUnpickler(io.BytesIO(pkl)).load()
-    except ValueError:
-        raise
-    except Exception as e:
-        raise ValueError(f"data.pkl does not unpickle: {type(e).__name__}: {e}") from None
+    t = load_restricted(_TensorUnpickler(io.BytesIO(pkl)), "data.pkl does not unpickle")
     if not isinstance(t, _Rebuilt):
         raise ValueError(f"record holds a {type(t).__name__}, not a tensor")
     if not isinstance(t.storage, _StorageRef) or not isinstance(t.offset, int) \
