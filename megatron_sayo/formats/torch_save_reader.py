@@ -13,8 +13,8 @@ import zipfile
 from dataclasses import dataclass
 
 from megatron_sayo.formats.dtypes import DTYPES, DType
-from megatron_sayo.formats.unpickling import load_restricted
 from megatron_sayo.formats.torch_save_writer import LOCAL_HEADER, LOCAL_HEADER_SIZE, contiguous_strides
+from megatron_sayo.formats.unpickling import load_restricted
 
 _BY_STORAGE = {d.storage: d for d in DTYPES.values() if d.storage != "UntypedStorage"}
 
