@@ -266,7 +266,7 @@ async def tas(request: Request, state: ServerState):
     body = await json_request(request, state)
     engine = state.scheduler.engine
     hf = engine.hf
-    job = await run_in_threadpool(parse_tas_request, body, state.processor, state.limits, hf.tokens.image,
+    job = await run_in_threadpool(parse_tas_request, body, state.processor, state.limits, hf.tokens,
                                   hf.vision.spatial_merge_size, hf.vision.patch_size)
     generated = engine.generated_ids(job["ids"], body["completion"])
     if generated is not None:

@@ -250,9 +250,9 @@ def parse_chat_request(body, processor, limits: Limits) -> dict:
             "stop": stops, "logprobs": top_logprobs, "stream": stream, "include_usage": include_usage}
 
 
-def parse_tas_request(body, processor, limits: Limits, image_token_id: int, merge_size: int,
-                      patch_size: int) -> dict:
-    """A TAS job: {"messages" (one image), "completion": str, "boxes": [[x1,y1,x2,y2],...], "temperature"?}."""
+def parse_tas_request(body, processor, limits: Limits, tokens, merge_size: int, patch_size: int) -> dict:
+    """A TAS job: {"messages" (one image), "completion": str, "boxes": [[x1,y1,x2,y2],...], "temperature"?}.
+    `tokens` are the checkpoint's special ids (TokenIds): a completion may hold none of the vision ones."""
     from megatron_sayo.data.processor import conversation_images
     from megatron_sayo.data.regions import RegionError, RegionSpec, batch_region_mask
 
@@ -278,9 +278,13 @@ def parse_tas_request(body, processor, limits: Limits, image_token_id: int, merg
     completion = processor.tokenizer.encode(body["completion"])
     if not completion:
         raise ApiError("'completion' encodes to no tokens", "completion", "invalid_value")
+    vision = sorted({processor.tokenizer.decode([i]) for i in completion if i in tokens.vision})
+    if vision:
+        raise ApiError(f"'completion' holds {', '.join(vision)}: vision tokens are never generated and have no "
+                       "pixels to score them with", "completion", "invalid_value")
     check_length(len(ids), len(completion), limits)
     try:
-        region = batch_region_mask(__import__("torch").tensor([ids]), grid, image_token_id,
+        region = batch_region_mask(__import__("torch").tensor([ids]), grid, tokens.image,
                                    [RegionSpec(boxes=boxes, orig_size=images[0].size)], merge_size, patch_size)[0]
     except (RegionError, ValueError) as exc:
         raise ApiError(f"bad boxes: {exc}", "boxes", "invalid_value") from None

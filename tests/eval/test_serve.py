@@ -358,3 +358,21 @@ def test_tas_bad_requests(server, body, param):
     assert status == 400, err
     if param:
         assert err["error"]["param"] == param
+
+
+@pytest.mark.parametrize("completion,named", [("It is <|image_pad|> there.", "<|image_pad|>"),
+                                              ("<|vision_start|>a<|video_pad|>", "<|video_pad|>, <|vision_start|>")])
+def test_tas_completion_holding_vision_tokens_is_a_400_naming_them(server, make_image, completion, named):
+    """A completion with vision placeholders (no pixels behind them) is refused before the model runs."""
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    make_image(56, 56, seed=5).save(buf, format="PNG")
+    messages = _img("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    failed = server.engine.stats.failed_requests
+    status, err = request(server.url + "/v1/tas", {"messages": messages, "completion": completion,
+                                                  "boxes": [[0, 0, 28, 28]]})
+    assert status == 400 and err["error"]["param"] == "completion", err
+    assert err["error"]["message"].startswith(f"'completion' holds {named}: "), err
+    assert server.engine.stats.failed_requests == failed

@@ -5,20 +5,26 @@ The tests share one TP=2 server process (started once: its start-up is most of t
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import openai
 import pytest
 
 TEXT = [{"role": "user", "content": "Tell me about the picture."}]
+FAULTY_SITE = Path(__file__).parent / "faulty_site"
 
 
 @pytest.fixture(scope="module")
 def tp2(tiny_ckpt, tmp_path_factory):
-    """A TP=2 server subprocess (rank 0 serving HTTP, rank 1 its follower) on the tiny checkpoint."""
+    """A TP=2 server subprocess (rank 0 serving HTTP, rank 1 its follower) on the tiny checkpoint, with
+    faulty_site/sitecustomize.py loaded in each of its processes (one TAS completion fails on purpose)."""
     from megatron_sayo.eval.server_process import start_server
 
-    server = start_server(str(tiny_ckpt), None, 2, tmp_path_factory.mktemp("tp2") / "server.log", startup_s=600,
-                          extra_args=["--model-name", "tiny", "--max-tokens-limit", "4000"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(FAULTY_SITE), os.environ.get("PYTHONPATH")])))
+        server = start_server(str(tiny_ckpt), None, 2, tmp_path_factory.mktemp("tp2") / "server.log",
+                              startup_s=600, extra_args=["--model-name", "tiny", "--max-tokens-limit", "4000"])
     yield server
     server.stop()
 
@@ -95,11 +101,12 @@ def test_tp2_server_survives_hot_sampling_and_cancels_a_departed_client(server, 
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_tp2_request_that_fails_alone_spares_its_neighbour_and_the_follower(server, tp2, make_image):
-    """Issue 29 at TP=2: a request whose own model pass fails on both ranks (a /v1/tas completion holding an
-    <|image_pad|> placeholder with no pixels for it) and a greedy chat request queued behind a busy one, so
-    that both reach the engine in the same batch: the bad one gets a 500 generation_failed naming the
-    placeholder, the greedy one its text as alone; the follower rank goes on, so later chat and TAS requests are
-    answered (the same greedy text) and /health says ok, with one failed request more."""
+    """Issue 29 at TP=2: a request whose own model pass fails on both ranks (a /v1/tas completion that
+    faulty_site/sitecustomize.py fails on purpose: validation now refuses the requests that used to fail there)
+    and a greedy chat request queued behind a busy one, so that both reach the engine in the same batch: the bad
+    one gets a 500 generation_failed naming the fault, the greedy one its text as alone; the follower rank goes
+    on, so later chat and TAS requests are answered (the same greedy text) and /health says ok, with one failed
+    request more."""
     import base64
     import io
     import threading
@@ -116,7 +123,7 @@ def test_tp2_request_that_fails_alone_spares_its_neighbour_and_the_follower(serv
     tas = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                      {"type": "text", "text": "What is in the corner?"}]}],
            "boxes": [[0, 0, 28, 28]]}
-    bad_tas = {**tas, "completion": "It is <|image_pad|> there."}
+    bad_tas = {**tas, "completion": "fail on purpose"}
     client = openai.OpenAI(base_url=tp2.url, api_key=tp2.api_key, max_retries=0, timeout=300)
     before = health(tp2)
 
@@ -148,7 +155,7 @@ def test_tp2_request_that_fails_alone_spares_its_neighbour_and_the_follower(serv
     status, error = out["bad"]
     assert status == 500 and error["error"]["code"] == "generation_failed", error
     assert error["error"]["message"].startswith("generation failed for this request: ")
-    assert "<|image_pad|> tokens but the images give" in error["error"]["message"]
+    assert "injected by the test" in error["error"]["message"]
     assert out["greedy"].choices[0].message.content == alone.choices[0].message.content
 
     later = client.chat.completions.create(model="tiny", messages=GREEDY, temperature=0, max_tokens=12)
