@@ -17,10 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_sayo.checkpoint.files import CheckpointError  # noqa: E402
 from megatron_sayo.convert.hf_to_megatron import convert_hf_to_megatron  # noqa: E402
-from megatron_sayo.convert.progress import Terminated  # noqa: E402
-from megatron_sayo.models.qwen25vl.hf_config import ConfigError  # noqa: E402
+from megatron_sayo.convert.progress import run_conversion  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,16 +35,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="delete <out>.tmp-<pid> dirs left by conversions whose process is gone (else reported)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
     args = ap.parse_args(argv)
-    try:
-        summary = convert_hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                                         overwrite=args.overwrite, progress=not args.no_progress,
-                                         remove_stale=args.remove_stale_tmp)
-    except (CheckpointError, ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:      # SIGINT, or SIGTERM (Terminated): the temp dir is already removed
-        print(f"interrupted ({exc or 'SIGINT'}): nothing written", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+    summary, code = run_conversion(lambda: convert_hf_to_megatron(
+        args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, overwrite=args.overwrite,
+        progress=not args.no_progress, remove_stale=args.remove_stale_tmp))
+    if summary is None:
+        return code
     print(f"wrote {args.out}: {summary['megatron_tensors']} megatron tensors (the bar's count) from "
           f"{summary['tensors']} HF tensors, {summary['elements']} elements, "
           f"{summary['seconds']:.1f}s, peak RSS {summary['peak_rss_mb']:.0f} MB")

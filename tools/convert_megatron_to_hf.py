@@ -21,11 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_sayo.checkpoint.files import CheckpointError  # noqa: E402
 from megatron_sayo.convert.lora_export import MODES, export_lora  # noqa: E402
 from megatron_sayo.convert.megatron_to_hf import convert_megatron_to_hf  # noqa: E402
-from megatron_sayo.convert.progress import Terminated  # noqa: E402
-from megatron_sayo.models.qwen25vl.hf_config import ConfigError  # noqa: E402
+from megatron_sayo.convert.progress import run_conversion  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,22 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.base and not args.lora:
         ap.error("--base needs --lora")
-    try:
+    def convert() -> dict:
         if args.lora == "adapter":
-            summary = export_lora("adapter", args.megatron, args.out, base=args.base, overwrite=args.overwrite)
-        elif args.lora == "merge":
-            summary = export_lora("merge", args.megatron, args.out, base=args.base, max_shard_size=args.max_shard_size,
-                                  dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
-        else:
-            summary = convert_megatron_to_hf(args.megatron, args.out, max_shard_size=args.max_shard_size,
-                                             dtype=args.dtype, overwrite=args.overwrite,
-                                             progress=not args.no_progress, remove_stale=args.remove_stale_tmp)
-    except (CheckpointError, ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:      # SIGINT, or SIGTERM (Terminated): the temp dir is already removed
-        print(f"interrupted ({exc or 'SIGINT'}): nothing written", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+            return export_lora("adapter", args.megatron, args.out, base=args.base, overwrite=args.overwrite)
+        if args.lora == "merge":
+            return export_lora("merge", args.megatron, args.out, base=args.base, max_shard_size=args.max_shard_size,
+                               dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
+        return convert_megatron_to_hf(args.megatron, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype,
+                                      overwrite=args.overwrite, progress=not args.no_progress,
+                                      remove_stale=args.remove_stale_tmp)
+
+    summary, code = run_conversion(convert)
+    if summary is None:
+        return code
     print(f"wrote {args.out}: {summary['tensors']} tensors in {summary['files']} file(s), {summary['dtype']}, "
           f"{summary['seconds']:.1f}s, peak RSS {summary['peak_rss_mb']:.0f} MB")
     return 0

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_sayo.data.gqa import ON_ERROR, RECIPES, GQASchemaError, prepare  # noqa: E402
+from megatron_sayo.data.gqa import ON_ERROR, RECIPES, prepare, run_prepare  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,14 +44,9 @@ def main(argv: list[str] | None = None) -> int:
                              "written) or skip the question (logged, counted in the summary)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        done = prepare(args.questions, args.scene_graphs, args.images, args.out, args.recipe, args.max_rows,
-                       args.seed, args.on_error)
-    except GQASchemaError as exc:
-        print(f"error: {exc}\nnothing written; --on-error skip leaves such questions out", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    done = run_prepare(prepare, args.questions, args.scene_graphs, args.images, args.out, args.recipe,
+                       args.max_rows, args.seed, args.on_error)
+    if done is None:
         return 2
     skipped = ", ".join(f"{n} {why}" for why, n in sorted(done["skipped"].items())) or "none"
     print(f"{args.out / 'data.jsonl'}: {done['read']} question(s) read, {done['written']} row(s) written, "

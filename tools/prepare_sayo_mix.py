@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_sayo.data.gqa import ON_ERROR, GQASchemaError  # noqa: E402
+from megatron_sayo.data.gqa import ON_ERROR, run_prepare  # noqa: E402
 from megatron_sayo.data.sayo_mix import SAYO_MIX_ROWS, prepare  # noqa: E402
 
 
@@ -36,14 +36,9 @@ def main(argv: list[str] | None = None) -> int:
                              "nothing written) or skip the question (logged, counted in the summary)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        done = prepare(args.refocus, args.gqa_questions, args.gqa_scene_graphs, args.gqa_images, args.out,
+    done = run_prepare(prepare, args.refocus, args.gqa_questions, args.gqa_scene_graphs, args.gqa_images, args.out,
                        args.max_rows, args.on_error)
-    except GQASchemaError as exc:
-        print(f"error: {exc}\nnothing written; --on-error skip leaves such questions out", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if done is None:
         return 2
     skipped = ", ".join(f"{n} {why}" for why, n in sorted(done["gqa_skipped"].items())) or "none"
     print(f"{args.out / 'data.jsonl'}: {done['written']} row(s) written ({done['refocus']} ReFocus + "

@@ -1,11 +1,13 @@
 """What a long conversion shows and how it stops: a byte-size format, a tqdm bar (or none), SIGTERM raised
-as an interruption so the temp dir is removed, and a failure injected after n tensors (tests)."""
+as an interruption so the temp dir is removed, a tool's exit code, and a failure injected after n tensors (tests)."""
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
+from collections.abc import Callable
 
 
 def bytes_fmt(n: float) -> str:
@@ -18,6 +20,22 @@ def bytes_fmt(n: float) -> str:
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM received: raised in the main thread so the conversion's clean-up runs as for Ctrl-C."""
+
+
+def run_conversion(convert: Callable[[], dict]) -> tuple[dict | None, int]:
+    """convert() as a conversion tool runs it: (its summary, 0), or (None, exit code) once stderr says why:
+    2 for a bad checkpoint or config, 130 on SIGINT, 143 on SIGTERM (the temp dir is already removed)."""
+    from megatron_sayo.checkpoint.files import CheckpointError
+    from megatron_sayo.models.qwen25vl.hf_config import ConfigError
+
+    try:
+        return convert(), 0
+    except (CheckpointError, ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None, 2
+    except KeyboardInterrupt as exc:
+        print(f"interrupted ({exc or 'SIGINT'}): nothing written", file=sys.stderr)
+        return None, 143 if isinstance(exc, Terminated) else 130
 
 
 @contextlib.contextmanager

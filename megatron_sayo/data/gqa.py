@@ -36,6 +36,7 @@ import math
 import os
 import random
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,18 @@ def check_on_error(on_error: str) -> None:
     """ValueError unless `on_error` is one of ON_ERROR."""
     if on_error not in ON_ERROR:
         raise ValueError(f"--on-error must be one of {ON_ERROR}, got {on_error!r}")
+
+
+def run_prepare(prepare, *args) -> dict | None:
+    """A prepare tool's call: prepare(*args)'s summary, or None once its error is printed to stderr (the tool
+    exits 2); an off-schema GQA question's error says that --on-error skip would leave it out."""
+    try:
+        return prepare(*args)
+    except GQASchemaError as exc:
+        print(f"error: {exc}\nnothing written; --on-error skip leaves such questions out", file=sys.stderr)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    return None
 
 
 def image_path(images_dir: Path, out_dir: Path, image_id: Any) -> str:
