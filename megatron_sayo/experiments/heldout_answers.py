@@ -78,8 +78,8 @@ def greedy_answers(model, cfg, processor, samples) -> list[Answer]:
     from megatron_sayo.rl.scoring import score_policy
 
     hf, tok, r = model.hf, processor.tokenizer, cfg.reward
-    params = SamplingParams(greedy=True, max_new_tokens=cfg.rollout.max_new_tokens, suppress_token_ids=(
-        hf.tokens.image, hf.tokens.video, hf.tokens.vision_start, hf.tokens.vision_end))
+    params = SamplingParams(greedy=True, max_new_tokens=cfg.rollout.max_new_tokens,
+                            suppress_token_ids=hf.tokens.vision)
     out = []
     for start in range(0, len(samples), 16):
         chunk = samples[start:start + 16]
@@ -88,9 +88,7 @@ def greedy_answers(model, cfg, processor, samples) -> list[Answer]:
         ro = generate(model, prompts.inputs, params, num_return_sequences=1)
         scores = score_policy(model, ScoringBatch.from_rollout(ro, prompts, hf), 16, 1.0)
         _, tas, _ = rewards.sequence_attention_reward(scores, r.top_entropy_ratio, r.attention_form, r.eps)
-        for row, sample in enumerate(chunk):
-            text = tok.decode(ro.completion_ids[row, :int(ro.completion_lengths[row])].tolist(),
-                              skip_special_tokens=True)
+        for row, (sample, text) in enumerate(zip(chunk, ro.completion_texts(tok), strict=True)):
             word = rewards.extract_answer(text)
             out.append(Answer(asked_colour(sample.question), described_colour(text), word,
                               rewards.accuracy_reward(word, sample.answer, r.accuracy_match) > 0, float(tas[row])))

@@ -60,7 +60,7 @@ def main(argv=None) -> None:
     proc = Processor.from_pretrained(cfg.model.hf_path, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     samples = load_grounded(cfg.data.eval_file)[:64]
     hf, tok, r = model.hf, proc.tokenizer, cfg.reward
-    suppress = (hf.tokens.image, hf.tokens.video, hf.tokens.vision_start, hf.tokens.vision_end)
+    suppress = hf.tokens.vision
     for name, g, params in (("greedy", 1, SamplingParams(greedy=True, max_new_tokens=24, suppress_token_ids=suppress)),
                             ("T=1, 4 per question", 4, SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=24,
                                                                       suppress_token_ids=suppress))):

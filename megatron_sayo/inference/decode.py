@@ -47,6 +47,11 @@ class Rollout:
     top_logprobs: torch.Tensor | None = None   # [N, T, k] their raw log-probs
     scores: CompletionScores | None = None     # captured at decode (last pipeline stage, capture on)
 
+    def completion_texts(self, tokenizer) -> list[str]:
+        """Each row's completion as text (its own tokens only, special tokens skipped)."""
+        return [tokenizer.decode(self.completion_ids[row, :n].tolist(), skip_special_tokens=True)
+                for row, n in enumerate(self.completion_lengths.tolist())]
+
 
 # ------------------------------------------------------------------------------------------ forward
 

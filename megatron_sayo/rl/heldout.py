@@ -54,13 +54,8 @@ def score_completions(rollout: Rollout, scores: CompletionScores, answers: list[
     """Accuracy, format, TAS and attention reward of each completion row, from its CompletionScores."""
     attn, tas, _ = rewards.sequence_attention_reward(scores, reward.top_entropy_ratio, reward.attention_form,
                                                      reward.eps)
-    texts, fmt, acc = [], [], []
-    for row, n in enumerate(rollout.completion_lengths.tolist()):
-        text = tokenizer.decode(rollout.completion_ids[row, :n].tolist(), skip_special_tokens=True)
-        texts.append(text)
-        fmt.append(rewards.format_reward(text, n, reward.format_long_bound, reward.format_short_bound,
-                                   reward.format_factor))
-        acc.append(rewards.accuracy_reward(rewards.extract_answer(text), answers[row], reward.accuracy_match))
+    texts = rollout.completion_texts(tokenizer)
+    fmt, acc = rewards.text_rewards(texts, rollout.completion_lengths.tolist(), answers, reward)
     return SampleScores(acc, fmt, [float(t) for t in tas], [float(a) for a in attn], texts)
 
 

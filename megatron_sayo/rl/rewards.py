@@ -199,6 +199,16 @@ def accuracy_reward(pred: str | None, ref: str, mode: str = _R.accuracy_match) -
     raise ValueError(f"accuracy match must be 'exact', 'normalized' or 'numeric', got {mode!r}")
 
 
+def text_rewards(texts: list[str], lengths: list[int], references: list[str], cfg: RewardConfig
+                 ) -> tuple[list[float], list[float]]:
+    """(format, accuracy) reward of each decoded completion of `lengths` tokens against its reference answer."""
+    fmt = [format_reward(text, n, cfg.format_long_bound, cfg.format_short_bound, cfg.format_factor)
+           for text, n in zip(texts, lengths, strict=True)]
+    acc = [accuracy_reward(extract_answer(text), ref, cfg.accuracy_match)
+           for text, ref in zip(texts, references, strict=True)]
+    return fmt, acc
+
+
 def total_reward(components: Mapping[str, torch.Tensor], weights: RewardWeights | Mapping[str, float]
                  ) -> torch.Tensor:
     """sum_k weight_k * components[k]; a term with weight 0 may be absent, one with a weight must be present."""

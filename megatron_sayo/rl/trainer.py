@@ -259,8 +259,7 @@ class GRPOTrainer:
         g = cfg.rollout.group_size
         params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                 max_new_tokens=cfg.rollout.max_new_tokens,
-                                suppress_token_ids=(hf.tokens.image, hf.tokens.video, hf.tokens.vision_start,
-                                                    hf.tokens.vision_end),
+                                suppress_token_ids=hf.tokens.vision,
                                 seed=cfg.train.seed * 1_000_003 + self.step * 1009 + self.dp_rank + index * 104_729)
         self.policy.eval()
         inputs = {k: (v.to(runtime.device()) if isinstance(v, torch.Tensor) else v)
@@ -337,14 +336,9 @@ class GRPOTrainer:
                                        lambda ids: tok.decode(ids, skip_special_tokens=True))
         attn, tas, _ = rewards.sequence_attention_reward(scores, cfg.top_entropy_ratio, cfg.attention_form, cfg.eps,
                                                    cfg.token_selection, parts)
-        texts, fmt, acc = [], [], []
-        for row, n in enumerate(rollout.completion_lengths.tolist()):
-            text = tok.decode(rollout.completion_ids[row, :n].tolist(), skip_special_tokens=True)
-            texts.append(text)
-            fmt.append(rewards.format_reward(text, n, cfg.format_long_bound, cfg.format_short_bound,
-                                             cfg.format_factor))
-            acc.append(rewards.accuracy_reward(rewards.extract_answer(text),
-                                               samples[row].reference(cfg.accuracy_target), cfg.accuracy_match))
+        texts = rollout.completion_texts(tok)
+        fmt, acc = rewards.text_rewards(texts, rollout.completion_lengths.tolist(),
+                                        [sample.reference(cfg.accuracy_target) for sample in samples], cfg)
         terms = {"attention": attn.float(), "format": torch.tensor(fmt, device=attn.device),
                  "accuracy": torch.tensor(acc, device=attn.device)}
         return terms, tas, texts

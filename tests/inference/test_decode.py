@@ -215,3 +215,21 @@ def test_right_padded_prompts_rejected():
     batch = {"input_ids": torch.tensor([[5, 6, 0]]), "attention_mask": torch.tensor([[1, 1, 0]])}
     with pytest.raises(ValueError, match="left-padded"):
         generate(torch.nn.Linear(1, 1), batch, GREEDY)
+
+
+def test_completion_texts_are_each_rows_own_tokens(tiny_ckpt):
+    """Rollout.completion_texts: the texts the rows were encoded from, whatever pads or ids follow each length."""
+    from megatron_sayo.data.tokenizer import Tokenizer
+    from megatron_sayo.inference.decode import Rollout
+
+    tok = Tokenizer.from_pretrained(tiny_ckpt)
+    texts = ["a red square", "<answer>blue</answer>", ""]
+    rows = [tok.encode(t) + [tok.eos_id] for t in texts]
+    width = max(map(len, rows)) + 3
+    ids = torch.tensor([r + [tok.encode("zz")[0]] * (width - len(r)) for r in rows])
+    lengths = torch.tensor([len(r) for r in rows])
+    n = len(rows)
+    rollout = Rollout(sequences=ids, attention_mask=torch.ones_like(ids), prompt_length=0, completion_ids=ids,
+                      completion_mask=torch.ones_like(ids), completion_lengths=lengths, group_ids=torch.arange(n),
+                      logprobs=torch.zeros(ids.shape), finished=torch.ones(n, dtype=torch.bool))
+    assert rollout.completion_texts(tok) == texts

@@ -6,7 +6,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from megatron_sayo.config import RewardWeights
+from megatron_sayo.config import RewardConfig, RewardWeights
 from megatron_sayo.inference.completion_scores import CompletionScores
 from megatron_sayo.rl.rewards import (
     accuracy_reward,
@@ -15,6 +15,7 @@ from megatron_sayo.rl.rewards import (
     format_reward,
     select_top_entropy,
     sequence_attention_reward,
+    text_rewards,
     top_k_count,
     total_reward,
 )
@@ -182,6 +183,18 @@ def test_extract_answer(text, want):
 ])
 def test_accuracy_reward(pred, ref, mode, want):
     assert accuracy_reward(pred, ref, mode) == want
+
+
+def test_text_rewards_row_by_row():
+    """Each row's format reward under the config's bounds (the naive formula) and accuracy under its match mode."""
+    cfg = RewardConfig(format_long_bound=24, format_short_bound=8, accuracy_match="numeric")
+    texts = ["<answer>1,000</answer>", "so \\boxed{0.25}", "<answer>red", "<answer>Red</answer>"]
+    lengths, refs = [30, 4, 12, 16], ["1000", "1/4", "red", "red"]
+    fmt, acc = text_rewards(texts, lengths, refs, cfg)
+    assert fmt == pytest.approx([0.6 * 24 / 30, 0.0, 0.0, 1.0], abs=1e-12)
+    assert acc == [1.0, 1.0, 0.0, 1.0]
+    with pytest.raises(ValueError):
+        text_rewards(texts, lengths[:3], refs, cfg)
 
 
 def test_total_reward():
