@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,12 +60,17 @@ def export(mode, src, out):
 
 @pytest.fixture(scope="module")
 def runs(tiny_ckpt, train_file, tmp_path_factory):
+    """A 4-step LoRA run, and a second start from its step-2 checkpoint (copied, with the first 2 metrics rows,
+    into a fresh run dir: the checkpoint a 2-step run ends with) continued to step 4."""
     straight = tmp_path_factory.mktemp("straight")
     resumed = tmp_path_factory.mktemp("resumed")
     m_straight, _ = run_train(tiny_ckpt, train_file, straight, 4)
-    run_train(tiny_ckpt, train_file, resumed, 2)
+    step2 = straight / "checkpoints" / "step_0000002"
+    shutil.copytree(step2, resumed / "checkpoints" / step2.name)
+    (resumed / "checkpoints" / "latest").write_text(step2.name + "\n")
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in m_straight[:2]))
     m_resumed, out = run_train(tiny_ckpt, train_file, resumed, 4)
-    assert "resumed from" in out
+    assert re.search(r"resumed from \S*step_0000002 at step 2", out), out[-2000:]
     return straight, resumed, m_straight, m_resumed
 
 
