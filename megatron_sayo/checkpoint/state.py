@@ -14,10 +14,8 @@ scheduler + extra), are written under `.tmp` and renamed, and `run_dir/checkpoin
 from __future__ import annotations
 
 import logging
-import os
 import random
 import shutil
-import signal
 import warnings
 from pathlib import Path
 
@@ -91,6 +89,7 @@ def save_model(model, ckpt_dir: str | Path, metadata: dict | None = None) -> Non
     if _rank() == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     _barrier()
+    _in_process_write_results()
     dist_checkpointing.save(model.sharded_state_dict(), str(ckpt_dir))
     if _rank() == 0 and metadata is not None:
         write_json_atomic(ckpt_dir / METADATA_FILE, metadata)
@@ -226,7 +225,7 @@ def save_training_state(run_dir: str | Path, step: int, model, optimizer=None, s
         tmp.mkdir()
     _barrier()
     state = _training_sharded_state(model, optimizer, scheduler, step, dict(extra or {}), loading=False)
-    _writer_results_queue()
+    _in_process_write_results()
     dist_checkpointing.save(state, str(tmp))
     _barrier()
     if rank == 0:
@@ -245,42 +244,17 @@ def save_training_state(run_dir: str | Path, step: int, model, optimizer=None, s
     return final
 
 
-def _writer_results_queue() -> None:
-    """Start, once per process, the helper process (a multiprocessing manager) through which megatron's torch_dist
-    writer collects its results, asking the kernel to end it with this process: megatron starts it without,
-    and it outlived a SIGKILLed trainer."""
-    import multiprocessing
-    from multiprocessing.managers import SyncManager
+def _in_process_write_results() -> None:
+    """Have megatron's torch_dist writer pass its results through an in-process queue. Our saves are synchronous,
+    so its results are put and taken by this same process; megatron's default (a multiprocessing manager: one
+    spawned helper per rank, started by the first save) cost each rank a process start (about 2 s on CPU) and a
+    process that had to ignore Slurm's step signals and die with a SIGKILLed trainer."""
+    import queue
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if getattr(filesystem_async, "_results_queue", False) is not None:
-        return                            # already started, or a megatron without this helper
-    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    # Slurm signals every process of a job step (USR1 to preempt, TERM on scancel): the helper must outlive
-    # them, or the checkpoint the trainer writes on that signal fails. Blocked from before its start (the
-    # spawned interpreter inherits the mask) until it ignores them, so one arriving meanwhile is dropped too.
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STEP_SIGNALS)
-    try:
-        manager.start(initializer=_writer_helper_init, initargs=(os.getpid(),))
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-    filesystem_async._results_queue = manager.Queue()
-    _writer_results_queue.manager = manager   # keep it (and its process) alive with this one
-
-
-_STEP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
-
-
-def _writer_helper_init(parent: int) -> None:
-    """In the writer's helper process: ignore the signals Slurm sends a whole job step (the trainer handles
-    them and still needs its helper to write the checkpoint), and die by SIGKILL with the trainer."""
-    from megatron_sayo.distributed.runtime import die_with_parent
-
-    for sig in _STEP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    die_with_parent(parent, signal.SIGKILL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STEP_SIGNALS)
+    if getattr(filesystem_async, "_results_queue", False) is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def _layout() -> tuple[int, int]:
