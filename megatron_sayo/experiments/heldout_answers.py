@@ -69,15 +69,16 @@ def by_word(answers: list[Answer]) -> dict[str | None, dict]:
 
 
 def greedy_answers(model, cfg, processor, samples) -> list[Answer]:
-    """Greedy completions of `samples`, scored by the training path (TAS as training computes it)."""
+    """Greedy completions of `samples`, scored as the held-out evaluation scores them (rl/heldout.py)."""
     from megatron_sayo.inference.decode import generate
     from megatron_sayo.inference.sampling import SamplingParams
-    from megatron_sayo.rl import rewards
     from megatron_sayo.rl.batch import ScoringBatch
+    from megatron_sayo.rl.heldout import score_completions
     from megatron_sayo.rl.prompts import build_prompt_batch
+    from megatron_sayo.rl.rewards import extract_answer
     from megatron_sayo.rl.scoring import score_policy
 
-    hf, tok, r = model.hf, processor.tokenizer, cfg.reward
+    hf = model.hf
     params = SamplingParams(greedy=True, max_new_tokens=cfg.rollout.max_new_tokens,
                             suppress_token_ids=hf.tokens.vision)
     out = []
@@ -87,11 +88,10 @@ def greedy_answers(model, cfg, processor, samples) -> list[Answer]:
                                      hf.vision.patch_size, cfg.data.instruction)
         ro = generate(model, prompts.inputs, params, num_return_sequences=1)
         scores = score_policy(model, ScoringBatch.from_rollout(ro, prompts, hf), 16, 1.0)
-        _, tas, _ = rewards.sequence_attention_reward(scores, r.top_entropy_ratio, r.attention_form, r.eps)
-        for row, (sample, text) in enumerate(zip(chunk, ro.completion_texts(tok), strict=True)):
-            word = rewards.extract_answer(text)
-            out.append(Answer(asked_colour(sample.question), described_colour(text), word,
-                              rewards.accuracy_reward(word, sample.answer, r.accuracy_match) > 0, float(tas[row])))
+        got = score_completions(ro, scores, [sample.answer for sample in chunk], processor.tokenizer, cfg.reward)
+        for row, (sample, text) in enumerate(zip(chunk, got.texts, strict=True)):
+            out.append(Answer(asked_colour(sample.question), described_colour(text), extract_answer(text),
+                              got.accuracy[row] > 0, got.tas[row]))
     return out
 
 

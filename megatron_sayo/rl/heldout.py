@@ -78,9 +78,7 @@ class HeldOutEvaluator:
         return bool(interval) and (step % interval == 0 or step == self.cfg.train.steps)
 
     def sampling(self, policy) -> tuple[SamplingParams, float]:
-        hf = policy.hf
-        return eval_sampling(self.cfg.eval, self.cfg.rollout.max_new_tokens,
-                             (hf.tokens.image, hf.tokens.video, hf.tokens.vision_start, hf.tokens.vision_end))
+        return eval_sampling(self.cfg.eval, self.cfg.rollout.max_new_tokens, policy.hf.tokens.vision)
 
     def score_chunk(self, policy, chunk: list) -> tuple[Rollout, SampleScores | None]:
         """Decode one chunk of held-out samples and score it; the scores exist on the last stage only."""

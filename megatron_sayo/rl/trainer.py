@@ -333,9 +333,9 @@ class GRPOTrainer:
         parts = None
         if cfg.token_selection in ("reasoning", "answer"):
             parts = rewards.completion_parts(rollout.completion_ids, rollout.completion_lengths,
-                                       lambda ids: tok.decode(ids, skip_special_tokens=True))
+                                             lambda ids: tok.decode(ids, skip_special_tokens=True))
         attn, tas, _ = rewards.sequence_attention_reward(scores, cfg.top_entropy_ratio, cfg.attention_form, cfg.eps,
-                                                   cfg.token_selection, parts)
+                                                         cfg.token_selection, parts)
         texts = rollout.completion_texts(tok)
         fmt, acc = rewards.text_rewards(texts, rollout.completion_lengths.tolist(),
                                         [sample.reference(cfg.accuracy_target) for sample in samples], cfg)
