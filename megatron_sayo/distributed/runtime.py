@@ -462,11 +462,12 @@ def _spawn_entry(local_rank, fn, world_size, port, args, result_queue, parent):
         shutdown()
 
 
-def spawn_local(fn, world_size: int, *args, timeout_s: float = 900.0):
+def spawn_local(fn, world_size: int, *args, timeout_s: float = 900.0, on_started=None):
     """Run `fn(*args)` on `world_size` local ranks (torchrun-style env set); returns the per-rank results.
 
-    `fn` must be importable (a module-level function). Raises RuntimeError with the failing rank's traceback,
-    or when a rank dies or the run exceeds `timeout_s`.
+    `fn` must be importable (a module-level function). `on_started()`, if given, is called once every rank's
+    process has started. Raises RuntimeError with the failing rank's traceback, or when a rank dies or the run
+    exceeds `timeout_s`.
     """
     import queue as queue_mod
     import time
@@ -480,6 +481,8 @@ def spawn_local(fn, world_size: int, *args, timeout_s: float = 900.0):
              for r in range(world_size)]
     for p in procs:
         p.start()
+    if on_started is not None:
+        on_started()
     results, errors, deadline = {}, [], time.monotonic() + timeout_s
     while len(results) < world_size and not errors:
         try:

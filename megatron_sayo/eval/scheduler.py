@@ -33,11 +33,11 @@ HEARTBEAT_S = 30.0
 class Scheduler:
     """A job queue drained in batches by `serve_forever` (rank 0); `submit` is called from any thread."""
 
-    def __init__(self, engine, max_batch: int = 32, broadcast=None):
+    def __init__(self, engine, max_batch: int = 32, broadcast=None, stopped=None):
         self.engine, self.max_batch = engine, max_batch
         self.broadcast = broadcast or (lambda batch: batch)
         self.queue: queue.Queue = queue.Queue()
-        self.stopped = threading.Event()
+        self.stopped = stopped if stopped is not None else threading.Event()
         self.failure: str | None = None     # why the server stopped serving, once it has
 
     def unavailable(self) -> ApiError:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import threading
 from dataclasses import dataclass
@@ -174,25 +175,25 @@ def limits_for(args, engine):
                   max_images=args.max_images_per_request, max_prompt_chars=args.max_prompt_chars, media=media)
 
 
-def run_rank(args) -> None:
-    """One rank: rank 0 serves HTTP and schedules; the others follow its broadcasts."""
-    import signal
-
+def run_rank(args, stopped=None) -> None:
+    """One rank: rank 0 serves HTTP and schedules; the others follow its broadcasts. `stopped`: the stop event
+    of the parent that started the ranks locally (it alone handles the stop signals); without one (torchrun,
+    Slurm) rank 0 handles SIGTERM/SIGINT itself."""
     import torch.distributed as dist
 
     from megatron_sayo.distributed import runtime
     from megatron_sayo.eval.api_server import ServerState
     from megatron_sayo.eval.scheduler import Scheduler, follower_loop, make_broadcast
 
-    if runtime.read_launch_env().rank != 0:   # rank 0 alone handles SIGTERM/SIGINT and tells the others to stop
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_IGN)
+    if stopped is None:
+        stopped = threading.Event()
+        handle_stop_signals(stopped, leader=runtime.read_launch_env().rank == 0)
     runtime.init_distributed(args.tp, args.pp)
     engine = build_engine(args)
     broadcast = make_broadcast()
     if dist.get_rank() != 0:
         return follower_loop(engine, broadcast)
-    scheduler = Scheduler(engine, args.max_batch, broadcast)
+    scheduler = Scheduler(engine, args.max_batch, broadcast, stopped)
     name = args.model_name or os.path.basename(os.path.normpath(args.hf or args.megatron))
     state = ServerState(scheduler, engine.processor, limits_for(args, engine), name, args.api_key,
                         args.max_body_bytes, args.read_timeout_s)
@@ -204,13 +205,6 @@ def run_rank(args) -> None:
 
     http = start_http(state, args.host, args.port, backlog=args.backlog, max_connections=args.max_connections,
                       read_timeout_s=args.read_timeout_s, keep_alive_s=args.keep_alive_s, on_bound=banner)
-    def stop(signum, _frame) -> None:
-        if not scheduler.stopped.is_set():
-            print(f"{signal.Signals(signum).name}: stopping the server (requests in flight finish first)", flush=True)
-        scheduler.stopped.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stop)
     try:
         scheduler.serve_forever()
     finally:
@@ -220,20 +214,40 @@ def run_rank(args) -> None:
     print("server stopped", flush=True)
 
 
-def forward_stop_signals() -> None:
-    """In the parent of locally spawned ranks: SIGTERM or SIGINT is passed on to the ranks as SIGTERM (rank 0
-    stops serving and ends the others), and the parent waits for them, so they exit cleanly instead of being
-    killed with it (no rank traceback, no leaked semaphores)."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def handle_stop_signals(stopped, leader: bool) -> None:
+    """The leader sets `stopped` on SIGTERM/SIGINT (once: later signals change nothing); the others ignore both
+    and stop when rank 0 tells them to. Then both signals are unblocked: one that came while they were blocked is
+    handled now."""
+
+    def stop(signum, _frame) -> None:
+        if not stopped.is_set():
+            print(f"{signal.Signals(signum).name}: stopping the server (requests in flight finish first)", flush=True)
+        stopped.set()
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop if leader else signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def serve_locally(args, world: int) -> None:
+    """Start the ranks as local processes and wait for them. This parent alone acts on SIGTERM and SIGINT, sent
+    to it or to the whole process group (Ctrl-C, Slurm), at any moment: it sets a stop event that rank 0 serves
+    under, so the ranks exit cleanly (no rank traceback, no leaked semaphores). They inherit both signals
+    ignored, which covers their start, before any code of theirs runs; a signal that comes while they are being
+    started waits, blocked (Linux keeps a blocked signal pending even while it is ignored), for the handler."""
     import multiprocessing
-    import signal
 
-    def forward(_signum, _frame) -> None:
-        for child in multiprocessing.active_children():
-            if child.pid is not None:
-                os.kill(child.pid, signal.SIGTERM)
+    from megatron_sayo.distributed.runtime import spawn_local
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
+    stopped = multiprocessing.get_context("spawn").Event()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    spawn_local(run_rank, world, args, stopped, timeout_s=float("inf"),
+                on_started=lambda: handle_stop_signals(stopped, leader=True))
 
 
 def positive(kind):
@@ -299,10 +313,7 @@ def main(argv=None) -> int:
     console.setup(args.log_level)
     world = args.tp * args.pp
     if world > 1 and "WORLD_SIZE" not in os.environ and "SLURM_NTASKS" not in os.environ:
-        from megatron_sayo.distributed.runtime import spawn_local
-
-        forward_stop_signals()
-        spawn_local(run_rank, world, args, timeout_s=float("inf"))
+        serve_locally(args, world)
     else:
         if "WORLD_SIZE" not in os.environ and "SLURM_NTASKS" not in os.environ and "MASTER_PORT" not in os.environ:
             from megatron_sayo.distributed.runtime import free_port

@@ -1,5 +1,6 @@
 """SIGTERM to the server (TP=2, ranks spawned locally) stops it cleanly: exit status 0, no rank traceback, no
-leaked semaphores, whether the signal goes to the parent alone or to the whole process group (Ctrl-C, Slurm)."""
+leaked semaphores, whether the signal goes to the parent alone or to the whole process group (Ctrl-C, Slurm),
+and whether it comes while the ranks start (before any handler of theirs exists) or once the server answers."""
 
 from __future__ import annotations
 
@@ -19,23 +20,48 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 
+def _rank_processes(pid: int) -> list[int]:
+    """The children of `pid` that are multiprocessing-spawned ranks (not its resource tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    ranks = []
+    for child in children:
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                ranks.append(int(child))
+        except FileNotFoundError:
+            pass
+    return ranks
+
+
+def _wait_until(ready, proc, what: str) -> None:
+    deadline = time.monotonic() + 300
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline, f"{what} did not happen"
+        time.sleep(0.05)
+
+
+def _answers(port: int) -> bool:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+        return True
+    except OSError:
+        return False
+
+
 @pytest.mark.multiproc
 @pytest.mark.parametrize("to_group", [False, True], ids=["parent", "group"])
-def test_sigterm_stops_the_server_cleanly(tiny_ckpt, to_group):
+@pytest.mark.parametrize("when", ["starting", "serving"])
+def test_sigterm_stops_the_server_cleanly(tiny_ckpt, when, to_group):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "megatron_sayo.eval.serve", "--hf", str(tiny_ckpt), "--tp", "2",
                              "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "the server did not come up"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-                break
-            except OSError:
-                time.sleep(0.5)
+        if when == "serving":
+            _wait_until(lambda: _answers(port), proc, "the server answering /health")
+        else:   # both rank processes exist, still importing: no signal handler of theirs is in place yet
+            _wait_until(lambda: len(_rank_processes(proc.pid)) == 2, proc, "the ranks' start")
         if to_group:
             os.killpg(proc.pid, signal.SIGTERM)
         else:
