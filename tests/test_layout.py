@@ -25,7 +25,7 @@ TORCH_FREE = [
     "megatron_sayo.convert.rectangles", "megatron_sayo.convert.progress",
     "megatron_sayo.models.qwen25vl.hf_config", "megatron_sayo.models.qwen25vl.name_map",
     "megatron_sayo.models.qwen25vl.dist_layout", "megatron_sayo.models.qwen25vl.lora_names", "megatron_sayo.plan",
-    "megatron_sayo.memory",
+    "megatron_sayo.memory", "megatron_sayo.distributed.megatron_import",
 ]
 
 
