@@ -444,7 +444,8 @@ def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
 
 
 def _spawn_entry(local_rank, fn, world_size, port, args, result_queue, parent):
-    die_with_parent(parent)
+    ignores_term = signal.getsignal(signal.SIGTERM) == signal.SIG_IGN    # inherited: its parent handles stops
+    die_with_parent(parent, signal.SIGKILL if ignores_term else signal.SIGTERM)
     os.environ.update({"RANK": str(local_rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
     torch.set_num_threads(1)

@@ -4,6 +4,7 @@ and whether it comes while the ranks start (before any handler of theirs exists)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -31,6 +32,13 @@ def _rank_processes(pid: int) -> list[int]:
         except FileNotFoundError:
             pass
     return ranks
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _wait_until(ready, proc, what: str) -> None:
@@ -74,3 +82,27 @@ def test_sigterm_stops_the_server_cleanly(tiny_ckpt, when, to_group):
     assert "SIGTERM: stopping the server" in out and "server stopped" in out, out[-3000:]
     for bad in ("Traceback", "leaked semaphore", "Error"):
         assert bad not in out, out[-3000:]
+
+
+@pytest.mark.multiproc
+def test_ranks_do_not_outlive_a_killed_server(tiny_ckpt):
+    """SIGKILL to the server's parent process (the ranks ignore SIGTERM, their parent handles stops) leaves no
+    rank behind holding the port."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_sayo.eval.serve", "--hf", str(tiny_ckpt), "--tp", "2",
+                             "--port", str(port)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_until(lambda: _answers(port), proc, "the server answering /health")
+        ranks = _rank_processes(proc.pid)
+        assert len(ranks) == 2, ranks
+        proc.kill()
+        proc.wait(30)
+        deadline = time.monotonic() + 20
+        while (left := [r for r in ranks if _alive(r)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, f"ranks {left} outlived their killed parent"
+        assert not _answers(port), "the port still answers"
+    finally:
+        with contextlib.suppress(ProcessLookupError):   # the group is gone with its last process
+            os.killpg(proc.pid, signal.SIGKILL)
