@@ -97,7 +97,7 @@ print("saved 1", flush=True)
 deadline = time.monotonic() + 60
 while len(got) < 2 and time.monotonic() < deadline:
     time.sleep(0.05)
-print("trainer got", *map(int, got), flush=True)
+print("trainer got", *sorted(map(int, got)), flush=True)   # both pending: delivered in any order
 state.save_training_state(sys.argv[2], 2, model, opt)
 print("saved 2", flush=True)
 """
