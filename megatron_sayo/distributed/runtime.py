@@ -429,13 +429,14 @@ def argsort_descending(x: torch.Tensor) -> torch.Tensor:
 # Local multi-process launch (tools and tests start their own ranks; no torchrun needed).
 # --------------------------------------------------------------------------------------------------------------
 
-def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
-    """Linux: have the kernel send this process `sig` (SIGTERM; SIGKILL for a process that ignores SIGTERM)
+def die_with_parent(parent: int) -> None:
+    """Linux: have the kernel send this process SIGTERM (SIGKILL if it ignores SIGTERM: its parent handles stops)
     when its parent dies, so a killed tool or test leaves no ranks (or helper processes) behind (ranks would
     wait on their collectives until the process-group timeout)."""
     try:
         import ctypes
 
+        sig = signal.SIGKILL if signal.getsignal(signal.SIGTERM) == signal.SIG_IGN else signal.SIGTERM
         ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))   # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux
         return
@@ -444,8 +445,7 @@ def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
 
 
 def _spawn_entry(local_rank, fn, world_size, port, args, result_queue, parent):
-    ignores_term = signal.getsignal(signal.SIGTERM) == signal.SIG_IGN    # inherited: its parent handles stops
-    die_with_parent(parent, signal.SIGKILL if ignores_term else signal.SIGTERM)
+    die_with_parent(parent)
     os.environ.update({"RANK": str(local_rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
     torch.set_num_threads(1)
